@@ -1,0 +1,134 @@
+"""Stage 9, registry: model versions, the ``current`` pointer, promotion and rollback.
+
+``models/<version>/`` holds ``model.gguf`` and ``version.json`` (with the file's
+sha256). ``models/current`` is a symlink replaced atomically with ``os.replace``,
+so a reader sees either the old or the new version, never a mix. ``history.json``
+lists promotions, newest last, for one-step rollback.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import RegistryError
+from .fsutil import fsync_dir, read_json, sha256_file, staging_dir, write_json_atomic
+from .paths import Home
+
+VERSION_RE = re.compile(r"^(base|v\d+)$")
+
+
+def versions(home: Home) -> list[dict[str, Any]]:
+    out = []
+    for folder in sorted(home.models.iterdir() if home.models.exists() else []):
+        if folder.is_dir() and not folder.is_symlink() and (folder / "version.json").exists():
+            out.append(read_json(folder / "version.json"))
+    return sorted(out, key=lambda v: v["created"])
+
+
+def next_version(home: Home) -> str:
+    numbers = [int(v["version"][1:]) for v in versions(home) if v["version"].startswith("v")]
+    return f"v{max(numbers, default=0) + 1}"
+
+
+def add(home: Home, version: str, gguf: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Register a built GGUF as ``version`` (complete or absent)."""
+    if not VERSION_RE.match(version):
+        raise RegistryError(f"invalid version name {version!r}")
+    target = home.model(version)
+    if (target / "version.json").exists():
+        raise RegistryError(f"version {version} already exists")
+    with staging_dir(target) as tmp:
+        try:
+            os.link(gguf, tmp / "model.gguf")  # same file system: no copy of hundreds of MB
+        except OSError:
+            shutil.copy2(gguf, tmp / "model.gguf")
+        record = {"version": version, "created": time.time(), "sha256": sha256_file(tmp / "model.gguf"),
+                  "size": (tmp / "model.gguf").stat().st_size, **info}
+        write_json_atomic(tmp / "version.json", record)
+    return record
+
+
+def get(home: Home, version: str) -> dict[str, Any]:
+    path = home.model(version) / "version.json"
+    if not VERSION_RE.match(version) or not path.exists():
+        known = ", ".join(v["version"] for v in versions(home)) or "none"
+        raise RegistryError(f"no model version {version!r} (known: {known})")
+    return read_json(path)
+
+
+def current(home: Home) -> str | None:
+    link = home.current
+    if not link.is_symlink():
+        return None
+    return os.readlink(link)
+
+
+def gguf_path(home: Home, version: str) -> Path:
+    return home.model(version) / "model.gguf"
+
+
+def verify(home: Home, version: str) -> None:
+    """Only files the appliance built are served: the hash must match the record."""
+    record = get(home, version)
+    path = gguf_path(home, version)
+    if not path.exists() or sha256_file(path) != record["sha256"]:
+        raise RegistryError(f"{path}: the file does not match the sha256 recorded when it was built; not serving it")
+
+
+def promote(home: Home, version: str, action: str = "promote", **extra: Any) -> None:
+    verify(home, version)
+    _point_current(home, version)
+    history = _history(home)
+    history.append({"version": version, "action": action, "at": time.time(), "user": _user(), **extra})
+    write_json_atomic(home.models / "history.json", history)
+
+
+def rollback(home: Home) -> str:
+    """Point ``current`` back at the version promoted before it.
+
+    A version left by a rollback is not returned to by a later rollback, so
+    rolling back twice walks further back instead of toggling.
+    """
+    history = _history(home)
+    now = current(home)
+    left: set[str] = set()
+    candidates: list[str] = []
+    for entry in history:
+        if entry.get("action") == "rollback":
+            left.add(entry["from"])
+        else:
+            left.discard(entry["version"])
+            candidates.append(entry["version"])
+    previous = [v for v in candidates if v != now and v not in left and (home.model(v) / "version.json").exists()]
+    if not previous:
+        raise RegistryError("nothing to roll back to: no earlier version is available")
+    target = previous[-1]
+    promote(home, target, action="rollback", **{"from": now})
+    return target
+
+
+def _point_current(home: Home, version: str) -> None:
+    tmp = home.models / f".current.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(version, tmp)
+    os.replace(tmp, home.current)
+    fsync_dir(home.models)
+
+
+def _history(home: Home) -> list[dict[str, Any]]:
+    path = home.models / "history.json"
+    return read_json(path) if path.exists() else []
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())

@@ -1,0 +1,76 @@
+"""Render records into token ids and loss labels, with the base model's own chat template.
+
+Chat records: the loss covers the assistant turns only (their content and their
+end-of-turn token), so the model learns to answer, not to imitate the user.
+Document records: the loss covers every token.
+
+How the assistant spans are found: for each assistant turn, the conversation up to
+that turn is rendered with ``add_generation_prompt=True`` (everything the model sees
+before it starts answering) and again including the turn; the characters in between
+are the answer. Tokens are mapped to characters through the fast tokenizer's offset
+mapping. This works for any template that renders a conversation's prefix as a
+prefix of the whole, which the check below enforces rather than assumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .ingest.records import Record
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE)
+
+
+class RenderError(ValueError):
+    pass
+
+
+def chat_text_and_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant answers."""
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans: list[tuple[int, int]] = []
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not full.startswith(upto) or not upto.startswith(before):
+            raise RenderError("the chat template does not render a conversation's beginning as a prefix of it")
+        end = len(upto.rstrip())  # the end-of-turn token, not the newline a template puts after it
+        spans.append((len(before), end))
+    return full, spans
+
+
+def render(tokenizer: Any, record: Record, max_tokens: int,
+           too_long: Literal["truncate", "reject"] = "reject") -> Example:
+    if record.kind == "chat":
+        text, spans = chat_text_and_spans(tokenizer, record.body["messages"])
+    else:
+        text = record.body["text"] + (tokenizer.eos_token or "")
+        spans = [(0, len(text))]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    labels = [tok if _inside(start, spans) else IGNORE for tok, (start, _) in zip(ids, enc["offset_mapping"])]
+    if len(ids) > max_tokens:
+        if too_long == "reject":
+            raise RenderError(f"{len(ids)} tokens, longer than the {max_tokens}-token training context")
+        ids, labels = ids[:max_tokens], labels[:max_tokens]
+    labels[0] = IGNORE  # nothing predicts the first token (and in a packed row it must not see the previous example)
+    if not any(label != IGNORE for label in labels):
+        raise RenderError("no tokens to learn from after rendering")
+    return Example(ids, labels)
+
+
+def _inside(start: int, spans: list[tuple[int, int]]) -> bool:
+    return any(lo <= start < hi for lo, hi in spans)
