@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +30,11 @@ NOT_YET = {
 
 def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # everything the appliance writes is private to its user (R12)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's concern
+    warnings.filterwarnings("ignore", category=UserWarning, module="(torch|transformers|peft|bitsandbytes)")
+    # bitsandbytes warns that its optional hub-fetched CPU kernel package ('kernels') is
+    # absent. It is deliberately never installed: it would download code from a hub.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -200,8 +207,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
-
     from .config import load
     from .paths import Home
     from .serve import Server

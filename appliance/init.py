@@ -40,7 +40,8 @@ def create_home(root: Path, base_name: str, settings: Settings | None = None) ->
 
 
 def init(root: Path, base: str = "embedded", emit: Emit = ignore, settings: Settings | None = None) -> Home:
-    if root.exists() and root.is_dir() and any(root.iterdir()) and not (root / "config.toml").exists():
+    visible = [p for p in root.iterdir() if not p.name.startswith(".")] if root.is_dir() else []
+    if visible and not (root / "config.toml").exists():
         raise HomeError(f"{root}: folder exists, is not empty and is not an appliance home; choose another --home")
     home = create_home(root, name_for(base), settings)
     settings = load(home.config)

@@ -25,8 +25,12 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int | None = None, emit:
         return dst
     if qtype not in FTYPES:
         raise ExportError(f"unknown quantization {qtype!r} (choose from {', '.join(FTYPES)})")
+    import logging
+
     import llama_cpp
 
+    # llama.cpp logs every tensor it quantizes; only errors are worth a person's attention.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     started = time.monotonic()
     emit(StageStarted(STAGE, description=f"Quantizing to {qtype}"))
     params = llama_cpp.llama_model_quantize_default_params()
