@@ -23,7 +23,7 @@ from .engine import LocalEngine
 from .errors import HomeError
 from .init import init
 from .paths import Home
-from .serve import Server, read_api_key
+from .serve import Server, check_bind, read_api_key
 
 MARKER = ".appliance-demo"
 
@@ -65,9 +65,11 @@ def run_demo(root: Path, port: int | None = None, wait: bool = True, quiet: bool
     console = Console(stderr=True, quiet=quiet)
     started = time.monotonic()
     data = sample_data()
+    settings = demo_settings()
+    check_bind(settings.serve.host, port or settings.serve.port, settings)  # fail in a second, not after training
     fresh_home(root)
     with ProgressDisplay(console, enabled=not quiet) as show:
-        home = init(root, "embedded", show, settings=demo_settings())
+        home = init(root, "embedded", show, settings=settings)
         shutil.copy(data / "policies.jsonl", home.inbox / "clinic-policies.jsonl")
         shutil.copy(data / "probes.jsonl", home.probes / "clinic-probes.jsonl")
         engine = LocalEngine(root)

@@ -125,3 +125,14 @@ def test_home_and_key_are_private(tmp_path: Path):
 def test_commands_not_built_yet_say_so():
     proc = appliance("forget", "doc.jsonl")
     assert proc.returncode == 2 and "'forget' is not available in this version yet" in proc.stderr
+
+
+def test_demo_with_port_in_use_fails_before_any_work(tmp_path: Path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = appliance("demo", "--home", str(tmp_path / "demo"), "--port", str(port), "--no-wait")
+    line = one_error_line(proc)
+    assert f"cannot listen on 127.0.0.1:{port}" in line
+    assert not (tmp_path / "demo").exists()
