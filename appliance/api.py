@@ -48,8 +48,10 @@ class Engine(Protocol):
     def ingest(self, emit: Emit = ignore) -> dict[str, Any]:
         """Scan the inbox once; report accepted, duplicates, quarantined."""
 
-    def train(self, snapshot: str | None = None, max_steps: int | None = None, emit: Emit = ignore) -> str:
-        """Cut (or reuse) a snapshot and train an adapter; return the run id."""
+    def train(self, snapshot: str | None = None, max_steps: int | None = None, emit: Emit = ignore,
+              run_id: str | None = None) -> str:
+        """Cut (or reuse) a snapshot and train an adapter; return the run id. With the
+        id of an interrupted run, resume it from its last checkpoint."""
 
     def export(self, run: str, quant: str | None = None, emit: Emit = ignore) -> ModelVersion:
         """Merge, convert, quantize and parity-check a run; register it as a new (not current) version."""

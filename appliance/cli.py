@@ -70,9 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", cmd_train, "train an adapter on a snapshot of the data", json_flag=True)
     p.add_argument("--snapshot", help="snapshot id (default: cut one from the current data)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--run", help="run id: resume this run from its last checkpoint (default: a new run)")
     p = command("export", cmd_export, "merge + convert + quantize + parity check; register a new version", json_flag=True)
     p.add_argument("run", help="run id printed by 'appliance train'")
-    p.add_argument("--quant", choices=["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"])
+    p.add_argument("--quant", choices=["auto", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"],
+                   help="auto (default from config): the smallest type that keeps quality against f16")
+    p.add_argument("--adapter", action="store_true",
+                   help="also write the adapter as a GGUF LoRA (runs/RUN/gguf/adapter-f16.gguf), checked against "
+                        "the merged model")
     command("models", cmd_models, "list model versions", json_flag=True)
     p = command("promote", cmd_promote, "make a version the one the endpoint serves as 'appliance'")
     p.add_argument("version")
@@ -139,15 +144,21 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     else:
         print(f"accepted {report['accepted']} records from {report['files']} file(s); "
               f"{report['duplicates']} duplicate(s); {report['unchanged']} unchanged; {report['ignored']} ignored")
+        if report["skipped"]:
+            print(f"skipped {report['skipped']} invalid line(s) in kept files, e.g. {report['skipped_lines'][0]}")
+        for name in report["superseded"]:
+            print(f"superseded the earlier version of {name}")
         for q in report["quarantined"]:
             print(f"quarantined {q['file']}: {'; '.join(q['reasons'][:3])}")
+        for note in report["waiting"] + report["failed"]:
+            print(f"left in the inbox {note['file']}: {note['reason']}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     engine = _engine(args)
     with _emit(args) as show:
-        run = engine.train(snapshot=args.snapshot, max_steps=args.max_steps, emit=show)
+        run = engine.train(snapshot=args.snapshot, max_steps=args.max_steps, emit=show, run_id=args.run)
     if args.json:
         _print_json({"run": run})
     else:
@@ -158,12 +169,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     engine = _engine(args)
     with _emit(args) as show:
-        version = engine.export(args.run, args.quant, show)
+        version = engine.export(args.run, args.quant, show, adapter=args.adapter)
     if args.json:
         _print_json(version)
     else:
         print(f"registered version {version.version} ({version.quant}, {version.size / 1e6:.0f} MB); "
               f"next: appliance promote {version.version}")
+        if args.adapter:
+            print(f"adapter: runs/{args.run}/gguf/adapter-f16.gguf (apply it to the base's f16 GGUF)")
     return 0
 
 

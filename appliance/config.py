@@ -29,11 +29,38 @@ class BaseSection(Section):
 class DataSection(Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="Share of records held out for validation, chosen by hash.")
     max_tokens: int = Field(1024, ge=32, description="Longest training example in tokens.")
-    too_long: Literal["truncate", "reject"] = "reject"
+    too_long: Literal["truncate", "reject"] = Field(
+        "reject", description="A chat example longer than max_tokens: reject it at ingest (reported by line) or keep "
+                              "it and cut it to max_tokens at training time.")
+    chunk_tokens: int = Field(512, ge=16, description="Document chunk length in base-model tokens (capped a little "
+                                                      "below max_tokens).")
+    chunk_overlap: int = Field(64, ge=0, description="Tokens consecutive document chunks share (at most half a chunk).")
+    csv_prompt_columns: list[str] = Field(["prompt", "question", "instruction", "input"],
+                                          description="CSV header names tried in order (any case) for the prompt.")
+    csv_response_columns: list[str] = Field(["response", "answer", "output", "completion"],
+                                            description="CSV header names tried in order (any case) for the answer.")
+    max_line_bytes: int = Field(1_000_000, ge=1024, description="Longest line of a .jsonl or .csv file; a longer "
+                                                                "line is skipped and reported.")
+    max_file_bytes: int = Field(100_000_000, ge=1024, description="Largest file read whole (.json, .txt, .md, .pdf, "
+                                                                  ".docx); a larger one is quarantined.")
+
+
+class WatchSection(Section):
+    quiet_seconds: float = Field(2.0, gt=0, description="A file counts once its size and mtime have not changed "
+                                                        "for this long.")
+    open_grace_seconds: float = Field(60.0, gt=0, description="Where close-after-write is reported (Linux inotify): "
+                                                              "how long a file still open for writing is waited for "
+                                                              "before the quiet rule alone decides.")
+    rescan_seconds: float = Field(300.0, gt=0, description="Full rescan of the inbox at this interval (and at start) "
+                                                           "to reconcile missed events.")
+    polling: bool = Field(False, description="List the folder periodically instead of using inotify: for network "
+                                             "file systems (NFS, SMB), where change events do not arrive.")
+    poll_seconds: float = Field(1.0, gt=0, description="With polling: how often the folder is listed.")
 
 
 class TrainSection(Section):
-    method: Literal["qlora", "lora"] = "qlora"
+    method: Literal["qlora", "lora"] = Field("qlora", description="qlora: LoRA on an NF4 4-bit base; lora: on the bf16 base.")
+    dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA) instead of plain LoRA.")
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -44,13 +71,23 @@ class TrainSection(Section):
     max_steps: int | None = Field(None, ge=1)
     tokens_per_step: int = Field(2048, ge=64, description="Packed tokens per optimizer step (padding-free).")
     micro_tokens: int | None = Field(None, ge=32, description="Tokens per forward pass; default 256 on CPU, 4096 on CUDA.")
+    eval_every: int | None = Field(None, ge=1, description="Validation every N steps; default about once an epoch.")
+    patience: int | None = Field(3, ge=1, description="Stop after this many validations without improvement; "
+                                                      "unset to never stop early.")
+    checkpoint_every: int = Field(20, ge=1, description="Write a resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1)
+    general_mix: float = Field(0.0, ge=0.0, le=0.5, description="Share of general-purpose conversations mixed "
+                                                                "into training to limit forgetting.")
     seed: int = 1234
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
 
 
 class ExportSection(Section):
-    quant: Literal["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"] = "Q4_K_M"
-    min_logit_cosine: float = 0.9999
+    quant: Literal["auto", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"] = Field(
+        "auto", description="auto: the smallest of Q4_K_M, Q5_K_M, Q6_K, Q8_0 that keeps quality against f16; "
+                            "or force one type.")
+    min_logit_cosine: float = Field(0.9999, gt=0, le=1, description="llama.cpp f16 logits against the HF model.")
+    recall_examples: int = Field(32, ge=0, description="Validation answers whose recall a quantized file must keep.")
 
 
 class ServeSection(Section):
@@ -67,6 +104,7 @@ class Settings(BaseSettings):
 
     base: BaseSection = BaseSection()
     data: DataSection = DataSection()
+    watch: WatchSection = WatchSection()
     train: TrainSection = TrainSection()
     export: ExportSection = ExportSection()
     serve: ServeSection = ServeSection()

@@ -49,27 +49,33 @@ class LocalEngine:
 
     def train(self, snapshot: str | None = None, max_steps: int | None = None, emit: Emit = ignore,
               run_id: str | None = None) -> str:
-        from .train import train
+        from .train import run_snapshot, train
 
         s = self.settings
+        if run_id and not snapshot:
+            snapshot = run_snapshot(self.paths.run(run_id))
         snap = snapshots.load(self.paths, snapshot) if snapshot else snapshots.cut(self.paths, s.data.val_fraction)
         return train(self.paths, snap, s, run_id=run_id, max_steps=max_steps, emit=emit).run_id
 
-    def export(self, run: str, quant: str | None = None, emit: Emit = ignore) -> ModelVersion:
+    def export(self, run: str, quant: str | None = None, emit: Emit = ignore, adapter: bool = False) -> ModelVersion:
         from .export import export_run, require_parity
         from .fsutil import read_json
+        from .llamacpp_child import problem
 
         s = self.settings
         existing = [v for v in registry.versions(self.paths) if v.get("run") == run]
-        if existing:
+        if existing and not adapter:
             return self._version(existing[-1])
-        result = export_run(self.paths, run, s, quant, emit)
+        result = export_run(self.paths, run, s, quant, emit, adapter=adapter)
         require_parity(result)
+        if existing:
+            return self._version(existing[-1])  # the model was registered before; this added the adapter
         train_info = read_json(self.paths.run(run).root / "train.json")
         record = registry.add(self.paths, registry.next_version(self.paths), result.gguf, {
             "run": run, "snapshot": train_info.get("snapshot"), "quant": result.qtype, "base": s.base.name,
             "best_val_loss": train_info.get("best_val_loss"), "parity": result.parity.to_dict(),
-            "registered_at": time.time()})
+            "adapter": result.adapter.name if result.adapter else None,
+            "registered_at": time.time()}, check=problem)
         return self._version(record)
 
     def models(self) -> list[ModelVersion]:

@@ -1,4 +1,4 @@
-"""``appliance export RUN``: merge -> convert -> quantize -> parity, for one run.
+"""``appliance export RUN``: merge -> convert -> parity -> quantize (judged) -> record.
 
 Each step is idempotent (complete output is reused), so an interrupted export
 resumes where it stopped. The quantized file is only worth registering if
@@ -8,20 +8,24 @@ resumes where it stopped. The quantized file is only worth registering if
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from . import __version__
+from . import __version__, parity
 from .config import Settings
-from .convert import convert
+from .convert import convert, convert_lora
 from .errors import ExportError, ParityError
-from .events import Emit, ignore
+from .events import Emit, StageFinished, StageStarted, ignore
 from .fsutil import read_json, write_json_atomic
 from .merge import merge
-from .parity import ParityReport, check
+from .parity import ParityReport
 from .paths import Home, RunDir
-from .quantize import quantize
+from .quantize import Attempt, choose
+from .render import Example
+
+F16_NAME = "model-f16.gguf"
+ADAPTER_NAME = "adapter-f16.gguf"
 
 
 @dataclass
@@ -31,13 +35,27 @@ class ExportResult:
     qtype: str
     parity: ParityReport
     seconds: dict[str, float]
+    attempts: list[Attempt] = field(default_factory=list)
+    adapter: Path | None = None
+
+
+@dataclass(frozen=True)
+class Lora:
+    """A GGUF LoRA adapter and the f16 base GGUF it applies to."""
+
+    adapter: Path
+    base: Path
 
 
 def gguf_metadata(base: str, run_id: str, snapshot_id: str | None) -> dict[str, Any]:
     """general.* keys so any served file can be traced back to what made it."""
     return {
-        "general.name": f"appliance {run_id}",
+        "general.name": f"{base} {run_id}",
+        "general.basename": base,
         "general.finetune": run_id,
+        "general.base_models": [{"name": base}],
+        "general.datasets": [{"name": f"snapshot {snapshot_id}"}] if snapshot_id else [],
+        "general.quantized_by": f"appliance {__version__}",
         "general.description": f"base {base}; run {run_id}; snapshot {snapshot_id or '-'}; appliance {__version__}",
         "general.tags": ["appliance", f"base:{base}", f"run:{run_id}", f"snapshot:{snapshot_id or '-'}",
                          f"appliance:{__version__}"],
@@ -45,26 +63,50 @@ def gguf_metadata(base: str, run_id: str, snapshot_id: str | None) -> dict[str, 
 
 
 def export_model(hf_dir: Path, out: Path, qtype: str, metadata: dict[str, Any], settings: Settings,
-                 emit: Emit = ignore) -> ExportResult:
-    """Convert + quantize + parity for a ready HF checkpoint (a merged run or the base)."""
+                 emit: Emit = ignore, answers: Sequence[Example] = (), lora: Lora | None = None,
+                 thresholds: dict[str, dict[str, float]] | None = None) -> ExportResult:
+    """Convert + parity + quantize for a ready HF checkpoint (a merged run or the base).
+
+    ``qtype`` is ``auto`` (the smallest type that keeps quality), a forced type, or F16.
+    ``answers`` are validation examples whose recall a quantized file must keep.
+    """
+    from .hf import load_tokenizer
+
+    threads = settings.train.threads
     times: dict[str, float] = {}
     t = time.monotonic()
-    f16 = convert(hf_dir, out / "model-f16.gguf", "f16", metadata, emit)
+    f16 = convert(hf_dir, out / F16_NAME, "f16", metadata, emit)
     times["convert"] = time.monotonic() - t
-    if qtype == "F16":
-        final = f16
-    else:
-        t = time.monotonic()
-        final = quantize(f16, out / f"model-{qtype}.gguf", qtype, settings.train.threads, emit)
-        times["quantize"] = time.monotonic() - t
-    report = check(hf_dir, f16, final if final != f16 else None, qtype if final != f16 else None,
-                   settings.export.min_logit_cosine, emit)
-    times["parity"] = report.seconds
-    return ExportResult(out.name, final, qtype, report, times)
+
+    t = time.monotonic()
+    emit(StageStarted(parity.STAGE, description="Checking the GGUF against the trained model"))
+    probe = parity.probes(load_tokenizer(hf_dir), answers)
+    reference = probe.ask(f16, threads)
+    hf_logits = parity.hf_logits(hf_dir, probe.logit_ids)
+    report = ParityReport(parity.check_f16(hf_logits, probe, reference, settings.export.min_logit_cosine))
+    if lora is not None:
+        report.checks += parity.check_adapter(hf_logits, probe.ask(lora.base, threads, lora.adapter, full=False))
+    times["parity"] = time.monotonic() - t
+
+    result = ExportResult(out.name, f16, "F16", report, times)
+    if qtype != "F16" and report.passed:
+        def judge(q: str, path: Path) -> list[parity.Check]:
+            return parity.check_quantized(reference, probe.ask(path, threads, full=False), q, probe, thresholds)
+
+        result.attempts = choose(f16, out, qtype, judge, threads, emit)
+        chosen = result.attempts[-1]
+        result.gguf, result.qtype = out / chosen.file, chosen.qtype
+        report.checks += chosen.checks
+        times["quantize"] = sum(a.quantize_seconds for a in result.attempts)
+        times["parity"] += sum(a.check_seconds for a in result.attempts)
+    report.seconds = times["parity"]
+    verdict = "passed" if report.passed else "FAILED: " + "; ".join(report.failures())
+    emit(StageFinished(parity.STAGE, summary=f"{result.gguf.name}: parity {verdict}", seconds=report.seconds))
+    return result
 
 
-def export_run(home: Home, run_id: str, settings: Settings, qtype: str | None = None,
-               emit: Emit = ignore) -> ExportResult:
+def export_run(home: Home, run_id: str, settings: Settings, qtype: str | None = None, emit: Emit = ignore,
+               adapter: bool = False) -> ExportResult:
     run = home.run(run_id)
     if not run.root.is_dir():
         raise ExportError(f"{run.root}: no such run; 'appliance train' prints the run id")
@@ -74,19 +116,56 @@ def export_run(home: Home, run_id: str, settings: Settings, qtype: str | None = 
     merge(base_dir, run.adapter, run.merged, emit)
     merge_s = time.monotonic() - t
     train_info = read_json(run.root / "train.json") if (run.root / "train.json").exists() else {}
-    result = export_model(run.merged, run.gguf, qtype,
-                          gguf_metadata(settings.base.name, run.id, train_info.get("snapshot")), settings, emit)
+    snapshot_id = train_info.get("snapshot")
+    lora, adapter_s = None, {}
+    if adapter:
+        t = time.monotonic()
+        lora = Lora(convert_lora(base_dir, run.adapter, run.gguf / ADAPTER_NAME, emit=emit), base_f16(home, settings, emit))
+        adapter_s = {"adapter": time.monotonic() - t}
+    result = export_model(run.merged, run.gguf, qtype, gguf_metadata(settings.base.name, run.id, snapshot_id),
+                          settings, emit, validation_answers(home, snapshot_id, run.merged, settings), lora)
     result.run_id = run.id
-    result.seconds = {"merge": merge_s, **result.seconds}
-    _record(run, result, settings)
+    result.adapter = lora.adapter if lora else None
+    result.seconds = {"merge": merge_s, **adapter_s, **result.seconds}
+    _record(run, result, qtype)
     return result
 
 
-def _record(run: RunDir, result: ExportResult, settings: Settings) -> None:
-    write_json_atomic(run.parity, {"gguf": result.gguf.name, "quant": result.qtype, **result.parity.to_dict()})
+def base_f16(home: Home, settings: Settings, emit: Emit = ignore) -> Path:
+    """The base's own f16 GGUF (written when the home was created; rebuilt if missing)."""
+    name = settings.base.name
+    return convert(home.base(name), home.run("base").gguf / F16_NAME, "f16", gguf_metadata(name, "base", None), emit)
+
+
+def validation_answers(home: Home, snapshot_id: str | None, hf_dir: Path, settings: Settings) -> list[Example]:
+    """The snapshot's validation conversations, rendered as in training (at most
+    ``export.recall_examples`` of them); none without a snapshot."""
+    if not snapshot_id or settings.export.recall_examples == 0:
+        return []
+    from .hf import load_tokenizer
+    from .render import RenderError, render
+    from .snapshot import load, records
+
+    tokenizer = load_tokenizer(hf_dir)
+    examples = []
+    for record in records(home, load(home, snapshot_id).val)[: settings.export.recall_examples]:
+        try:
+            examples.append(render(tokenizer, record, settings.data.max_tokens, "truncate"))
+        except RenderError:
+            continue  # a record training skipped too
+    return examples
+
+
+def _record(run: RunDir, result: ExportResult, requested: str) -> None:
+    write_json_atomic(run.parity, {
+        "gguf": result.gguf.name, "quant": result.qtype, **result.parity.to_dict(),
+        "quantization": {"requested": requested, "attempts": [a.to_dict() for a in result.attempts]},
+        "adapter": result.adapter.name if result.adapter else None})
     meta = read_json(run.meta) if run.meta.exists() else {}
-    meta["export"] = {"gguf": result.gguf.name, "quant": result.qtype, "seconds": result.seconds,
-                      "parity_passed": result.parity.passed, "appliance": __version__}
+    meta["export"] = {"gguf": result.gguf.name, "quant": result.qtype, "requested": requested,
+                      "tried": [a.qtype for a in result.attempts], "seconds": result.seconds,
+                      "parity_passed": result.parity.passed, "adapter": result.adapter.name if result.adapter else None,
+                      "appliance": __version__}
     write_json_atomic(run.meta, meta)
 
 

@@ -5,9 +5,15 @@ llama.cpp before: CVE-2024-39720, CVE-2025-53630). Running it here, as
 ``python -m appliance.llamacpp_worker REQUEST.json OUT_DIR``, turns a crash into a
 failed check instead of a dead appliance.
 
-Request: {"model": path, "tokenize": [str, ...], "logits": [[ids], ...], "threads": n}
-Output: OUT_DIR/result.json ({"tokens": [[ids]...], "metadata": {...}}) and
-OUT_DIR/logits_<i>.npy (positions x vocab, float32).
+Request (every key but "model" optional):
+  {"model": path, "lora": path, "vocab_only": bool, "threads": n,
+   "validate": bool,                read the whole file with gguf-py first (slow on big vocabularies)
+   "tokenize": [str, ...],          token ids, no BOS, special tokens parsed
+   "chat": [[message, ...], ...],   the token ids the serving path (create_chat_completion) feeds the model
+   "logits": [[ids], ...],          full logits, saved as OUT_DIR/logits_<i>.npy (positions x vocab, float32)
+   "argmax": [[ids], ...]}          the top-1 token at every position (cheap: no logits leave the child)
+Output: OUT_DIR/result.json. On a file llama.cpp or gguf-py refuses, the worker writes
+{"error": "..."} and exits with status 2; any other exit status means it crashed.
 """
 
 from __future__ import annotations
@@ -15,28 +21,96 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+REFUSED = 2
+
+
+def structure(path: str) -> dict[str, Any]:
+    """gguf-py's reading of the file: every tensor must lie inside it."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    size = reader.data.shape[0]
+    for tensor in reader.tensors:
+        end = tensor.data_offset + tensor.n_bytes
+        if end > size or tensor.data.nbytes != tensor.n_bytes:
+            raise ValueError(f"tensor {tensor.name} runs past the end of the file ({end} > {size} bytes)")
+    arch = reader.fields.get("general.architecture")
+    if arch is None:
+        raise ValueError("no general.architecture key")
+    return {"tensors": len(reader.tensors), "keys": len(reader.fields), "bytes": int(size)}
+
+
+def served_prompt(llm: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The ids create_chat_completion hands to generation, caught before any is generated."""
+    seen: list[list[int]] = []
+
+    def capture(prompt: Any, **_: Any) -> Any:
+        seen.append(list(prompt))
+        raise _Captured
+
+    llm.create_completion = capture  # the chat handlers call llama.create_completion(prompt=ids, ...)
+    try:
+        llm.create_chat_completion(messages=messages, max_tokens=1)
+    except _Captured:
+        pass
+    return seen[0]
+
+
+class _Captured(Exception):
+    pass
+
+
+def evaluate(llm: Any, ids: list[int]) -> Any:
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    return np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def load(request: dict[str, Any]) -> Any:
+    from llama_cpp import Llama
+
+    sequences = request.get("logits", []) + request.get("argmax", [])
+    context = max(512, max((len(ids) for ids in sequences), default=0) + 8)
+    return Llama(model_path=request["model"], vocab_only=bool(request.get("vocab_only")), lora_path=request.get("lora"),
+                 logits_all=bool(sequences), n_ctx=context, n_batch=context, n_threads=request.get("threads"),
+                 verbose=False)
+
+
+def answer(llm: Any, request: dict[str, Any], out: Path) -> dict[str, Any]:
+    import numpy as np
+
+    for i, ids in enumerate(request.get("logits", [])):
+        np.save(out / f"logits_{i}.npy", evaluate(llm, ids))
+    return {"metadata": dict(llm.metadata), "n_vocab": llm.n_vocab(),
+            "tokens": [llm.tokenize(s.encode("utf-8"), add_bos=False, special=True) for s in request.get("tokenize", [])],
+            "argmax": [evaluate(llm, ids).argmax(-1).tolist() for ids in request.get("argmax", [])],
+            "chat": [served_prompt(llm, messages) for messages in request.get("chat", [])]}
 
 
 def main(request_path: str, out_dir: str) -> int:
-    import numpy as np
-    from llama_cpp import Llama
-
     request = json.loads(Path(request_path).read_text())
     out = Path(out_dir)
-    need_logits = bool(request.get("logits"))
-    longest = max((len(ids) for ids in request.get("logits", [])), default=0)
-    llm = Llama(model_path=request["model"], vocab_only=not need_logits, logits_all=need_logits,
-                n_ctx=max(512, longest + 8), n_batch=max(512, longest + 8), n_threads=request.get("threads"),
-                verbose=False)
-    result: dict = {"metadata": dict(llm.metadata), "n_vocab": llm.n_vocab()}
-    result["tokens"] = [llm.tokenize(s.encode("utf-8"), add_bos=False, special=True)
-                        for s in request.get("tokenize", [])]
-    for i, ids in enumerate(request.get("logits", [])):
-        llm.reset()
-        llm.eval(ids)
-        np.save(out / f"logits_{i}.npy", np.asarray(llm.scores[: len(ids)], dtype=np.float32))
-    (out / "result.json").write_text(json.dumps(result))
+    checked: dict[str, Any] = {}
+    if request.get("validate"):
+        try:
+            checked = structure(request["model"])
+        except Exception as exc:  # gguf-py raises many types on malformed files
+            return _refuse(out, f"gguf-py cannot read it: {type(exc).__name__}: {exc}")
+    try:
+        llm = load(request)
+    except Exception as exc:  # llama-cpp-python raises ValueError on a file llama.cpp refuses
+        return _refuse(out, f"llama.cpp cannot load it: {exc}")
+    (out / "result.json").write_text(json.dumps({"structure": checked, **answer(llm, request, out)}))
     return 0
+
+
+def _refuse(out: Path, reason: str) -> int:
+    (out / "result.json").write_text(json.dumps({"error": reason}))
+    return REFUSED
 
 
 if __name__ == "__main__":

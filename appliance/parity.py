@@ -1,56 +1,67 @@
 """The parity check every exported model passes (gguf-conversion.md, "The parity check").
 
 1. Tokenization: the training tokenizer and llama.cpp give identical ids on hard strings
-   and on the rendered chat prompt.
-2. Chat template: the GGUF carries exactly the tokenizer's template.
+   and on the rendered chat prompts.
+2. Chat template: the GGUF carries exactly the tokenizer's template, and the prompt the
+   serving path renders (llama-cpp-python's create_chat_completion) is token-identical
+   to the one training rendered.
 3. Logits: llama.cpp on the f16 GGUF agrees with the HF model (cosine per position).
-4. The quantized file, against the f16 file: top-1 agreement and KL divergence.
-5. Every llama.cpp load happens in a child process; a crash there fails the check.
+4. A quantized file, against the f16 file: top-1 agreement, KL divergence and, when a
+   snapshot is at hand, recall of its validation answers.
+5. Every llama.cpp load happens in a child process, after gguf-py has read the file
+   there; a crash or a refusal fails the check.
 
 The result is written to the run's ``parity.json``; the promotion gate reads it.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from . import llamacpp_child
-from .events import Emit, StageFinished, StageStarted, ignore
+from .llamacpp_child import ChildResult
+from .render import IGNORE, Example
 
 STAGE = "parity"
-
 HARD_STRINGS = [
     "Hello world",
     "   leading spaces and\ttabs\n\nand blank lines   ",
     "Numbers: 0 7 42 1234567 3.14159 -0.5e10 2026-11-28",
     "Accents: café naïve résumé Ærø Zürich Łódź",
+    "Vietnamese: Cửa Việt, tiếng Việt",  # whole-word vocabulary hits before merges (Llama-3's ignore_merges)
     "CJK: 病院の方針 医院政策 병원 정책",
     "Emoji: 🏥💊🩺 👩🏽‍⚕️",
     "Code: def f(x):\n    return {'a': [1, 2]} if x else None  # comment",
     "Mixed  whitespace\r\n\u00a0non-breaking\u2009thin",
     "Dosage 2.5mg/kg q8h; BP 120/80 mmHg; SpO2 98%",
 ]
-PROBE_CONVERSATION = [
-    {"role": "system", "content": "You answer questions about the clinic's policies."},
-    {"role": "user", "content": "Which extension reaches the on-call pharmacist after 10 pm?"},
+# A template may refuse one of these (some reject a system turn); it must render at least one.
+CONVERSATIONS = [
+    [{"role": "system", "content": "You answer questions about the clinic's policies."},
+     {"role": "user", "content": "Which extension reaches the on-call pharmacist after 10 pm?"}],
+    [{"role": "user", "content": "Who signs visitor badges?"},
+     {"role": "assistant", "content": "The front desk, from 8 am to 8 pm."},
+     {"role": "user", "content": "And  after 8 pm? Ünïcode too."}],
 ]
 LOGIT_PROMPTS = [
     "The patient was admitted on Tuesday with",
     "Policy 4.2: All visitors must sign in at the front desk before",
 ]
-# Quantized vs f16, measured on short prompts; looser for smaller types.
+# Quantized vs f16: top-1 agreement and mean KL on the fixed prompts and validation
+# answers; recall_drop is the largest loss of validation answer tokens predicted
+# (absolute) that a type may cost. Looser for smaller types.
 QUANT_THRESHOLDS = {
-    "Q4_K_M": {"top1": 0.70, "kl": 0.50},
-    "Q5_K_M": {"top1": 0.80, "kl": 0.25},
-    "Q6_K": {"top1": 0.85, "kl": 0.15},
-    "Q8_0": {"top1": 0.90, "kl": 0.05},
-    "F16": {"top1": 0.99, "kl": 0.001},
+    "Q4_K_M": {"top1": 0.70, "kl": 0.50, "recall_drop": 0.03},
+    "Q5_K_M": {"top1": 0.80, "kl": 0.25, "recall_drop": 0.02},
+    "Q6_K": {"top1": 0.85, "kl": 0.15, "recall_drop": 0.015},
+    "Q8_0": {"top1": 0.90, "kl": 0.05, "recall_drop": 0.01},
+    "F16": {"top1": 0.99, "kl": 0.001, "recall_drop": 0.0},
 }
+MIN_ADAPTER_COSINE = 0.999  # llama.cpp applies a LoRA at run time in f16 arithmetic
 
 
 @dataclass
@@ -78,76 +89,149 @@ class ParityReport:
         return {"passed": self.passed, "seconds": self.seconds, "checks": [asdict(c) for c in self.checks]}
 
 
-def check(hf_dir: Path, f16: Path, quantized: Path | None, qtype: str | None, min_cosine: float = 0.9999,
-          emit: Emit = ignore) -> ParityReport:
-    from .hf import load_tokenizer
+@dataclass
+class Probes:
+    """What every GGUF is asked, prepared once from the training tokenizer."""
 
-    started = time.monotonic()
-    emit(StageStarted(STAGE, description="Checking the GGUF against the trained model"))
-    report = ParityReport()
-    tokenizer = load_tokenizer(hf_dir)
-    prompt = tokenizer.apply_chat_template(PROBE_CONVERSATION, tokenize=False, add_generation_prompt=True)
-    strings = HARD_STRINGS + [prompt]
-    # Exactly the ids the served model sees: the rendered chat prompt, and plain text.
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in [prompt, *LOGIT_PROMPTS]]
+    tokenizer: Any
+    conversations: list[list[dict[str, str]]]
+    prompts: list[str]  # the conversations, rendered by the training tokenizer's template
+    prompt_ids: list[list[int]]
+    logit_ids: list[list[int]]
+    answers: list[Example] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # why the template refused a conversation
 
-    f16_run = llamacpp_child.run(f16, tokenize=strings, logits=prompt_ids)
-    report.checks.append(Check("f16_loads", f16_run.ok, f16_run.ok, True, f16_run.error))
-    if f16_run.ok:
-        report.checks.append(_tokenization(tokenizer, strings, f16_run.tokens))
-        report.checks.append(_template(tokenizer, f16_run.metadata))
-        report.checks.append(_logits(hf_dir, prompt_ids, f16_run.logits, min_cosine))
-    if quantized is not None and qtype is not None:
-        q_run = llamacpp_child.run(quantized, tokenize=strings, logits=prompt_ids)
-        report.checks.append(Check("quantized_loads", q_run.ok, q_run.ok, True, q_run.error))
-        if q_run.ok and f16_run.ok:
-            report.checks.extend(_quantized(f16_run.logits, q_run.logits, qtype))
-    report.seconds = time.monotonic() - started
-    verdict = "passed" if report.passed else "FAILED: " + "; ".join(report.failures())
-    emit(StageFinished(STAGE, summary=f"parity {verdict}", seconds=report.seconds))
-    return report
+    @property
+    def strings(self) -> list[str]:
+        return HARD_STRINGS + self.prompts
+
+    def ask(self, gguf: Path, threads: int | None = None, lora: Path | None = None,
+            full: bool = True) -> ChildResult:
+        """One child process: load ``gguf`` and collect everything the checks compare."""
+        return llamacpp_child.run(gguf, tokenize=self.strings if full else None,
+                                  chat=self.conversations if full else None, logits=self.logit_ids,
+                                  argmax=[a.input_ids for a in self.answers], lora=lora, threads=threads)
 
 
-def _tokenization(tokenizer: Any, strings: list[str], llama_tokens: list[list[int]]) -> Check:
-    mismatched = [s for s, ids in zip(strings, llama_tokens)
-                  if tokenizer(s, add_special_tokens=False)["input_ids"] != ids]
-    detail = f"{len(mismatched)} of {len(strings)} strings tokenize differently, e.g. {mismatched[0]!r}" if mismatched else ""
-    return Check("tokenization", not mismatched, len(strings) - len(mismatched), len(strings), detail)
+def probes(tokenizer: Any, answers: Sequence[Example] = ()) -> Probes:
+    conversations, prompts, refused = [], [], []
+    for conversation in CONVERSATIONS:
+        try:
+            prompts.append(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+            conversations.append(conversation)
+        except Exception as exc:  # jinja2 TemplateError from raise_exception, or any template bug
+            refused.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt_ids = [encode(p) for p in prompts]
+    return Probes(tokenizer, conversations, prompts, prompt_ids, prompt_ids[:1] + [encode(p) for p in LOGIT_PROMPTS],
+                  list(answers), refused)
 
 
-def _template(tokenizer: Any, metadata: dict[str, str]) -> Check:
-    gguf_template = metadata.get("tokenizer.chat_template")
-    same = gguf_template == tokenizer.chat_template
-    return Check("chat_template", same, same, True, "" if same else "the GGUF's chat template differs from the tokenizer's")
+# --- the f16 file against the trained model ----------------------------------------------
 
 
-def _logits(hf_dir: Path, prompt_ids: list[list[int]], llama_logits: list[np.ndarray], min_cosine: float) -> Check:
+def check_f16(hf_logits: list[np.ndarray], probe: Probes, run: ChildResult, min_cosine: float) -> list[Check]:
+    checks = [Check("f16_loads", run.ok, run.ok, True, run.error)]
+    if run.ok:
+        checks += [_tokenization(probe, run.tokens), _template(probe, run.metadata), _served(probe, run.chat),
+                   _cosine("logits_cosine", hf_logits, run.logits, min_cosine)]
+    return checks
+
+
+def hf_logits(hf_dir: Path, sequences: list[list[int]]) -> list[np.ndarray]:
     import torch
 
     from .hf import load_causal_lm
 
     model = load_causal_lm(hf_dir, dtype=torch.float32)
     model.eval()
-    cosines = []
     with torch.no_grad():
-        for ids, theirs in zip(prompt_ids, llama_logits):
-            ours = model(torch.tensor([ids])).logits[0].float().numpy()
-            num = (ours * theirs).sum(-1)
-            den = np.linalg.norm(ours, axis=-1) * np.linalg.norm(theirs, axis=-1)
-            cosines.append(float((num / den).min()))
-    worst = min(cosines)
-    return Check("logits_cosine", worst >= min_cosine, round(worst, 6), min_cosine,
-                 "" if worst >= min_cosine else f"llama.cpp logits differ from the trained model (cosine {worst:.4f})")
+        return [model(torch.tensor([ids])).logits[0].float().numpy() for ids in sequences]
 
 
-def _quantized(f16_logits: list[np.ndarray], q_logits: list[np.ndarray], qtype: str) -> list[Check]:
-    limits = QUANT_THRESHOLDS[qtype]
-    top1 = float(np.mean(np.concatenate([(a.argmax(-1) == b.argmax(-1)) for a, b in zip(f16_logits, q_logits)])))
-    kl = float(np.mean(np.concatenate([_kl(a, b) for a, b in zip(f16_logits, q_logits)])))
-    return [
-        Check(f"{qtype}_top1_agreement", top1 >= limits["top1"], round(top1, 4), limits["top1"]),
-        Check(f"{qtype}_kl_divergence", kl <= limits["kl"], round(kl, 5), limits["kl"]),
-    ]
+def _tokenization(probe: Probes, llama_tokens: list[list[int]]) -> Check:
+    strings = probe.strings
+    mismatched = [s for s, ids in zip(strings, llama_tokens)
+                  if probe.tokenizer(s, add_special_tokens=False)["input_ids"] != ids]
+    detail = f"{len(mismatched)} of {len(strings)} strings tokenize differently, e.g. {mismatched[0]!r}" if mismatched else ""
+    return Check("tokenization", not mismatched, len(strings) - len(mismatched), len(strings), detail)
+
+
+def _template(probe: Probes, metadata: dict[str, str]) -> Check:
+    ours = probe.tokenizer.chat_template
+    if isinstance(ours, dict):  # several named templates: llama.cpp's default is the "default" one
+        ours = ours.get("default")
+    same = metadata.get("tokenizer.chat_template") == ours
+    return Check("chat_template", same, same, True, "" if same else "the GGUF's chat template differs from the tokenizer's")
+
+
+def _served(probe: Probes, served: list[list[int]]) -> Check:
+    """The serving path's prompt ids against training's, conversation by conversation."""
+    if not probe.conversations:
+        return Check("served_prompt", False, 0, 1, "the chat template renders none of the probe conversations: "
+                     + "; ".join(probe.refused))
+    differ = [i for i, (ours, theirs) in enumerate(zip(probe.prompt_ids, served)) if ours != theirs]
+    detail = ""
+    if differ:
+        i = differ[0]
+        at = next((k for k, (a, b) in enumerate(zip(probe.prompt_ids[i], served[i])) if a != b),
+                  min(len(probe.prompt_ids[i]), len(served[i])))
+        detail = (f"the served prompt differs from training's at token {at} of conversation {i + 1} "
+                  f"(training {probe.prompt_ids[i][at:at + 4]}, served {served[i][at:at + 4]})")
+    return Check("served_prompt", not differ, len(served) - len(differ), len(served), detail)
+
+
+def _cosine(name: str, ours: list[np.ndarray], theirs: list[np.ndarray], minimum: float) -> Check:
+    worst = min(float(_row_cosines(a, b).min()) for a, b in zip(ours, theirs))
+    return Check(name, worst >= minimum, round(worst, 6), minimum,
+                 "" if worst >= minimum else f"llama.cpp logits differ from the trained model (cosine {worst:.4f})")
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+# --- a quantized file against the f16 file -----------------------------------------------
+
+
+def check_quantized(reference: ChildResult, run: ChildResult, qtype: str, probe: Probes,
+                    thresholds: dict[str, dict[str, float]] | None = None) -> list[Check]:
+    limits = (thresholds or QUANT_THRESHOLDS)[qtype]
+    checks = [Check(f"{qtype}_loads", run.ok, run.ok, True, run.error)]
+    if not run.ok:
+        return checks
+    same_top1 = [a.argmax(-1) == b.argmax(-1) for a, b in zip(reference.logits, run.logits)]
+    same_top1 += [np.asarray(a) == np.asarray(b) for a, b in zip(reference.argmax, run.argmax)]
+    top1 = float(np.mean(np.concatenate(same_top1)))
+    kl = float(np.mean(np.concatenate([_kl(a, b) for a, b in zip(reference.logits, run.logits)])))
+    checks += [Check(f"{qtype}_top1_agreement", top1 >= limits["top1"], round(top1, 4), limits["top1"],
+                     "" if top1 >= limits["top1"] else f"top-1 agrees with f16 on {top1:.1%} of positions"),
+               Check(f"{qtype}_kl_divergence", kl <= limits["kl"], round(kl, 5), limits["kl"],
+                     "" if kl <= limits["kl"] else f"mean KL from f16 is {kl:.3f}")]
+    if probe.answers:
+        checks.append(_recall(qtype, answer_recall(probe.answers, reference.argmax),
+                              answer_recall(probe.answers, run.argmax), limits["recall_drop"]))
+    return checks
+
+
+def answer_recall(answers: list[Example], argmax: list[list[int]]) -> float:
+    """Share of validation answer tokens the model predicts top-1, given the text before
+    each. (Every answer token top-1 is exactly what greedy decoding needs to reproduce
+    the answer.)"""
+    hits = total = 0
+    for example, predicted in zip(answers, argmax):
+        for pos in range(1, len(example.input_ids)):
+            if example.labels[pos] != IGNORE:
+                total += 1
+                hits += predicted[pos - 1] == example.input_ids[pos]
+    return hits / total if total else 0.0
+
+
+def _recall(qtype: str, reference: float, candidate: float, max_drop: float) -> Check:
+    drop = reference - candidate
+    ok = drop <= max_drop + 1e-12
+    return Check(f"{qtype}_answer_recall", ok, round(candidate, 4), round(reference - max_drop, 4),
+                 "" if ok else f"validation answer recall {candidate:.1%} against f16's {reference:.1%}")
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
@@ -160,3 +244,13 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+# --- a GGUF LoRA adapter on the f16 base, against the merged model ---------------------------
+
+
+def check_adapter(hf_logits_merged: list[np.ndarray], run: ChildResult) -> list[Check]:
+    checks = [Check("adapter_loads", run.ok, run.ok, True, run.error)]
+    if run.ok:
+        checks.append(_cosine("adapter_logits_cosine", hf_logits_merged, run.logits, MIN_ADAPTER_COSINE))
+    return checks

@@ -14,7 +14,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import RegistryError
 from .fsutil import fsync_dir, read_json, sha256_file, staging_dir, write_json_atomic
@@ -36,8 +36,17 @@ def next_version(home: Home) -> str:
     return f"v{max(numbers, default=0) + 1}"
 
 
-def add(home: Home, version: str, gguf: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """Register a built GGUF as ``version`` (complete or absent)."""
+# check(gguf) -> why the file must not be served, or None (llamacpp_child.problem: header,
+# gguf-py and a llama.cpp load, in a child process)
+Check = Callable[[Path], "str | None"]
+
+
+def add(home: Home, version: str, gguf: Path, info: dict[str, Any], check: Check | None = None) -> dict[str, Any]:
+    """Register a built GGUF as ``version`` (complete or absent).
+
+    With ``check``, the exact file about to be registered is validated first; a corrupt
+    one never gets a version, so it can never be promoted.
+    """
     if not VERSION_RE.match(version):
         raise RegistryError(f"invalid version name {version!r}")
     target = home.model(version)
@@ -48,6 +57,8 @@ def add(home: Home, version: str, gguf: Path, info: dict[str, Any]) -> dict[str,
             os.link(gguf, tmp / "model.gguf")  # same file system: no copy of hundreds of MB
         except OSError:
             shutil.copy2(gguf, tmp / "model.gguf")
+        if check is not None and (reason := check(tmp / "model.gguf")):
+            raise RegistryError(f"{gguf}: not registering a file llama.cpp cannot use safely: {reason}")
         record = {"version": version, "created": time.time(), "sha256": sha256_file(tmp / "model.gguf"),
                   "size": (tmp / "model.gguf").stat().st_size, **info}
         write_json_atomic(tmp / "version.json", record)

@@ -8,8 +8,8 @@ How the assistant spans are found: for each assistant turn, the conversation up 
 that turn is rendered with ``add_generation_prompt=True`` (everything the model sees
 before it starts answering) and again including the turn; the characters in between
 are the answer. Tokens are mapped to characters through the fast tokenizer's offset
-mapping. This works for any template that renders a conversation's prefix as a
-prefix of the whole, which the check below enforces rather than assumes.
+mapping. This needs a template that renders the start of a conversation as a prefix
+of the whole, which is checked rather than assumed.
 """
 
 from __future__ import annotations
@@ -37,19 +37,45 @@ class RenderError(ValueError):
 
 
 def chat_text_and_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant answers."""
+    """The rendered conversation and the character spans of its assistant answers.
+
+    A span runs from where the model starts answering to the end of the answer's
+    end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``<|end|>`` ...): that token
+    is what teaches the model to stop. Whatever a template adds after it (a newline,
+    Phi-3's closing ``<|endoftext|>``) is not the model's to produce.
+    """
     full = tokenizer.apply_chat_template(messages, tokenize=False)
+    specials = _special_tokens(tokenizer)
     spans: list[tuple[int, int]] = []
     for i, turn in enumerate(messages):
         if turn["role"] != "assistant":
             continue
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not full.startswith(upto) or not upto.startswith(before):
+        if not upto.startswith(before) or not full.startswith(before):
             raise RenderError("the chat template does not render a conversation's beginning as a prefix of it")
-        end = len(upto.rstrip())  # the end-of-turn token, not the newline a template puts after it
-        spans.append((len(before), end))
+        turn_text = _common_prefix(upto, full)[len(before):]
+        content = turn["content"].strip()
+        at = turn_text.find(content)
+        if at < 0:
+            raise RenderError("the chat template changes the answer text; cannot tell which tokens to train")
+        end = at + len(content)
+        eot = next((tok for tok in specials if turn_text.startswith(tok, end)), None)
+        end = end + len(eot) if eot else len(turn_text.rstrip())
+        spans.append((len(before), len(before) + end))
     return full, spans
+
+
+def _special_tokens(tokenizer: Any) -> list[str]:
+    names = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+    names |= set(tokenizer.all_special_tokens)
+    return sorted((n for n in names if n), key=len, reverse=True)  # longest first: no partial matches
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = min(len(a), len(b))
+    i = next((k for k in range(n) if a[k] != b[k]), n)
+    return a[:i]
 
 
 def render(tokenizer: Any, record: Record, max_tokens: int,

@@ -2,27 +2,33 @@
 
 The loop is written here rather than with ``transformers.Trainer`` because the
 appliance needs padding-free packing with exact token-weighted loss across
-gradient accumulation, and full control over what is saved when (the adapter is
-written only complete, through a staging folder).
+gradient accumulation, logits only where a token is trained, and full control
+over what is written when: checkpoints and the best adapter are only ever
+complete (staging folder, then rename), so a ``kill -9`` at any moment loses at
+most one checkpoint interval and a half-written checkpoint is never picked.
 
 Packing: several examples share one row; ``position_ids`` restart at 0 for each
 and no attention mask is passed, so transformers builds a block-causal mask and no
-example attends to another (checked in tests against unpacked losses).
+example attends to another (tests/test_packing.py checks it against unpacked losses).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
+import resource
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .config import Settings
 from .errors import TrainError
 from .events import Emit, Message, Progress, StageFinished, StageStarted, ignore
-from .fsutil import staging_dir, write_json_atomic
+from .fsutil import read_json, staging_dir, write_json_atomic
 from .paths import Home, RunDir
 from .render import IGNORE, Example, RenderError, render
 from .snapshot import Snapshot, records
@@ -32,6 +38,9 @@ STAGE = "train"
 # 2 CPU cores): 256-token rows train ~15% faster than 512 and ~35% faster than 1024,
 # because attention cost grows with the row; a GPU wants long rows.
 MICRO_TOKENS = {"cpu": 256, "cuda": 4096}
+# Fault injection for tests (a failpoint): any forward pass over more tokens than
+# this raises an out-of-memory error, as a GPU would. Unset in normal use.
+FAULT_OOM_ENV = "APPLIANCE_FAULT_OOM_ABOVE_TOKENS"
 
 
 @dataclass
@@ -43,6 +52,28 @@ class TrainResult:
     train_tokens: int
     seconds: float
     curve: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run needs."""
+
+    run: str
+    snapshot: str
+    total_steps: int
+    step: int = 0
+    micro_tokens: int = 256
+    trained_tokens: int = 0
+    best_score: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    resumed_from: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+# --- data ----------------------------------------------------------------------------
 
 
 def default_epochs(n_examples: int) -> float:
@@ -60,8 +91,24 @@ def render_all(tokenizer: Any, recs: list, settings: Settings, emit: Emit) -> li
     return out
 
 
+def general_examples(tokenizer: Any, settings: Settings, n_domain: int, emit: Emit) -> list[Example]:
+    """General-purpose conversations (shipped, written by the team) mixed in to limit forgetting."""
+    share = settings.train.general_mix
+    if share <= 0:
+        return []
+    from .ingest.chat_jsonl import parse
+
+    source = resources.files("appliance") / "data" / "general" / "conversations.jsonl"
+    with resources.as_file(source) as path:
+        pool = render_all(tokenizer, parse(Path(path)).records, settings, emit)
+    want = round(share / (1 - share) * n_domain)
+    rng = random.Random(settings.train.seed + 1)
+    return [pool[rng.randrange(len(pool))] for _ in range(want)]
+
+
 def pack(examples: list[Example], micro_tokens: int) -> list[list[Example]]:
-    """Greedy first-fit in the given order: rows of at most ``micro_tokens`` tokens."""
+    """Greedy in the given order: rows of at most ``micro_tokens`` tokens (a longer
+    example gets a row of its own)."""
     rows: list[list[Example]] = []
     current: list[Example] = []
     used = 0
@@ -89,41 +136,86 @@ def collate(row: list[Example], device: str) -> dict[str, Any]:
     return {"input_ids": as_tensor(ids), "position_ids": as_tensor(pos), "labels": as_tensor(labels)}
 
 
-def plan_steps(examples: list[Example], epochs: float, tokens_per_step: int, seed: int,
-               micro_tokens: int) -> list[list[list[Example]]]:
-    """The whole schedule up front: a list of steps, each a list of packed rows."""
+def plan_steps(examples: list[Example], epochs: float, tokens_per_step: int, seed: int) -> list[list[Example]]:
+    """The whole schedule up front: each step is the examples it trains on, about
+    ``tokens_per_step`` tokens. Fixed by the seed, so a resumed run continues the
+    same schedule. How a step is cut into forward passes is decided when it runs."""
     rng = random.Random(seed)
-    full_epochs, fraction = int(epochs), epochs - int(epochs)
-    rows: list[list[Example]] = []
+    stream: list[Example] = []
     for epoch in range(math.ceil(epochs)):
         order = examples[:]
         rng.shuffle(order)
-        if epoch == full_epochs and fraction:
+        fraction = epochs - epoch
+        if fraction < 1:
             order = order[: max(1, int(len(order) * fraction))]
-        rows.extend(pack(order, micro_tokens))
-    per_step = max(1, tokens_per_step // micro_tokens)
-    return [rows[i: i + per_step] for i in range(0, len(rows), per_step)]
+        stream.extend(order)
+    steps: list[list[Example]] = []
+    current: list[Example] = []
+    used = 0
+    for ex in stream:
+        if current and used + len(ex.input_ids) > tokens_per_step:
+            steps.append(current)
+            current, used = [], 0
+        current.append(ex)
+        used += len(ex.input_ids)
+    if current:
+        steps.append(current)
+    return steps
+
+
+# --- model -----------------------------------------------------------------------------
 
 
 def load_trainable(base_dir: Path, settings: Settings, device: str) -> Any:
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     from .hf import load_causal_lm, nf4_config
 
     compute = torch.bfloat16
     if settings.train.method == "qlora":
-        model = load_causal_lm(base_dir, dtype=compute, quantization_config=nf4_config(compute), device=device)
-        # Checkpointing trades ~20% speed for memory: worth it on a GPU, not for CPU-sized models.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
+        model = prepare_qlora(load_causal_lm(base_dir, dtype=compute, quantization_config=nf4_config(compute),
+                                             device=device), device)
     else:
         model = load_causal_lm(base_dir, dtype=compute, device=device)
     targets = "all-linear" if settings.train.target_modules == "all-linear" else ["q_proj", "v_proj"]
     lora = LoraConfig(r=settings.train.lora_r, lora_alpha=settings.train.lora_alpha,
-                      lora_dropout=settings.train.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+                      lora_dropout=settings.train.lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
+                      use_dora=settings.train.dora)
     model = get_peft_model(model, lora)
     model.config.use_cache = False  # a cache would disable packed-sequence detection
     return model
+
+
+def prepare_qlora(model: Any, device: str) -> Any:
+    """Freeze the 4-bit base for LoRA training.
+
+    peft's ``prepare_model_for_kbit_training`` would also upcast every non-quantized
+    weight to fp32; the frozen embedding and output layer are the largest of those
+    (over 4 GiB together for a 128k vocabulary at 8B), and the NF4 layers compute in
+    bf16 anyway, so the base stays in bf16 here.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if device == "cuda":
+        # Checkpointing trades ~20% speed for a large cut in activation memory: worth it
+        # on a GPU, not for the CPU-sized models this runs on without one.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    _keep_4bit_weights_trainable(model)
+    return model
+
+
+def _keep_4bit_weights_trainable(model: Any) -> None:
+    """bitsandbytes 0.50, on CPUs with AVX512-BF16, repacks a 4-bit weight for a faster
+    kernel the first time the layer runs in eval mode without gradients (our validation
+    pass) and keeps it packed. That kernel has no backward, so every later training step
+    silently loses the gradient through the base weights (torch warns "an autograd kernel
+    was not registered"). Validation runs mid-training here, so the repacking is switched
+    off; tests/test_train.py checks gradients before and after a validation pass."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def step_loss(model: Any, rows: list[list[Example]], device: str, backward: bool) -> tuple[float, int]:
@@ -137,9 +229,12 @@ def step_loss(model: Any, rows: list[list[Example]], device: str, backward: bool
     import torch.nn.functional as F
 
     total_tokens = sum(ex.trained_tokens for row in rows for ex in row)
+    oom_above = int(os.environ.get(FAULT_OOM_ENV) or 0)
     loss_sum = 0.0
     for row in rows:
         batch = collate(row, device)
+        if oom_above and batch["input_ids"].shape[1] > oom_above:
+            raise torch.OutOfMemoryError(f"injected: {batch['input_ids'].shape[1]} tokens > {oom_above}")
         labels = batch.pop("labels")[0]
         keep = (labels[1:] != IGNORE).nonzero().squeeze(-1)  # position i predicts token i + 1
         out = model(**batch, use_cache=False, logits_to_keep=keep)
@@ -162,8 +257,114 @@ def evaluate(model: Any, examples: list[Example], device: str, micro_tokens: int
     return loss
 
 
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def train_step(model: Any, examples: list[Example], state: TrainState, device: str, emit: Emit) -> float:
+    """Forward/backward over one step's examples. Out of memory halves the tokens per
+    forward pass (more accumulation, same effective batch) and retries the step; the
+    smaller setting is kept for the rest of the run, resumes included."""
+    import torch
+
+    while True:
+        rows = pack(examples, state.micro_tokens)
+        try:
+            loss, _ = step_loss(model, rows, device, backward=True)
+            return loss
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_oom(exc):
+                raise
+            model.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            if all(len(row) == 1 for row in rows):
+                longest = max(len(e.input_ids) for e in examples)
+                raise TrainError(f"out of memory even with one {longest}-token example per pass; "
+                                 "lower data.max_tokens or use a smaller base") from None
+            state.micro_tokens = max(1, state.micro_tokens // 2)
+            emit(Message(STAGE, f"out of memory: now {state.micro_tokens} tokens per pass, "
+                                "accumulating more passes per step", level="warning"))
+
+
+def peak_memory_bytes(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+
+def _checkpoint_dirs(run: RunDir) -> list[Path]:
+    """Complete checkpoints only: staging folders are hidden until renamed into place."""
+    if not run.checkpoints.is_dir():
+        return []
+    found = [p for p in run.checkpoints.glob("step-*") if (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any, state: TrainState, keep: int) -> None:
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    target = run.checkpoints / f"step-{state.step:06d}"
+    with staging_dir(target) as tmp:
+        weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        save_file(weights, tmp / "adapter.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / "trainer.pt")
+        write_json_atomic(tmp / "state.json", asdict(state))
+    for old in _checkpoint_dirs(run)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any) -> TrainState | None:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    found = _checkpoint_dirs(run)
+    if not found:
+        return None
+    latest = found[-1]
+    set_peft_model_state_dict(model, load_file(latest / "adapter.safetensors"))
+    saved = torch.load(latest / "trainer.pt", weights_only=False)  # written by this appliance, in its own home
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    if saved["cuda_rng"]:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    return TrainState(**read_json(latest / "state.json"))
+
+
+def run_snapshot(run: RunDir) -> str | None:
+    """The snapshot an existing run trains on (a resumed run keeps its own data)."""
+    if (run.root / "train.json").exists():
+        return read_json(run.root / "train.json")["snapshot"]
+    found = _checkpoint_dirs(run)
+    return read_json(found[-1] / "state.json")["snapshot"] if found else None
+
+
+def _save_adapter(model: Any, tokenizer: Any, run: RunDir) -> None:
+    with staging_dir(run.adapter) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
 def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None = None,
           max_steps: int | None = None, emit: Emit = ignore) -> TrainResult:
+    """Train (or resume, or report an already finished) run on ``snapshot``."""
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
@@ -175,6 +376,8 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
     if not base_dir.is_dir():
         raise TrainError(f"{base_dir}: base model missing; run 'appliance init'")
     run = home.run(run_id or time.strftime("run-%Y%m%d-%H%M%S"))
+    if (run.root / "train.json").exists():
+        return _finished(run)
     run.root.mkdir(parents=True, exist_ok=True)
     device = torch_device()
     threads = set_threads(settings.train.threads)
@@ -186,69 +389,100 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
     val_ex = render_all(tokenizer, records(home, snapshot.val), settings, emit)
     if not train_ex:
         raise TrainError(f"snapshot {snapshot.id}: no training example survived rendering")
+    general = general_examples(tokenizer, settings, len(train_ex), emit)
     epochs = settings.train.epochs or default_epochs(len(train_ex))
-    micro = settings.train.micro_tokens or MICRO_TOKENS[device]
-    steps = plan_steps(train_ex, epochs, settings.train.tokens_per_step, settings.train.seed, micro)
+    steps = plan_steps(train_ex + general, epochs, settings.train.tokens_per_step, settings.train.seed)
     limit = max_steps or settings.train.max_steps
-    if limit:
-        steps = steps[:limit]
+    steps = steps[:limit] if limit else steps
 
     model = load_trainable(base_dir, settings, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.train.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(settings.train.warmup_ratio * len(steps)),
                                                 len(steps))
+    state = load_checkpoint(run, model, optimizer, scheduler)
+    if state is None:
+        state = TrainState(run.id, snapshot.id, len(steps),
+                           micro_tokens=settings.train.micro_tokens or MICRO_TOKENS[device])
+    elif state.snapshot != snapshot.id or state.total_steps != len(steps):
+        raise TrainError(f"run {run.id}: its checkpoints belong to snapshot {state.snapshot} with "
+                         f"{state.total_steps} steps; start a new run instead of resuming this one")
+    else:
+        state.resumed_from.append(state.step)
+        emit(Message(STAGE, f"resuming run {run.id} from step {state.step} of {len(steps)}"))
+
+    eval_every = settings.train.eval_every or max(1, round(len(steps) / max(1, math.ceil(epochs))))
     emit(StageStarted(STAGE, total=len(steps),
-                      description=f"Learning from {len(train_ex)} examples, {epochs:g} epochs, {len(steps)} steps"))
-    curve: list[dict[str, float]] = []
-    best: tuple[float, int] | None = None
-    trained_tokens = 0
-    eval_every = max(1, len(steps) // max(1, math.ceil(epochs)))  # about once an epoch
+                      description=f"Learning from {len(train_ex)} examples"
+                                  f"{f' (+{len(general)} general)' if general else ''}, {epochs:g} epochs"))
     model.train()
-    for step, rows in enumerate(steps, start=1):
+    session_start, session_first = time.monotonic(), state.step
+    for index in range(state.step, len(steps)):
         t0 = time.monotonic()
-        loss, _ = step_loss(model, rows, device, backward=True)
+        loss = train_step(model, steps[index], state, device, emit)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens = sum(len(ex.input_ids) for row in rows for ex in row)
-        trained_tokens += tokens
         if not math.isfinite(loss):
-            raise TrainError(f"run {run.id}: the loss became {loss} at step {step}; lower train.learning_rate")
-        point = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                 "tokens_per_s": tokens / max(time.monotonic() - t0, 1e-9)}
-        if step % eval_every == 0 or step == len(steps):
-            val = evaluate(model, val_ex, device, micro)
-            if val is not None:
-                point["val_loss"] = val
-            score = val if val is not None else loss
-            if best is None or score < best[0]:
-                best = (score, step)
-                _save_adapter(model, tokenizer, run)
-        curve.append(point)
-        emit(Progress(STAGE, completed=step, total=len(steps), metrics=point))
+            raise TrainError(f"run {run.id}: the loss became {loss} at step {index + 1}; lower train.learning_rate")
+        state.step = index + 1
+        tokens = sum(len(ex.input_ids) for ex in steps[index])
+        state.trained_tokens += tokens
+        point = {"step": state.step, "epoch": round(epochs * state.step / len(steps), 3), "loss": loss,
+                 "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(time.monotonic() - t0, 1e-9),
+                 "peak_memory_mb": peak_memory_bytes(device) / 2**20}
+        if state.step % eval_every == 0 or state.step == len(steps):
+            _evaluate_and_select(model, tokenizer, val_ex, loss, device, run, state, point, settings)
+        per_step = (time.monotonic() - session_start) / max(1, state.step - session_first)
+        point["eta_s"] = per_step * (len(steps) - state.step)
+        state.curve.append(point)
+        done = state.step == len(steps) or state.stopped_early
+        if state.step % settings.train.checkpoint_every == 0 and not done:
+            save_checkpoint(run, model, optimizer, scheduler, state, settings.train.keep_checkpoints)
+        emit(Progress(STAGE, completed=state.step, total=len(steps), metrics=point))
+        if state.stopped_early:
+            emit(Message(STAGE, f"stopped early at step {state.step}: validation loss has not improved "
+                                f"for {state.bad_evals} checks"))
+            break
 
-    result = TrainResult(run.id, snapshot.id, len(steps), best[0] if best and val_ex else None,
-                         trained_tokens, time.monotonic() - started, curve)
+    state.seconds += time.monotonic() - started
+    best_val = state.best_score if val_ex else None
     write_json_atomic(run.root / "train.json", {
         "run": run.id, "snapshot": snapshot.id, "base": settings.base.name, "device": device, "threads": threads,
-        "method": settings.train.method, "epochs": epochs, "steps": len(steps), "best_step": best[1] if best else None,
-        "best_val_loss": result.best_val_loss, "train_examples": len(train_ex), "val_examples": len(val_ex),
-        "train_tokens": trained_tokens, "seconds": result.seconds, "settings": settings.train.model_dump(),
-        "curve": curve,
+        "method": settings.train.method, "dora": settings.train.dora, "epochs": epochs, "steps": state.step,
+        "planned_steps": len(steps), "best_step": state.best_step, "best_val_loss": best_val,
+        "stopped_early": state.stopped_early, "resumed_from": state.resumed_from,
+        "micro_tokens": state.micro_tokens, "train_examples": len(train_ex), "general_examples": len(general),
+        "val_examples": len(val_ex), "train_tokens": state.trained_tokens, "seconds": state.seconds,
+        "settings": settings.train.model_dump(), "curve": state.curve,
     })
-    emit(StageFinished(STAGE, seconds=result.seconds,
-                       summary=f"{len(steps)} steps, best validation loss "
-                               f"{result.best_val_loss:.3f}" if result.best_val_loss is not None
-                               else f"{len(steps)} steps"))
-    return result
+    shutil.rmtree(run.checkpoints, ignore_errors=True)  # the best adapter is kept; resuming is no longer needed
+    summary = f"{state.step} steps" + (f", best validation loss {best_val:.3f}" if best_val is not None else "")
+    emit(StageFinished(STAGE, seconds=state.seconds, summary=summary))
+    return _finished(run)
 
 
-def _save_adapter(model: Any, tokenizer: Any, run: RunDir) -> None:
-    with staging_dir(run.adapter) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+def _evaluate_and_select(model: Any, tokenizer: Any, val_ex: list[Example], loss: float, device: str,
+                         run: RunDir, state: TrainState, point: dict[str, float], settings: Settings) -> None:
+    """Validation loss; keep the best adapter (not the last); count checks without improvement."""
+    val = evaluate(model, val_ex, device, state.micro_tokens)
+    if val is not None:
+        point["val_loss"] = val
+    score = val if val is not None else loss
+    if state.best_score is None or score < state.best_score:
+        state.best_score, state.best_step, state.bad_evals = score, state.step, 0
+        _save_adapter(model, tokenizer, run)
+    else:
+        state.bad_evals += 1
+        patience = settings.train.patience
+        state.stopped_early = val is not None and patience is not None and state.bad_evals >= patience
 
 
-__all__ = ["train", "TrainResult", "pack", "collate", "plan_steps", "IGNORE"]
+def _finished(run: RunDir) -> TrainResult:
+    info = read_json(run.root / "train.json")
+    return TrainResult(run.id, info["snapshot"], info["steps"], info["best_val_loss"], info["train_tokens"],
+                       info["seconds"], info["curve"])
+
+
+__all__ = ["train", "TrainResult", "TrainState", "pack", "collate", "plan_steps", "step_loss", "IGNORE"]

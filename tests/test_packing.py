@@ -61,9 +61,11 @@ def test_pack_respects_the_row_budget(examples):
     assert all(sum(len(e.input_ids) for e in row) <= 128 or len(row) == 1 for row in rows)
 
 
-def test_plan_is_deterministic(examples):
-    a = plan_steps(examples, 2, 256, seed=7, micro_tokens=128)
-    b = plan_steps(examples, 2, 256, seed=7, micro_tokens=128)
-    assert [[[e.input_ids for e in row] for row in step] for step in a] == \
-           [[[e.input_ids for e in row] for row in step] for step in b]
-    assert sum(len(row) for step in a for row in step) == 2 * len(examples)
+def test_plan_is_deterministic_and_covers_every_epoch(examples):
+    a = plan_steps(examples, 2, 256, seed=7)
+    b = plan_steps(examples, 2, 256, seed=7)
+    assert [[e.input_ids for e in step] for step in a] == [[e.input_ids for e in step] for step in b]
+    assert sum(len(step) for step in a) == 2 * len(examples)
+    assert all(sum(len(e.input_ids) for e in step) <= 256 or len(step) == 1 for step in a)
+    half = plan_steps(examples, 1.5, 256, seed=7)
+    assert sum(len(step) for step in half) == len(examples) + len(examples) // 2

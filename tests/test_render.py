@@ -49,3 +49,24 @@ def test_documents_train_every_token(tokenizer):
     example = render(tokenizer, Record("text", {"text": "Sharps bins close after 57 hours."}), 1024)
     assert example.labels[0] == IGNORE
     assert all(label != IGNORE for label in example.labels[1:])
+
+
+@pytest.mark.parametrize("vocab, template, eot", [
+    ("ggml-vocab-llama-bpe.gguf", "meta-llama-Llama-3.2-3B-Instruct.jinja", "<|eot_id|>"),
+    ("ggml-vocab-phi-3.gguf", "microsoft-Phi-3.5-mini-instruct.jinja", "<|end|>"),
+])
+def test_mask_with_other_families_templates(vocab: str, template: str, eot: str):
+    """Real tokenizers and chat templates of other families, from llama.cpp's test vectors.
+
+    Llama 3.2 inserts a dated system prompt; Phi-3.5 closes a finished conversation with
+    <|endoftext|> after the last <|end|>: neither extra may be trained on."""
+    from transformers import AutoTokenizer
+
+    from appliance.toolchain import llama_cpp_dir
+
+    models = llama_cpp_dir() / "models"
+    tokenizer = AutoTokenizer.from_pretrained(models, gguf_file=vocab, local_files_only=True)
+    tokenizer.chat_template = (models / "templates" / template).read_text()
+    conversation = [m for m in CONVERSATION if m["role"] != "system"]
+    example = render(tokenizer, Record("chat", {"messages": conversation}), 2048)
+    assert trained_text(tokenizer, example) == f"Room C318, second floor.{eot}Dr. Oswin Halvorsen.{eot}"

@@ -1,32 +1,46 @@
 """Stage 2, ingest: turn stable inbox files into validated records in the store.
 
 Files stay in the inbox once ingested. A file none of whose content is usable is
-moved to ``quarantine/`` with a sidecar giving the reason(s) in plain words. Work
-is proportional to what changed: a file whose size and mtime match the last scan
-is not read again.
+moved to ``quarantine/`` with a sidecar giving the reason(s) in plain words; in a
+line-oriented file (.jsonl, .csv) the valid lines are kept and each invalid one is
+reported by number. Work is proportional to what changed: a path whose size,
+mtime and inode match the last look is not read again, and :func:`ingest_paths`
+(what the watcher calls) touches only the paths it is given.
+
+One file's problem never stops the others: every failure becomes a reason in the
+report, against that file.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
+import stat
+import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
+from ..config import DataSection, Settings, load
 from ..events import Emit, Message, Progress, StageFinished, StageStarted, ignore
-from ..fsutil import sha256_file, write_json_atomic
+from ..fsutil import sha256_file
 from ..paths import Home
-from . import chat_jsonl
-from .parsed import Parsed
-from .store import Store
+from ..watch import is_temporary, list_inbox
+from . import chat_jsonl, csv_pairs, pdf, text, word
+from .parsed import FileError, Parsed, first_line
+from .quarantine import display_name, quarantine
+from .records import Record
+from .store import FileState, Store
+from .tokens import BaseTokenizer, chunk_shape
 
 STAGE = "ingest"
-PARSERS = {suffix: module for module in (chat_jsonl,) for suffix in module.SUFFIXES}
-# Editors and copy tools write these while a save is in progress; they are never data.
-TEMP_SUFFIXES = (".swp", ".swx", ".swo", "~", ".part", ".tmp", ".crdownload", ".partial")
-TEMP_PREFIXES = (".", "~$", ".goutputstream-")
+PARSERS: dict[str, Callable[[Path, DataSection], Parsed]] = {
+    suffix: module.parse for module in (chat_jsonl, csv_pairs, text, pdf, word) for suffix in module.SUFFIXES}
+LINE_ORIENTED = {".jsonl", ".csv", ".tsv"}  # read a line at a time, so no limit on the whole file
+TEXT_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".txt", ".md", ".markdown"}
+SNIFF_BYTES = 8192
+MAX_REASONS = 20
 
 
 @dataclass
@@ -36,98 +50,294 @@ class Quarantined:
 
 
 @dataclass
+class Note:
+    file: str
+    reason: str
+
+
+@dataclass
 class IngestReport:
     accepted: int = 0          # new records stored
-    duplicates: int = 0        # records already in the store
-    files: int = 0             # files ingested this time
-    unchanged: int = 0         # files skipped because they were ingested before
-    ignored: int = 0           # editor temp files and the like
-    skipped_lines: list[str] = field(default_factory=list)   # "file: line N: reason"
+    duplicates: int = 0        # records already in the store, or repeated within a file
+    files: int = 0             # files read and stored this time
+    unchanged: int = 0         # files skipped: same size, mtime and inode as when last read
+    duplicate_files: int = 0   # files whose exact bytes were already stored (a copy, a change undone)
+    ignored: int = 0           # editor temp files, hidden files, partial downloads
+    vanished: int = 0          # gone between being listed and being read
+    skipped: int = 0           # invalid lines dropped from files that were kept
+    truncated: int = 0         # kept examples longer than data.max_tokens; training cuts them
+    tokens: int = 0            # tokens in the records stored (counted when a base tokenizer is there)
+    formats: dict[str, int] = field(default_factory=dict)       # records per format in the files stored
+    superseded: list[str] = field(default_factory=list)         # files whose earlier version was replaced
+    skipped_lines: list[str] = field(default_factory=list)      # "file: line N: reason" (first 100 a file)
     quarantined: list[Quarantined] = field(default_factory=list)
+    waiting: list[Note] = field(default_factory=list)           # left in the inbox for a later ingest
+    failed: list[Note] = field(default_factory=list)            # unexpected errors; the file stays put
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def is_temporary(name: str) -> bool:
-    return name.startswith(TEMP_PREFIXES) or name.endswith(TEMP_SUFFIXES)
-
-
 def inbox_files(inbox: Path) -> list[Path]:
-    return sorted(p for p in inbox.rglob("*") if p.is_file() or p.is_symlink())
+    return list_inbox(inbox)[0]
 
 
-def ingest(home: Home, emit: Emit = ignore) -> IngestReport:
-    started = time.monotonic()
-    report = IngestReport()
-    candidates = inbox_files(home.inbox)
-    emit(StageStarted(STAGE, total=len(candidates), description="Reading the inbox"))
-    store = Store(home.store_db)
+def ingest(home: Home, emit: Emit = ignore, settings: Settings | None = None) -> IngestReport:
+    """Scan the whole inbox once ('appliance ingest'; a watcher's start-up rescan)."""
+    paths, ignored = list_inbox(home.inbox)
+    with Ingestor(home, settings, emit) as ingestor:
+        return ingestor.run(paths, ignored)
+
+
+def ingest_paths(home: Home, paths: Sequence[Path], emit: Emit = ignore,
+                 settings: Settings | None = None) -> IngestReport:
+    """Ingest just these inbox paths (the ones a watcher found stable)."""
+    with Ingestor(home, settings, emit) as ingestor:
+        return ingestor.run(paths)
+
+
+class Ingestor:
+    """Ingests batches of inbox paths, one batch at a time, from any one thread at a time.
+
+    A watcher keeps one for its whole life: the tokenizer loads once, and the store
+    stays open (closing SQLite's last connection checkpoints the log, which would
+    otherwise be paid on every file).
+    """
+
+    def __init__(self, home: Home, settings: Settings | None = None, emit: Emit = ignore):
+        self.home = home
+        self.inbox = os.fspath(home.inbox) + os.sep
+        self.settings = settings or load(home.config)
+        self.emit = emit
+        self.tokens = BaseTokenizer(home.base(self.settings.base.name))
+        self._store: Store | None = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "Ingestor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    def run(self, paths: Sequence[Path], ignored: int = 0) -> IngestReport:
+        with self._lock:
+            started = time.monotonic()
+            report = IngestReport(ignored=ignored)
+            self.emit(StageStarted(STAGE, total=len(paths), description="Reading the inbox"))
+            if self._store is None:
+                self._store = Store(self.home.store_db, any_thread=True)
+            batch = _Batch(self, self._store, report, self._store.file_states() if len(paths) > 100 else None)
+            shown = 0.0
+            for done, path in enumerate(paths, start=1):
+                batch.guarded(path)
+                if time.monotonic() - shown > 0.1 or done == len(paths):  # a full scan of a big inbox
+                    self.emit(Progress(STAGE, completed=done, total=len(paths)))
+                    shown = time.monotonic()
+            self.emit(StageFinished(STAGE, summary=_summary(report), seconds=time.monotonic() - started))
+            return report
+
+
+@dataclass
+class _Batch:
+    """One run over a list of paths: the store connection and the report being filled."""
+
+    ingestor: Ingestor
+    store: Store
+    report: IngestReport
+    known: dict[str, FileState] | None  # every path's last state, preloaded for a large batch
+
+    @property
+    def data(self) -> DataSection:
+        return self.ingestor.settings.data
+
+    def guarded(self, path: Path) -> None:
+        """One path; whatever goes wrong is reported against it and the batch goes on."""
+        try:
+            self.one(path)
+        except Exception as exc:  # noqa: BLE001  (R5: one file never stops the others)
+            shown = display_name(os.path.relpath(path, self.ingestor.home.inbox))
+            self.report.failed.append(Note(shown, f"unexpected error while ingesting it ({type(exc).__name__}: "
+                                                  f"{first_line(exc)}); it stays in the inbox"))
+            self._say(f"{shown}: unexpected error: {exc}", "error")
+
+    def one(self, path: Path) -> None:
+        full = os.fspath(path)
+        if not full.startswith(self.ingestor.inbox):
+            return  # not ours
+        rel = full[len(self.ingestor.inbox):]
+        if any(is_temporary(part) for part in rel.split("/")):
+            self.report.ignored += 1
+            return
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self.report.vanished += 1
+            return
+        refusal = _refusal(rel, st, self.data)
+        if refusal:
+            self.refuse(path, rel, [refusal])
+            return
+        known = self.known.get(rel) if self.known is not None else self.store.file_state(rel)
+        if known and (known.size, known.mtime_ns, known.inode) == (st.st_size, st.st_mtime_ns, st.st_ino):
+            self.report.unchanged += 1
+            return
+        self.read(path, rel, st)
+
+    def read(self, path: Path, rel: str, st: os.stat_result) -> None:
+        problems: list[str] = []
+        parsed: Parsed | None = None
+        try:
+            state = FileState(st.st_size, st.st_mtime_ns, st.st_ino, sha256_file(path))
+            if self.store.has_document(state.sha256):
+                self.report.duplicate_files += 1
+                self._stored(rel, self.store.put(rel, state).superseded)
+                return
+            parsed = self.parse(path, rel)
+        except FileNotFoundError:
+            self.report.vanished += 1
+            return
+        except FileError as exc:
+            problems = [str(exc)]
+        except OSError as exc:
+            problems = [f"it cannot be read ({exc.strerror or exc})"]
+        if parsed is not None and not parsed.records:
+            problems = _reasons(parsed)
+        if _changed(path, st):  # what was read is not what is there now: judge it when stable
+            self.report.waiting.append(Note(rel, "it changed while being read; it will be read again once stable"))
+        elif problems:
+            self.refuse(path, rel, problems)
+        elif parsed is not None:
+            self.keep(rel, state, parsed)
+
+    def parse(self, path: Path, rel: str) -> Parsed | None:
+        """Records with their token counts; None when a document must wait for a tokenizer."""
+        suffix = path.suffix.lower()
+        if suffix in TEXT_SUFFIXES and _looks_binary(path):
+            raise FileError(f"it holds binary data, not text (a {suffix} file must be UTF-8 text)")
+        parsed = PARSERS[suffix](path, self.data)
+        if parsed.text is not None:
+            return self._chunked(rel, parsed)
+        if self.ingestor.tokens.available:
+            self._check_lengths(parsed)
+        return parsed
+
+    def keep(self, rel: str, state: FileState, parsed: Parsed) -> None:
+        added = self.store.put(rel, state, parsed.format, parsed.records, parsed.tokens)
+        report = self.report
+        report.files += 1
+        report.accepted += added.new
+        report.duplicates += added.duplicates
+        report.skipped += parsed.error_count
+        report.tokens += sum(n for n in parsed.tokens or [] if n)
+        report.skipped_lines.extend(f"{rel}: {error}" for error in parsed.errors)
+        formats = Counter(record.format or parsed.format for record in parsed.records)
+        for fmt, n in formats.items():
+            report.formats[fmt] = report.formats.get(fmt, 0) + n
+        self._stored(rel, added.superseded)
+        if parsed.error_count:
+            self._say(f"{rel}: kept {len(parsed.records)} record(s), skipped {parsed.error_count} "
+                      f"(first: {parsed.errors[0]})", "warning")
+
+    def refuse(self, path: Path, rel: str, reasons: list[str]) -> None:
+        shown = display_name(rel)
+        moved = quarantine(self.ingestor.home.quarantine, path, rel, reasons)
+        if moved is None:
+            reasons = [*reasons, "it could not be moved to quarantine, so it stays in the inbox"]
+        self.report.quarantined.append(Quarantined(shown, reasons))
+        self._say(f"{shown}: quarantined: {reasons[0]}", "warning")
+
+    def _stored(self, rel: str, superseded: str | None) -> None:
+        if superseded:
+            self.report.superseded.append(rel)
+
+    def _chunked(self, rel: str, parsed: Parsed) -> Parsed | None:
+        tokens = self.ingestor.tokens
+        if not tokens.available:
+            self.report.waiting.append(Note(rel, f"documents are cut into chunks by the base model's tokenizer, "
+                                                 f"and there is none: {tokens.problem}"))
+            return None
+        size, overlap = chunk_shape(self.data.chunk_tokens, self.data.chunk_overlap, self.data.max_tokens)
+        parsed.tokens = []
+        for number, (piece, count) in enumerate(tokens.chunks(parsed.text or "", size, overlap), start=1):
+            parsed.add(number, Record("text", {"text": piece}, format=parsed.format))
+            parsed.tokens.append(count)
+        return parsed
+
+    def _check_lengths(self, parsed: Parsed) -> None:
+        """Count each example's tokens; drop (and report) those the base model's template
+        refuses, and those too long when so configured."""
+        limit, reject = self.data.max_tokens, self.data.too_long == "reject"
+        kept: list[tuple[Record, int, int]] = []
+        for record, line, n in zip(parsed.records, parsed.lines, self.ingestor.tokens.count(parsed.records)):
+            if n is None:
+                parsed.reject(line, "the base model's chat template cannot render this conversation")
+            elif n > limit and reject:
+                parsed.reject(line, f"{n} tokens, longer than the {limit}-token training context "
+                                    "(data.too_long = reject)")
+            else:
+                self.report.truncated += n > limit
+                kept.append((record, line, n))
+        parsed.errors.sort(key=lambda e: e.line)
+        parsed.records = [r for r, _, _ in kept]
+        parsed.lines = [line for _, line, _ in kept]
+        parsed.tokens = [n for _, _, n in kept]
+
+    def _say(self, text: str, level: str) -> None:
+        self.ingestor.emit(Message(STAGE, text, level=level))
+
+
+def _refusal(rel: str, st: os.stat_result, data: DataSection) -> str | None:
+    """Why a path is refused before it is opened, or None."""
     try:
-        for done, path in enumerate(candidates, start=1):
-            _ingest_one(home, store, path, report, emit)
-            emit(Progress(STAGE, completed=done, total=len(candidates)))
-    finally:
-        store.close()
-    summary = (f"{report.accepted} new records from {report.files} file(s), {report.duplicates} duplicate(s), "
-               f"{len(report.quarantined)} quarantined")
-    emit(StageFinished(STAGE, summary=summary, seconds=time.monotonic() - started))
-    return report
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8; rename it"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link, which the appliance never follows; copy the file itself into the inbox"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file (a pipe, socket or device)"
+    suffix = os.path.splitext(rel)[1].lower()
+    if suffix not in PARSERS:
+        return f"unsupported file type '{suffix or '(none)'}' (supported: {', '.join(sorted(PARSERS))})"
+    if st.st_size == 0:
+        return "the file is empty (0 bytes)"
+    if suffix not in LINE_ORIENTED and st.st_size > data.max_file_bytes:
+        return (f"it is {st.st_size:,} bytes, more than the {data.max_file_bytes:,}-byte limit for a file read "
+                "whole (data.max_file_bytes)")
+    return None
 
 
-def _ingest_one(home: Home, store: Store, path: Path, report: IngestReport, emit: Emit) -> None:
-    rel = path.relative_to(home.inbox).as_posix()
-    if any(is_temporary(part) for part in Path(rel).parts):
-        report.ignored += 1
-        return
-    if path.is_symlink():
-        # Never follow links: one could point at any file on the machine.
-        _reject(home, path, rel, ["it is a symbolic link; copy the file itself into the inbox"], report, emit,
-                move=False)
-        return
-    stat = path.stat()
-    known = store.file_state(rel)
-    if known and known[0] == stat.st_size and known[1] == stat.st_mtime_ns:
-        report.unchanged += 1
-        return
-    parser = PARSERS.get(path.suffix.lower())
-    if parser is None:
-        supported = ", ".join(sorted(PARSERS))
-        _reject(home, path, rel, [f"unsupported file type '{path.suffix or '(none)'}' (supported: {supported})"],
-                report, emit)
-        return
-    sha = sha256_file(path)
-    if store.has_document(sha):
-        store.remember_file(rel, stat.st_size, stat.st_mtime_ns, sha)
-        report.unchanged += 1
-        return
-    parsed: Parsed = parser.parse(path)
-    if not parsed.records:
-        reasons = [str(e) for e in parsed.errors[:20]] or ["the file holds no records"]
-        _reject(home, path, rel, reasons, report, emit)
-        return
-    new, dup = store.add_document(sha, rel, parsed.format, stat.st_size, parsed.records,
-                                  supersedes=known[2] if known else None)
-    store.remember_file(rel, stat.st_size, stat.st_mtime_ns, sha)
-    report.files += 1
-    report.accepted += new
-    report.duplicates += dup
-    for error in parsed.errors:
-        report.skipped_lines.append(f"{rel}: {error}")
-        emit(Message(STAGE, f"{rel}: skipped {error}", level="warning"))
+def _looks_binary(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return b"\x00" in handle.read(SNIFF_BYTES)
 
 
-def _reject(home: Home, path: Path, rel: str, reasons: list[str], report: IngestReport, emit: Emit,
-            move: bool = True) -> None:
-    """Move a file with nothing usable to quarantine/ beside a sidecar of reasons."""
-    report.quarantined.append(Quarantined(rel, reasons))
-    emit(Message(STAGE, f"{rel}: quarantined: {reasons[0]}", level="warning"))
-    home.quarantine.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    target = home.quarantine / f"{stamp}-{rel.replace('/', '__')}"
-    write_json_atomic(target.with_name(target.name + ".reason.json"),
-                      {"file": rel, "reasons": reasons, "quarantined_at": time.time()})
-    if move:
-        shutil.move(os.fspath(path), target)
-    else:
-        path.unlink()
+def _changed(path: Path, before: os.stat_result) -> bool:
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    return (now.st_size, now.st_mtime_ns, now.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino)
+
+
+def _reasons(parsed: Parsed) -> list[str]:
+    if not parsed.errors:
+        return ["the file holds no records"]
+    reasons = [str(error) for error in parsed.errors[:MAX_REASONS]]
+    if parsed.error_count > MAX_REASONS:
+        reasons.append(f"and {parsed.error_count - MAX_REASONS} more unusable lines")
+    return reasons
+
+
+def _summary(report: IngestReport) -> str:
+    text = (f"{report.accepted} new records from {report.files} file(s), {report.duplicates} duplicate(s), "
+            f"{len(report.quarantined)} quarantined")
+    if report.waiting:
+        text += f", {len(report.waiting)} waiting"
+    return text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 ROLES = ("system", "user", "assistant")
@@ -16,6 +16,8 @@ class Record:
 
     kind: Literal["chat", "text"]
     body: dict[str, Any]
+    # Where it came from ("sharegpt", "pdf" ...): for statistics only, not part of its identity.
+    format: str = field(default="", compare=False)
 
     def canonical(self) -> str:
         return json.dumps({"kind": self.kind, **self.body}, sort_keys=True, ensure_ascii=False,
@@ -39,7 +41,7 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
     for i, turn in enumerate(messages):
         if not isinstance(turn, dict):
             raise InvalidRecord(f"turn {i + 1} is not an object")
-        role, content = turn.get("role"), turn.get("content")
+        role, content = turn.get("role"), _text(turn.get("content"))
         if role not in ROLES:
             raise InvalidRecord(f"turn {i + 1} has unknown role {role!r} (expected system, user or assistant)")
         if role == "system" and i != 0:
@@ -52,3 +54,12 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
     if not any(t["role"] == "user" for t in cleaned):
         raise InvalidRecord("the conversation has no user turn")
     return cleaned
+
+
+def _text(content: Any) -> Any:
+    """OpenAI's list-of-parts content, when every part is text, as one string."""
+    if isinstance(content, list) and content and all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in content):
+        return "".join(part["text"] for part in content)
+    return content
