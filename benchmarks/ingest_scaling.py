@@ -4,7 +4,9 @@ Two homes: one whose inbox already holds ``--files`` (10,000) ingested files, an
 an empty one (fresh each round, warmed up with one file so that its database is
 past its first write and its snapshots past the first, full one). Each round drops
 one new chat file into each and times what the running appliance does with it,
-A B A B ...; medians are compared.
+A B, B A, ...; medians are compared. Single-file times sit around one or two
+fsyncs, which on a shared disk come in two modes (about 4 and 8 ms here), hence
+many rounds.
 
 * ``ratio`` (the target): the watcher's path. The watcher reports the one stable
   path and :class:`appliance.ingest.Ingestor` (kept for the life of the daemon)
@@ -19,7 +21,7 @@ No base model is imported in these homes, so records are not token-counted: the
 measured work is the store's alone (with a tokenizer, both sides gain the same
 per-file cost and the ratio would only look better).
 
-    .venv/bin/python benchmarks/ingest_scaling.py [--files 10000] [--rounds 15]
+    .venv/bin/python benchmarks/ingest_scaling.py [--files 10000] [--rounds 41]
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def one_round(home: Home, ingestor: Ingestor, tag: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=41)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ingest-scaling-") as tmp:
         big = full_home(Path(tmp) / "full", args.files)
@@ -100,7 +102,8 @@ def main() -> None:
         samples: dict[str, dict[str, list[float]]] = {"full": {}, "empty": {}}
         for r in range(args.rounds):
             small, small_ingestor = empty_home(Path(tmp) / f"empty{r}", Ingestor)
-            for side, home, ingestor in (("full", big, big_ingestor), ("empty", small, small_ingestor)):
+            sides = [("full", big, big_ingestor), ("empty", small, small_ingestor)]
+            for side, home, ingestor in sides if r % 2 else sides[::-1]:  # A B, B A: no side always first
                 for key, seconds in one_round(home, ingestor, f"{r}").items():
                     samples[side].setdefault(key, []).append(seconds)
             small_ingestor.close()

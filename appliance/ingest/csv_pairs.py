@@ -29,7 +29,10 @@ def parse(path: Path, data: DataSection | None = None) -> Parsed:
         dialect = _dialect(handle.read(SNIFF_BYTES), path.suffix.lower())
         handle.seek(0)
         reader = csv.reader(handle, dialect)
-        header = next(reader, None)
+        try:
+            header = next(reader, None)
+        except csv.Error as exc:
+            raise FileError(f"the header row is not valid CSV ({exc})") from None
         if not header:
             raise FileError("the file is empty")
         prompt_col, response_col = _columns(header, data)
