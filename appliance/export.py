@@ -18,10 +18,11 @@ from .convert import convert, convert_lora
 from .errors import ExportError, ParityError
 from .events import Emit, StageFinished, StageStarted, ignore
 from .fsutil import read_json, write_json_atomic
+from .llamacpp_child import ChildResult
 from .merge import merge
 from .parity import ParityReport
 from .paths import Home, RunDir
-from .quantize import Attempt, choose
+from .quantize import Attempt, Judge, choose
 from .render import Example
 
 F16_NAME = "model-f16.gguf"
@@ -70,39 +71,51 @@ def export_model(hf_dir: Path, out: Path, qtype: str, metadata: dict[str, Any], 
     ``qtype`` is ``auto`` (the smallest type that keeps quality), a forced type, or F16.
     ``answers`` are validation examples whose recall a quantized file must keep.
     """
-    from .hf import load_tokenizer
-
-    threads = settings.train.threads
     times: dict[str, float] = {}
     t = time.monotonic()
     f16 = convert(hf_dir, out / F16_NAME, "f16", metadata, emit)
     times["convert"] = time.monotonic() - t
-
     t = time.monotonic()
     emit(StageStarted(parity.STAGE, description="Checking the GGUF against the trained model"))
+    report, probe, reference = _check_f16(hf_dir, f16, answers, lora, settings)
+    times["parity"] = time.monotonic() - t
+    result = ExportResult(out.name, f16, "F16", report, times)
+    if qtype != "F16" and report.passed:  # a broken f16 file is not worth quantizing
+        def judge(q: str, path: Path) -> list[parity.Check]:
+            return parity.check_quantized(reference, probe.ask(path, settings.train.threads, vocab=False), q, probe,
+                                          thresholds)
+
+        _quantize(result, out, qtype, judge, settings.train.threads, emit)
+    report.seconds = times["parity"]
+    verdict = "passed" if report.passed else "FAILED: " + "; ".join(report.failures())
+    emit(StageFinished(parity.STAGE, summary=f"{result.gguf.name}: parity {verdict}", seconds=report.seconds))
+    return result
+
+
+def _check_f16(hf_dir: Path, f16: Path, answers: Sequence[Example], lora: Lora | None,
+               settings: Settings) -> tuple[ParityReport, parity.Probes, ChildResult]:
+    """The f16 file (and the GGUF LoRA, if any) against the HF model; the f16 child's
+    answers are kept as the reference quantized files are judged against."""
+    from .hf import load_tokenizer
+
+    threads = settings.train.threads
     probe = parity.probes(load_tokenizer(hf_dir), answers)
     reference = probe.ask(f16, threads)
     hf_logits = parity.hf_logits(hf_dir, probe.logit_ids)
     report = ParityReport(parity.check_f16(hf_logits, probe, reference, settings.export.min_logit_cosine))
     if lora is not None:
-        report.checks += parity.check_adapter(hf_logits, probe.ask(lora.base, threads, lora.adapter, full=False))
-    times["parity"] = time.monotonic() - t
+        with_lora = probe.ask(lora.base, threads, lora.adapter, vocab=False, answers=False)
+        report.checks += parity.check_adapter(hf_logits, with_lora)
+    return report, probe, reference
 
-    result = ExportResult(out.name, f16, "F16", report, times)
-    if qtype != "F16" and report.passed:
-        def judge(q: str, path: Path) -> list[parity.Check]:
-            return parity.check_quantized(reference, probe.ask(path, threads, full=False), q, probe, thresholds)
 
-        result.attempts = choose(f16, out, qtype, judge, threads, emit)
-        chosen = result.attempts[-1]
-        result.gguf, result.qtype = out / chosen.file, chosen.qtype
-        report.checks += chosen.checks
-        times["quantize"] = sum(a.quantize_seconds for a in result.attempts)
-        times["parity"] += sum(a.check_seconds for a in result.attempts)
-    report.seconds = times["parity"]
-    verdict = "passed" if report.passed else "FAILED: " + "; ".join(report.failures())
-    emit(StageFinished(parity.STAGE, summary=f"{result.gguf.name}: parity {verdict}", seconds=report.seconds))
-    return result
+def _quantize(result: ExportResult, out: Path, qtype: str, judge: Judge, threads: int | None, emit: Emit) -> None:
+    result.attempts = choose(result.gguf, out, qtype, judge, threads, emit)
+    chosen = result.attempts[-1]
+    result.gguf, result.qtype = out / chosen.file, chosen.qtype
+    result.parity.checks += chosen.checks
+    result.seconds["quantize"] = sum(a.quantize_seconds for a in result.attempts)
+    result.seconds["parity"] += sum(a.check_seconds for a in result.attempts)
 
 
 def export_run(home: Home, run_id: str, settings: Settings, qtype: str | None = None, emit: Emit = ignore,
@@ -120,7 +133,8 @@ def export_run(home: Home, run_id: str, settings: Settings, qtype: str | None = 
     lora, adapter_s = None, {}
     if adapter:
         t = time.monotonic()
-        lora = Lora(convert_lora(base_dir, run.adapter, run.gguf / ADAPTER_NAME, emit=emit), base_f16(home, settings, emit))
+        lora = Lora(convert_lora(base_dir, run.adapter, run.gguf / ADAPTER_NAME, emit=emit),
+                    base_f16(home, settings, emit))
         adapter_s = {"adapter": time.monotonic() - t}
     result = export_model(run.merged, run.gguf, qtype, gguf_metadata(settings.base.name, run.id, snapshot_id),
                           settings, emit, validation_answers(home, snapshot_id, run.merged, settings), lora)
@@ -138,8 +152,8 @@ def base_f16(home: Home, settings: Settings, emit: Emit = ignore) -> Path:
 
 
 def validation_answers(home: Home, snapshot_id: str | None, hf_dir: Path, settings: Settings) -> list[Example]:
-    """The snapshot's validation conversations, rendered as in training (at most
-    ``export.recall_examples`` of them); none without a snapshot."""
+    """The snapshot's validation conversations (documents have no answers), rendered as
+    in training, at most ``export.recall_examples`` of them; none without a snapshot."""
     if not snapshot_id or settings.export.recall_examples == 0:
         return []
     from .hf import load_tokenizer
@@ -148,7 +162,8 @@ def validation_answers(home: Home, snapshot_id: str | None, hf_dir: Path, settin
 
     tokenizer = load_tokenizer(hf_dir)
     examples = []
-    for record in records(home, load(home, snapshot_id).val)[: settings.export.recall_examples]:
+    chats = [r for r in records(home, load(home, snapshot_id).val) if r.kind == "chat"]
+    for record in chats[: settings.export.recall_examples]:
         try:
             examples.append(render(tokenizer, record, settings.data.max_tokens, "truncate"))
         except RenderError:

@@ -38,6 +38,8 @@ class ChildResult:
     metadata: dict[str, str] = field(default_factory=dict)
     logits: list[np.ndarray] = field(default_factory=list)
     argmax: list[list[int]] = field(default_factory=list)
+    generated: list[list[int]] = field(default_factory=list)
+    nll: list[list[float]] = field(default_factory=list)
     chat: list[list[int]] = field(default_factory=list)
     structure: dict[str, int] = field(default_factory=dict)
 
@@ -72,17 +74,19 @@ def problem(path: Path, timeout: float = 300) -> str | None:
 
 
 def run(model: Path, tokenize: list[str] | None = None, logits: list[list[int]] | None = None,
-        argmax: list[list[int]] | None = None, chat: list[list[dict[str, str]]] | None = None,
-        lora: Path | None = None, threads: int | None = None, validate: bool = False,
-        timeout: float = 600) -> ChildResult:
+        argmax: list[list[int]] | None = None, generate: list[tuple[list[int], int]] | None = None,
+        chat: list[list[dict[str, str]]] | None = None, lora: Path | None = None, threads: int | None = None,
+        validate: bool = False, timeout: float = 600,
+        nll: list[tuple[list[int], list[int]]] | None = None) -> ChildResult:
     """Load ``model`` in a child process and ask it the given questions; with ``validate``
     gguf-py reads the whole file there first (seconds for a 100k-token vocabulary)."""
     if reason := header_problem(model):
         return ChildResult(False, f"{model.name}: {reason}")
     request: dict[str, Any] = {
         "model": str(model), "lora": str(lora) if lora else None, "threads": threads, "validate": validate,
-        "vocab_only": not (logits or argmax or validate),  # a validating load reads the tensors too
-        "tokenize": tokenize or [], "logits": logits or [], "argmax": argmax or [], "chat": chat or []}
+        "vocab_only": not (logits or argmax or generate or validate or nll),  # a validating load reads tensors
+        "tokenize": tokenize or [], "logits": logits or [], "argmax": argmax or [], "generate": generate or [],
+        "chat": chat or [], "nll": nll or []}
     with tempfile.TemporaryDirectory(prefix="appliance-llama-") as tmp:
         req = Path(tmp) / "request.json"
         req.write_text(json.dumps(request))
@@ -99,7 +103,8 @@ def run(model: Path, tokenize: list[str] | None = None, logits: list[list[int]] 
         data = json.loads(result_file.read_text())
         arrays = [np.load(Path(tmp) / f"logits_{i}.npy") for i in range(len(logits or []))]
         return ChildResult(True, tokens=data["tokens"], metadata=data["metadata"], logits=arrays,
-                           argmax=data["argmax"], chat=data["chat"], structure=data["structure"])
+                           argmax=data["argmax"], generated=data["generated"], chat=data["chat"],
+                           structure=data["structure"], nll=data.get("nll", []))
 
 
 def _death(proc: subprocess.CompletedProcess[str]) -> str:

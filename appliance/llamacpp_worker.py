@@ -11,7 +11,10 @@ Request (every key but "model" optional):
    "tokenize": [str, ...],          token ids, no BOS, special tokens parsed
    "chat": [[message, ...], ...],   the token ids the serving path (create_chat_completion) feeds the model
    "logits": [[ids], ...],          full logits, saved as OUT_DIR/logits_<i>.npy (positions x vocab, float32)
-   "argmax": [[ids], ...]}          the top-1 token at every position (cheap: no logits leave the child)
+   "argmax": [[ids], ...],          the top-1 token at every position (cheap: no logits leave the child)
+   "generate": [[ids, n], ...],     greedy continuation of ids, at most n tokens, ending at end-of-generation
+   "nll": [[ids, labels], ...]}     summed negative log-likelihood of labels[i] (HF convention, -100 = not
+                                    scored) predicted at position i-1, and how many were scored
 Output: OUT_DIR/result.json. On a file llama.cpp or gguf-py refuses, the worker writes
 {"error": "..."} and exits with status 2; any other exit status means it crashed.
 """
@@ -19,6 +22,7 @@ Output: OUT_DIR/result.json. On a file llama.cpp or gguf-py refuses, the worker 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,14 +74,45 @@ def evaluate(llm: Any, ids: list[int]) -> Any:
     return np.asarray(llm.scores[: len(ids)], dtype=np.float32)
 
 
+def greedy(llm: Any, prompt: list[int], max_tokens: int) -> list[int]:
+    import llama_cpp
+
+    out: list[int] = []
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        out.append(int(token))
+        if len(out) >= max_tokens or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+            break
+    return out
+
+
+def nll(llm: Any, ids: list[int], labels: list[int]) -> list[float]:
+    """[summed -log p(label), scored tokens]: the loss the gate compares across models."""
+    import numpy as np
+
+    logits = evaluate(llm, ids).astype(np.float64)
+    scored = [i for i in range(1, len(ids)) if labels[i] != -100]
+    if not scored:
+        return [0.0, 0]
+    rows = logits[[i - 1 for i in scored]]
+    top = rows.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(rows - top).sum(axis=1)) + top[:, 0]
+    picked = rows[np.arange(len(scored)), [labels[i] for i in scored]]
+    return [float((log_norm - picked).sum()), len(scored)]
+
+
 def load(request: dict[str, Any]) -> Any:
     from llama_cpp import Llama
 
-    sequences = request.get("logits", []) + request.get("argmax", [])
-    context = max(512, max((len(ids) for ids in sequences), default=0) + 8)
+    sequences = request.get("logits", []) + request.get("argmax", []) + [ids for ids, _ in request.get("nll", [])]
+    longest = max([len(ids) for ids in sequences] + [len(ids) + n for ids, n in request.get("generate", [])], default=0)
+    context = max(512, longest + 8)
+    # Half the cores unless told, for prompts too (llama-cpp-python would use all of them for
+    # batches): llama.cpp's threads spin-wait, and on a busy machine one thread more than is
+    # free made a 60-token prompt take 9.5 s instead of 0.2 s here.
+    threads = request.get("threads") or max(1, len(os.sched_getaffinity(0)) // 2)
     return Llama(model_path=request["model"], vocab_only=bool(request.get("vocab_only")), lora_path=request.get("lora"),
-                 logits_all=bool(sequences), n_ctx=context, n_batch=context, n_threads=request.get("threads"),
-                 verbose=False)
+                 logits_all=bool(sequences), n_ctx=context, n_batch=context, n_threads=threads,
+                 n_threads_batch=threads, verbose=False)
 
 
 def answer(llm: Any, request: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -86,8 +121,11 @@ def answer(llm: Any, request: dict[str, Any], out: Path) -> dict[str, Any]:
     for i, ids in enumerate(request.get("logits", [])):
         np.save(out / f"logits_{i}.npy", evaluate(llm, ids))
     return {"metadata": dict(llm.metadata), "n_vocab": llm.n_vocab(),
-            "tokens": [llm.tokenize(s.encode("utf-8"), add_bos=False, special=True) for s in request.get("tokenize", [])],
+            "tokens": [llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+                       for text in request.get("tokenize", [])],
             "argmax": [evaluate(llm, ids).argmax(-1).tolist() for ids in request.get("argmax", [])],
+            "generated": [greedy(llm, ids, n) for ids, n in request.get("generate", [])],
+            "nll": [nll(llm, ids, labels) for ids, labels in request.get("nll", [])],
             "chat": [served_prompt(llm, messages) for messages in request.get("chat", [])]}
 
 

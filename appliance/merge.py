@@ -25,12 +25,14 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, emit: Emit = ignore)
         return out_dir  # complete: staging_dir only ever renames a finished folder into place
     if not (adapter_dir / "adapter_config.json").exists():
         raise ExportError(f"{adapter_dir}: no trained adapter here; run 'appliance train' first")
+    from .hf import load_tokenizer
+
     started = time.monotonic()
     emit(StageStarted(STAGE, description="Merging the adapter into the base"))
     merged = merged_model(base_dir, adapter_dir)
     with staging_dir(out_dir) as tmp:
         merged.save_pretrained(tmp)
-        _tokenizer(base_dir).save_pretrained(tmp)
+        load_tokenizer(base_dir).save_pretrained(tmp)
     emit(StageFinished(STAGE, summary=f"merged model in {out_dir}", seconds=time.monotonic() - started))
     return out_dir
 
@@ -43,21 +45,12 @@ def merged_model(base_dir: Path, adapter_dir: Path) -> Any:
     from .hf import load_causal_lm
 
     base = load_causal_lm(base_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, adapter_dir)
-    try:
-        merged = model.merge_and_unload(safe_merge=True)  # raises on NaN in the merged weights
-    except ValueError as exc:
-        raise ExportError(f"{adapter_dir}: merging produced invalid weights ({exc})") from None
-    merged = merged.to(torch.float16)
+    # peft's safe_merge would copy every weight to look for NaN; the check below covers
+    # NaN and Inf, after the cast, once.
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(torch.float16)
     bad = [name for name, p in merged.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise ExportError(f"{adapter_dir}: merged weights hold NaN/Inf (or overflow float16) in {bad[0]}"
                           f" and {len(bad) - 1} more tensor(s)")
     merged.config.dtype = torch.float16
     return merged
-
-
-def _tokenizer(base_dir: Path) -> Any:
-    from .hf import load_tokenizer
-
-    return load_tokenizer(base_dir)

@@ -51,16 +51,24 @@ LOGIT_PROMPTS = [
     "The patient was admitted on Tuesday with",
     "Policy 4.2: All visitors must sign in at the front desk before",
 ]
-# Quantized vs f16: top-1 agreement and mean KL on the fixed prompts and validation
-# answers; recall_drop is the largest loss of validation answer tokens predicted
-# (absolute) that a type may cost. Looser for smaller types.
+# Quantized vs f16, per type (looser for smaller types): top-1 agreement on the fixed
+# prompts and the validation conversations, mean KL divergence on the fixed prompts.
 QUANT_THRESHOLDS = {
-    "Q4_K_M": {"top1": 0.70, "kl": 0.50, "recall_drop": 0.03},
-    "Q5_K_M": {"top1": 0.80, "kl": 0.25, "recall_drop": 0.02},
-    "Q6_K": {"top1": 0.85, "kl": 0.15, "recall_drop": 0.015},
-    "Q8_0": {"top1": 0.90, "kl": 0.05, "recall_drop": 0.01},
-    "F16": {"top1": 0.99, "kl": 0.001, "recall_drop": 0.0},
+    "Q4_K_M": {"top1": 0.70, "kl": 0.50},
+    "Q5_K_M": {"top1": 0.80, "kl": 0.25},
+    "Q6_K": {"top1": 0.85, "kl": 0.15},
+    "Q8_0": {"top1": 0.90, "kl": 0.05},
+    "F16": {"top1": 0.99, "kl": 0.001},
 }
+# Recall of the validation answers is the same bar for every type (what the model
+# learned must survive, whatever the file size): the quantized file may lose at most
+# 10% of f16's recall, or 0.02 where that is more (a few answers' noise).
+# Calibrated on the demo model (benchmarks/RESULTS.md): Q4_K_M lost 17% of this recall
+# and half the facts it answered at f16 (4/32 against 8/32); Q5_K_M and Q6_K 7-9% and
+# one fact or none.
+RECALL_KEPT = 0.90
+RECALL_NOISE = 0.02
+MAX_ANSWER_TOKENS = 48  # greedy tokens generated per validation answer
 MIN_ADAPTER_COSINE = 0.999  # llama.cpp applies a LoRA at run time in f16 arithmetic
 
 
@@ -105,12 +113,18 @@ class Probes:
     def strings(self) -> list[str]:
         return HARD_STRINGS + self.prompts
 
-    def ask(self, gguf: Path, threads: int | None = None, lora: Path | None = None,
-            full: bool = True) -> ChildResult:
-        """One child process: load ``gguf`` and collect everything the checks compare."""
-        return llamacpp_child.run(gguf, tokenize=self.strings if full else None,
-                                  chat=self.conversations if full else None, logits=self.logit_ids,
-                                  argmax=[a.input_ids for a in self.answers], lora=lora, threads=threads)
+    def ask(self, gguf: Path, threads: int | None = None, lora: Path | None = None, vocab: bool = True,
+            answers: bool = True) -> ChildResult:
+        """One child process: load ``gguf`` and collect what the checks compare: always
+        the logits of the fixed prompts; with ``vocab`` tokenization and the served chat
+        prompts; with ``answers`` the validation conversations (top-1 and greedy answers)."""
+        asked = self.answers if answers else []
+        splits = [answer_split(a) for a in asked]
+        return llamacpp_child.run(gguf, tokenize=self.strings if vocab else None,
+                                  chat=self.conversations if vocab else None, logits=self.logit_ids,
+                                  argmax=[a.input_ids for a in asked],
+                                  generate=[(prompt, len(reference)) for prompt, reference in splits],
+                                  lora=lora, threads=threads)
 
 
 def probes(tokenizer: Any, answers: Sequence[Example] = ()) -> Probes:
@@ -153,7 +167,8 @@ def _tokenization(probe: Probes, llama_tokens: list[list[int]]) -> Check:
     strings = probe.strings
     mismatched = [s for s, ids in zip(strings, llama_tokens)
                   if probe.tokenizer(s, add_special_tokens=False)["input_ids"] != ids]
-    detail = f"{len(mismatched)} of {len(strings)} strings tokenize differently, e.g. {mismatched[0]!r}" if mismatched else ""
+    detail = (f"{len(mismatched)} of {len(strings)} strings tokenize differently, e.g. {mismatched[0]!r}"
+              if mismatched else "")
     return Check("tokenization", not mismatched, len(strings) - len(mismatched), len(strings), detail)
 
 
@@ -162,7 +177,8 @@ def _template(probe: Probes, metadata: dict[str, str]) -> Check:
     if isinstance(ours, dict):  # several named templates: llama.cpp's default is the "default" one
         ours = ours.get("default")
     same = metadata.get("tokenizer.chat_template") == ours
-    return Check("chat_template", same, same, True, "" if same else "the GGUF's chat template differs from the tokenizer's")
+    return Check("chat_template", same, same, True,
+                 "" if same else "the GGUF's chat template differs from the tokenizer's")
 
 
 def _served(probe: Probes, served: list[list[int]]) -> Check:
@@ -209,29 +225,40 @@ def check_quantized(reference: ChildResult, run: ChildResult, qtype: str, probe:
                Check(f"{qtype}_kl_divergence", kl <= limits["kl"], round(kl, 5), limits["kl"],
                      "" if kl <= limits["kl"] else f"mean KL from f16 is {kl:.3f}")]
     if probe.answers:
-        checks.append(_recall(qtype, answer_recall(probe.answers, reference.argmax),
-                              answer_recall(probe.answers, run.argmax), limits["recall_drop"]))
+        checks.append(_recall(qtype, answer_recall(probe.answers, reference.generated),
+                              answer_recall(probe.answers, run.generated)))
     return checks
 
 
-def answer_recall(answers: list[Example], argmax: list[list[int]]) -> float:
-    """Share of validation answer tokens the model predicts top-1, given the text before
-    each. (Every answer token top-1 is exactly what greedy decoding needs to reproduce
-    the answer.)"""
-    hits = total = 0
-    for example, predicted in zip(answers, argmax):
-        for pos in range(1, len(example.input_ids)):
-            if example.labels[pos] != IGNORE:
-                total += 1
-                hits += predicted[pos - 1] == example.input_ids[pos]
-    return hits / total if total else 0.0
+def answer_split(example: Example) -> tuple[list[int], list[int]]:
+    """A validation conversation as (everything before its last answer, that answer's
+    first MAX_ANSWER_TOKENS tokens)."""
+    trained = [pos for pos, label in enumerate(example.labels) if label != IGNORE]
+    start = trained[-1]
+    while start - 1 in trained:
+        start -= 1
+    return example.input_ids[:start], example.input_ids[start: trained[-1] + 1][:MAX_ANSWER_TOKENS]
 
 
-def _recall(qtype: str, reference: float, candidate: float, max_drop: float) -> Check:
-    drop = reference - candidate
-    ok = drop <= max_drop + 1e-12
-    return Check(f"{qtype}_answer_recall", ok, round(candidate, 4), round(reference - max_drop, 4),
-                 "" if ok else f"validation answer recall {candidate:.1%} against f16's {reference:.1%}")
+def answer_recall(answers: list[Example], generated: list[list[int]]) -> float:
+    """How much of each validation answer the model says when asked, greedily: token
+    overlap F1 between its answer and the reference, averaged over the answers."""
+    scores = [_overlap_f1(answer_split(example)[1], said) for example, said in zip(answers, generated)]
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def _overlap_f1(reference: list[int], said: list[int]) -> float:
+    from collections import Counter
+
+    common = sum((Counter(reference) & Counter(said)).values())
+    return 2 * common / (len(reference) + len(said)) if common else 0.0
+
+
+def _recall(qtype: str, reference: float, candidate: float) -> Check:
+    floor = reference - max(reference * (1 - RECALL_KEPT), RECALL_NOISE)
+    ok = candidate >= floor
+    return Check(f"{qtype}_answer_recall", ok, round(candidate, 4), round(floor, 4),
+                 "" if ok else f"validation answer recall {candidate:.3f} against f16's {reference:.3f}")
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:

@@ -226,7 +226,8 @@ FAMILIES = {
                      {"general.architecture": "gemma3", "tokenizer.ggml.model": "llama",
                       "tokenizer.ggml.add_space_prefix": False}),
     "phi3": Family(_phi3, phi3_tokenizer, "phi-3", {},
-                   {"general.architecture": "phi3", "tokenizer.ggml.model": "llama"}, tensors=("blk.0.attn_qkv.weight",)),
+                   {"general.architecture": "phi3", "tokenizer.ggml.model": "llama"},
+                   tensors=("blk.0.attn_qkv.weight",)),
 }
 SLOW = {"llama3", "qwen2", "qwen3"}
 

@@ -59,19 +59,24 @@ def test_unchanged_converter_passes(tiny_f16):
     assert report.passed, report.failures()
 
 
+def export_with_patched_converter(tmp_path: Path, model_dir: Path, monkeypatch, module: str, old: str,
+                                  new: str) -> dict[str, parity.Check]:
+    converter = patched_converter(tmp_path / "converter", module, old, new)
+    monkeypatch.setenv("APPLIANCE_LLAMA_CPP_DIR", str(converter))
+    return by_name(export_f16(model_dir, tmp_path / "out"))
+
+
 def test_missing_qk_permutation_fails_on_logits(tmp_path: Path, tiny_base: Path, monkeypatch):
-    monkeypatch.setenv("APPLIANCE_LLAMA_CPP_DIR", str(patched_converter(
-        tmp_path / "converter", "llama.py", "    undo_permute = True\n", "    undo_permute = False\n")))
-    checks = by_name(export_f16(tiny_base, tmp_path / "out"))
+    checks = export_with_patched_converter(tmp_path, tiny_base, monkeypatch, "llama.py",
+                                           "    undo_permute = True\n", "    undo_permute = False\n")
     assert checks["f16_loads"].passed and checks["tokenization"].passed  # it loads and tokenizes perfectly
     assert not checks["logits_cosine"].passed and checks["logits_cosine"].value < 0.99
 
 
 def test_wrong_pre_tokenizer_name_fails_on_tokenization(tmp_path: Path, tiny_base: Path, monkeypatch):
     """SmolLM2's hash mapped to Llama-3's pre-tokenizer: a plausible name that loads fine."""
-    monkeypatch.setenv("APPLIANCE_LLAMA_CPP_DIR", str(patched_converter(
-        tmp_path / "converter", "base.py", 'res = "smollm"', 'res = "llama-bpe"')))
-    checks = by_name(export_f16(tiny_base, tmp_path / "out"))
+    checks = export_with_patched_converter(tmp_path, tiny_base, monkeypatch, "base.py",
+                                           'res = "smollm"', 'res = "llama-bpe"')
     keys, _ = gguf_summary(tmp_path / "out" / "model-f16.gguf")
     assert keys["tokenizer.ggml.pre"] == "llama-bpe" and checks["f16_loads"].passed
     assert not checks["tokenization"].passed and "tokenize differently" in checks["tokenization"].detail
@@ -115,7 +120,8 @@ def test_phi3_needs_its_name_in_general_name(tmp_path: Path, vocab_tokenizers):
     meta = tmp_path / "meta.json"
     meta.write_text(json.dumps({"general.name": "tiny run-1"}))
     gguf = tmp_path / "plain.gguf"
-    run_converter("convert_hf_to_gguf.py", [str(model_dir), "--outtype", "f16", "--metadata", str(meta)], gguf, model_dir)
+    args = [str(model_dir), "--outtype", "f16", "--metadata", str(meta)]
+    run_converter("convert_hf_to_gguf.py", args, gguf, model_dir)
     probe = parity.probes(load_tokenizer(model_dir))
     check = parity._tokenization(probe, probe.ask(gguf).tokens)
     assert not check.passed and "<|user|>" in check.detail
