@@ -24,6 +24,7 @@ class ModelVersion:
     run: str | None
     snapshot: str | None
     current: bool
+    metrics: dict[str, Any] = field(default_factory=dict)  # validation loss, gate verdict (lineage)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class Status:
     inbox_files: int
     endpoint: str
     runs: list[str] = field(default_factory=list)
+    # the daemon's view (appliance run): all optional, empty when no daemon has run
+    job: dict[str, Any] | None = None              # the running job: id, kind, stage, progress
+    queue: list[dict[str, Any]] = field(default_factory=list)
+    current_metrics: dict[str, Any] = field(default_factory=dict)   # validation loss, gate numbers
+    server: dict[str, Any] = field(default_factory=dict)            # address, health, daemon pid
+    inbox: dict[str, Any] = field(default_factory=dict)             # new, ingested, quarantined, watching
 
 
 class Engine(Protocol):
@@ -61,6 +68,58 @@ class Engine(Protocol):
     def promote(self, version: str) -> None: ...
 
     def rollback(self) -> str: ...
+
+    # --- the daemon's commands and views (appliance run). A running daemon and any other
+    # process share the home: commands go through the SQLite job journal (the daemon polls
+    # it), events through logs/events.jsonl (one JSON object a line, tailed by offset).
+
+    def retrain(self) -> dict[str, Any]:
+        """Queue a training run on the current data (coalesced with one already queued); the job as a dict."""
+
+    def forget(self, document: str) -> dict[str, Any]:
+        """Remove a document (inbox path, file or sha256) everywhere and queue the retrain without it."""
+
+    def pause_watching(self) -> None: ...
+
+    def resume_watching(self) -> None: ...
+
+    def events(self, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """Events written after byte ``offset`` of the event log, and the next offset (poll it)."""
+
+    def jobs(self, limit: int = 50) -> list[dict[str, Any]]: ...
+
+    def audit_entries(self) -> list[dict[str, Any]]: ...
+
+    def verify_audit(self) -> dict[str, Any]:
+        """{"ok", "entries", "bad_line", "reason"}."""
+
+    def lineage(self, version: str) -> dict[str, Any] | None: ...
+
+    def eval_report(self, run: str) -> dict[str, Any] | None: ...
+
+    def evaluate(self, run: str, emit: Emit = ignore) -> dict[str, Any]:
+        """Run the promotion gate for a run against the current model; writes and returns eval.json."""
+
+    # --- the practitioner's tools (issue 10)
+
+    def advise(self) -> list[dict[str, str]]:
+        """The data advisor on the current data (and the latest run's curve): dicts with
+        "level" ("warning" or "ok"), "code" and a plain-words "message"."""
+
+    def correct(self, messages: list[dict[str, str]], answer: str) -> str:
+        """Save a person's correction (the conversation up to the question, and the right
+        answer) as a new conversation file in the inbox; returns its path."""
+
+    def reviews(self) -> list[dict[str, Any]]:
+        """Candidates waiting for human review ([gate] promotion = "review"): run, job, approvals,
+        approvals_needed, voted, and items (index, question, context, answer_a, answer_b). Which
+        answer is the candidate's is given ("reveal") only to a reviewer who has voted."""
+
+    def vote(self, run: str, approve: bool, comment: str = "",
+             preferences: dict[int, str] | None = None) -> dict[str, Any]:
+        """This OS user's vote on a candidate (once each; audited), with optional per-item
+        preferences ("a"/"b"); returns state, job_state, approvals and "reveal" (which was which).
+        Enough approvals promote it; a rejection refuses the job and keeps the current model."""
 
 
 def open_engine(home: Path) -> Engine:

@@ -19,13 +19,7 @@ from . import __version__
 from .errors import ApplianceError
 from .paths import resolve_home
 
-NOT_YET = {
-    "eval": "the promotion gate report",
-    "run": "the daemon",
-    "forget": "forgetting a document",
-    "audit": "the audit chain",
-    "tui": "the terminal app",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
                 json_flag=True)
     p.add_argument("--port", type=int, help="endpoint port (default 8088)")
     p.add_argument("--no-wait", action="store_true", help="stop the endpoint and exit after the comparison")
+    p = command("eval", cmd_eval, "the promotion gate: a run's candidate against the current model", json_flag=True)
+    p.add_argument("run", help="run id")
+    p = command("run", cmd_run, "the daemon: watch the inbox, retrain, gate, promote and serve")
+    p.add_argument("--no-serve", action="store_true", help="do not start the endpoint in this process")
+    p.add_argument("--once", action="store_true", help="ingest the inbox, run every queued job, then exit")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p = command("forget", cmd_forget, "remove a document everywhere and retrain without it", json_flag=True)
+    p.add_argument("document", help="an inbox path, a file, or a document sha256")
+    p = command("audit", cmd_audit, "the audit chain: 'verify' checks it, 'show' prints it", json_flag=True)
+    p.add_argument("action", choices=["verify", "show"])
+    p = command("retrain", cmd_retrain, "queue a training run on the current data (the daemon runs it)",
+                json_flag=True)
+    p = command("jobs", cmd_jobs, "the job journal: recent jobs and their stages", json_flag=True)
+    command("advise", cmd_advise, "the data advisor: warnings about the data and the latest run, in plain words",
+            json_flag=True)
+    p = command("review", cmd_review, "human review before promotion: list waiting candidates, approve or reject "
+                "one (as this OS user; audited)", json_flag=True)
+    p.add_argument("action", nargs="?", default="list", choices=["list", "approve", "reject"])
+    p.add_argument("run", nargs="?", help="the candidate's run id (approve, reject)")
+    p.add_argument("--comment", default="", help="why (recorded in the audit log)")
+    p.add_argument("--prefer", action="append", default=[], metavar="ITEM=a|b",
+                   help="the answer preferred on an item, e.g. --prefer 0=a (repeatable)")
+    p = command("tui", cmd_tui, "the terminal app: dashboard, models, data, chat, activity")
+    p.add_argument("--light", action="store_true", help="start in the light theme (ctrl+t switches)")
     for name, what in NOT_YET.items():
         p = command(name, cmd_not_yet, f"({what}: not in this version yet)")
         p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -188,10 +207,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("version", "current", "quant", "size", "run", "snapshot")
+    table = Table("version", "current", "quant", "size", "val loss", "docs", "run", "snapshot")
     for v in versions:
-        table.add_row(v.version, "*" if v.current else "", v.quant, f"{v.size / 1e6:.0f} MB", v.run or "-",
-                      v.snapshot or "-")
+        loss = v.metrics.get("gate_val_loss") or v.metrics.get("best_val_loss")
+        table.add_row(v.version, "*" if v.current else "", v.quant, f"{v.size / 1e6:.0f} MB",
+                      f"{loss:.3f}" if loss is not None else "-", str(v.metrics.get("documents") or "-"),
+                      v.run or "-", v.snapshot or "-")
     Console().print(table)
     return 0
 
@@ -215,7 +236,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"home {status.home}\ncurrent model {status.current or '-'} ({status.versions} version(s))\n"
               f"data {status.documents} document(s), {status.records} record(s); {status.inbox_files} file(s) in the inbox\n"
-              f"endpoint {status.endpoint}")
+              f"endpoint {status.endpoint} ({status.server.get('health', '-')})")
+        if status.job:
+            progress = status.job.get("progress") or {}
+            done = f" {progress.get('completed')}/{progress.get('total')}" if progress.get("total") else ""
+            print(f"job {status.job['id']} ({status.job['kind']}): {status.job['stage']}{done}")
+        if status.queue:
+            print(f"queued {', '.join(str(j['id']) for j in status.queue)}")
     return 0
 
 
@@ -240,6 +267,156 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(home, port=args.port, wait=not args.no_wait, quiet=args.json)
     if args.json:
         _print_json(summary)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    with _emit(args) as show:
+        report = engine.evaluate(args.run, emit=show)
+    if args.json:
+        _print_json(report)
+    else:
+        for check in report["checks"]:
+            mark = {True: "pass", False: "FAIL", None: "n/a "}[check["passed"]]
+            print(f"{mark}  {check['name']}: {check['detail']}")
+        print(report["verdict"])
+    return 0 if report["passed"] else 3
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+
+    home = _home(args)
+    _engine(args)  # checks the home
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    daemon = Daemon(home, serve=not args.no_serve, once=args.once, host=args.host, port=args.port,
+                    emit=_log_event)
+    return daemon.run()
+
+
+def _log_event(event: Any) -> None:
+    from .events import Message, StageFinished, StageStarted
+
+    if isinstance(event, (Message, StageStarted, StageFinished)):
+        text = getattr(event, "text", "") or getattr(event, "description", "") or getattr(event, "summary", "")
+        if text:
+            print(f"{event.stage}: {text}", file=sys.stderr, flush=True)
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    report = _engine(args).forget(args.document)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"forgot document {report['document'][:16]}: {report['records_removed']} record(s) deleted, "
+              f"{report['files_removed']} file(s), {len(report['runs_removed'])} run(s) removed, "
+              f"versions retired: {', '.join(report['versions_retired']) or 'none'}")
+        if report["job"]:
+            print(f"queued forget job {report['job']}: retrain without it, gate, promote, retire the rest "
+                  "('appliance run' runs it)")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    if args.action == "show":
+        entries = engine.audit_entries()
+        if args.json:
+            _print_json({"entries": entries})
+        else:
+            for e in entries:
+                print(f"{e.get('seq')} {e.get('at', 0):.0f} {e.get('user')} {e.get('action')} "
+                      f"{json.dumps(e.get('details'), sort_keys=True)}")
+        return 0
+    verdict = engine.verify_audit()
+    if args.json:
+        _print_json(verdict)
+    elif verdict["ok"]:
+        print(f"audit chain intact: {verdict['entries']} entries")
+    else:
+        print(f"appliance: error: audit chain broken at line {verdict['bad_line']}: {verdict['reason']}",
+              file=sys.stderr)
+    return 0 if verdict["ok"] else 4
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    job = _engine(args).retrain()
+    if args.json:
+        _print_json(job)
+    else:
+        print(f"queued job {job['id']} ({job['state']})")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    jobs = _engine(args).jobs()
+    if args.json:
+        _print_json({"jobs": jobs})
+    else:
+        for j in jobs:
+            print(f"{j['id']:>4} {j['kind']:<7} {j['state']:<8} stage {j['stage'] or '-':<9} "
+                  f"run {j['run_id'] or '-'} version {j['version'] or '-'} {j['error'] or ''}")
+    return 0
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    advice = _engine(args).advise()
+    if args.json:
+        _print_json({"advice": advice, "warnings": sum(a["level"] == "warning" for a in advice)})
+    else:
+        for a in advice:
+            print(f"{'!' if a['level'] == 'warning' else ' '} {a['message']}")
+    return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    if args.action == "list":
+        reviews = engine.reviews()
+        if args.json:
+            _print_json({"reviews": reviews})
+            return 0
+        for r in reviews:
+            print(f"run {r['run']} (job {r['job']}): {r['approvals']}/{r['approvals_needed']} approvals"
+                  f"{', you voted' if r['voted'] else ''}")
+            for item in r["items"]:
+                print(f"  [{item['index']}] Q: {item['question']}\n      A: {item['answer_a']}\n"
+                      f"      B: {item['answer_b']}")
+        if not reviews:
+            print("no candidate is waiting for review")
+        return 0
+    if not args.run:
+        raise ApplianceError(f"appliance review {args.action}: name the candidate's run (see 'appliance review list')")
+    preferences = {}
+    for text in args.prefer:
+        index, _, side = text.partition("=")
+        if not index.strip().isdigit() or not side:
+            raise ApplianceError(f"--prefer {text!r}: expected ITEM=a or ITEM=b, e.g. --prefer 0=a")
+        preferences[int(index)] = side
+    result = engine.vote(args.run, args.action == "approve", args.comment, preferences)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"run {result['run']}: {result['state']} ({result['approvals']}/{result['approvals_needed']} "
+              f"approvals); job {result['job']} {result['job_state']}; current model {result['current'] or '-'}")
+        for r in result["reveal"]:
+            print(f"  [{r['index']}] A was {r['a']} ({r['a_is']}), B was {r['b']} ({r['b_is']})")
+    return 0
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    """The terminal app on this home's engine; a running daemon is seen through the home's
+    journal and event log, so the in-process engine attaches to it without a socket."""
+    from .api import open_engine
+
+    engine = open_engine(_home(args))  # checks the home before the screen is taken over
+    # Only this command loads the front end, by name at run time: nothing in appliance/
+    # imports textual or tui (tests/test_boundaries.py).
+    import importlib
+
+    app = importlib.import_module("tui.app")
+    app.make_app(engine, theme=app.LIGHT if args.light else None).run()
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
@@ -59,7 +59,11 @@ class WatchSection(Section):
 
 
 class TrainSection(Section):
-    method: Literal["qlora", "lora"] = Field("qlora", description="qlora: LoRA on an NF4 4-bit base; lora: on the bf16 base.")
+    method: str = Field("qlora", description="qlora: LoRA on an NF4 4-bit base; lora, dora, adalora, ia3: peft "
+                                             "adapters on the bf16 base; full: every weight (small bases); auto: "
+                                             "chosen by data size and free memory.")
+    memory_budget_gb: float | None = Field(None, gt=0, description="Memory a run may use; default 90% of the GPU, "
+                                                                   "else the RAM available when the run starts.")
     dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA) instead of plain LoRA.")
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
@@ -81,6 +85,19 @@ class TrainSection(Section):
     seed: int = 1234
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
 
+    @field_validator("method")
+    @classmethod
+    def _mergeable(cls, value: str) -> str:
+        from .methods import METHODS, UNMERGEABLE
+
+        key = value.strip().lower()
+        for name, why in UNMERGEABLE.items():
+            if key.startswith(name):
+                raise ValueError(f"{value!r} is not offered: {why}")
+        if key not in (*METHODS, "auto"):
+            raise ValueError(f"unknown method {value!r}; choose one of auto, {', '.join(METHODS)}")
+        return key
+
 
 class ExportSection(Section):
     quant: Literal["auto", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"] = Field(
@@ -97,6 +114,49 @@ class ServeSection(Section):
     context: int = Field(2048, ge=256)
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     max_prompt_bytes: int = Field(1_000_000, ge=1024)
+    slots: int = Field(4, ge=1, le=64, description="Requests one model answers at once (llama-server --parallel).")
+    max_concurrent: int = Field(64, ge=1, description="Requests the endpoint holds at once; more get 429.")
+    keep_loaded: int = Field(2, ge=1, le=8, description="Model versions kept loaded (current + recently used).")
+
+
+class GateSection(Section):
+    bootstrap_samples: int = Field(1000, ge=100, description="Resamples for the interval on the validation loss "
+                                                             "difference (candidate minus current).")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Two-sided level of that interval.")
+    loss_margin: float = Field(0.0, ge=0.0, description="Extra validation-loss (nats per token) a candidate may "
+                                                        "lose beyond the bootstrap interval's lower end.")
+    require_better_on_new: bool = Field(True, description="A training run must be better than the current model "
+                                                          "on validation examples from data it never saw.")
+    max_examples: int = Field(64, ge=4, description="Validation examples scored per model (the first by hash).")
+    general_max_drop: float = Field(0.1, ge=0.0, le=1.0, description="Largest fall in the share of general "
+                                                                     "probes answered with an expected phrase.")
+    general_max_ppl_ratio: float = Field(1.25, ge=1.0, description="Largest candidate/current perplexity ratio "
+                                                                   "on the general text.")
+    user_max_drop: float = Field(0.0, ge=0.0, le=1.0, description="Largest fall in the share of the home's "
+                                                                  "probes/ questions answered correctly.")
+    probe_tokens: int = Field(48, ge=4, description="Tokens generated per probe answer.")
+    promotion: Literal["auto", "review"] = Field(
+        "auto", description="auto: a candidate that passes the gate is promoted at once; review: it waits for "
+                            "people to compare its answers with the current model's and approve it "
+                            "('appliance review', the TUI's Review screen).")
+    approvals: int = Field(1, ge=1, description="With promotion = review: approvals (from different OS users) "
+                                                "a candidate needs before it is promoted; one rejection refuses it.")
+    review_questions: int = Field(10, ge=1, description="Questions in a review (validation conversations, else "
+                                                        "the home's probes).")
+    review_tokens: int = Field(128, ge=4, description="Tokens generated per answer shown to reviewers (greedy).")
+
+
+class DaemonSection(Section):
+    poll_seconds: float = Field(1.0, gt=0, description="How often the daemon checks the journal for commands "
+                                                       "(retrain, forget, pause) from other processes.")
+    keep_versions: int = Field(5, ge=2, description="Model versions kept; older ones are deleted, never the "
+                                                    "current or the previous one.")
+    retrain_after_ingest: bool = Field(True, description="Queue a training run when new records arrive.")
+
+
+class DiskSection(Section):
+    min_free_gb: float = Field(2.0, ge=0.0, description="A stage does not start with less free space than this "
+                                                        "in the home's file system.")
 
 
 class Settings(BaseSettings):
@@ -108,6 +168,9 @@ class Settings(BaseSettings):
     train: TrainSection = TrainSection()
     export: ExportSection = ExportSection()
     serve: ServeSection = ServeSection()
+    gate: GateSection = GateSection()
+    daemon: DaemonSection = DaemonSection()
+    disk: DiskSection = DiskSection()
 
     @classmethod
     def settings_customise_sources(

@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import ExportError
 from .events import Emit, StageFinished, StageStarted, ignore
+from .methods import adapter_kind
 from .toolchain import converter_env, llama_cpp_dir
 
 STAGE = "convert"
@@ -93,7 +94,12 @@ def convert_lora(base_dir: Path, adapter_dir: Path, out_file: Path, outtype: str
     if out_file.exists():
         return out_file
     if not (adapter_dir / "adapter_config.json").exists():
-        raise ExportError(f"{adapter_dir}: no trained adapter here; run 'appliance train' first")
+        raise ExportError(f"{adapter_dir}: no trained adapter here (a fully fine-tuned run has no adapter to "
+                          "serve separately); export it without --adapter")
+    kind = adapter_kind(adapter_dir)
+    if kind != "LORA":  # llama.cpp's LoRA format holds plain A/B pairs (no DoRA magnitudes, AdaLoRA's E, IA3)
+        raise ExportError(f"{adapter_dir}: a {kind} adapter cannot be served as a llama.cpp LoRA; "
+                          "export it merged, without --adapter")
     require_supported(base_dir)
     started = time.monotonic()
     emit(StageStarted(STAGE, description="Converting the adapter to a GGUF LoRA"))

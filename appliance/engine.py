@@ -38,14 +38,33 @@ class LocalEngine:
             store.close()
         s = self.settings
         runs = sorted(p.name for p in self.paths.runs.iterdir() if p.is_dir()) if self.paths.runs.exists() else []
+        from .daemon import daemon_state, paused
+
+        daemon = daemon_state(self.paths)
+        endpoint = (daemon or {}).get("endpoint") or f"http://{s.serve.host}:{s.serve.port}/v1"
+        inbox = inbox_files(self.paths.inbox)
+        job, queue = self._journal_view()
         return Status(self.home, registry.current(self.paths), len(registry.versions(self.paths)),
-                      counts["documents"], counts["records"], len(inbox_files(self.paths.inbox)),
-                      f"http://{s.serve.host}:{s.serve.port}/v1", runs)
+                      counts["documents"], counts["records"], len(inbox), endpoint, runs,
+                      job=job, queue=queue, current_metrics=self._current_metrics(),
+                      server={"address": endpoint, "health": _health(endpoint) if daemon else "no daemon running",
+                              "daemon_pid": (daemon or {}).get("pid")},
+                      inbox={"new": self._unread(inbox), "ingested": counts["documents"],
+                             "quarantined": _quarantined(self.paths.quarantine),
+                             "watching": bool(daemon and daemon.get("watching")),
+                             "paused": paused(self.paths) if self.paths.jobs_db.exists() else False,
+                             "since_start": (daemon or {}).get("inbox", {})})
 
     def ingest(self, emit: Emit = ignore) -> dict[str, Any]:
+        from .daemon import record_ingest
         from .ingest import ingest
+        from .ingest.store import Store
 
-        return ingest(self.paths, emit).to_dict()
+        with Store(self.paths.store_db) as store:
+            before = store.last_seq()
+        report = ingest(self.paths, emit)
+        record_ingest(self.paths, before, report)
+        return report.to_dict()
 
     def train(self, snapshot: str | None = None, max_steps: int | None = None, emit: Emit = ignore,
               run_id: str | None = None) -> str:
@@ -82,16 +101,186 @@ class LocalEngine:
         return [self._version(v) for v in registry.versions(self.paths)]
 
     def promote(self, version: str) -> None:
-        registry.get(self.paths, version)
+        from . import audit
+        from .review import ReviewError, waiting_version
+
+        record = registry.get(self.paths, version)
+        if (run := waiting_version(self.paths, version)) is not None:  # a person's promote must not skip the vote
+            raise ReviewError(f"{version} waits for review; approve it with 'appliance review approve {run}' "
+                              "or in the TUI's Review screen")
         registry.promote(self.paths, version)
+        audit.append(self.paths, "promote", version=version, sha256=record["sha256"], by="command")
 
     def rollback(self) -> str:
-        return registry.rollback(self.paths)
+        from . import audit
+
+        before = registry.current(self.paths)
+        version = registry.rollback(self.paths)
+        audit.append(self.paths, "rollback", version=version, **{"from": before})
+        return version
+
+    # --- the daemon's commands and views -----------------------------------------------------
+    def retrain(self) -> dict[str, Any]:
+        from . import audit
+        from .jobs import Journal
+
+        with Journal(self.paths.jobs_db) as journal:
+            job, new = journal.enqueue("train", reason="asked for")
+        if new:
+            audit.append(self.paths, "retrain_requested", job=job.id)
+        return job.to_dict()
+
+    def forget(self, document: str) -> dict[str, Any]:
+        from .forget import forget
+
+        return forget(self.paths, document)
+
+    def pause_watching(self) -> None:
+        from .daemon import set_paused
+
+        set_paused(self.paths, True)
+
+    def resume_watching(self) -> None:
+        from .daemon import set_paused
+
+        set_paused(self.paths, False)
+
+    def events(self, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        from .daemon import read_events
+
+        return read_events(self.paths, offset)
+
+    def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
+        from .jobs import Journal
+
+        with Journal(self.paths.jobs_db) as journal:
+            return [j.to_dict() for j in journal.jobs(limit)]
+
+    def audit_entries(self) -> list[dict[str, Any]]:
+        from . import audit
+
+        return audit.entries(self.paths)
+
+    def verify_audit(self) -> dict[str, Any]:
+        from . import audit
+
+        return audit.verify(self.paths).to_dict()
+
+    def lineage(self, version: str) -> dict[str, Any] | None:
+        registry.get(self.paths, version)
+        return registry.lineage(self.paths, version)
+
+    def eval_report(self, run: str) -> dict[str, Any] | None:
+        from .gate import load_report
+
+        return load_report(self.paths, run)
+
+    def evaluate(self, run: str, emit: Emit = ignore) -> dict[str, Any]:
+        from .gate import evaluate
+
+        return evaluate(self.paths, run, self.settings, emit=emit).to_dict()
+
+    def advise(self) -> list[dict[str, str]]:
+        from .advise import advise_data, advise_run
+        from .fsutil import read_json
+        from .snapshot import cut_id
+
+        advice = advise_data(self.paths, cut_id(self.paths, self.settings.data.val_fraction))
+        runs = sorted((r for r in self.paths.runs.glob("*/train.json")), key=lambda p: p.stat().st_mtime)
+        if runs:
+            advice += advise_run(read_json(runs[-1])["curve"])
+        return [a.to_dict() for a in advice]
+
+    def correct(self, messages: list[dict[str, str]], answer: str) -> str:
+        from . import audit
+        from .corrections import write_correction
+        from .fsutil import sha256_file
+
+        path = write_correction(self.paths, messages, answer)
+        audit.append(self.paths, "correction", file=path.name, sha256=sha256_file(path))
+        return str(path)
+
+    def reviews(self) -> list[dict[str, Any]]:
+        from .review import pending
+
+        return pending(self.paths, self.settings)
+
+    def vote(self, run: str, approve: bool, comment: str = "",
+             preferences: dict[int, str] | None = None) -> dict[str, Any]:
+        from .review import vote
+
+        return vote(self.paths, self.settings, run, approve, comment, preferences)
+
+    def _journal_view(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        from .jobs import Journal
+
+        if not self.paths.jobs_db.exists():
+            return None, []
+        with Journal(self.paths.jobs_db) as journal:
+            active = journal.active()
+            queue = [j.to_dict() for j in journal.queue()]
+        if active is None:
+            return None, queue
+        return {"id": active.id, "kind": active.kind, "stage": active.current or active.next_stage(),
+                "completed_stages": active.stage, "run": active.run_id, "progress": active.progress,
+                "since": active.created}, queue
+
+    def _current_metrics(self) -> dict[str, Any]:
+        version = registry.current(self.paths)
+        if not version:
+            return {}
+        record = registry.get(self.paths, version)
+        out: dict[str, Any] = {"version": version, "best_val_loss": record.get("best_val_loss"),
+                               "quant": record.get("quant")}
+        report = self.eval_report(record["run"]) if record.get("run") else None
+        if report:
+            out["gate"] = {c["name"]: c["value"] for c in report["checks"]}
+        return out
+
+    def _unread(self, inbox: list[Path]) -> int:
+        """Inbox files the store has not read in their present state."""
+        import os
+
+        from .ingest.store import Store
+
+        with Store(self.paths.store_db) as store:
+            known = store.file_states()
+        new = 0
+        for path in inbox:
+            rel = os.path.relpath(path, self.paths.inbox)
+            state = known.get(rel)
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if state is None or state.size != st.st_size or state.mtime_ns != st.st_mtime_ns:
+                new += 1
+        return new
 
     def _version(self, record: dict[str, Any]) -> ModelVersion:
+        lineage = registry.lineage(self.paths, record["version"]) or {}
+        gate = lineage.get("gate") or {}
+        loss = next((c["value"] for c in gate.get("checks", []) if c["name"] == "validation_loss"), None)
+        metrics = {"best_val_loss": record.get("best_val_loss"),
+                   "gate_val_loss": loss.get("candidate") if isinstance(loss, dict) else None,
+                   "gate_passed": gate.get("passed"), "documents": len(lineage.get("documents", []))}
         return ModelVersion(record["version"], record["created"], record.get("quant", "?"), record.get("size", 0),
                             record["sha256"], record.get("run"), record.get("snapshot"),
-                            record["version"] == registry.current(self.paths))
+                            record["version"] == registry.current(self.paths), metrics)
+
+
+def _health(endpoint: str) -> str:
+    import httpx
+
+    try:
+        response = httpx.get(endpoint.removesuffix("/v1") + "/health", timeout=1.0)
+    except httpx.HTTPError as exc:
+        return f"unreachable ({type(exc).__name__})"
+    return "ok" if response.status_code < 500 else f"status {response.status_code}"
+
+
+def _quarantined(folder: Path) -> int:
+    return sum(1 for p in folder.iterdir() if not p.name.endswith(".reason.json")) if folder.is_dir() else 0
 
 
 def as_dict(obj: Any) -> Any:

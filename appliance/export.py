@@ -103,6 +103,7 @@ def _check_f16(hf_dir: Path, f16: Path, answers: Sequence[Example], lora: Lora |
     reference = probe.ask(f16, threads)
     hf_logits = parity.hf_logits(hf_dir, probe.logit_ids)
     report = ParityReport(parity.check_f16(hf_logits, probe, reference, settings.export.min_logit_cosine))
+    report.checks.append(parity.check_llama_server(probe, f16, threads))  # what the endpoint will feed the model
     if lora is not None:
         with_lora = probe.ask(lora.base, threads, lora.adapter, vocab=False, answers=False)
         report.checks += parity.check_adapter(hf_logits, with_lora)

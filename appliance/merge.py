@@ -16,6 +16,7 @@ from typing import Any
 from .errors import ExportError
 from .events import Emit, StageFinished, StageStarted, ignore
 from .fsutil import staging_dir
+from .methods import is_full_checkpoint
 
 STAGE = "merge"
 
@@ -23,7 +24,7 @@ STAGE = "merge"
 def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, emit: Emit = ignore) -> Path:
     if (out_dir / "config.json").exists():
         return out_dir  # complete: staging_dir only ever renames a finished folder into place
-    if not (adapter_dir / "adapter_config.json").exists():
+    if not (adapter_dir / "adapter_config.json").exists() and not is_full_checkpoint(adapter_dir):
         raise ExportError(f"{adapter_dir}: no trained adapter here; run 'appliance train' first")
     from .hf import load_tokenizer
 
@@ -38,16 +39,20 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, emit: Emit = ignore)
 
 
 def merged_model(base_dir: Path, adapter_dir: Path) -> Any:
-    """Base (float32) + adapter, merged and cast to float16; refuses NaN/Inf anywhere."""
+    """Base (float32) + adapter (LoRA, DoRA, AdaLoRA or IA3), merged and cast to float16,
+    or a fully fine-tuned model cast to float16; refuses NaN/Inf anywhere."""
     import torch
     from peft import PeftModel
 
     from .hf import load_causal_lm
 
-    base = load_causal_lm(base_dir, dtype=torch.float32)
-    # peft's safe_merge would copy every weight to look for NaN; the check below covers
-    # NaN and Inf, after the cast, once.
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(torch.float16)
+    if is_full_checkpoint(adapter_dir):  # full fine-tuning: the run saved the whole model
+        merged = load_causal_lm(adapter_dir, dtype=torch.float32).to(torch.float16)
+    else:
+        base = load_causal_lm(base_dir, dtype=torch.float32)
+        # peft's safe_merge would copy every weight to look for NaN; the check below covers
+        # NaN and Inf, after the cast, once.
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(torch.float16)
     bad = [name for name, p in merged.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise ExportError(f"{adapter_dir}: merged weights hold NaN/Inf (or overflow float16) in {bad[0]}"

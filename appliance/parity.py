@@ -16,6 +16,7 @@ The result is written to the run's ``parity.json``; the promotion gate reads it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -195,6 +196,50 @@ def _served(probe: Probes, served: list[list[int]]) -> Check:
         detail = (f"the served prompt differs from training's at token {at} of conversation {i + 1} "
                   f"(training {probe.prompt_ids[i][at:at + 4]}, served {served[i][at:at + 4]})")
     return Check("served_prompt", not differ, len(served) - len(differ), len(served), detail)
+
+
+def check_llama_server(probe: Probes, gguf: Path, threads: int | None = None) -> Check:
+    """The prompt the endpoint's native llama-server feeds the model (its /apply-template
+    rendering, tokenized as its completion path does: special tokens parsed, BOS added
+    when the vocabulary asks) against training's, conversation by conversation."""
+    import httpx
+
+    from .errors import ServeError
+    from .llama_server import Backend, start_async
+
+    longest = max((len(ids) for ids in probe.prompt_ids), default=0)
+    backend = Backend("parity", gguf, slots=1, context=max(512, longest + 64),
+                      threads=threads or max(1, len(os.sched_getaffinity(0)) // 2))
+    try:
+        start_async(backend, timeout=300).result()
+        served = []
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(backend.socket)), base_url="http://llama",
+                          timeout=60) as client:
+            for messages in probe.conversations:
+                prompt = client.post("/apply-template", json={"messages": messages}).raise_for_status().json()
+                tokens = client.post("/tokenize", json={"content": prompt["prompt"], "add_special": True,
+                                                        "parse_special": True}).raise_for_status().json()
+                served.append(tokens["tokens"])
+    except (ServeError, httpx.HTTPError) as exc:
+        return Check("served_prompt_llama_server", False, 0, 1, f"llama-server could not render the prompts: {exc}")
+    finally:
+        backend.stop()
+    check = _served(probe, served)
+    detail = check.detail
+    if not check.passed and _drops_system_turn(probe):
+        detail += ("; the model's chat template drops system messages, and llama-server merges them into the "
+                   "first user turn instead, so served prompts would differ from training's")
+    return Check("served_prompt_llama_server", check.passed, check.value, check.threshold, detail)
+
+
+def _drops_system_turn(probe: Probes) -> bool:
+    """Whether the training template renders a conversation the same with and without its system message."""
+    with_system = next((c for c in probe.conversations if c and c[0]["role"] == "system"), None)
+    if with_system is None:
+        return False
+    render = lambda conv: probe.tokenizer.apply_chat_template(conv, tokenize=False,  # noqa: E731
+                                                              add_generation_prompt=True)
+    return render(with_system) == render(with_system[1:])
 
 
 def _cosine(name: str, ours: list[np.ndarray], theirs: list[np.ndarray], minimum: float) -> Check:

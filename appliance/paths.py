@@ -118,6 +118,16 @@ class Home:
     def lock(self) -> Path:
         return self.rundir / "engine.lock"
 
+    @property
+    def events_log(self) -> Path:
+        """Events the daemon writes (JSON lines); other processes tail it."""
+        return self.logs / "events.jsonl"
+
+    @property
+    def daemon_state(self) -> Path:
+        """The running daemon's pid, endpoint address and watcher counters (rewritten atomically)."""
+        return self.rundir / "daemon.json"
+
     def is_initialised(self) -> bool:
         return self.config.is_file()
 

@@ -32,7 +32,10 @@ def versions(home: Home) -> list[dict[str, Any]]:
 
 
 def next_version(home: Home) -> str:
-    numbers = [int(v["version"][1:]) for v in versions(home) if v["version"].startswith("v")]
+    # retired and pruned names are never reused: history and lineage keep referring to them
+    names = [v["version"] for v in versions(home)] + [m["version"] for m in retired(home)]
+    names += [e["version"] for e in _history(home)]
+    numbers = [int(n[1:]) for n in names if n.startswith("v") and n[1:].isdigit()]
     return f"v{max(numbers, default=0) + 1}"
 
 
@@ -143,3 +146,86 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
+
+
+# --- lineage, model cards, retirement and pruning ------------------------------------------------
+
+
+def lineage(home: Home, version: str) -> dict[str, Any] | None:
+    path = home.model(version) / "lineage.json"
+    return read_json(path) if path.exists() else None
+
+
+def write_lineage(home: Home, version: str, data: dict[str, Any]) -> None:
+    """``lineage.json`` and a short model card (README.md) in the version's folder."""
+    folder = home.model(version)
+    write_json_atomic(folder / "lineage.json", data)
+    from .fsutil import write_text_atomic
+
+    write_text_atomic(folder / "README.md", model_card(version, data))
+
+
+def model_card(version: str, data: dict[str, Any]) -> str:
+    gate = data.get("gate") or {}
+    checks = "\n".join(f"- {c['name']}: {'pass' if c['passed'] else 'n/a' if c['passed'] is None else 'FAIL'}"
+                       f" - {c['detail']}" for c in gate.get("checks", []))
+    docs = data.get("documents", [])
+    return (f"# Model {version}\n\n"
+            f"- Base: {data.get('base')} (sha256 {str(data.get('base_sha256') or '-')[:16]})\n"
+            f"- Trained: run {data.get('run')} on snapshot {data.get('snapshot')}, "
+            f"{len(docs)} source document(s), {data.get('records', '?')} record(s)\n"
+            f"- File: model.gguf ({data.get('quant')}), sha256 {data.get('gguf_sha256')}\n"
+            f"- Job: {data.get('job')} ({data.get('kind')}), promoted {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(data.get('promoted_at', time.time())))}\n\n"
+            f"## Intended use\n\nAnswering in the style and with the facts of the documents listed in "
+            f"lineage.json, on this appliance's local endpoint. A small model fine-tuned on a small private "
+            f"data set: check important answers against the sources.\n\n"
+            f"## Gate\n\n{gate.get('verdict', '-')}\n\n{checks}\n")
+
+
+def retired(home: Home) -> list[dict[str, Any]]:
+    path = home.models / "retired.json"
+    return read_json(path) if path.exists() else []
+
+
+def retire(home: Home, version: str, reason: str) -> None:
+    """Delete a version's files and record it as retired: no promote or rollback can return it.
+
+    The current version is never retired here; the caller points ``current`` elsewhere first.
+    """
+    if current(home) == version:
+        raise RegistryError(f"{version} is the current version; promote another one before retiring it")
+    marks = retired(home)
+    if not any(m["version"] == version for m in marks):
+        marks.append({"version": version, "reason": reason, "at": time.time(), "user": _user()})
+        write_json_atomic(home.models / "retired.json", marks)  # first: a crash below leaves it retired
+    folder = home.model(version)
+    if folder.exists():
+        graveyard = folder.with_name(f".{version}.retired")
+        shutil.rmtree(graveyard, ignore_errors=True)
+        os.replace(folder, graveyard)  # gone from the listing at once; then the bytes
+        shutil.rmtree(graveyard)
+        fsync_dir(home.models)
+
+
+def previous(home: Home) -> str | None:
+    """The version a rollback would return to now, or None."""
+    history = _history(home)
+    now = current(home)
+    candidates = [e["version"] for e in history if e.get("action") != "rollback"]
+    gone = {m["version"] for m in retired(home)}
+    earlier = [v for v in candidates if v != now and v not in gone and (home.model(v) / "version.json").exists()]
+    return earlier[-1] if earlier else None
+
+
+def prune(home: Home, keep: int) -> list[str]:
+    """Delete the oldest versions beyond ``keep``; never the current, the previous or ``base``."""
+    protected = {current(home), previous(home), "base"}
+    records = [v for v in versions(home) if v["version"] not in protected]
+    excess = len(versions(home)) - keep
+    removed = []
+    for record in records[: max(0, excess)]:
+        shutil.rmtree(home.model(record["version"]))
+        removed.append(record["version"])
+    if removed:
+        fsync_dir(home.models)
+    return removed

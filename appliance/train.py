@@ -23,8 +23,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from . import methods
+from .advise import decontaminate
 from .config import Settings
 from .errors import TrainError
 from .events import Emit, Message, Progress, StageFinished, StageStarted, ignore
@@ -166,25 +168,44 @@ def plan_steps(examples: list[Example], epochs: float, tokens_per_step: int, see
 # --- model -----------------------------------------------------------------------------
 
 
-def load_trainable(base_dir: Path, settings: Settings, device: str) -> Any:
+def load_trainable(base_dir: Path, settings: Settings, device: str, method: str | None = None,
+                   total_steps: int = 1) -> Any:
+    """The base with what ``method`` (default: the configured one; auto means qlora here)
+    trains: a peft adapter on it, or (full) every weight."""
+    method = method or (settings.train.method if settings.train.method != "auto" else "qlora")
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from .hf import load_causal_lm, nf4_config
 
     compute = torch.bfloat16
-    if settings.train.method == "qlora":
+    if method == "full":  # fp32 weights: AdamW updates to bf16 weights would mostly round away
+        model = load_causal_lm(base_dir, dtype=torch.float32, device=device)
+        model.config.use_cache = False
+        return model
+    if method == "qlora":
         model = prepare_qlora(load_causal_lm(base_dir, dtype=compute, quantization_config=nf4_config(compute),
                                              device=device), device)
     else:
         model = load_causal_lm(base_dir, dtype=compute, device=device)
-    targets = "all-linear" if settings.train.target_modules == "all-linear" else ["q_proj", "v_proj"]
-    lora = LoraConfig(r=settings.train.lora_r, lora_alpha=settings.train.lora_alpha,
-                      lora_dropout=settings.train.lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
-                      use_dora=settings.train.dora)
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, methods.peft_config(method, settings.train, total_steps))
     model.config.use_cache = False  # a cache would disable packed-sequence detection
     return model
+
+
+def resolve_method(run: RunDir, base_dir: Path, settings: Settings, n_examples: int, device: str,
+                   emit: Emit) -> methods.Choice:
+    """The run's method, decided once and kept in ``method.json`` (a resumed run must not
+    switch methods because free memory changed)."""
+    saved = run.root / "method.json"
+    if saved.exists():
+        return methods.Choice(**read_json(saved))
+    budget = methods.memory_budget(settings.train.memory_budget_gb, device)
+    choice = methods.choose(settings.train.method, base_dir, n_examples, budget)
+    write_json_atomic(saved, asdict(choice))
+    if settings.train.method == "auto":
+        emit(Message(STAGE, f"method {choice.method}: {choice.reason}"))
+    return choice
 
 
 def prepare_qlora(model: Any, device: str) -> Any:
@@ -218,7 +239,12 @@ def _keep_4bit_weights_trainable(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def step_loss(model: Any, rows: list[list[Example]], device: str, backward: bool) -> tuple[float, int]:
+class TrainInterrupted(Exception):
+    """Asked to stop (the daemon got SIGTERM): the run resumes from its last checkpoint."""
+
+
+def step_loss(model: Any, rows: list[list[Example]], device: str, backward: bool,
+              stop: Callable[[], bool] | None = None) -> tuple[float, int]:
     """Token-weighted loss over the rows of one step: sum of token losses / trained tokens.
 
     Logits are computed only where a trained token is predicted (``logits_to_keep``):
@@ -232,6 +258,8 @@ def step_loss(model: Any, rows: list[list[Example]], device: str, backward: bool
     oom_above = int(os.environ.get(FAULT_OOM_ENV) or 0)
     loss_sum = 0.0
     for row in rows:
+        if stop is not None and stop():  # between passes: a step can take minutes on a CPU
+            raise TrainInterrupted()
         batch = collate(row, device)
         if oom_above and batch["input_ids"].shape[1] > oom_above:
             raise torch.OutOfMemoryError(f"injected: {batch['input_ids'].shape[1]} tokens > {oom_above}")
@@ -263,7 +291,8 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def train_step(model: Any, examples: list[Example], state: TrainState, device: str, emit: Emit) -> float:
+def train_step(model: Any, examples: list[Example], state: TrainState, device: str, emit: Emit,
+               stop: Callable[[], bool] | None = None) -> float:
     """Forward/backward over one step's examples. Out of memory halves the tokens per
     forward pass (more accumulation, same effective batch) and retries the step; the
     smaller setting is kept for the rest of the run, resumes included."""
@@ -272,7 +301,7 @@ def train_step(model: Any, examples: list[Example], state: TrainState, device: s
     while True:
         rows = pack(examples, state.micro_tokens)
         try:
-            loss, _ = step_loss(model, rows, device, backward=True)
+            loss, _ = step_loss(model, rows, device, backward=True, stop=stop)
             return loss
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not _is_oom(exc):
@@ -310,12 +339,11 @@ def _checkpoint_dirs(run: RunDir) -> list[Path]:
 
 def save_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any, state: TrainState, keep: int) -> None:
     import torch
-    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     target = run.checkpoints / f"step-{state.step:06d}"
     with staging_dir(target) as tmp:
-        weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        weights = {k: v.detach().cpu().contiguous() for k, v in _trained_state(model).items()}
         save_file(weights, tmp / "adapter.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
@@ -328,14 +356,13 @@ def save_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any, sta
 
 def load_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any) -> TrainState | None:
     import torch
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     found = _checkpoint_dirs(run)
     if not found:
         return None
     latest = found[-1]
-    set_peft_model_state_dict(model, load_file(latest / "adapter.safetensors"))
+    _load_trained_state(model, load_file(latest / "adapter.safetensors"))
     saved = torch.load(latest / "trainer.pt", weights_only=False)  # written by this appliance, in its own home
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -343,6 +370,24 @@ def load_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any) -> 
     if saved["cuda_rng"]:
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
     return TrainState(**read_json(latest / "state.json"))
+
+
+def _trained_state(model: Any) -> dict[str, Any]:
+    """What a checkpoint must hold: the adapter's tensors, or every weight (full)."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    if isinstance(model, PeftModel):
+        return get_peft_model_state_dict(model)
+    return dict(model.state_dict())
+
+
+def _load_trained_state(model: Any, weights: dict[str, Any]) -> None:
+    from peft import PeftModel, set_peft_model_state_dict
+
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, weights)
+    else:
+        model.load_state_dict(weights, strict=False)  # tied weights are saved once
 
 
 def run_snapshot(run: RunDir) -> str | None:
@@ -363,8 +408,13 @@ def _save_adapter(model: Any, tokenizer: Any, run: RunDir) -> None:
 
 
 def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None = None,
-          max_steps: int | None = None, emit: Emit = ignore) -> TrainResult:
-    """Train (or resume, or report an already finished) run on ``snapshot``."""
+          max_steps: int | None = None, emit: Emit = ignore, stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train (or resume, or report an already finished) run on ``snapshot``.
+
+    ``stop`` is polled between forward passes; when it turns true the partial step is
+    dropped, a checkpoint of the last complete step is written, and TrainInterrupted
+    is raised, so a stopped daemon loses no finished step.
+    """
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
@@ -385,7 +435,12 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
 
     emit(StageStarted(STAGE, description="Preparing data"))
     tokenizer = load_tokenizer(base_dir)
-    train_ex = render_all(tokenizer, records(home, snapshot.train), settings, emit)
+    all_train = records(home, snapshot.train)
+    train_records, leaks = decontaminate(home, all_train)
+    if leaks:
+        emit(Message(STAGE, f"removed {len(all_train) - len(train_records)} training example(s) holding "
+                            f"{len({leak.probe for leak in leaks})} probe question(s) (decontamination)"))
+    train_ex = render_all(tokenizer, train_records, settings, emit)
     val_ex = render_all(tokenizer, records(home, snapshot.val), settings, emit)
     if not train_ex:
         raise TrainError(f"snapshot {snapshot.id}: no training example survived rendering")
@@ -395,7 +450,8 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
     limit = max_steps or settings.train.max_steps
     steps = steps[:limit] if limit else steps
 
-    model = load_trainable(base_dir, settings, device)
+    choice = resolve_method(run, base_dir, settings, len(train_ex), device, emit)
+    model = load_trainable(base_dir, settings, device, choice.method, len(steps))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.train.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(settings.train.warmup_ratio * len(steps)),
@@ -419,9 +475,21 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
     session_start, session_first = time.monotonic(), state.step
     for index in range(state.step, len(steps)):
         t0 = time.monotonic()
-        loss = train_step(model, steps[index], state, device, emit)
+        try:
+            if stop is not None and stop():
+                raise TrainInterrupted()
+            loss = train_step(model, steps[index], state, device, emit, stop)
+        except TrainInterrupted:
+            optimizer.zero_grad(set_to_none=True)
+            saved = _checkpoint_dirs(run)
+            if state.step and (not saved or int(saved[-1].name.split("-")[1]) != state.step):
+                save_checkpoint(run, model, optimizer, scheduler, state, settings.train.keep_checkpoints)
+            emit(Message(STAGE, f"stopped at step {state.step} of {len(steps)}; checkpoint saved"))
+            raise
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if choice.method == "adalora":  # prunes ranks by importance, which needs this step's gradients
+            model.base_model.update_and_allocate(index + 1)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(loss):
@@ -450,11 +518,13 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
     best_val = state.best_score if val_ex else None
     write_json_atomic(run.root / "train.json", {
         "run": run.id, "snapshot": snapshot.id, "base": settings.base.name, "device": device, "threads": threads,
-        "method": settings.train.method, "dora": settings.train.dora, "epochs": epochs, "steps": state.step,
+        "method": choice.method, "method_reason": choice.reason, "dora": settings.train.dora, "epochs": epochs,
+        "steps": state.step,
         "planned_steps": len(steps), "best_step": state.best_step, "best_val_loss": best_val,
         "stopped_early": state.stopped_early, "resumed_from": state.resumed_from,
         "micro_tokens": state.micro_tokens, "train_examples": len(train_ex), "general_examples": len(general),
-        "val_examples": len(val_ex), "train_tokens": state.trained_tokens, "seconds": state.seconds,
+        "val_examples": len(val_ex), "decontaminated": [asdict(leak) for leak in leaks],
+        "train_tokens": state.trained_tokens, "seconds": state.seconds,
         "settings": settings.train.model_dump(), "curve": state.curve,
     })
     shutil.rmtree(run.checkpoints, ignore_errors=True)  # the best adapter is kept; resuming is no longer needed
@@ -485,4 +555,4 @@ def _finished(run: RunDir) -> TrainResult:
                        info["seconds"], info["curve"])
 
 
-__all__ = ["train", "TrainResult", "TrainState", "pack", "collate", "plan_steps", "step_loss", "IGNORE"]
+__all__ = ["train", "TrainInterrupted", "TrainResult", "TrainState", "pack", "collate", "plan_steps", "step_loss", "IGNORE"]

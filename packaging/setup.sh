@@ -45,6 +45,7 @@ step "installing the appliance and its test tools"
 
 step "unpacking llama.cpp's converter from the llama-cpp-python $LLAMA_CPP_VERSION sdist"
 bash packaging/fetch_converter.sh "$VPY"
+bash packaging/build_llama_server.sh "$VPY"   # native llama-server for the endpoint (cached after the first build)
 
 case "$ACTION" in
     demo)

@@ -39,3 +39,25 @@ def test_importing_appliance_makes_the_process_offline():
     env = {**os.environ, "HF_HUB_OFFLINE": "0"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split() == ["1", "1"]
+
+
+# The terminal app (issue 8) depends on the engine's contract only.
+TUI_MAY_IMPORT = {"appliance", "appliance.api", "appliance.events", "appliance.errors"}
+
+
+def test_tui_loads_no_heavy_machinery_and_only_the_engine_contract():
+    loaded = _loaded_after("import tui.app")
+    for heavy in ("torch", "transformers", "llama_cpp", "peft", "numpy"):
+        assert heavy not in loaded, f"import tui.app loaded {heavy}"
+    engine_modules = {m for m in loaded if m == "appliance" or m.startswith("appliance.")}
+    assert engine_modules <= TUI_MAY_IMPORT, f"tui pulled in {sorted(engine_modules - TUI_MAY_IMPORT)}"
+
+
+def test_tui_source_names_only_the_engine_contract():
+    import re
+
+    pattern = re.compile(r"^\s*(?:from\s+(appliance[\w.]*)\s+import|import\s+(appliance[\w.]*))", re.M)
+    for path in (REPO / "tui").rglob("*.py"):
+        for match in pattern.finditer(path.read_text()):
+            module = match.group(1) or match.group(2)
+            assert module in TUI_MAY_IMPORT, f"{path.relative_to(REPO)} imports {module} (deferred imports count too)"

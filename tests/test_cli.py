@@ -122,9 +122,20 @@ def test_home_and_key_are_private(tmp_path: Path):
     assert len(home.api_key.read_text().strip()) >= 32
 
 
-def test_commands_not_built_yet_say_so():
-    proc = appliance("forget", "doc.jsonl")
-    assert proc.returncode == 2 and "'forget' is not available in this version yet" in proc.stderr
+def test_forget_of_an_unknown_document_is_one_clear_line(tmp_path: Path):
+    home = create_home(tmp_path / "h", "tiny")
+    proc = appliance("forget", "--home", str(home.root), "doc.jsonl")
+    line = one_error_line(proc)
+    assert proc.returncode == 1 and "doc.jsonl: no such document" in line
+
+
+def test_audit_verify_on_a_fresh_home_passes_and_retrain_queues_once(tmp_path: Path):
+    home = create_home(tmp_path / "h", "tiny")
+    first = appliance("retrain", "--home", str(home.root), "--json")
+    second = appliance("retrain", "--home", str(home.root), "--json")
+    assert json.loads(first.stdout)["id"] == json.loads(second.stdout)["id"]  # coalesced
+    proc = appliance("audit", "verify", "--home", str(home.root))
+    assert proc.returncode == 0 and "audit chain intact: 1 entries" in proc.stdout
 
 
 def test_demo_with_port_in_use_fails_before_any_work(tmp_path: Path):

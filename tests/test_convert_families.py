@@ -107,8 +107,17 @@ def phi3_tokenizer(vocab: VocabTokenizers) -> Any:
         for token in data["added_tokens"]:
             if token["special"]:
                 token["rstrip"] = token["content"] not in ("<unk>", "<s>", "<|endoftext|>")
+        # No BOS outside the template, consistently: Phi-3.5's template writes none, and a
+        # post-processor adding one makes llama.cpp prepend a BOS the training prompts never
+        # had (the native-server parity check refuses such a model).
+        data["post_processor"] = None
 
-    return edit_tokenizer_json(sentencepiece_tokenizer(vocab, "phi-3"), change)
+    tokenizer = edit_tokenizer_json(sentencepiece_tokenizer(vocab, "phi-3"), change)
+    # Phi-3.5-mini's template: the vocabulary file's older Phi-3 template drops system
+    # messages, which llama-server would instead merge into the first user turn (see
+    # tests/test_parity_controls.py::test_template_that_drops_the_system_turn_fails).
+    tokenizer.chat_template = (TEMPLATES / "microsoft-Phi-3.5-mini-instruct.jinja").read_text()
+    return tokenizer
 
 
 def gemma_tokenizer(vocab: VocabTokenizers) -> Any:
@@ -246,6 +255,9 @@ def build_family(name: str, out: Path, vocab: VocabTokenizers) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if name == "phi3":  # as Microsoft's tokenizer_config.json (transformers 5 does not write the key)
+        config_file = out / "tokenizer_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "add_bos_token": False}))
     if family.sentencepiece is not None:
         write_sentencepiece_model(out, **family.sentencepiece)
     return out

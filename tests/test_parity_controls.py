@@ -15,7 +15,7 @@ import pytest
 
 from appliance import parity
 from appliance.config import Settings
-from appliance.convert import run_converter
+from appliance.convert import convert, run_converter
 from appliance.export import export_model, gguf_metadata
 from appliance.hf import load_tokenizer
 from appliance.toolchain import llama_cpp_dir
@@ -94,6 +94,14 @@ def test_lost_chat_template_fails(tiny_f16, tiny_base: Path, tmp_path: Path):
                                                    probe.ask(gguf), 0.9999)}
     assert not checks["chat_template"].passed
     assert not checks["served_prompt"].passed and "differs from training's" in checks["served_prompt"].detail
+    native = parity.check_llama_server(probe, gguf)  # the endpoint's own llama-server renders differently too
+    assert not native.passed and "differs from training's" in native.detail
+
+
+def test_unchanged_converter_passes_the_native_server_check(tiny_f16):
+    _, report = tiny_f16
+    native = by_name(report)["served_prompt_llama_server"]
+    assert native.passed and native.value == native.threshold > 0
 
 
 def test_serving_path_that_renders_differently_fails(tmp_path: Path, vocab_tokenizers):
@@ -109,6 +117,22 @@ def test_serving_path_that_renders_differently_fails(tmp_path: Path, vocab_token
     checks = by_name(export_f16(model_dir, tmp_path / "out"))
     assert checks["tokenization"].passed and checks["chat_template"].passed and checks["logits_cosine"].passed
     assert not checks["served_prompt"].passed
+
+
+def test_template_that_drops_the_system_turn_fails(tmp_path: Path, vocab_tokenizers):
+    """The older Phi-3 template (in llama.cpp's phi-3 vocabulary file) silently drops
+    system messages, so training never sees them; llama-server, finding no system role
+    in the template, merges the system text into the first user turn. The endpoint would
+    feed the model a prompt it was never trained on: the native-server check fails."""
+    model_dir = build_family("phi3", tmp_path / "hf", vocab_tokenizers)
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.chat_template = vocab_tokenizers.load("phi-3").chat_template
+    tokenizer.save_pretrained(model_dir)
+    probe = parity.probes(load_tokenizer(model_dir))
+    gguf = tmp_path / "out" / "model-f16.gguf"
+    convert(model_dir, gguf, "f16", gguf_metadata("tiny-phi3", "run-1", None))
+    check = parity.check_llama_server(probe, gguf)
+    assert not check.passed and "drops system messages" in check.detail
 
 
 @pytest.mark.slow

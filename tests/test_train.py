@@ -159,7 +159,7 @@ def test_validation_does_not_break_later_gradients(tiny_base: Path):
     tokenizer = load_tokenizer(tiny_base)
     examples = [render(tokenizer, r, 512) for r in parse(SAMPLE / "policies.jsonl").records[:8]]
     torch.manual_seed(0)
-    model = load_trainable(tiny_base, settings, "cpu")
+    model = load_trainable(tiny_base, settings, "cpu", "qlora", total_steps=10)
     for module in model.modules():  # deterministic: no dropout
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -175,3 +175,29 @@ def test_validation_does_not_break_later_gradients(tiny_base: Path):
     after = grads()
     first_layer = [n for n in before if "layers.0." in n]
     assert first_layer and all(torch.allclose(before[n], after[n], atol=1e-6) for n in before)
+
+
+def test_stop_between_passes_checkpoints_the_last_complete_step(tiny_home: Home):
+    """A daemon asked to stop mid-step drops the partial step, checkpoints the last
+    complete one and resumes from it (no finished step is lost)."""
+    from appliance import snapshot
+    from appliance.train import TrainInterrupted, train
+
+    configure(tiny_home, max_steps=4, checkpoint_every=100, micro_tokens=128, tokens_per_step=512)
+    LocalEngine(tiny_home.root).ingest()
+    settings = load(tiny_home.config)
+    snap = snapshot.cut(tiny_home, settings.data.val_fraction)
+    passes = {"n": 0}
+
+    def stop() -> bool:  # true in the middle of step 3 (4 passes of 128 tokens per step)
+        passes["n"] += 1
+        return passes["n"] > 2 * 5 + 2
+
+    with pytest.raises(TrainInterrupted):
+        train(tiny_home, snap, settings, run_id="s", stop=stop)
+    run = tiny_home.run("s")
+    saved = sorted(p.name for p in run.checkpoints.glob("step-*"))
+    assert saved == ["step-000002"]
+    assert read_json(run.checkpoints / "step-000002" / "state.json")["step"] == 2
+    result = train(tiny_home, snap, settings, run_id="s")
+    assert result.steps == 4 and read_json(run.root / "train.json")["resumed_from"] == [2]

@@ -1,0 +1,249 @@
+"""Chat: ask the served model, stream its answer; compare two versions side by side;
+mark a wrong answer and write the right one, which the engine files into the inbox as a
+correction so the next training run learns from it (issue 10)."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Footer, Header, Input, Label, Select, Static, Switch, TextArea
+from textual.worker import get_current_worker
+
+from appliance.errors import ApplianceError
+
+from ..client import NOT_AVAILABLE, Board
+from ..widgets import NavBar
+from .base import BoardScreen
+
+CURRENT = "appliance"
+SAVED = "Saved your correction; the next training run will learn from it."
+
+
+class AnswerPane(Vertical):
+    DEFAULT_CSS = """
+    AnswerPane { width: 1fr; border: round $primary; }
+    AnswerPane > Label { text-style: bold; padding: 0 1; }
+    AnswerPane VerticalScroll { height: 1fr; }
+    AnswerPane Static { padding: 0 1; }
+    """
+
+    def __init__(self, title: str, **kwargs):
+        super().__init__(**kwargs)
+        self.title_text = title
+
+    def compose(self) -> ComposeResult:
+        yield Label(self.title_text, classes="pane-title")
+        with VerticalScroll():
+            yield Static("", classes="answer")
+
+    def set_title(self, title: str) -> None:
+        self.query_one(".pane-title", Label).update(title)
+
+    def show(self, text: str) -> None:
+        self.query_one(".answer", Static).update(text)
+        self.query_one(VerticalScroll).scroll_end(animate=False)
+
+
+class ChatScreen(BoardScreen):
+    DEFAULT_CSS = """
+    ChatScreen #controls { height: 3; }
+    ChatScreen #controls Select { width: 40; }
+    ChatScreen #controls Label { padding: 1 1 0 2; }
+    ChatScreen #answers { height: 1fr; }
+    ChatScreen #right { display: none; }
+    ChatScreen.-compare #right { display: block; }
+    ChatScreen #ask { height: 3; }
+    ChatScreen #ask Input { width: 1fr; }
+    ChatScreen #ask Button { width: 16; min-width: 16; }
+    """
+    # ctrl+r: a plain letter would be typed into the question box, and Input binds no ctrl+r.
+    BINDINGS = [Binding("ctrl+o", "toggle_compare", "Compare"), Binding("ctrl+r", "correct", "Wrong answer"),
+                Binding("escape", "leave_input", "Leave box", show=False)]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.models: list[str] = []
+        self.answers: dict[str, str] = {}
+        self.asked: dict[str, list[dict[str, str]]] = {}  # pane -> the messages its answer replies to
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield NavBar("chat")
+        with Horizontal(id="controls"):
+            yield Select([(f"{CURRENT} (the served version)", CURRENT)], value=CURRENT, allow_blank=False, id="model")
+            yield Label("compare with previous")
+            yield Switch(id="compare")
+        with Horizontal(id="answers"):
+            yield AnswerPane(CURRENT, id="left")
+            yield AnswerPane("previous", id="right")
+        with Horizontal(id="ask"):
+            yield Input(placeholder="Ask a question and press Enter (escape leaves the box)", id="question")
+            yield Button("Wrong answer", id="correct", variant="warning", disabled=True,
+                         tooltip="Mark the last answer wrong and write the right one (ctrl+r)")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#question", Input).focus()
+
+    def show_board(self, board: Board) -> None:
+        names = [m.version for m in board.models]
+        if names == self.models:
+            return
+        self.models = names
+        select = self.query_one("#model", Select)
+        value = select.value
+        options = [(f"{CURRENT} (the served version)", CURRENT)] + \
+                  [(f"{m.version}{' (served now)' if m.current else ''}", m.version) for m in board.models]
+        select.set_options(options)
+        select.value = value if value in [CURRENT, *names] else CURRENT
+
+    def compare_target(self) -> str:
+        """The previous version of what is served (or base): what the comparison runs against."""
+        board = self.appliance.board
+        models = board.models if board else []
+        current = next((i for i, m in enumerate(models) if m.current), None)
+        if current is not None and current > 0:
+            return models[current - 1].version
+        return "base"
+
+    def action_toggle_compare(self) -> None:
+        switch = self.query_one("#compare", Switch)
+        switch.value = not switch.value
+
+    def action_leave_input(self) -> None:
+        self.set_focus(None)
+
+    def on_switch_changed(self, event: Switch.Changed) -> None:
+        self.set_class(event.value, "-compare")
+        self.query_one("#right", AnswerPane).set_title(self.compare_target())
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        question = event.value.strip()
+        if not question:
+            return
+        event.input.value = ""
+        model = str(self.query_one("#model", Select).value)
+        self.ask("left", model, question)
+        if self.query_one("#compare", Switch).value:
+            self.ask("right", self.compare_target(), question)
+
+    def ask(self, pane_id: str, model: str, question: str) -> None:
+        pane = self.query_one(f"#{pane_id}", AnswerPane)
+        board = self.appliance.board
+        served = board.current.version if board and board.current else None
+        pane.set_title(f"{model} ({served})" if model == CURRENT and served else model)
+        header = f"[b]You:[/b] {escape(question)}\n\n"
+        pane.show(header + "…")
+        messages = [{"role": "user", "content": question}]
+        self.asked[pane_id] = messages
+        self.answers.pop(pane_id, None)  # until this question is answered, there is no answer to correct
+        if pane_id == "left":
+            self.query_one("#correct", Button).disabled = True
+
+        def stream() -> None:
+            worker = get_current_worker()
+            text = ""
+            try:
+                for piece in self.appliance.client.stream_chat(messages, model):
+                    if worker.is_cancelled:  # a newer question, or the app quitting: stop reading (closes the stream)
+                        return
+                    text += piece
+                    self.app.call_from_thread(pane.show, header + escape(text))
+            except ApplianceError as exc:
+                self.app.call_from_thread(pane.show, header + f"[i]{escape(str(exc))}[/i]")
+                self.app.call_from_thread(self.app.notify, str(exc), title=exc.title, severity="error")
+                return
+            self.app.call_from_thread(self._answered, pane_id, text)
+
+        self.run_worker(stream, thread=True, group=f"chat-{pane_id}", exclusive=True, exit_on_error=False)
+
+    def _answered(self, pane_id: str, text: str) -> None:
+        self.answers[pane_id] = text
+        if pane_id == "left":
+            self.query_one("#correct", Button).disabled = not text.strip()
+
+    # --- corrections -------------------------------------------------------------------
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "correct":
+            self.action_correct()
+
+    def action_correct(self) -> None:
+        """Mark the last answer (the left pane's: the version asked) wrong and write the right one."""
+        client = self.appliance.client
+        if not client.can("correct"):
+            self.notify(f"Saving corrections is {NOT_AVAILABLE} in this engine.", title="Corrections",
+                        severity="warning")
+            return
+        answer, messages = self.answers.get("left", ""), self.asked.get("left")
+        if not messages or not answer.strip():
+            self.notify("Ask a question first; once the answer is complete you can mark it wrong.",
+                        title="Corrections", severity="warning")
+            return
+        messages = [dict(m) for m in messages]
+
+        def done(corrected: str | None) -> None:
+            if corrected:
+                self.appliance.act("saving your correction", lambda: client.correct(messages, corrected),
+                                   lambda _path: self.notify(SAVED, title="Correction saved"))
+
+        self.app.push_screen(CorrectionScreen(messages[-1]["content"], answer), done)
+
+
+class CorrectionScreen(ModalScreen[str | None]):
+    """The person writes the right answer; dismissed with it on save, with None on cancel."""
+
+    DEFAULT_CSS = """
+    CorrectionScreen { align: center middle; }
+    CorrectionScreen > Vertical { width: 76; max-width: 100%; height: auto; max-height: 100%;
+                                  border: thick $warning; padding: 0 1; background: $surface; }
+    CorrectionScreen .title { text-style: bold; }
+    CorrectionScreen #was { color: $text-muted; max-height: 4; }
+    CorrectionScreen TextArea { height: 8; }
+    CorrectionScreen #problem { color: $error; height: auto; }
+    CorrectionScreen Horizontal { height: auto; align: right middle; }
+    CorrectionScreen Button { margin-left: 2; }
+    """
+    BINDINGS = [Binding("ctrl+s", "save", "Save"), Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, question: str, answer: str):
+        super().__init__()
+        self.question, self.answer = question, answer
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(f"Correct the answer to: {self.question}", classes="title", markup=False)
+            yield Static(f"The model said: {self.answer.strip()}", id="was", markup=False)
+            yield Label("The right answer (the next training run learns it):")
+            yield TextArea(self.answer.strip(), id="right-answer")
+            yield Static("", id="problem")
+            with Horizontal():
+                yield Button("Save (ctrl+s)", variant="warning", id="save")
+                yield Button("Cancel (esc)", id="cancel")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        area = self.query_one(TextArea)
+        area.focus()
+        area.select_all()  # typing replaces the wrong answer; arrow keys keep it to edit
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "save":
+            self.action_save()
+        else:
+            self.action_cancel()
+
+    def action_save(self) -> None:
+        text = self.query_one(TextArea).text.strip()
+        problem = self.query_one("#problem", Static)
+        if not text:
+            problem.update("Write the right answer first (or press escape to cancel).")
+        elif text == self.answer.strip():
+            problem.update("This is still the model's answer; change it to the right one (or press escape).")
+        else:
+            self.dismiss(text)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

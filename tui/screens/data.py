@@ -1,0 +1,190 @@
+"""Data: the data advisor's warnings, what the model learns from, what was refused and why,
+and 'ingest now'."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.widgets import DataTable, Footer, Header, Static
+
+from appliance.errors import ApplianceError
+
+from ..client import NOT_AVAILABLE, Board
+from ..widgets import ConfirmScreen
+from ..widgets import NavBar
+from .base import BoardScreen
+
+
+def fill(table: DataTable, rows: list[tuple[str, ...]]) -> None:
+    """Replace the rows only when they changed, keeping the cursor where the person left it."""
+    if rows == [tuple(table.get_row_at(i)) for i in range(table.row_count)]:
+        return
+    row = table.cursor_row
+    table.clear()
+    for r in rows:
+        table.add_row(*r)
+    if rows:
+        table.move_cursor(row=min(row, len(rows) - 1))
+
+
+class DataScreen(BoardScreen):
+    DEFAULT_CSS = """
+    DataScreen #summary { padding: 0 1; height: auto; }
+    DataScreen .title { padding: 0 1; text-style: bold; margin-top: 1; }
+    DataScreen DataTable { height: auto; max-height: 8; }
+    DataScreen .note { padding: 0 1; color: $text-muted; }
+    DataScreen #advice { height: auto; padding: 0 1; }
+    DataScreen #advice .advice-warning { color: $warning; }
+    DataScreen #advice .advice-ok { color: $text-muted; }
+    DataScreen #advice .note { padding: 0; }
+    """
+    BINDINGS = [Binding("n", "app.ingest", "Ingest now"), Binding("f", "forget", "Forget document")]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.documents: list[dict[str, Any]] = []
+        self.advice: list[dict[str, str]] | None = None
+        self._advised: tuple[Any, ...] | None = None  # the data state the advice shown was read for
+        self._advice_lock = asyncio.Lock()  # two reads finishing together must not interleave their redraws
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield NavBar("data")
+        with VerticalScroll():
+            yield Static("", id="summary")
+            yield Static("Data advisor", classes="title")
+            yield Vertical(Static("Reading the advice…", classes="note"), id="advice")
+            yield Static("Sources", classes="title")
+            sources: DataTable = DataTable(id="sources", cursor_type="row")
+            sources.add_columns("document", "format", "records")
+            yield sources
+            yield Static("", id="sources-note", classes="note")
+            yield Static("Quarantined files (not learned from)", classes="title")
+            quarantine: DataTable = DataTable(id="quarantine", cursor_type="row")
+            quarantine.add_columns("file", "why")
+            yield quarantine
+            yield Static("", id="quarantine-note", classes="note")
+        yield Footer()
+
+    def show_board(self, board: Board) -> None:
+        s = board.status
+        if s is not None:
+            formats = ""
+            report = self.appliance.client.last_ingest
+            if report and report.get("formats"):
+                formats = " Formats in the last ingest: " + ", ".join(f"{k} {v}" for k, v in report["formats"].items()) + "."
+            self.query_one("#summary", Static).update(
+                f"The model learns from {s.documents} document(s), {s.records} record(s). "
+                f"{s.inbox_files} file(s) in the inbox folder ({s.home / 'inbox'}).{formats} Press n to read the inbox now.")
+        self.appliance.act("reading the data lists", self._lists, self._show_lists, quiet=True)
+        self.refresh_advice(board)
+
+    def on_screen_resume(self) -> None:
+        self._advised = None  # opening the screen reads the advice afresh
+        super().on_screen_resume()
+
+    def refresh_advice(self, board: Board) -> None:
+        """Ask the advisor again when the data changed (an ingest, here or by the daemon), not every poll:
+        it reads the whole snapshot."""
+        s = board.status
+        key = (s.documents, s.records, s.versions, s.current, self.appliance.client.ingests) if s else None
+        if key is not None and key == self._advised:
+            return
+        self._advised = key
+        self.appliance.act("reading the data advice", self._advise, self.show_advice, quiet=True)
+
+    def _advise(self) -> list[dict[str, str]] | None | ApplianceError:
+        """The advice, or the engine's reason it has none (no data yet, say): shown in place, not as an alarm."""
+        try:
+            return self.appliance.client.advise()
+        except ApplianceError as exc:
+            return exc
+
+    async def show_advice(self, advice: list[dict[str, str]] | None | ApplianceError) -> None:
+        async with self._advice_lock:
+            await self._draw_advice(advice)
+
+    async def _draw_advice(self, advice: list[dict[str, str]] | None | ApplianceError) -> None:
+        box = self.query_one("#advice", Vertical)
+        if isinstance(advice, ApplianceError):
+            self.advice = None
+            await box.remove_children()
+            await box.mount(Static(f"The advisor has nothing to say yet: {advice}", markup=False, classes="note"))
+            return
+        if advice == self.advice and box.children and advice is not None:
+            return
+        self.advice = advice
+        await box.remove_children()
+        if advice is None:
+            await box.mount(Static(f"The data advisor is {NOT_AVAILABLE} in this engine; 'appliance advise' gives "
+                             f"its warnings when it ships.", classes="note"))
+            return
+        if not advice:
+            await box.mount(Static("No advice: nothing to warn about.", classes="advice-ok"))
+            return
+        # Warnings first (the client sorts them), each on its own line with a sign that needs no colour.
+        await box.mount_all(Static(("⚠ " if a["level"] == "warning" else "✓ ") + a["message"], markup=False,
+                                   classes="advice-warning" if a["level"] == "warning" else "advice-ok")
+                            for a in advice)
+
+    def _lists(self) -> tuple[Any, list[dict[str, Any]] | None]:
+        client = self.appliance.client
+        return client.sources(), client.quarantined()
+
+    def _show_lists(self, lists: tuple[Any, list[dict[str, Any]] | None]) -> None:
+        sources, quarantined = lists
+        table = self.query_one("#sources", DataTable)
+        note = self.query_one("#sources-note", Static)
+        if sources is None:
+            note.update(f"The list of source documents is {NOT_AVAILABLE} (it comes with a promoted version's "
+                        f"lineage); the totals above are.")
+        else:
+            sources, where = sources
+            self.documents = list(sources)
+            fill(table, [(str(src.get("path") or src.get("name") or src.get("sha256", "?")),
+                          str(src.get("format", "-")), str(src.get("records", "-"))) for src in sources])
+            note.update(f"Showing the {where}." if sources else "No documents learned yet.")
+        table = self.query_one("#quarantine", DataTable)
+        note = self.query_one("#quarantine-note", Static)
+        if quarantined is None:
+            board = self.appliance.board
+            count = board.inbox.get("quarantined") if board else None
+            where = board.status.home / "quarantine" if board and board.status else "the home's quarantine folder"
+            said = f"{count} file(s) quarantined. " if count else ""
+            note.update(f"{said}The list with reasons is {NOT_AVAILABLE} from this engine; it appears after an "
+                        f"ingest runs here (press n). The files and their reasons are in {where}.")
+        else:
+            fill(table, [(str(q.get("file") or q.get("path") or "?"),
+                          "; ".join(map(str, q.get("reasons") or [q.get("reason", "no reason recorded")])))
+                         for q in quarantined])
+            note.update("Nothing quarantined." if not quarantined else
+                        "Fix the file and drop it into the inbox again; the reasons say what was wrong.")
+
+    def action_forget(self) -> None:
+        client = self.appliance.client
+        if not client.can("forget"):
+            self.notify(f"Forgetting a document is {NOT_AVAILABLE} in this engine.", severity="warning")
+            return
+        table = self.query_one("#sources", DataTable)
+        if not self.documents or table.cursor_row >= len(self.documents):
+            self.notify("Choose a document in the Sources table first (arrow keys or a click).", severity="warning")
+            return
+        doc = self.documents[table.cursor_row]
+        name = str(doc.get("path") or doc.get("sha256"))
+        target = str(doc.get("sha256") or doc.get("path"))
+        consequence = (f"Everything the appliance holds from {name} is deleted: its records, any quarantined copy "
+                       f"and the training files of runs that used it. The model is retrained without it, and every "
+                       f"version trained on it is retired and deleted, so no rollback can bring it back. "
+                       f"This cannot be undone.")
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.appliance.act(f"forgetting {name}", lambda: client.forget(target),
+                                   lambda _: self.notify(f"{name} is forgotten; retraining without it is queued.",
+                                                         title="Forgotten"))
+
+        self.app.push_screen(ConfirmScreen(f"Forget {name}?", consequence, "Forget"), done)

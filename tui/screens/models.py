@@ -1,0 +1,221 @@
+"""Models: the versions, how they differ, promote and roll back (with a confirmation)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Footer, Header, Markdown, Static
+
+from appliance.api import ModelVersion
+
+from ..client import NOT_AVAILABLE, Board, training_method
+from ..widgets import ConfirmScreen, NavBar
+from .base import BoardScreen
+from .dashboard import gate_summary
+
+
+def difference(version: ModelVersion, previous: ModelVersion | None, mine: dict[str, Any],
+               theirs: dict[str, Any]) -> str:
+    if previous is None:
+        return "first version"
+    parts = []
+    loss, before = mine.get("val_loss"), theirs.get("val_loss")
+    if isinstance(loss, (int, float)) and isinstance(before, (int, float)):
+        parts.append(f"loss {loss - before:+.3f}")
+    docs, docs_before = mine.get("documents"), theirs.get("documents")
+    if isinstance(docs, int) and isinstance(docs_before, int) and docs != docs_before:
+        parts.append(f"{docs - docs_before:+d} docs")
+    parts.append(f"{(version.size - previous.size) / 1e6:+.0f} MB")
+    if version.quant != previous.quant:
+        parts.append(f"{previous.quant}→{version.quant}")
+    return ", ".join(parts)
+
+
+def method_words(details: dict[str, Any]) -> str:
+    """' Trained with qlora: <why>.' when the training run recorded its method; nothing otherwise."""
+    method = details.get("method")
+    if not method:
+        return ""
+    reason = details.get("method_reason")
+    return f" Trained with {method}" + (f": {reason}." if reason else ".")
+
+
+def number(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+class ModelsScreen(BoardScreen):
+    DEFAULT_CSS = """
+    ModelsScreen DataTable { height: 1fr; }
+    ModelsScreen #detail { height: auto; max-height: 8; padding: 0 1; border-top: solid $primary; }
+    """
+    BINDINGS = [Binding("p", "promote", "Promote"), Binding("r", "rollback", "Roll back"),
+                Binding("l", "lineage", "Lineage")]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.versions: list[ModelVersion] = []
+        self.details: dict[str, dict[str, Any]] = {}  # version -> val_loss, probes, documents (when known)
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield NavBar("models")
+        with Vertical():
+            table: DataTable = DataTable(cursor_type="row", zebra_stripes=True, id="versions")
+            table.add_columns("version", "built", "quant", "size", "val loss", "probes", "method", "vs previous")
+            yield table
+            yield Static("Select a version: p promotes it, r rolls back, l shows which documents made it.",
+                         id="detail")
+        yield Footer()
+
+    def show_board(self, board: Board) -> None:
+        if [(v.version, v.current) for v in board.models] == [(v.version, v.current) for v in self.versions]:
+            return
+        self.fill(board.models)
+        client = self.appliance.client
+        models = list(board.models)
+        self.appliance.act("reading the versions' numbers",
+                           lambda: {v.version: client.version_details(v) for v in models},
+                           lambda details: (self.details.update(details), self.fill(models)), quiet=True)
+
+    def fill(self, models: list[ModelVersion]) -> None:
+        table = self.query_one(DataTable)
+        row = table.cursor_row
+        table.clear()
+        previous = None
+        for v in models:
+            d = self.details.get(v.version, {})
+            name = f"{v.version} ●" if v.current else v.version
+            table.add_row(name, datetime.fromtimestamp(v.created).strftime("%m-%d %H:%M"), v.quant,
+                          f"{v.size / 1e6:.0f} MB", number(d.get("val_loss")), d.get("probes") or "-",
+                          d.get("method") or "-",
+                          difference(v, previous, d, self.details.get(previous.version, {}) if previous else {}),
+                          key=v.version)
+            previous = v
+        self.versions = list(models)  # only once the table shows them
+        if not self.versions:
+            self.query_one("#detail", Static).update("No model versions yet: the first one appears after "
+                                                     "'appliance init' exports the base model.")
+        elif row < len(self.versions):
+            table.move_cursor(row=row)
+
+    def selected(self) -> ModelVersion | None:
+        table = self.query_one(DataTable)
+        if not self.versions or table.cursor_row >= len(self.versions):
+            return None
+        return self.versions[table.cursor_row]
+
+    def current(self) -> ModelVersion | None:
+        return next((v for v in self.versions if v.current), None)
+
+    def action_promote(self) -> None:
+        chosen, current = self.selected(), self.current()
+        if chosen is None:
+            self.notify("There is no version to promote yet.", severity="warning")
+            return
+        if chosen.current:
+            self.notify(f"{chosen.version} is already the one being served.")
+            return
+        was = f"instead of {current.version}" if current else "(nothing is served now)"
+        consequence = (f"The endpoint will answer requests for 'appliance' with {chosen.version} {was}. "
+                       f"Requests in progress finish on the old model."
+                       + (f" You can roll back to {current.version} afterwards." if current else ""))
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.appliance.act(f"promoting {chosen.version}", lambda: self.appliance.client.promote(chosen.version),
+                                   lambda _: self.appliance.notify(f"Now serving {chosen.version}.", title="Promoted"))
+
+        self.app.push_screen(ConfirmScreen(f"Promote {chosen.version}?", consequence, "Promote"), done)
+
+    def action_rollback(self) -> None:
+        current = self.current()
+        if current is None:
+            self.notify("Nothing is being served, so there is nothing to roll back.", severity="warning")
+            return
+        consequence = (f"The endpoint stops serving {current.version} and serves the version promoted "
+                       f"before it again. {current.version} stays on disk and can be promoted again later.")
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.appliance.act("rolling back", self.appliance.client.rollback,
+                                   lambda v: self.appliance.notify(f"Rolled back: now serving {v}.", title="Rolled back"))
+
+        self.app.push_screen(ConfirmScreen(f"Roll back from {current.version}?", consequence, "Roll back"), done)
+
+    def action_lineage(self) -> None:
+        chosen = self.selected()
+        if chosen is None:
+            return
+        detail = self.query_one("#detail", Static)
+
+        def show(lineage: dict[str, Any] | None) -> None:
+            if lineage is None:  # versions promoted before lineage existed, or an older engine
+                detail.update(f"{chosen.version}: run {chosen.run or '-'}, snapshot {chosen.snapshot or '-'}, "
+                              f"sha256 {chosen.sha256[:16]}… Lineage (which documents): {NOT_AVAILABLE}.")
+            else:
+                self.app.push_screen(LineageScreen(lineage_markdown(chosen.version, lineage)))
+
+        self.appliance.act("reading the lineage", lambda: self.appliance.client.lineage(chosen.version), show,
+                           quiet=True)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        v = self.selected()
+        if v is not None:
+            self.query_one("#detail", Static).update(
+                f"{v.version}{' (served now)' if v.current else ''}: run {v.run or '-'}, snapshot "
+                f"{v.snapshot or '-'}, sha256 {v.sha256[:16]}…{method_words(self.details.get(v.version, {}))}"
+                f"  p promote · r roll back · l lineage")
+
+
+def lineage_markdown(version: str, lineage: dict[str, Any]) -> str:
+    """What made a version, from its lineage.json, for people: documents first."""
+    def short(value: Any) -> str:
+        return f"`{str(value)[:16]}…`" if value else "-"
+
+    def when(at: Any) -> str:
+        return datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M") if isinstance(at, (int, float)) else "-"
+
+    docs = lineage.get("documents") or []
+    training = lineage.get("training") or {}
+    method = dict(zip(("method", "method_reason"), training_method({}, lineage)))
+    lines = [f"# {version}: what made it", "",
+             f"- **Base model** {lineage.get('base', '-')} {short(lineage.get('base_sha256'))}",
+             f"- **Data** snapshot {lineage.get('snapshot') or '-'}: {lineage.get('records', '?')} records "
+             f"from {len(docs)} document(s)",
+             f"- **Training** run {lineage.get('run') or '-'}, {training.get('steps', '?')} steps, best validation "
+             f"loss {number(training.get('best_val_loss'))}.{method_words(method)}",
+             f"- **File** {lineage.get('quant') or '-'} {short(lineage.get('gguf_sha256'))}",
+             f"- **Promoted** {when(lineage.get('promoted_at'))} by job {lineage.get('job', '-')} "
+             f"({lineage.get('kind', '-')})", "", f"## Documents ({len(docs)})", "",
+             "| document | records | sha256 |", "|---|---|---|"]
+    for d in docs:
+        if isinstance(d, dict):
+            lines.append(f"| {d.get('path') or '-'} | {d.get('records', '-')} | {short(d.get('sha256'))} |")
+    gate = lineage.get("gate")
+    if isinstance(gate, dict):
+        lines += ["", "## Gate", "", gate_summary(gate)]
+    return "\n".join(lines)
+
+
+class LineageScreen(ModalScreen[None]):
+    DEFAULT_CSS = """
+    LineageScreen { align: center middle; }
+    LineageScreen > VerticalScroll { width: 78; max-width: 100%; height: 90%; border: thick $accent;
+                                     background: $surface; padding: 0 1; }
+    """
+    BINDINGS = [Binding("escape,q,l", "dismiss", "Close")]
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Markdown(self.text, id="lineage")
+        yield Footer()
