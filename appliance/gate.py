@@ -61,6 +61,8 @@ class Report:
     current: dict[str, Any]
     checks: list[Check] = field(default_factory=list)
     seconds: float = 0.0
+    # Metrics people recognise, side by side (information, not checks): see _metrics.
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -79,7 +81,8 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"run": self.run, "kind": self.kind, "passed": self.passed, "verdict": self.verdict(),
                 "failed": [c.name for c in self.failed], "candidate": self.candidate, "current": self.current,
-                "checks": [asdict(c) for c in self.checks], "seconds": self.seconds, "at": time.time()}
+                "checks": [asdict(c) for c in self.checks], "metrics": self.metrics, "seconds": self.seconds,
+                "at": time.time()}
 
 
 # --- the gate ----------------------------------------------------------------------------------
@@ -146,13 +149,15 @@ def _model_checks(home: Home, report: Report, run_id: str, cand: Path, cur: Path
     from .hf import load_tokenizer
 
     tokenizer = load_tokenizer(home.base(settings.base.name))
-    examples, new_mask = _validation(home, run_id, cur_version, tokenizer, settings)
+    examples, new_mask, questions = _validation(home, run_id, cur_version, tokenizer, settings)
     general = _general_probes()
     user = _user_probes(home)
     text = _text_sequences(tokenizer)
     prompts = _prompt_ids(cand, [p.question for p in general + user], settings)
-    cand_out = _ask(cand, examples, text, prompts, settings)
-    cur_out = _ask(cur, examples, text, prompts, settings)
+    sample = _answer_sample(examples, questions)
+    cand_out = _ask(cand, examples, text, prompts + [q.prompt for q in sample], settings)
+    cur_out = _ask(cur, examples, text, prompts + [q.prompt for q in sample], settings)
+    report.metrics = _metrics(tokenizer, sample, cand_out, cur_out, len(prompts))
     report.checks += _loss_checks(cand_out["val"], cur_out["val"], new_mask, settings, kind)
     n = len(general)
     report.checks += _general_checks(tokenizer, general, cand_out, cur_out, n, settings)
@@ -163,15 +168,16 @@ def _model_checks(home: Home, report: Report, run_id: str, cand: Path, cur: Path
 
 
 def _validation(home: Home, run_id: str, cur_version: str | None, tokenizer: Any,
-                settings: Settings) -> tuple[list[tuple[list[int], list[int]]], list[bool]]:
-    """Rendered validation examples of the candidate's snapshot, and which ones the current model never saw."""
+                settings: Settings) -> tuple[list[tuple[list[int], list[int]]], list[bool], list[str]]:
+    """Rendered validation examples of the candidate's snapshot, which ones the current
+    model never saw, and each one's last user question ("" for documents)."""
     from .render import RenderError, render
     from .snapshot import load, records
 
     info = read_json(home.run(run_id).root / "train.json")
     val = sorted(load(home, info["snapshot"]).val)[: settings.gate.max_examples]
     seen = _seen_by(home, cur_version)
-    out, new = [], []
+    out, new, questions = [], [], []
     for record_hash, record in zip(val, records(home, val)):
         try:
             example = render(tokenizer, record, settings.data.max_tokens, "truncate")
@@ -179,7 +185,9 @@ def _validation(home: Home, run_id: str, cur_version: str | None, tokenizer: Any
             continue
         out.append((example.input_ids, example.labels))
         new.append(record_hash not in seen)
-    return out, new
+        users = [m["content"] for m in record.body.get("messages", []) if m["role"] == "user"]
+        questions.append(users[-1] if users else "")
+    return out, new, questions
 
 
 def _seen_by(home: Home, version: str | None) -> set[str]:
@@ -293,6 +301,56 @@ def _loss_checks(cand: list[list[float]], cur: list[list[float]], new_mask: list
                             f"on {len(new)} validation examples the current model never saw, the loss changes by "
                             f"{mean_new:+.4f}" + ("" if ok else ": the candidate did not learn the new data better")))
     return checks
+
+
+# --- metrics people recognise (issue 10) -------------------------------------------------------
+
+SAMPLE_QUESTIONS = 20
+ANSWER_TOKENS = 48  # the reference is cut where the greedy answers are (gate.probe_tokens' default)
+
+
+@dataclass(frozen=True)
+class Question:
+    prompt: list[int]  # the conversation up to its last answer, as trained
+    answer: list[int]  # that answer's first ANSWER_TOKENS tokens
+    text: str  # the last user question, for people to read
+
+
+def _answer_sample(examples: list[tuple[list[int], list[int]]], questions: list[str]) -> list[Question]:
+    """Up to SAMPLE_QUESTIONS validation conversations (documents have no question)."""
+    sample = []
+    for (ids, labels), text in zip(examples, questions):
+        trained = [i for i, label in enumerate(labels) if label != -100]
+        if not trained or not text:
+            continue
+        start = trained[-1]
+        while start - 1 in trained:
+            start -= 1
+        sample.append(Question(ids[:start], ids[start: trained[-1] + 1][:ANSWER_TOKENS], text))
+        if len(sample) == SAMPLE_QUESTIONS:
+            break
+    return sample
+
+
+def _metrics(tokenizer: Any, sample: list[Question], cand: dict[str, Any], cur: dict[str, Any],
+             skip: int) -> dict[str, Any]:
+    """Validation loss and perplexity of both models, and on the sampled questions exact
+    match, token F1, ROUGE-L and BLEU of their greedy answers against the reference."""
+    from .metrics import answer_metrics, perplexity
+
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    references = [decode(q.answer) for q in sample]
+    out: dict[str, Any] = {"sample": []}
+    answers = {}
+    for name, result in (("candidate", cand), ("current", cur)):
+        said = [decode(ids) for ids in result["answers"][skip: skip + len(sample)]]
+        answers[name] = said
+        loss = sum(s for s, _ in result["val"]) / max(1, sum(n for _, n in result["val"]))
+        out[name] = {"validation_loss": loss, "validation_perplexity": perplexity(loss),
+                     "general_text_perplexity": _perplexity(result["text"]), **answer_metrics(said, references)}
+    for q, reference, a, b in zip(sample, references, answers["candidate"], answers["current"]):
+        out["sample"].append({"question": q.text, "reference": reference, "candidate": a, "current": b})
+    return out
 
 
 def _hits(tokenizer: Any, probes: list[Any], answers: list[list[int]]) -> list[bool]:

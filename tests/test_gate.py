@@ -89,3 +89,13 @@ def test_a_damaged_candidate_is_refused_and_the_current_model_kept(damaged: dict
     assert "validation_loss" in report["failed"] and report["verdict"].startswith("keep the current model")
     assert registry.current(home) == before
     assert read_json(home.run(damaged["run"]).eval)["failed"] == report["failed"]
+    # The metrics people recognise, side by side (issue 10), computed on the same files.
+    metrics = report["metrics"]
+    questions = {json.loads(line)["messages"][-2]["content"] for line in (SAMPLE / "policies.jsonl").read_text().splitlines()}
+    for side in ("candidate", "current"):
+        m = metrics[side]
+        assert 0 <= m["exact_match"] <= 1 and 0 <= m["token_f1"] <= 1 and 0 <= m["rouge_l"] <= 1
+        assert 0 <= m["bleu"] <= 100 and m["examples"] == len(metrics["sample"]) > 0
+        assert m["validation_perplexity"] > 1
+    assert metrics["candidate"]["validation_perplexity"] > metrics["current"]["validation_perplexity"]
+    assert all(item["question"] in questions and item["reference"] for item in metrics["sample"])

@@ -101,7 +101,9 @@ class ScriptedEngine(BasicEngine):
         self.reports: dict[str, dict[str, Any]] = {"run-v1": {"passed": True, "checks": [
             {"name": "validation_loss", "passed": True, "value": {"candidate": 1.91, "current": 2.05}},
             {"name": "general_probes", "passed": True, "value": {"candidate": 4, "current": 4, "questions": 5}},
-            {"name": "new_data", "passed": None, "detail": "not required"}]}}
+            {"name": "new_data", "passed": None, "detail": "not required"}],
+            "metrics": {"candidate": {"exact_match": 0.3, "token_f1": 0.52, "rouge_l": 0.48, "bleu": 21.04},
+                        "current": {"exact_match": 0.1, "token_f1": 0.2, "rouge_l": 0.25, "bleu": 8.0}}}}
         self.paused = False
         self.corrections: list[tuple[list[dict[str, str]], str]] = []   # correct() calls, in order
         self.advised = 0                                                  # advise() calls
@@ -674,6 +676,8 @@ async def test_models_show_the_training_method_and_why(engine):
         assert table.get_row_at(0)[6] == "-" and table.get_row_at(2)[6] == "-"   # no method recorded: a dash
         await pilot.press("down")
         await settle(pilot, app, lambda: "Trained with qlora: 340 examples" in text_of(app, "#detail"))
+        assert ("Answers vs reference: EM 0.30, F1 0.52, ROUGE-L 0.48, BLEU 21.0 (model it replaced: EM 0.10"
+                in text_of(app, "#detail"))
         await pilot.press("l")
         await settle(pilot, app, lambda: type(app.screen).__name__ == "LineageScreen")
         assert "Trained with qlora" in app.screen.query_one("#lineage").source

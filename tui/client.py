@@ -367,7 +367,8 @@ class Client:
         docs = (lineage or {}).get("documents")
         method, reason = training_method(known, lineage)
         return {"val_loss": loss, "probes": score, "documents": len(docs) if isinstance(docs, list) else None,
-                "passed": gate.get("passed", known.get("gate_passed")), "method": method, "method_reason": reason}
+                "passed": gate.get("passed", known.get("gate_passed")), "method": method, "method_reason": reason,
+                "answers": gate.get("metrics") if isinstance(gate.get("metrics"), dict) else None}
 
     def advise(self) -> list[dict[str, str]] | None:
         """The data advisor's findings (issue 10), warnings first; None when the engine has no advisor."""

@@ -36,6 +36,22 @@ def difference(version: ModelVersion, previous: ModelVersion | None, mine: dict[
     return ", ".join(parts)
 
 
+def answer_words(details: dict[str, Any]) -> str:
+    """' Answers vs reference: EM 0.30, F1 0.52, ROUGE-L 0.48, BLEU 21.0 (model it replaced: …).'
+    from the gate's metrics on sampled validation questions; nothing when not recorded."""
+    metrics = details.get("answers") or {}
+
+    def line(m: Any) -> str:
+        if not isinstance(m, dict) or "exact_match" not in m:
+            return ""
+        return (f"EM {m['exact_match']:.2f}, F1 {m['token_f1']:.2f}, ROUGE-L {m['rouge_l']:.2f}, "
+                f"BLEU {m['bleu']:.1f}")
+    ours, theirs = line(metrics.get("candidate")), line(metrics.get("current"))
+    if not ours:
+        return ""
+    return f" Answers vs reference: {ours}" + (f" (model it replaced: {theirs})." if theirs else ".")
+
+
 def method_words(details: dict[str, Any]) -> str:
     """' Trained with qlora: <why>.' when the training run recorded its method; nothing otherwise."""
     method = details.get("method")
@@ -170,6 +186,7 @@ class ModelsScreen(BoardScreen):
             self.query_one("#detail", Static).update(
                 f"{v.version}{' (served now)' if v.current else ''}: run {v.run or '-'}, snapshot "
                 f"{v.snapshot or '-'}, sha256 {v.sha256[:16]}…{method_words(self.details.get(v.version, {}))}"
+                f"{answer_words(self.details.get(v.version, {}))}"
                 f"  p promote · r roll back · l lineage")
 
 
