@@ -106,6 +106,10 @@ class Engine(Protocol):
         """The data advisor on the current data (and the latest run's curve): dicts with
         "level" ("warning" or "ok"), "code" and a plain-words "message"."""
 
+    def set_method(self, method: str) -> str:
+        """Choose how the next runs train ([train] method: auto, qlora, lora, dora, adalora,
+        ia3, full); validated like config.toml; returns the method now configured."""
+
     def correct(self, messages: list[dict[str, str]], answer: str) -> str:
         """Save a person's correction (the conversation up to the question, and the right
         answer) as a new conversation file in the inbox; returns its path."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -196,12 +196,17 @@ def load(path: Path) -> Settings:
     unknown = set(data) - set(Settings.model_fields)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
+    return validated(data, path)
+
+
+def validated(data: dict[str, Any], source: Path | str) -> Settings:
+    """Settings from plain data, with the first problem as one line naming ``source``."""
     try:
         return Settings(**data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+        raise ConfigError(f"{source}: {where}: {first['msg']}") from None
 
 
 def dump(settings: Settings) -> str:

@@ -191,6 +191,20 @@ class LocalEngine:
             advice += advise_run(read_json(runs[-1])["curve"])
         return [a.to_dict() for a in advice]
 
+    def set_method(self, method: str) -> str:
+        from . import audit
+        from .config import dump, load, validated
+        from .fsutil import write_text_atomic
+
+        settings = load(self.paths.config)
+        before = settings.train.method
+        data = settings.model_dump(exclude_none=True)
+        data["train"]["method"] = method
+        checked = validated(data, "train.method")  # the same checks (and refusals) as config.toml
+        write_text_atomic(self.paths.config, dump(checked), mode=0o600)
+        audit.append(self.paths, "configure", key="train.method", value=checked.train.method, before=before)
+        return checked.train.method
+
     def correct(self, messages: list[dict[str, str]], answer: str) -> str:
         from . import audit
         from .corrections import write_correction

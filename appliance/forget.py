@@ -79,6 +79,7 @@ def forget(home: Home, document: str, queue: bool = True) -> dict[str, Any]:
         raise DataError(f"document {sha[:12]} is under legal hold ({held[sha]}); it cannot be forgotten")
     removed = _remove_from_store(home, sha)
     files = _remove_files(home, sha, removed["paths"])
+    _refuse_waiting_reviews(home, sha)
     runs = remove_runs(home, sha, keep=_open_runs(home))
     retired = retire_versions_with(home, sha, None)
     job_id = None
@@ -189,6 +190,18 @@ def remove_runs(home: Home, sha: str, keep: set[str] = frozenset()) -> list[str]
         shutil.rmtree(folder, ignore_errors=True)
         gone.append(folder.name)
     return gone
+
+
+def _refuse_waiting_reviews(home: Home, sha: str) -> None:
+    """A candidate waiting for reviewers that was trained on the document is refused first:
+    its run is about to be deleted, and no vote may bring the document back."""
+    from .pipeline import runs_with
+
+    doomed = {folder.name for folder in runs_with(home, _snapshot_documents(home), sha)}
+    with Journal(home.jobs_db) as journal:
+        for job in journal.awaiting_review():
+            if job.run_id in doomed:
+                journal.finish(job.id, "refused", "a document it was trained on was forgotten")
 
 
 def _open_runs(home: Home) -> set[str]:

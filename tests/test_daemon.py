@@ -208,8 +208,12 @@ def test_kill_9_at_random_points_then_the_jobs_complete_once(template: Home, tmp
     with Journal(home.jobs_db) as journal:
         jobs = journal.jobs(100)
     assert all(j.state in ("done", "refused") for j in jobs), [(j.id, j.state, j.error) for j in jobs]
-    # the first file and the three later ones: one job, then exactly one follow-up
-    assert len(jobs) == 2, [(j.id, j.reason) for j in jobs]
+    # The first file, then the three written while the first job was in flight: they queue
+    # one follow-up, not one each. (A file the watcher finds stable only after that follow-up
+    # has started is new data for a running job and rightly gets its own run; on a loaded
+    # machine the three stability checks can straddle that start.)
+    follow_ups = sorted(jobs, key=lambda j: j.id)[1:]
+    assert 1 <= len(follow_ups) <= 2, [(j.id, j.reason) for j in jobs]
     history = read_json(home.models / "history.json")
     for job in jobs:
         promoted = [h for h in history if h.get("job") == job.id]

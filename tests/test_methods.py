@@ -89,3 +89,15 @@ def test_only_plain_lora_becomes_a_gguf_adapter(tmp_path: Path):
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(ExportError, match="IA3 adapter cannot be served as a llama.cpp LoRA"):
         convert_lora(tmp_path, adapter, tmp_path / "out.gguf")
+
+
+def test_engine_sets_the_method_with_the_config_checks(tiny_home: Home):
+    from appliance import audit
+
+    engine = open_engine(tiny_home.root)
+    assert engine.set_method("ia3") == "ia3" and load(tiny_home.config).train.method == "ia3"
+    with pytest.raises(ConfigError, match="prefix tuning adds learned key/value vectors"):
+        engine.set_method("prefix-tuning")
+    assert load(tiny_home.config).train.method == "ia3"  # a refused choice changes nothing
+    entry = audit.find(tiny_home, "configure")[-1]
+    assert entry["details"]["value"] == "ia3" and entry["details"]["before"] == "qlora"

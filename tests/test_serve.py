@@ -113,6 +113,12 @@ def test_one_log_line_per_request_without_text(served, caplog):
                                                  messages=[{"role": "user", "content": f"Say {CANARY}"}])
         list(served["client"].chat.completions.create(model="appliance", max_tokens=4, stream=True,
                                                       messages=[{"role": "user", "content": f"Say {CANARY}"}]))
+        # A stream's line is written when the front has closed it, just after the client saw
+        # the last chunk: wait for it rather than race it.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(
+                r.getMessage().startswith("request ") for r in caplog.records) < 2:
+            time.sleep(0.05)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request ")]
     assert len(lines) == 2
     for line in lines:

@@ -88,6 +88,10 @@ class BasicEngine:
         self.calls.append(("rollback",))
         return "base"
 
+    def set_method(self, method: str) -> str:
+        self.calls.append(("set_method", method))
+        return method
+
 
 class ScriptedEngine(BasicEngine):
     """The whole Protocol (with the daemon's views): the state fields are set by each test."""
@@ -103,7 +107,9 @@ class ScriptedEngine(BasicEngine):
             {"name": "general_probes", "passed": True, "value": {"candidate": 4, "current": 4, "questions": 5}},
             {"name": "new_data", "passed": None, "detail": "not required"}],
             "metrics": {"candidate": {"exact_match": 0.3, "token_f1": 0.52, "rouge_l": 0.48, "bleu": 21.04},
-                        "current": {"exact_match": 0.1, "token_f1": 0.2, "rouge_l": 0.25, "bleu": 8.0}}}}
+                        "current": {"exact_match": 0.1, "token_f1": 0.2, "rouge_l": 0.25, "bleu": 8.0},
+                        "sample": [{"question": "Which extension reaches the pharmacist?", "reference": "4417.",
+                                    "candidate": "Extension 4417.", "current": "I do not know."}]}}}
         self.paused = False
         self.corrections: list[tuple[list[dict[str, str]], str]] = []   # correct() calls, in order
         self.advised = 0                                                  # advise() calls
@@ -680,7 +686,9 @@ async def test_models_show_the_training_method_and_why(engine):
                 in text_of(app, "#detail"))
         await pilot.press("l")
         await settle(pilot, app, lambda: type(app.screen).__name__ == "LineageScreen")
-        assert "Trained with qlora" in app.screen.query_one("#lineage").source
+        source = app.screen.query_one("#lineage").source
+        assert "Trained with qlora" in source and "Sample answers (1 validation questions)" in source
+        assert "| Which extension reaches the pharmacist? | 4417. | Extension 4417. | I do not know. |" in source
 
 
 def test_training_method_comes_from_metrics_or_lineage():
@@ -689,3 +697,19 @@ def test_training_method_comes_from_metrics_or_lineage():
     assert training_method({"method": "dora", "method_reason": "asked for"}, None) == ("dora", "asked for")
     assert training_method({}, {"training": {"settings": {"method": "auto"}}}) == (None, None)
     assert training_method({}, {"training": {"method": "full", "method_reason": None}}) == ("full", None)
+
+
+async def test_choosing_the_training_method_from_the_models_screen(engine):
+    app = make_app(engine, poll_seconds=0.2)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("m")
+        await settle(pilot, app, lambda: app.screen.query_one(DataTable).row_count == 3)
+        await pilot.press("e")
+        await settle(pilot, app, lambda: type(app.screen).__name__ == "MethodScreen")
+        await pilot.press("escape")
+        await settle(pilot, app, lambda: type(app.screen).__name__ == "ModelsScreen")
+        assert not [c for c in engine.calls if c[0] == "set_method"]
+        await pilot.press("e")
+        await settle(pilot, app, lambda: type(app.screen).__name__ == "MethodScreen")
+        await pilot.press("down", "down", "down", "down", "down", "enter")  # auto, qlora, lora, dora, adalora, ia3
+        await settle(pilot, app, lambda: ("set_method", "ia3") in engine.calls)

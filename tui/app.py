@@ -22,6 +22,7 @@ from appliance.errors import ApplianceError
 
 from .client import Board, Client
 from .screens import ActivityScreen, ChatScreen, DashboardScreen, DataScreen, ModelsScreen
+from .screens.review import ReviewScreen
 from .widgets import HelpScreen
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,14 @@ DARK, LIGHT = "textual-dark", "textual-light"
 class ApplianceApp(App[None]):
     TITLE = "Appliance"
     MODES = {"dashboard": DashboardScreen, "models": ModelsScreen, "data": DataScreen,
-             "chat": ChatScreen, "activity": ActivityScreen}
+             "chat": ChatScreen, "activity": ActivityScreen, "review": ReviewScreen}
     BINDINGS = [
         Binding("d", "switch_mode('dashboard')", "Dashboard", show=False),
         Binding("m", "switch_mode('models')", "Models", show=False),
         Binding("i", "switch_mode('data')", "Data", show=False),
         Binding("c", "switch_mode('chat')", "Chat", show=False),
         Binding("a", "switch_mode('activity')", "Activity", show=False),
+        Binding("v", "switch_mode('review')", "Review", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         Binding("q", "quit", "Quit"),
@@ -165,7 +167,8 @@ class ApplianceApp(App[None]):
         yield from super().get_system_commands(screen)
         for mode, text in (("dashboard", "what the appliance is doing now"), ("models", "versions, promote, roll back"),
                            ("data", "documents and quarantined files"), ("chat", "ask the model"),
-                           ("activity", "audit log and events")):
+                           ("activity", "audit log and events"),
+                           ("review", "vote on candidates waiting for promotion")):
             yield SystemCommand(f"Go to {mode.title()}", text, lambda m=mode: self.switch_mode(m))
         yield SystemCommand("Ingest now", "read the inbox once", self.action_ingest)
         yield SystemCommand("Retrain now", "train on the current data and build a new version", self.action_retrain)

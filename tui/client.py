@@ -452,7 +452,7 @@ class Client:
     def can(self, capability: str) -> bool:
         names = {"forget": ("forget",), "pause": ("pause_watching",), "lineage": ("lineage",),
                  "audit": ("audit_entries", "audit", "audit_log"), "retrain": ("retrain",),
-                 "correct": ("correct",), "advise": ("advise",)}[capability]
+                 "correct": ("correct",), "advise": ("advise",), "review": ("reviews",)}[capability]
         return _first(self.engine, *names) is not None
 
     def verify_audit(self) -> dict[str, Any]:
@@ -475,11 +475,32 @@ class Client:
             raise ApplianceError(f"saving corrections is {NOT_AVAILABLE} in this engine")
         return str(fn([dict(m) for m in messages], answer))
 
+    def set_method(self, method: str) -> str:
+        """How the next runs train ([train] method); the engine validates it like config.toml."""
+        fn = _first(self.engine, "set_method")
+        if fn is None:
+            raise ApplianceError(f"choosing the training method here is {NOT_AVAILABLE}; set [train] method in "
+                                 "config.toml")
+        return str(fn(method))
+
     def forget(self, document: str) -> Any:
         fn = _first(self.engine, "forget")
         if fn is None:
             raise ApplianceError(f"forgetting a document is {NOT_AVAILABLE}; use 'appliance forget' when it ships")
         return fn(document)
+
+    def reviews(self) -> list[dict[str, Any]] | None:
+        """Candidates waiting for human review (issue 10); None when the engine has no review."""
+        fn = _first(self.engine, "reviews")
+        return None if fn is None else [_plain(r) for r in fn() or []]
+
+    def vote(self, run: str, approve: bool, comment: str = "",
+             preferences: dict[int, str] | None = None) -> dict[str, Any]:
+        """This OS user's vote on a candidate; the engine's answer says which answer was which."""
+        fn = _first(self.engine, "vote")
+        if fn is None:
+            raise ApplianceError(f"voting on a candidate is {NOT_AVAILABLE} in this engine")
+        return dict(_plain(fn(run, approve, comment, dict(preferences or {}))))
 
     # --- chat over HTTP ---------------------------------------------------------------
     def api_key(self) -> str | None:

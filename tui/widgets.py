@@ -12,7 +12,7 @@ from .client import STAGES
 
 
 SCREENS = (("d", "dashboard", "Dashboard"), ("m", "models", "Models"), ("i", "data", "Data"),
-           ("c", "chat", "Chat"), ("a", "activity", "Activity"))
+           ("c", "chat", "Chat"), ("a", "activity", "Activity"), ("v", "review", "Review"))
 
 
 class NavLink(Label):
@@ -129,10 +129,11 @@ HELP = """\
 | key | what it does |
 |---|---|
 | **d** | Dashboard: what the appliance is doing now; **n** ingest now, **t** retrain, **w** pause/resume watching |
-| **m** | Models: versions, promote (**p**), roll back (**r**), lineage (**l**) |
+| **m** | Models: versions, promote (**p**), roll back (**r**), lineage and sample answers (**l**), training method (**e**) |
 | **i** | Data: the advisor's warnings, documents, quarantined files, ingest now (**n**), forget (**f**) |
 | **c** | Chat: ask the model; **ctrl+o** compare with the previous version; **ctrl+r** correct a wrong answer |
 | **a** | Activity: audit log and engine events; type to filter |
+| **v** | Review: candidates waiting for people's approval; **1**/**2** prefer answer A/B, **y** approve, **x** reject |
 | **ctrl+t** | Light / dark theme |
 | **ctrl+p** | Command palette: every action by name |
 | **escape** | Leave a text box, close a dialog |

@@ -9,7 +9,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import DataTable, Footer, Header, Markdown, Static
+from textual.widgets import DataTable, Footer, Header, Markdown, OptionList, Static
+from textual.widgets.option_list import Option
 
 from appliance.api import ModelVersion
 
@@ -71,6 +72,7 @@ class ModelsScreen(BoardScreen):
     ModelsScreen #detail { height: auto; max-height: 8; padding: 0 1; border-top: solid $primary; }
     """
     BINDINGS = [Binding("p", "promote", "Promote"), Binding("r", "rollback", "Roll back"),
+                Binding("e", "method", "Method"),
                 Binding("l", "lineage", "Lineage")]
 
     def __init__(self) -> None:
@@ -128,6 +130,15 @@ class ModelsScreen(BoardScreen):
 
     def current(self) -> ModelVersion | None:
         return next((v for v in self.versions if v.current), None)
+
+    def action_method(self) -> None:
+        def chosen(method: str | None) -> None:
+            if method:
+                self.appliance.act(f"choosing {method}", lambda: self.appliance.client.set_method(method),
+                                   lambda now: self.appliance.notify(f"The next training run uses {now}.",
+                                                                     title="Training method"))
+
+        self.app.push_screen(MethodScreen(), chosen)
 
     def action_promote(self) -> None:
         chosen, current = self.selected(), self.current()
@@ -217,7 +228,23 @@ def lineage_markdown(version: str, lineage: dict[str, Any]) -> str:
     gate = lineage.get("gate")
     if isinstance(gate, dict):
         lines += ["", "## Gate", "", gate_summary(gate)]
+        lines += sample_answers((gate.get("metrics") or {}).get("sample") or [])
     return "\n".join(lines)
+
+
+def sample_answers(sample: list[Any]) -> list[str]:
+    """The gate's sampled validation questions with both models' answers, as a table."""
+    def cell(text: Any) -> str:
+        return " ".join(str(text or "-").split()).replace("|", "/")[:120]
+
+    rows = [item for item in sample if isinstance(item, dict)]
+    if not rows:
+        return []
+    lines = ["", f"## Sample answers ({len(rows)} validation questions)", "",
+             "| question | expected | this version | the model it replaced |", "|---|---|---|---|"]
+    lines += [f"| {cell(r.get('question'))} | {cell(r.get('reference'))} | {cell(r.get('candidate'))} | "
+              f"{cell(r.get('current'))} |" for r in rows]
+    return lines
 
 
 class LineageScreen(ModalScreen[None]):
@@ -236,3 +263,39 @@ class LineageScreen(ModalScreen[None]):
         with VerticalScroll():
             yield Markdown(self.text, id="lineage")
         yield Footer()
+
+
+# What each method means, for the person choosing (appliance/methods.py has the rules).
+METHODS = [
+    ("auto", "Let the appliance choose by data size and free memory (it says which and why)"),
+    ("qlora", "LoRA on a 4-bit copy of the base: least memory (the default)"),
+    ("lora", "LoRA on the full-precision base: a little more memory, a little faster"),
+    ("dora", "Weight-decomposed LoRA: sometimes better quality, slower"),
+    ("adalora", "LoRA that moves its rank to the layers that need it"),
+    ("ia3", "Learned scaling of a few layers: very few parameters, for small data"),
+    ("full", "Every weight: only for small bases, with plenty of data and memory"),
+]
+
+
+class MethodScreen(ModalScreen[str | None]):
+    """Pick how the next runs train; the engine checks it like config.toml."""
+
+    DEFAULT_CSS = """
+    MethodScreen { align: center middle; }
+    MethodScreen > Vertical { width: 76; max-width: 100%; height: auto; border: thick $accent;
+                              background: $surface; padding: 0 1; }
+    MethodScreen OptionList { height: auto; max-height: 12; }
+    """
+    BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static("How should the next training runs learn? (enter to choose, escape to cancel)")
+            yield OptionList(*[Option(f"{name:<8} {words}", id=name) for name, words in METHODS])
+        yield Footer()
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
