@@ -318,15 +318,14 @@ class Question:
 
 def _answer_sample(examples: list[tuple[list[int], list[int]]], questions: list[str]) -> list[Question]:
     """Up to SAMPLE_QUESTIONS validation conversations (documents have no question)."""
+    from .render import last_answer
+
     sample = []
     for (ids, labels), text in zip(examples, questions):
-        trained = [i for i, label in enumerate(labels) if label != -100]
-        if not trained or not text:
+        split = last_answer(ids, labels)
+        if split is None or not text:
             continue
-        start = trained[-1]
-        while start - 1 in trained:
-            start -= 1
-        sample.append(Question(ids[:start], ids[start: trained[-1] + 1][:ANSWER_TOKENS], text))
+        sample.append(Question(split[0], split[1][:ANSWER_TOKENS], text))
         if len(sample) == SAMPLE_QUESTIONS:
             break
     return sample

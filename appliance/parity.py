@@ -25,7 +25,7 @@ import numpy as np
 
 from . import llamacpp_child
 from .llamacpp_child import ChildResult
-from .render import IGNORE, Example
+from .render import Example, last_answer
 
 STAGE = "parity"
 HARD_STRINGS = [
@@ -278,11 +278,8 @@ def check_quantized(reference: ChildResult, run: ChildResult, qtype: str, probe:
 def answer_split(example: Example) -> tuple[list[int], list[int]]:
     """A validation conversation as (everything before its last answer, that answer's
     first MAX_ANSWER_TOKENS tokens)."""
-    trained = [pos for pos, label in enumerate(example.labels) if label != IGNORE]
-    start = trained[-1]
-    while start - 1 in trained:
-        start -= 1
-    return example.input_ids[:start], example.input_ids[start: trained[-1] + 1][:MAX_ANSWER_TOKENS]
+    prompt, answer = last_answer(example.input_ids, example.labels)  # type: ignore[misc]
+    return prompt, answer[:MAX_ANSWER_TOKENS]
 
 
 def answer_recall(answers: list[Example], generated: list[list[int]]) -> float:

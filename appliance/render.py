@@ -22,6 +22,18 @@ from .ingest.records import Record
 IGNORE = -100
 
 
+def last_answer(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]] | None:
+    """(everything before the last trained span, that span): a conversation's last question
+    as the model sees it, and the answer it was trained to give; None if nothing is trained."""
+    end = max((i for i, label in enumerate(labels) if label != IGNORE), default=None)
+    if end is None:
+        return None
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    return input_ids[:start], input_ids[start: end + 1]
+
+
 @dataclass(frozen=True)
 class Example:
     input_ids: list[int]

@@ -10,7 +10,6 @@ engine of tests/test_tui.py; not collected by pytest.
 from __future__ import annotations
 
 import asyncio
-import math
 import sys
 import tempfile
 import threading
@@ -22,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import uvicorn  # noqa: E402
 from conftest import free_port  # noqa: E402
 from test_tui import ScriptedEngine, make_app, sse_app  # noqa: E402
+from test_tui_snapshots import training_midway  # noqa: E402
 
-from appliance.events import Progress, StageFinished, StageStarted  # noqa: E402
+from appliance.events import StageFinished, StageStarted  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "tui" / "screenshots"
 SHOWN_HOME = "/var/lib/appliance"
@@ -50,23 +50,11 @@ async def shot(e: ScriptedEngine, name: str, keys: tuple[str, ...] = (), until=N
         (OUT / f"{name}.svg").write_text(app.export_screenshot(title=f"appliance tui — {name}"))
 
 
-def training(e: ScriptedEngine) -> None:
-    now = time.time()
-    e.emit_event(StageStarted("train", total=400, description="Learning from 3 new documents", at=now - 60))
-    for i in range(1, 121):
-        metrics = {"loss": 2.2 + 0.9 * math.exp(-i / 40) + 0.08 * math.sin(i)}
-        if i % 10 == 0:
-            metrics["val_loss"] = 2.3 + 0.8 * math.exp(-i / 45)
-        e.emit_event(Progress("train", completed=i, total=400, metrics=metrics, at=now))
-    e.job = {"id": 3, "kind": "train", "stage": "train", "since": now - 70,
-             "progress": {"stage": "train", "completed": 120, "total": 400, "metrics": {"eta_s": 360.0}}}
-
-
 async def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     await shot(engine(), "dashboard-idle")
     e = engine()
-    training(e)
+    training_midway(e, time.time())
     await shot(e, "dashboard-training")
     e = engine()
     e.emit_event(StageStarted("gate", description="Comparing run r2 with the current model"))

@@ -42,15 +42,20 @@ def test_dashboard_idle(snap_compare, scripted: ScriptedEngine):
     assert snap_compare(shown(make_app(scripted, poll_seconds=0.2)), terminal_size=SIZE, run_before=settle)
 
 
-def test_dashboard_training_midway(snap_compare, scripted: ScriptedEngine):
-    scripted.emit_event(StageStarted("train", total=400, description="Learning from 3 new documents", at=NOW - 60))
+def training_midway(engine: ScriptedEngine, now: float) -> None:
+    """Step 120 of 400 with a falling loss curve (also used by tests/make_tui_screenshots.py)."""
+    engine.emit_event(StageStarted("train", total=400, description="Learning from 3 new documents", at=now - 60))
     for i in range(1, 121):
         metrics = {"loss": 2.2 + 0.9 * math.exp(-i / 40) + 0.08 * math.sin(i)}
         if i % 10 == 0:
             metrics["val_loss"] = 2.3 + 0.8 * math.exp(-i / 45)
-        scripted.emit_event(Progress("train", completed=i, total=400, metrics=metrics, at=NOW))
-    scripted.job = {"id": 3, "kind": "train", "stage": "train", "since": NOW - 70,
-                    "progress": {"stage": "train", "completed": 120, "total": 400, "metrics": {"eta_s": 360.0}}}
+        engine.emit_event(Progress("train", completed=i, total=400, metrics=metrics, at=now))
+    engine.job = {"id": 3, "kind": "train", "stage": "train", "since": now - 70,
+                  "progress": {"stage": "train", "completed": 120, "total": 400, "metrics": {"eta_s": 360.0}}}
+
+
+def test_dashboard_training_midway(snap_compare, scripted: ScriptedEngine):
+    training_midway(scripted, NOW)
     assert snap_compare(shown(make_app(scripted, poll_seconds=0.2)), terminal_size=SIZE, run_before=settle)
 
 
