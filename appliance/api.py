@@ -125,9 +125,27 @@ class Engine(Protocol):
         preferences ("a"/"b"); returns state, job_state, approvals and "reveal" (which was which).
         Enough approvals promote it; a rejection refuses the job and keeps the current model."""
 
+    # --- API keys (issue 11). Every method above checks the caller's key: its role (chat <
+    # contributor < approver < admin, appliance/keys.py COMMAND_ROLES) and that it sees the
+    # engine's collection; a refusal is appliance.errors.AccessError.
 
-def open_engine(home: Path) -> Engine:
-    """The in-process engine for a home (heavy modules load only when a stage runs)."""
+    def whoami(self) -> dict[str, Any]:
+        """The caller's key: name, role, collections (display names; None = every collection)."""
+
+    def keys(self) -> list[dict[str, Any]]:
+        """Every key: name, role, collections, created, revoked (a time or None); never secrets."""
+
+    def add_key(self, name: str, role: str, collections: list[str] | None = None) -> str:
+        """Create a key (admin); returns its secret, which is stored only hashed: show it once."""
+
+    def revoke_key(self, name: str) -> None:
+        """Revoke a key (admin): refused from the next request or command on. The last admin key stays."""
+
+
+def open_engine(home: Path, key: Any = None, collection: str = "") -> Engine:
+    """The in-process engine for a home (heavy modules load only when a stage runs), acting for
+    ``key`` (an appliance.keys.Key; None: the caller's, see appliance.keys.caller_key), on
+    ``collection`` ("" the shared one; see appliance/collections.py)."""
     from .engine import LocalEngine
 
-    return LocalEngine(home)
+    return LocalEngine(home, collection, key=key)

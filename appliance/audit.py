@@ -43,6 +43,8 @@ def entry_hash(entry: dict[str, Any]) -> str:
 
 def append(home: Home, action: str, **details: Any) -> dict[str, Any]:
     """Append one entry (fsynced) and record the new head in the journal."""
+    if home.collection:  # work done in a collection says which
+        details.setdefault("collection", home.collection)
     home.audit_log.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(home.audit_log, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
     try:

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        authorize_command(args)
         return args.func(args) or 0
     except ApplianceError as exc:
         print(f"appliance: error: {exc}", file=sys.stderr)
@@ -50,12 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(metavar="COMMAND")
 
     def command(name: str, func: Callable[[argparse.Namespace], int | None], help: str,
-                json_flag: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+                json_flag: bool = False, within: Any = None, group: str = "") -> argparse.ArgumentParser:
+        p = (within or sub).add_parser(name, help=help, description=help)
         p.add_argument("--home", help="the appliance home (default: $APPLIANCE_HOME or the user's data folder)")
+        p.add_argument("--key-file", metavar="PATH",
+                       help="a file holding your API key (default: $APPLIANCE_API_KEY, else the home's api_key file)")
         if json_flag:
             p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, role_command=f"{group} {name}" if group else name)
         return p
 
     p = command("init", cmd_init, "create a home and config; import a base model (HF folder or .gguf)")
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot", help="snapshot id (default: cut one from the current data)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--run", help="run id: resume this run from its last checkpoint (default: a new run)")
+    _collection_flag(p)
     p = command("export", cmd_export, "merge + convert + quantize + parity check; register a new version", json_flag=True)
     p.add_argument("run", help="run id printed by 'appliance train'")
     p.add_argument("--quant", choices=["auto", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"],
@@ -72,20 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="store_true",
                    help="also write the adapter as a GGUF LoRA (runs/RUN/gguf/adapter-f16.gguf), checked against "
                         "the merged model")
-    command("models", cmd_models, "list model versions", json_flag=True)
-    p = command("promote", cmd_promote, "make a version the one the endpoint serves as 'appliance'")
+    _collection_flag(p)
+    _collection_flag(command("models", cmd_models, "list model versions", json_flag=True))
+    p = command("promote", cmd_promote, "make a version the one the endpoint serves as 'appliance' "
+                "(or as 'appliance/COLLECTION')")
     p.add_argument("version")
-    command("rollback", cmd_rollback, "serve the previously promoted version again")
+    _collection_flag(p)
+    _collection_flag(command("rollback", cmd_rollback, "serve the previously promoted version again"))
     p = command("serve", cmd_serve, "serve the current version in the foreground")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    command("status", cmd_status, "current model, data and endpoint", json_flag=True)
+    _collection_flag(command("status", cmd_status, "current model, data and endpoint", json_flag=True))
+    command("collections", cmd_collections, "collections (inbox sub-folders): model id, current version, how it "
+            "is served, data", json_flag=True)
     p = command("demo", cmd_demo, "the whole loop on the embedded default model and the bundled sample data",
                 json_flag=True)
     p.add_argument("--port", type=int, help="endpoint port (default 8088)")
     p.add_argument("--no-wait", action="store_true", help="stop the endpoint and exit after the comparison")
     p = command("eval", cmd_eval, "the promotion gate: a run's candidate against the current model", json_flag=True)
     p.add_argument("run", help="run id")
+    _collection_flag(p)
     p = command("run", cmd_run, "the daemon: watch the inbox, retrain, gate, promote and serve")
     p.add_argument("--no-serve", action="store_true", help="do not start the endpoint in this process")
     p.add_argument("--once", action="store_true", help="ingest the inbox, run every queued job, then exit")
@@ -97,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["verify", "show"])
     p = command("retrain", cmd_retrain, "queue a training run on the current data (the daemon runs it)",
                 json_flag=True)
+    _collection_flag(p)
     p = command("jobs", cmd_jobs, "the job journal: recent jobs and their stages", json_flag=True)
-    command("advise", cmd_advise, "the data advisor: warnings about the data and the latest run, in plain words",
-            json_flag=True)
+    _collection_flag(command("advise", cmd_advise, "the data advisor: warnings about the data and the latest "
+                                                   "run, in plain words", json_flag=True))
     p = command("review", cmd_review, "human review before promotion: list waiting candidates, approve or reject "
                 "one (as this OS user; audited)", json_flag=True)
     p.add_argument("action", nargs="?", default="list", choices=["list", "approve", "reject"])
@@ -107,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comment", default="", help="why (recorded in the audit log)")
     p.add_argument("--prefer", action="append", default=[], metavar="ITEM=a|b",
                    help="the answer preferred on an item, e.g. --prefer 0=a (repeatable)")
+    keys = sub.add_parser("keys", help="API keys with roles: add, list, revoke, whoami",
+                          description="API keys with roles (chat < contributor < approver < admin), optionally "
+                                      "limited to collections; stored hashed")
+    keys.set_defaults(func=lambda _: keys.print_help() or 2, role_command=None)
+    actions = keys.add_subparsers(metavar="ACTION")
+    p = command("add", cmd_keys_add, "create a key and print its secret (once: it is stored only hashed)",
+                json_flag=True, within=actions, group="keys")
+    p.add_argument("name", help="who holds it: letters, digits, '.', '_', '@', '-' (never reused)")
+    p.add_argument("--role", required=True, choices=["chat", "contributor", "approver", "admin"])
+    p.add_argument("--collections", metavar="A,B", help="only these collections ('shared' = the top level of "
+                   "the inbox); default: every collection")
+    command("list", cmd_keys_list, "every key: name, role, collections, created, revoked (never secrets)",
+            json_flag=True, within=actions, group="keys")
+    p = command("revoke", cmd_keys_revoke, "revoke a key: refused from the next command or request on",
+                within=actions, group="keys")
+    p.add_argument("name")
+    command("whoami", cmd_keys_whoami, "the key this command runs with: name, role, collections", json_flag=True,
+            within=actions, group="keys")
     p = command("tui", cmd_tui, "the terminal app: dashboard, models, data, chat, activity")
     p.add_argument("--light", action="store_true", help="start in the light theme (ctrl+t switches)")
     for name, what in NOT_YET.items():
@@ -119,14 +148,44 @@ def build_parser() -> argparse.ArgumentParser:
 # --- helpers -------------------------------------------------------------------------
 
 
+def _collection_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--collection", metavar="NAME", help="the collection (an inbox sub-folder, e.g. cardiology or "
+                   "legal/matter-17); default: shared, the top of the inbox")
+
+
 def _home(args: argparse.Namespace) -> Path:
     return resolve_home(args.home)
+
+
+def authorize_command(args: argparse.Namespace) -> None:
+    """The one role check before any command runs (appliance/keys.py COMMAND_ROLES); the caller
+    is --key-file, else $APPLIANCE_API_KEY, else the home's api_key file. A home that does not
+    exist yet has no keys: ``init`` and ``demo`` create it, every other command then says so."""
+    from .collections import parse
+    from .keys import HOME_WIDE, authorize, caller_key, read_secret
+    from .paths import Home
+
+    name = args.role_command if "role_command" in args else None
+    if name in ("review", "audit"):
+        name = f"{name} {args.action}"
+    if name is None:
+        return
+    home = Home(_demo_home(args) if name == "demo" else _home(args))
+    if not home.is_initialised():
+        return
+    secret = read_secret(Path(args.key_file)) if getattr(args, "key_file", None) else None
+    args.caller = caller_key(home, secret)
+    collection = None if name in HOME_WIDE else parse(getattr(args, "collection", None) or "")
+    authorize(name, args.caller, collection)
 
 
 def _engine(args: argparse.Namespace) -> Any:
     from .api import open_engine
 
-    return open_engine(_home(args))
+    from .collections import parse
+
+    return open_engine(_home(args), key=getattr(args, "caller", None),
+                       collection=parse(getattr(args, "collection", None) or ""))
 
 
 def _emit(args: argparse.Namespace):
@@ -229,6 +288,18 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_collections(args: argparse.Namespace) -> int:
+    found = _engine(args).collections()
+    if args.json:
+        _print_json({"collections": found})
+        return 0
+    for c in found:
+        served = f"{c['current']} ({c['mode']})" if c["current"] else f"no model yet (will be served {c['mode']})"
+        print(f"{c['display']:<24} {c['model_id']:<32} {served}; {c['documents']} document(s), "
+              f"{c['records']} record(s), {c['inbox_files']} file(s) in its inbox folder")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _engine(args).status()
     if args.json:
@@ -263,11 +334,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    home = Path(args.home).absolute() if args.home else Path.cwd() / "demo-home"
+    home = _demo_home(args)
     summary = run_demo(home, port=args.port, wait=not args.no_wait, quiet=args.json)
     if args.json:
         _print_json(summary)
     return 0
+
+
+def _demo_home(args: argparse.Namespace) -> Path:
+    return Path(args.home).absolute() if args.home else Path.cwd() / "demo-home"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -410,13 +485,71 @@ def cmd_tui(args: argparse.Namespace) -> int:
     journal and event log, so the in-process engine attaches to it without a socket."""
     from .api import open_engine
 
-    engine = open_engine(_home(args))  # checks the home before the screen is taken over
+    engine = open_engine(_home(args), key=getattr(args, "caller", None))  # checks the home first
+    if getattr(args, "key_file", None):
+        from .keys import read_secret
+
+        # the TUI's chat talks to the endpoint with $APPLIANCE_API_KEY before the home's admin key
+        # file: the window must chat as the key it was opened with (this process only)
+        os.environ["APPLIANCE_API_KEY"] = read_secret(Path(args.key_file))
     # Only this command loads the front end, by name at run time: nothing in appliance/
     # imports textual or tui (tests/test_boundaries.py).
     import importlib
 
     app = importlib.import_module("tui.app")
     app.make_app(engine, theme=app.LIGHT if args.light else None).run()
+    return 0
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    from .keys import KeysError
+
+    collections = [c.strip() for c in args.collections.split(",")] if args.collections is not None else None
+    if collections is not None and not all(collections):
+        raise KeysError(f"--collections {args.collections!r}: an empty name; write 'shared' for the top of the inbox")
+    secret = _engine(args).add_key(args.name, args.role, collections)
+    shown = "every collection" if collections is None else ", ".join(collections)
+    note = "this secret is shown once and stored only hashed; hand it to its holder now"
+    if args.json:
+        _print_json({"name": args.name, "role": args.role, "collections": collections, "secret": secret,
+                     "note": note})
+    else:
+        print(f"key '{args.name}' (role {args.role}, {shown}); {note}:", file=sys.stderr)
+        print(secret)  # alone on stdout, so '> file' keeps just the secret
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    import time
+
+    keys = _engine(args).keys()
+    if args.json:
+        _print_json({"keys": keys})
+        return 0
+
+    def when(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+    for k in keys:
+        shown = "all" if k["collections"] is None else ",".join(k["collections"])
+        revoked = f"revoked {when(k['revoked'])}" if k["revoked"] else "active"
+        print(f"{k['name']:<20} {k['role']:<11} {shown:<24} created {when(k['created'])}  {revoked}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    _engine(args).revoke_key(args.name)
+    print(f"revoked key '{args.name}': refused from the next command or request on")
+    return 0
+
+
+def cmd_keys_whoami(args: argparse.Namespace) -> int:
+    me = _engine(args).whoami()
+    if args.json:
+        _print_json(me)
+    else:
+        shown = "every collection" if me["collections"] is None else ", ".join(me["collections"])
+        print(f"key '{me['name']}', role {me['role']}, {shown}")
     return 0
 
 

@@ -117,6 +117,8 @@ class ServeSection(Section):
     slots: int = Field(4, ge=1, le=64, description="Requests one model answers at once (llama-server --parallel).")
     max_concurrent: int = Field(64, ge=1, description="Requests the endpoint holds at once; more get 429.")
     keep_loaded: int = Field(2, ge=1, le=8, description="Model versions kept loaded (current + recently used).")
+    audit_flush_seconds: float = Field(60.0, gt=0, description="How often the endpoint writes which key used which "
+                                                               "model (counts and times) to the audit log.")
 
 
 class GateSection(Section):
@@ -159,6 +161,13 @@ class DiskSection(Section):
                                                         "in the home's file system.")
 
 
+class CollectionSection(Section):
+    serve: Literal["adapter", "merged"] = Field(
+        "adapter", description="adapter: the collection's model is a LoRA adapter served on the one loaded base "
+                               "model (no extra model in memory); merged: its own merged, quantized model (for "
+                               "methods without a plain LoRA, or an owner who prefers it).")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="APPLIANCE_", env_nested_delimiter="__", extra="ignore")
 
@@ -171,6 +180,11 @@ class Settings(BaseSettings):
     gate: GateSection = GateSection()
     daemon: DaemonSection = DaemonSection()
     disk: DiskSection = DiskSection()
+    # per collection, by name: [collections."legal/matter-17"] serve = "merged"
+    collections: dict[str, CollectionSection] = {}
+
+    def collection(self, name: str) -> CollectionSection:
+        return self.collections.get(name) or CollectionSection()
 
     @classmethod
     def settings_customise_sources(

@@ -219,17 +219,25 @@ class Daemon:
         return 0
 
     def _queue_unsnapshotted(self, journal: Journal) -> None:
-        """Data ingested but never snapshotted (a kill between an ingest and its enqueue) gets its job."""
+        """Data ingested but never snapshotted (a kill between an ingest and its enqueue) gets its job,
+        in each collection."""
+        from .collections import display, names
         from .ingest.store import Store
 
-        if not self.settings.daemon.retrain_after_ingest or journal.active() or journal.queue():
+        if not self.settings.daemon.retrain_after_ingest or journal.active():
             return
-        with Store(self.home.store_db) as store:
-            head = store.head_snapshot()
-            pending = store.last_seq() > (head["seq"] if head else 0) and store.counts()["records"] > 0
-        if pending:
-            job, _ = journal.enqueue("train", reason="data ingested since the last snapshot")
-            self.emit(Message("daemon", f"queued job {job.id}: data ingested since the last snapshot"))
+        queued = {job.collection for job in journal.queue()}
+        for collection in names(self.home):
+            scope = self.home.scoped(collection)
+            if collection in queued or not scope.store_db.exists():
+                continue
+            with Store(scope.store_db) as store:
+                head = store.head_snapshot()
+                pending = store.last_seq() > (head["seq"] if head else 0) and store.counts()["records"] > 0
+            if pending:
+                job, _ = journal.enqueue("train", reason="data ingested since the last snapshot", collection=collection)
+                self.emit(Message("daemon", f"queued job {job.id} ({display(collection)}): data ingested since "
+                                            "the last snapshot"))
 
     # --- the endpoint -----------------------------------------------------------------------
     def _start_server(self) -> None:
@@ -268,17 +276,16 @@ class Daemon:
     def _ingest_all(self) -> None:
         from .watch import list_inbox
 
-        paths, ignored = list_inbox(self.home.inbox)
+        paths, ignored = list_inbox(self.home.inbox)  # every collection's files
         self._on_stable(paths, ignored)
 
     def _on_stable(self, paths: list[Path], ignored: int = 0) -> None:
-        from .ingest import Ingestor
-        from .ingest.store import Store
+        from .collections import display
+        from .ingest import Ingestors
 
         if self._ingestor is None:
-            self._ingestor = Ingestor(self.home, self.settings, self.emit)
-        with Store(self.home.store_db) as store:
-            before = store.last_seq()
+            self._ingestor = Ingestors(self.home, self.settings, self.emit)
+        before = store_seqs(self.home)
         report = self._ingestor.run(paths, ignored)
         added = record_ingest(self.home, before, report)
         counters = self.state["inbox"]
@@ -288,27 +295,52 @@ class Daemon:
         counters["duplicates"] += report.duplicates
         counters["quarantined"] += len(report.quarantined)
         self._save_state()
-        if added and self.settings.daemon.retrain_after_ingest:
+        if not self.settings.daemon.retrain_after_ingest:
+            return
+        for collection, count in added.items():  # each collection trains only on its own data
+            if not count:
+                continue
             with Journal(self.home.jobs_db) as journal:
-                job, new = journal.enqueue("train", reason=f"{added} new record(s)")
-            self.emit(Message("daemon", f"{'queued' if new else 'added to queued'} job {job.id}: "
-                                        f"{added} new record(s)"))
+                job, new = journal.enqueue("train", reason=f"{count} new record(s)", collection=collection)
+            self.emit(Message("daemon", f"{'queued' if new else 'added to queued'} job {job.id} "
+                                        f"({display(collection)}): {count} new record(s)"))
 
     def _save_state(self) -> None:
         write_json_atomic(self.home.daemon_state, {**self.state, "saved": time.time()})
 
 
-def record_ingest(home: Home, before_seq: int, report: Any) -> int:
-    """Audit what an ingest changed (document hashes, never content); return records newly active."""
+def store_seqs(home: Home) -> dict[str, int]:
+    """Each collection's store position (to see what an ingest added)."""
+    from .collections import names
     from .ingest.store import Store
 
-    with Store(home.store_db) as store:
-        delta = store.changes_since(before_seq)
-    for sha in delta.documents_added:
-        audit.append(home, "ingest", document=sha)
+    seqs = {}
+    for collection in names(home.top):
+        scope = home.top.scoped(collection)
+        if scope.store_db.exists():
+            with Store(scope.store_db) as store:
+                seqs[collection] = store.last_seq()
+    return seqs
+
+
+def record_ingest(home: Home, before: dict[str, int], report: Any) -> dict[str, int]:
+    """Audit what an ingest changed (document hashes, never content); return the records
+    newly active in each collection."""
+    from .ingest.store import Store
+
+    added = {}
+    for collection in {*before, *report.collections, home.collection}:
+        scope = home.top.scoped(collection)
+        if not scope.store_db.exists():
+            continue
+        with Store(scope.store_db) as store:
+            delta = store.changes_since(before.get(collection, 0))
+        for sha in delta.documents_added:
+            audit.append(scope, "ingest", document=sha)
+        added[collection] = len(delta.added)
     for q in report.quarantined:
-        audit.append(home, "quarantine", file=q.file, reasons=len(q.reasons))
-    return len(delta.added)
+        audit.append(home.top, "quarantine", file=q.file, reasons=len(q.reasons))
+    return added
 
 
 def paused(home: Home) -> bool:
@@ -333,4 +365,4 @@ def daemon_state(home: Home) -> dict[str, Any] | None:
         return None
 
 
-__all__ = ["Daemon", "sd_notify", "read_events", "record_ingest", "set_paused", "paused", "daemon_state"]
+__all__ = ["Daemon", "sd_notify", "read_events", "record_ingest", "store_seqs", "set_paused", "paused", "daemon_state"]

@@ -13,15 +13,52 @@ from .api import ModelVersion, Status
 from .config import Settings, load
 from .errors import HomeError
 from .events import Emit, ignore
+from .keys import Key, KeyStore, caller_key, guarded
 from .paths import Home
 
 
+@guarded  # every public method checks the caller's key first (appliance/keys.py, COMMAND_ROLES)
 class LocalEngine:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, collection: str = "", key: Key | None = None):
+        """``key``: the caller (None: whoever this process runs as, see keys.caller_key)."""
+        from .collections import problem
+
         self.home = home
-        self.paths = Home(home)
+        self.collection = collection
+        self.paths = Home(Path(home)).scoped(collection)
         if not self.paths.is_initialised():
             raise HomeError(f"{home}: not an appliance home; run 'appliance init --home {home}' first")
+        if (why := problem(collection)) is not None:
+            raise HomeError(f"collection {collection!r}: {why}")
+        self.key = key or caller_key(self.paths)
+
+    # --- collections (issue 11) ----------------------------------------------------------------
+    def scoped(self, collection: str) -> "LocalEngine":
+        """The same engine bound to another collection ("" or "shared": the shared one)."""
+        from .collections import parse
+
+        return type(self)(self.home, parse(collection), key=self.key)
+
+    def collections(self) -> list[dict[str, Any]]:
+        """Every collection with its model and data counts."""
+        from .collections import display, model_id, names, served
+        from .ingest import inbox_files
+        from .ingest.store import Store
+
+        out = []
+        for name in filter(self.key.sees, names(self.paths)):  # never a hint of the others
+            scope = self.paths.scoped(name)
+            counts = {"documents": 0, "records": 0}
+            if scope.store_db.exists():
+                with Store(scope.store_db) as store:
+                    counts = store.counts()
+            now = served(scope, name)
+            out.append({"name": name, "display": display(name), "model_id": model_id(name),
+                        "current": now.version if now else None,
+                        "mode": now.mode if now else ("merged" if not name else self.settings.collection(name).serve),
+                        "documents": counts["documents"], "records": counts["records"],
+                        "inbox_files": len(inbox_files(scope))})
+        return out
 
     @property
     def settings(self) -> Settings:
@@ -42,7 +79,7 @@ class LocalEngine:
 
         daemon = daemon_state(self.paths)
         endpoint = (daemon or {}).get("endpoint") or f"http://{s.serve.host}:{s.serve.port}/v1"
-        inbox = inbox_files(self.paths.inbox)
+        inbox = inbox_files(self.paths)
         job, queue = self._journal_view()
         return Status(self.home, registry.current(self.paths), len(registry.versions(self.paths)),
                       counts["documents"], counts["records"], len(inbox), endpoint, runs,
@@ -56,12 +93,10 @@ class LocalEngine:
                              "since_start": (daemon or {}).get("inbox", {})})
 
     def ingest(self, emit: Emit = ignore) -> dict[str, Any]:
-        from .daemon import record_ingest
+        from .daemon import record_ingest, store_seqs
         from .ingest import ingest
-        from .ingest.store import Store
 
-        with Store(self.paths.store_db) as store:
-            before = store.last_seq()
+        before = store_seqs(self.paths)
         report = ingest(self.paths, emit)
         record_ingest(self.paths, before, report)
         return report.to_dict()
@@ -81,20 +116,27 @@ class LocalEngine:
         from .fsutil import read_json
         from .llamacpp_child import problem
 
+        from .collections import adapter_mode
+
         s = self.settings
+        served_as_adapter = adapter_mode(self.paths, s)  # a collection's version is its adapter
         existing = [v for v in registry.versions(self.paths) if v.get("run") == run]
         if existing and not adapter:
             return self._version(existing[-1])
-        result = export_run(self.paths, run, s, quant, emit, adapter=adapter)
+        result = export_run(self.paths, run, s, quant, emit, adapter=adapter or served_as_adapter)
         require_parity(result)
         if existing:
             return self._version(existing[-1])  # the model was registered before; this added the adapter
         train_info = read_json(self.paths.run(run).root / "train.json")
-        record = registry.add(self.paths, registry.next_version(self.paths), result.gguf, {
-            "run": run, "snapshot": train_info.get("snapshot"), "quant": result.qtype, "base": s.base.name,
-            "best_val_loss": train_info.get("best_val_loss"), "parity": result.parity.to_dict(),
-            "adapter": result.adapter.name if result.adapter else None,
-            "registered_at": time.time()}, check=problem)
+        fields = {"run": run, "snapshot": train_info.get("snapshot"), "quant": result.qtype, "base": s.base.name,
+                  "best_val_loss": train_info.get("best_val_loss"), "parity": result.parity.to_dict(),
+                  "adapter": result.adapter.name if result.adapter else None, "collection": self.collection,
+                  "registered_at": time.time()}
+        if served_as_adapter and result.adapter is not None:
+            from .pipeline import register_adapter
+
+            return self._version(register_adapter(self.paths, result.adapter, fields))
+        record = registry.add(self.paths, registry.next_version(self.paths), result.gguf, fields, check=problem)
         return self._version(record)
 
     def models(self) -> list[ModelVersion]:
@@ -125,7 +167,7 @@ class LocalEngine:
         from .jobs import Journal
 
         with Journal(self.paths.jobs_db) as journal:
-            job, new = journal.enqueue("train", reason="asked for")
+            job, new = journal.enqueue("train", reason="asked for", collection=self.collection)
         if new:
             audit.append(self.paths, "retrain_requested", job=job.id)
         return job.to_dict()
@@ -133,7 +175,9 @@ class LocalEngine:
     def forget(self, document: str) -> dict[str, Any]:
         from .forget import forget
 
-        return forget(self.paths, document)
+        from .forget import collection_of
+
+        return forget(collection_of(self.paths, document) if not self.collection else self.paths, document)
 
     def pause_watching(self) -> None:
         from .daemon import set_paused
@@ -225,6 +269,19 @@ class LocalEngine:
 
         return vote(self.paths, self.settings, run, approve, comment, preferences)
 
+    # --- keys (issue 11) -------------------------------------------------------------------
+    def whoami(self) -> dict[str, Any]:
+        return self.key.to_dict()
+
+    def keys(self) -> list[dict[str, Any]]:
+        return KeyStore(self.paths.top).list()
+
+    def add_key(self, name: str, role: str, collections: list[str] | None = None) -> str:
+        return KeyStore(self.paths.top).add(name, role, collections)
+
+    def revoke_key(self, name: str) -> None:
+        KeyStore(self.paths.top).revoke(name)
+
     def _journal_view(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         from .jobs import Journal
 
@@ -294,7 +351,9 @@ def _health(endpoint: str) -> str:
 
 
 def _quarantined(folder: Path) -> int:
-    return sum(1 for p in folder.iterdir() if not p.name.endswith(".reason.json")) if folder.is_dir() else 0
+    # sub-folders are other collections' quarantines
+    return sum(1 for p in folder.iterdir() if p.is_file() and not p.name.endswith(".reason.json")) \
+        if folder.is_dir() else 0
 
 
 def as_dict(obj: Any) -> Any:

@@ -52,3 +52,10 @@ class RegistryError(ApplianceError):
 
 class ServeError(ApplianceError):
     title = "Endpoint"
+
+
+class AccessError(ApplianceError):
+    """The caller's API key may not do this (role too low, collection not its own, key unknown or revoked)."""
+
+    title = "Access"
+    exit_code = 5

@@ -149,7 +149,7 @@ def export_run(home: Home, run_id: str, settings: Settings, qtype: str | None = 
 def base_f16(home: Home, settings: Settings, emit: Emit = ignore) -> Path:
     """The base's own f16 GGUF (written when the home was created; rebuilt if missing)."""
     name = settings.base.name
-    return convert(home.base(name), home.run("base").gguf / F16_NAME, "f16", gguf_metadata(name, "base", None), emit)
+    return convert(home.base(name), home.top.run("base").gguf / F16_NAME, "f16", gguf_metadata(name, "base", None), emit)
 
 
 def validation_answers(home: Home, snapshot_id: str | None, hf_dir: Path, settings: Settings) -> list[Example]:

@@ -64,11 +64,37 @@ def resolve(home: Home, document: str) -> str:
 def _inbox_rel(home: Home, document: str) -> str | None:
     path = Path(document).expanduser()
     if not path.is_absolute():
-        return document
+        if not home.collection:
+            return document
+        path = home.top.inbox / document  # inbox paths are written from the top of the inbox
     try:
         return str(path.absolute().relative_to(home.inbox.absolute()))
     except ValueError:
         return None
+
+
+def collection_of(home: Home, document: str) -> Home:
+    """The collection ``document`` belongs to: the inbox folder of a path, else the first
+    collection whose store holds the sha256 (collections never share a store)."""
+    from .collections import names, of_path, problem
+
+    path = Path(document).expanduser()
+    inbox = home.top.inbox
+    full = path if path.is_absolute() else inbox / document
+    if not SHA_RE.match(document.lower()):
+        try:
+            name = of_path(home, full.absolute())
+        except ValueError:
+            return home
+        return home.top.scoped(name) if problem(name) is None else home
+    sha = document.lower()
+    for name in names(home):
+        scope = home.top.scoped(name)
+        if scope.store_db.exists():
+            with Store(scope.store_db) as store:
+                if store.db.execute("SELECT 1 FROM versions WHERE sha256=? LIMIT 1", (sha,)).fetchone():
+                    return scope
+    return home
 
 
 def forget(home: Home, document: str, queue: bool = True) -> dict[str, Any]:
@@ -85,7 +111,7 @@ def forget(home: Home, document: str, queue: bool = True) -> dict[str, Any]:
     job_id = None
     with Journal(home.jobs_db) as journal:
         if queue and removed["known"]:
-            job, _ = journal.enqueue("forget", reason=f"forget {sha[:12]}", document=sha)
+            job, _ = journal.enqueue("forget", reason=f"forget {sha[:12]}", document=sha, collection=home.collection)
             job_id = job.id
     report = {"document": sha, "known": removed["known"], "records_removed": removed["records"],
               "records_kept_shared": removed["shared"], "files_removed": len(files), "runs_removed": runs,

@@ -110,20 +110,50 @@ def evaluate(home: Home, run_id: str, settings: Settings, kind: str = "train", e
     run = home.run(run_id)
     if not run.root.is_dir():
         raise GateError(f"{run.root}: no such run")
-    current_version = against or registry.current(home)
-    current_path = registry.gguf_path(home, current_version) if current_version else None
-    cand_path = candidate_gguf(home, run_id)
-    report = Report(run_id, kind, _describe(cand_path, run_id), {"version": current_version,
-                                                                 "path": str(current_path) if current_path else None})
+    cand, current_version, cur = models(home, run_id, settings, against)
+    cand_path = cand[0] if cand else None
+    report = Report(run_id, kind, _describe((cand[1] or cand[0]) if cand else None, run_id),
+                    {"version": current_version, "path": str(cur[0]) if cur else None,
+                     **({"adapter": str(cur[1])} if cur and cur[1] else {})})
     report.checks.append(_parity_check(run.parity, cand_path))
-    if report.checks[0].passed and current_path is not None and current_path.exists():
-        _model_checks(home, report, run_id, cand_path, current_path, current_version, settings, kind)  # type: ignore[arg-type]
+    if report.checks[0].passed and cand is not None and cur is not None and cur[0].exists():
+        _model_checks(home, report, run_id, cand, cur, current_version, settings, kind)
     elif report.checks[0].passed:
         report.checks.append(Check("validation_loss", None, detail="no current model to compare with"))
     report.seconds = time.monotonic() - started
     write_json_atomic(run.eval, report.to_dict())
     emit(StageFinished(STAGE, summary=report.verdict(), seconds=report.seconds))
     return report
+
+
+Model = tuple[Path, "Path | None"]  # a GGUF file and the LoRA adapter applied to it (or None)
+
+
+def models(home: Home, run_id: str, settings: Settings,
+           against: str | None = None) -> tuple[Model | None, str | None, Model | None]:
+    """(candidate, current version, current model) as llama.cpp will serve them.
+
+    In a collection served as adapters, the candidate is the base model with the run's
+    adapter, and the current model is the base with the collection's current adapter,
+    or the bare base before the collection has one: a collection's first model must be
+    better than the base on its own data.
+    """
+    from .collections import adapter_mode, base_model, served
+
+    cand_file = candidate_gguf(home, run_id)
+    cand: Model | None = (cand_file, None) if cand_file else None
+    if adapter_mode(home, settings):
+        run = home.run(run_id)
+        adapter = read_json(run.parity).get("adapter") if run.parity.exists() else None
+        cand = (base_model(home)[1], run.gguf / adapter) if adapter and (run.gguf / adapter).exists() else None
+    version = against or registry.current(home)
+    if version is not None:
+        now = served(home, home.collection, version)
+        return cand, version, (now.gguf, now.adapter) if now else None
+    if home.collection:
+        base_version, base_file = base_model(home)
+        return cand, base_version, (base_file, None)
+    return cand, None, None
 
 
 def _describe(path: Path | None, run_id: str) -> dict[str, Any]:
@@ -144,7 +174,7 @@ def _parity_check(parity: Path, gguf: Path | None) -> Check:
     return Check("parity", True, True, True, f"{data.get('gguf')} ({data.get('quant')}) matches the trained model")
 
 
-def _model_checks(home: Home, report: Report, run_id: str, cand: Path, cur: Path, cur_version: str | None,
+def _model_checks(home: Home, report: Report, run_id: str, cand: Model, cur: Model, cur_version: str | None,
                   settings: Settings, kind: str) -> None:
     from .hf import load_tokenizer
 
@@ -153,7 +183,7 @@ def _model_checks(home: Home, report: Report, run_id: str, cand: Path, cur: Path
     general = _general_probes()
     user = _user_probes(home)
     text = _text_sequences(tokenizer)
-    prompts = _prompt_ids(cand, [p.question for p in general + user], settings)
+    prompts = _prompt_ids(cand[0], [p.question for p in general + user], settings)
     sample = _answer_sample(examples, questions)
     cand_out = _ask(cand, examples, text, prompts + [q.prompt for q in sample], settings)
     cur_out = _ask(cur, examples, text, prompts + [q.prompt for q in sample], settings)
@@ -197,6 +227,8 @@ def _seen_by(home: Home, version: str | None) -> set[str]:
 
     if not version:
         return set()
+    if not (home.model(version) / "version.json").exists():
+        return set()  # a collection's first run is compared with the home's base
     snapshot_id = registry.get(home, version).get("snapshot")
     if not snapshot_id:
         return set()
@@ -242,15 +274,15 @@ def _prompt_ids(model: Path, questions: list[str], settings: Settings) -> list[l
     return result.chat
 
 
-def _ask(model: Path, examples: list[tuple[list[int], list[int]]], text: list[tuple[list[int], list[int]]],
+def _ask(model: Model, examples: list[tuple[list[int], list[int]]], text: list[tuple[list[int], list[int]]],
          prompts: list[list[int]], settings: Settings) -> dict[str, Any]:
     """One llama.cpp child per model: losses on validation and text, greedy probe answers."""
     from .llamacpp_child import run
 
-    result = run(model, nll=examples + text, generate=[(ids, settings.gate.probe_tokens) for ids in prompts],
-                 threads=settings.train.threads, timeout=1800)
+    result = run(model[0], nll=examples + text, generate=[(ids, settings.gate.probe_tokens) for ids in prompts],
+                 lora=model[1], threads=settings.train.threads, timeout=1800)
     if not result.ok:
-        raise GateError(f"llama.cpp could not evaluate {model}: {result.error}")
+        raise GateError(f"llama.cpp could not evaluate {model[1] or model[0]}: {result.error}")
     return {"val": result.nll[: len(examples)], "text": result.nll[len(examples):], "answers": result.generated}
 
 

@@ -21,7 +21,7 @@ from .paths import Home
 
 
 def create_home(root: Path, base_name: str, settings: Settings | None = None) -> Home:
-    """Folders (0700), config.toml and api_key (0600); existing files are kept."""
+    """Folders (0700), config.toml, api_key and keys.json (0600); existing files are kept."""
     home = Home(root)
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -36,6 +36,9 @@ def create_home(root: Path, base_name: str, settings: Settings | None = None) ->
         write_text_atomic(home.config, dump(settings), mode=0o600)
     if not home.api_key.exists():
         write_text_atomic(home.api_key, secrets.token_urlsafe(32) + "\n", mode=0o600)
+    from .keys import KeyStore
+
+    KeyStore(home).adopt_api_key(audited=False)  # the init key is the admin key "admin" (keys.json)
     return home
 
 

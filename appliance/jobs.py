@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     current TEXT NOT NULL DEFAULT '',    -- the stage now running
     snapshot TEXT, run_id TEXT, version TEXT,
     document TEXT,                       -- forget: the document's sha256
+    collection TEXT NOT NULL DEFAULT '', -- the collection whose data and models it works on ('' shared)
     reason TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL, updated REAL NOT NULL,
     error TEXT, result TEXT, progress TEXT
@@ -71,6 +72,7 @@ class Job:
     error: str | None
     result: dict[str, Any] | None
     progress: dict[str, Any] | None
+    collection: str = ""
 
     def next_stage(self) -> str | None:
         """The first stage not yet complete, or None when all are."""
@@ -82,7 +84,7 @@ class Job:
 
 
 COLUMNS = ("id", "kind", "state", "stage", "current", "snapshot", "run_id", "version", "document", "reason",
-           "created", "updated", "error", "result", "progress")
+           "created", "updated", "error", "result", "progress", "collection")
 
 
 class Journal:
@@ -94,7 +96,18 @@ class Journal:
         for statement in SCHEMA.split(";\n"):
             if statement.strip():
                 self.db.execute(statement)
+        self._upgrade()
         self._progress_at = 0.0
+
+    def _upgrade(self) -> None:
+        """A journal from before collections gains the column (its jobs were the shared collection's)."""
+        names = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        if "collection" not in names:
+            try:
+                self.db.execute("ALTER TABLE jobs ADD COLUMN collection TEXT NOT NULL DEFAULT ''")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
 
     def close(self) -> None:
         self.db.close()
@@ -110,24 +123,25 @@ class Journal:
         return _Tx(self.db)
 
     # --- jobs ---------------------------------------------------------------------------
-    def enqueue(self, kind: str, reason: str = "", document: str | None = None) -> tuple[Job, bool]:
+    def enqueue(self, kind: str, reason: str = "", document: str | None = None,
+                collection: str = "") -> tuple[Job, bool]:
         """Queue a job; return it and whether it is new.
 
-        Bursts coalesce: while a train job is queued (not yet started), asking for
-        another returns that one, so data arriving during a run queues exactly one
-        follow-up run. A forget job always queues (it names its document).
+        Bursts coalesce: while a train job for a collection is queued (not yet started),
+        asking for another returns that one, so data arriving during a run queues
+        exactly one follow-up run. A forget job always queues (it names its document).
         """
         if kind not in KINDS:
             raise ValueError(f"unknown job kind {kind!r}")
         with self._tx():
             if kind == "train":
                 row = self.db.execute("SELECT id FROM jobs WHERE kind='train' AND state='queued' "
-                                      "ORDER BY id LIMIT 1").fetchone()
+                                      "AND collection=? ORDER BY id LIMIT 1", (collection,)).fetchone()
                 if row:
                     return self.get(row[0]), False
             now = time.time()
-            cur = self.db.execute("INSERT INTO jobs(kind, state, reason, document, created, updated) "
-                                  "VALUES (?, 'queued', ?, ?, ?, ?)", (kind, reason, document, now, now))
+            cur = self.db.execute("INSERT INTO jobs(kind, state, reason, document, collection, created, updated) "
+                                  "VALUES (?, 'queued', ?, ?, ?, ?, ?)", (kind, reason, document, collection, now, now))
             job_id = int(cur.lastrowid or 0)
             self._transition(job_id, "", "job:queued", reason)
         return self.get(job_id), True

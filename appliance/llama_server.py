@@ -1,4 +1,5 @@
-"""Native llama-server backends: one private process per loaded model version.
+"""Native llama-server backends: one private process per loaded model version, or per
+*adapter host* (the base model with every collection's LoRA adapter, chosen per request).
 
 Why native llama-server and not llama-cpp-python (measured, performance.md): the
 llama-cpp-python server answers one request at a time (0.72x native single-stream,
@@ -73,12 +74,16 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
 
 
 class Backend:
-    """One llama-server process serving one GGUF under one version name (``--alias``)."""
+    """One llama-server process serving one GGUF under one name (``--alias``): a model version,
+    or, with ``loras``, an *adapter host*: the base model with LoRA adapters loaded at scale 0
+    (``--lora-init-without-apply``), each request choosing its adapter by index with a
+    ``"lora": [{"id": i, "scale": 1.0}]`` field (llama.cpp applies it per slot, no reload)."""
 
     def __init__(self, version: str, gguf: Path, *, slots: int, context: int, threads: int,
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, loras: tuple[Path, ...] = ()):
         self.version = version
         self.gguf = gguf
+        self.loras = loras
         self.slots = slots
         self.context = context
         self.threads = threads
@@ -88,6 +93,12 @@ class Backend:
         self.proc: subprocess.Popen | None = None
         self.inflight = 0          # guarded by the owning pool's lock
         self.retired = False       # no new requests; stopped once inflight reaches 0
+        self.spec: object = None   # what the owning pool started it for (serve.Spec)
+        # per slot, as the front sent requests (guarded by the pool's lock): busy, the adapter
+        # it last ran, when; an adapter host's requests go to a slot that ran their adapter
+        self.slot_busy = [False] * slots
+        self.slot_lora: list[int | None] = [None] * slots
+        self.slot_used = [0.0] * slots
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -104,7 +115,17 @@ class Backend:
                 # format, which drops e.g. SmolLM2's default system prompt.
                 "--jinja",
                 "--n-gpu-layers", "999",   # all layers on the GPU when the build has CUDA; ignored on CPU
-                "--no-webui"]
+                "--no-webui", *self._lora_args()]
+
+    def _lora_args(self) -> list[str]:
+        if not self.loras:
+            return []
+        for path in self.loras:
+            if "," in str(path):  # llama.cpp splits --lora values at commas
+                raise ServeError(f"{path}: llama-server cannot load an adapter whose path has a comma; "
+                                 "move the home to a path without one")
+        # loaded once, applied per request: without a "lora" field a request would get none
+        return [arg for path in self.loras for arg in ("--lora", str(path))] + ["--lora-init-without-apply"]
 
     def start(self) -> None:
         """Spawn the process; does not wait for the model to load. Called on a LAUNCHER thread

@@ -28,7 +28,34 @@ def resolve_home(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Home:
+    """A home, or one collection's view of it (``collection`` is "" for the shared one).
+
+    A collection (a sub-folder of the inbox, see appliance/collections.py) has its own
+    inbox folder, quarantine, store, snapshots, runs and models under
+    ``collections/<name>/``; configuration, keys, the job journal, the audit log, probes,
+    base models, logs and run/ are the home's, the same in every scope. The shared
+    collection keeps the top-level layout of architecture.md unchanged.
+    """
+
     root: Path
+    collection: str = ""
+
+    def scoped(self, collection: str) -> "Home":
+        """The same home seen from ``collection`` ("" is the shared collection)."""
+        return Home(self.root, collection)
+
+    @property
+    def top(self) -> "Home":
+        return Home(self.root)
+
+    @property
+    def _data(self) -> Path:
+        """Where this scope's own data lives: the home itself for the shared collection."""
+        return self.root / "collections" / self.collection if self.collection else self.root
+
+    @property
+    def collections_dir(self) -> Path:
+        return self.root / "collections"
 
     # --- top-level files -------------------------------------------------
     @property
@@ -38,6 +65,11 @@ class Home:
     @property
     def api_key(self) -> Path:
         return self.root / "api_key"
+
+    @property
+    def keys(self) -> Path:
+        """API keys with roles (hashed; appliance/keys.py)."""
+        return self.root / "keys.json"
 
     @property
     def jobs_db(self) -> Path:
@@ -50,7 +82,7 @@ class Home:
     # --- folders -------------------------------------------------------------
     @property
     def inbox(self) -> Path:
-        return self.root / "inbox"
+        return self.root / "inbox" / self.collection if self.collection else self.root / "inbox"
 
     @property
     def probes(self) -> Path:
@@ -58,15 +90,15 @@ class Home:
 
     @property
     def quarantine(self) -> Path:
-        return self.root / "quarantine"
+        return self.root / "quarantine" / self.collection if self.collection else self.root / "quarantine"
 
     @property
     def store(self) -> Path:
-        return self.root / "store"
+        return self._data / "store"
 
     @property
     def snapshots(self) -> Path:
-        return self.root / "snapshots"
+        return self._data / "snapshots"
 
     @property
     def bases(self) -> Path:
@@ -74,11 +106,11 @@ class Home:
 
     @property
     def runs(self) -> Path:
-        return self.root / "runs"
+        return self._data / "runs"
 
     @property
     def models(self) -> Path:
-        return self.root / "models"
+        return self._data / "models"
 
     @property
     def logs(self) -> Path:

@@ -16,7 +16,7 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,6 +59,7 @@ def check_disk(home: Home, settings: Settings, stage: str) -> None:
 
 def run_job(ctx: Context, job: Job) -> Job:
     """Run ``job`` to its end (done, refused or failed); raise Stopped or DiskError to pause it."""
+    ctx = replace(ctx, home=ctx.home.top.scoped(job.collection))  # the job's collection: its data, runs, models
     for stage in iter_stages(job.stage):
         if ctx.stop.is_set():
             raise Stopped(stage)
@@ -160,9 +161,15 @@ def stage_train(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
 def stage_export(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
     from .export import export_run
 
+    from .collections import adapter_mode
+
     run = ctx.home.run(job.run_id or "")
-    if not (run.parity.exists() and (run.gguf / read_json(run.parity)["gguf"]).exists()):
-        export_run(ctx.home, run.id, ctx.settings, emit=emit)  # a failed parity is the gate's to report
+    adapter = adapter_mode(ctx.home, ctx.settings)  # a collection's adapter, served on the one base model
+    done = run.parity.exists() and (run.gguf / read_json(run.parity)["gguf"]).exists()
+    if done and adapter:
+        done = bool(read_json(run.parity).get("adapter")) and (run.gguf / read_json(run.parity)["adapter"]).exists()
+    if not done:
+        export_run(ctx.home, run.id, ctx.settings, emit=emit, adapter=adapter)  # a failed parity is the gate's
     return {}
 
 
@@ -204,6 +211,8 @@ def register_candidate(ctx: Context, job: Job) -> dict[str, Any]:
     from .gate import candidate_gguf
     from .llamacpp_child import problem
 
+    from .collections import adapter_mode
+
     home, run_id = ctx.home, job.run_id or ""
     existing = [v for v in registry.versions(home) if v.get("run") == run_id]
     if existing:
@@ -214,12 +223,26 @@ def register_candidate(ctx: Context, job: Job) -> dict[str, Any]:
             raise ApplianceError(f"run {run_id}: the gated file is missing; cannot promote it")
         parity = read_json(home.run(run_id).parity)
         info = read_json(home.run(run_id).root / "train.json")
-        record = registry.add(home, registry.next_version(home), gguf, {
-            "run": run_id, "snapshot": job.snapshot, "quant": parity.get("quant"), "base": ctx.settings.base.name,
-            "best_val_loss": info.get("best_val_loss"), "parity": {"passed": parity.get("passed")},
-            "job": job.id, "kind": job.kind, "registered_at": time.time()}, check=problem)
+        fields = {"run": run_id, "snapshot": job.snapshot, "quant": parity.get("quant"), "base": ctx.settings.base.name,
+                  "best_val_loss": info.get("best_val_loss"), "parity": {"passed": parity.get("passed")},
+                  "job": job.id, "kind": job.kind, "collection": home.collection, "registered_at": time.time()}
+        if adapter_mode(home, ctx.settings):
+            record = register_adapter(home, home.run(run_id).gguf / parity["adapter"], fields)
+        else:
+            record = registry.add(home, registry.next_version(home), gguf, fields, check=problem)
     ctx.journal.remember(job.id, version=record["version"])
     return record
+
+
+def register_adapter(home: Home, adapter: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """A collection's version as its GGUF LoRA adapter, tied to the base version it applies to."""
+    from .collections import adapter_problem, base_model
+
+    base_version, base_file = base_model(home)
+    base_record = registry.get(home.top, base_version)
+    fields = {**fields, "quant": "adapter", "base_version": base_version, "base_sha256": base_record["sha256"]}
+    return registry.add(home, registry.next_version(home), adapter, fields, name=registry.ADAPTER_FILE,
+                        check=lambda path: adapter_problem(base_file, path))
 
 
 STAGES: dict[str, Callable[[Context, Job, Emit], dict[str, Any]]] = {
@@ -238,9 +261,10 @@ def clean_intermediates(home: Home, run_id: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
     for partial in run.root.glob(".*.partial"):
         shutil.rmtree(partial, ignore_errors=True)
-    chosen = read_json(run.parity)["gguf"] if run.parity.exists() else None
+    parity = read_json(run.parity) if run.parity.exists() else {}
+    keep = {parity.get("gguf"), parity.get("adapter")}  # the served file (and a collection's adapter)
     for path in run.gguf.glob("*.gguf") if run.gguf.is_dir() else []:
-        if path.name != chosen:
+        if path.name not in keep:
             path.unlink(missing_ok=True)
 
 
@@ -276,6 +300,8 @@ def build_lineage(ctx: Context, job: Job, record: dict[str, Any]) -> dict[str, A
     times = {t["stage"] + ":" + t["state"]: t["at"] for t in ctx.journal.transitions(job.id) if t["stage"]}
     return {
         "version": record["version"], "job": job.id, "kind": job.kind, "run": run_id, "snapshot": job.snapshot,
+        "collection": home.collection, "served_as": "adapter" if record.get("file") == registry.ADAPTER_FILE
+        else "merged", "base_version": record.get("base_version"),
         "documents": [{"sha256": s["sha256"], "path": s["path"], "records": s.get("records")}
                       for s in info["by_source"]],
         "records": info["records"], "base": ctx.settings.base.name,

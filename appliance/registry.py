@@ -21,6 +21,8 @@ from .fsutil import fsync_dir, read_json, sha256_file, staging_dir, write_json_a
 from .paths import Home
 
 VERSION_RE = re.compile(r"^(base|v\d+)$")
+MODEL_FILE = "model.gguf"
+ADAPTER_FILE = "adapter.gguf"
 
 
 def versions(home: Home) -> list[dict[str, Any]]:
@@ -44,11 +46,13 @@ def next_version(home: Home) -> str:
 Check = Callable[[Path], "str | None"]
 
 
-def add(home: Home, version: str, gguf: Path, info: dict[str, Any], check: Check | None = None) -> dict[str, Any]:
+def add(home: Home, version: str, gguf: Path, info: dict[str, Any], check: Check | None = None,
+        name: str = MODEL_FILE) -> dict[str, Any]:
     """Register a built GGUF as ``version`` (complete or absent).
 
     With ``check``, the exact file about to be registered is validated first; a corrupt
-    one never gets a version, so it can never be promoted.
+    one never gets a version, so it can never be promoted. ``name`` is ``adapter.gguf``
+    for a collection's LoRA adapter (served on the base version's model, see collections.py).
     """
     if not VERSION_RE.match(version):
         raise RegistryError(f"invalid version name {version!r}")
@@ -57,13 +61,13 @@ def add(home: Home, version: str, gguf: Path, info: dict[str, Any], check: Check
         raise RegistryError(f"version {version} already exists")
     with staging_dir(target) as tmp:
         try:
-            os.link(gguf, tmp / "model.gguf")  # same file system: no copy of hundreds of MB
+            os.link(gguf, tmp / name)  # same file system: no copy of hundreds of MB
         except OSError:
-            shutil.copy2(gguf, tmp / "model.gguf")
-        if check is not None and (reason := check(tmp / "model.gguf")):
+            shutil.copy2(gguf, tmp / name)
+        if check is not None and (reason := check(tmp / name)):
             raise RegistryError(f"{gguf}: not registering a file llama.cpp cannot use safely: {reason}")
-        record = {"version": version, "created": time.time(), "sha256": sha256_file(tmp / "model.gguf"),
-                  "size": (tmp / "model.gguf").stat().st_size, **info}
+        record = {"version": version, "created": time.time(), "sha256": sha256_file(tmp / name),
+                  "size": (tmp / name).stat().st_size, **({"file": name} if name != MODEL_FILE else {}), **info}
         write_json_atomic(tmp / "version.json", record)
     return record
 
@@ -84,7 +88,11 @@ def current(home: Home) -> str | None:
 
 
 def gguf_path(home: Home, version: str) -> Path:
-    return home.model(version) / "model.gguf"
+    """The version's own file: its model, or for an adapter version its adapter."""
+    folder = home.model(version)
+    if (folder / MODEL_FILE).exists() or not (folder / ADAPTER_FILE).exists():
+        return folder / MODEL_FILE
+    return folder / ADAPTER_FILE
 
 
 def verify(home: Home, version: str) -> None:

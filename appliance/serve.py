@@ -3,29 +3,46 @@
 Two parts. The front (this module, Starlette on uvicorn) is the only thing clients
 reach: bearer key (constant time), Host/Origin refusal, request limits, model ids,
 one log line per request. Generation runs in native llama.cpp ``llama-server``
-processes, one per loaded version, on private Unix sockets (appliance/llama_server.py
-says why: native speed, and llama-server's own CORS/Host handling is not safe to
-expose). The front proxies over a keep-alive httpx pool per backend, passing the
-backend's JSON or SSE bytes through unchanged: each backend runs with ``--alias
-<version>``, so every ``model`` field already names the exact version that answered.
+processes on private Unix sockets (appliance/llama_server.py says why: native speed,
+and llama-server's own CORS/Host handling is not safe to expose). The front proxies
+over a keep-alive httpx pool per backend, passing the backend's JSON or SSE bytes
+through: each backend runs with ``--alias <model id>``, so the ``model`` field already
+names what answered (only an adapter host's replies get their ``model`` rewritten).
 
-Hot swap. The control channel is the ``models/current`` symlink itself (no extra
-socket): model id ``appliance`` is resolved with one readlink per request, and a
-watcher thread polls the link (every 0.25 s) to start the new version's backend as
-soon as a promotion or rollback lands. New ``appliance`` requests wait for the new
-backend to report ready (they are never sent to a half-loaded model), requests in
-flight finish on the backend they hold, and an old backend is stopped only once its
-last request is done (at most ``serve.keep_loaded`` backends, least recently used
-retired first). A version whose backend fails to start is not switched to: requests
-for ``appliance`` keep going to the version that last answered, with a warning in the
-log, and only a request nothing can serve gets a 503. The daemon may also call
-:meth:`Server.prepare` before promoting, so the switch costs requests no wait at all.
+Backends. A backend is started for a *spec* (:class:`Spec`): a merged model (the shared
+collection's versions ``base``/``vN``, or a collection configured ``serve = "merged"``),
+or the *adapter host*: the base model once, with every collection's current LoRA adapter
+loaded beside it (``--lora`` each, at scale 0). A request for ``appliance/<collection>``
+goes to the host with ``"lora": [{"id": i, "scale": 1.0}]`` for that collection's adapter:
+switching adapters between requests costs no model load (llama.cpp applies them per
+slot; slots with different adapters are simply not batched together). A collection
+version that is not current (``appliance/<c>@vN``) gets a small host of its own.
+
+Hot swap. The control channel is the ``current`` symlinks themselves (no extra socket):
+model ids are resolved with a readlink per request, and a watcher thread polls the links
+(every 0.25 s) to start what a promotion or rollback needs as soon as it lands: the
+shared collection's new version, or a new adapter host with the changed adapter list.
+New requests wait for the new backend to report ready (they are never sent to a
+half-loaded model), except that a collection whose adapter did not change keeps using
+the running host meanwhile; requests in flight finish on the backend they hold, and an
+old backend is stopped only once its last request is done (a superseded adapter host
+as soon as its successor is ready; otherwise at most ``serve.keep_loaded`` backends,
+least recently used retired first). A backend that fails to start is not switched to:
+requests for the collection's current model keep going to what last answered for it,
+with a warning in the log, and only a request nothing can serve gets a 503. The daemon
+may also call :meth:`Server.prepare` before promoting, so the switch costs no wait.
+
+Access. Every ``/v1`` request carries a key (appliance/keys.py); a model id of a
+collection the key may not see is answered exactly like an id that does not exist, and
+``/v1/models`` lists only what the key sees. Each request's log line names the key; use
+is summed per (key, model) and written to the audit log as ``key_use`` entries every
+``serve.audit_flush_seconds`` and at stop: counts, token counts and times, never text.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import hashlib
 import json
 import logging
 import os
@@ -35,7 +52,9 @@ import time
 import weakref
 from collections import OrderedDict
 from concurrent.futures import Future
+from dataclasses import dataclass
 from ipaddress import ip_address
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import httpx
@@ -46,9 +65,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import llama_server, registry
+from . import audit, collections, llama_server, registry
 from .config import Settings
-from .errors import RegistryError, ServeError
+from .errors import ApplianceError, RegistryError, ServeError
+from .fsutil import read_json, sha256_file
+from .keys import Key, KeyStore
 from .llama_server import LAUNCHER, Backend
 from .paths import Home
 
@@ -60,6 +81,8 @@ LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 START_TIMEOUT = 300.0   # seconds for a backend to load its model
 RETRY_FAILED = 30.0     # seconds before a version that failed to start is tried again
 WATCH_SECONDS = 0.25
+PREPARED_SECONDS = 600.0  # how long a host started by prepare() is kept for the promotion it precedes
+KEY_SCOPE = "appliance.key"  # where Guard leaves the authenticated Key in the ASGI scope
 
 
 def is_loopback(host: str) -> bool:
@@ -76,19 +99,27 @@ def error(status: int, message: str, kind: str = "invalid_request_error") -> JSO
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
+def unknown_model(model_id: str) -> LookupError:
+    # The one answer for an id that does not exist *and* for one the key may not see: the
+    # words depend only on what the client sent, never on what is there (no hint it exists).
+    return LookupError(f"the model '{model_id[:100]}' does not exist; GET /v1/models lists the models")
+
+
 # --- security front --------------------------------------------------------------
 
 
 class Guard:
     """ASGI middleware: Host and Origin checks (DNS rebinding), bearer key on /v1.
 
-    Written by hand because Starlette's TrustedHostMiddleware does not check Origin
-    and the key comparison must be constant-time.
+    Written by hand because Starlette's TrustedHostMiddleware does not check Origin.
+    The key is looked up with :meth:`KeyStore.authenticate` (constant-time compare, the
+    file re-read when it changed, so a revoked key fails on its very next request) and
+    left in the scope for the routes (``KEY_SCOPE``).
     """
 
-    def __init__(self, app: ASGIApp, api_key: str, allowed_hosts: set[str]):
+    def __init__(self, app: ASGIApp, keys: KeyStore, allowed_hosts: set[str]):
         self.app = app
-        self.api_key = api_key.encode()
+        self.keys = keys
         self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -96,25 +127,30 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        problem = self._refuse(scope["path"], headers)
+        problem = self._refuse(scope, headers)
         if problem is not None:
             await problem(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
-    def _refuse(self, path: str, headers: dict[str, str]) -> Response | None:
+    def _refuse(self, scope: Scope, headers: dict[str, str]) -> Response | None:
         host = _hostname(headers.get("host", ""))
         if host not in self.allowed_hosts:
             return error(403, "this endpoint only answers requests addressed to its own host name", "forbidden")
         origin = headers.get("origin")
         if origin is not None and _hostname(origin.split("://", 1)[-1]) not in self.allowed_hosts:
             return error(403, "cross-origin requests are not allowed", "forbidden")
-        if path.startswith("/v1"):
-            auth = headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
-                return error(401, "missing or wrong API key; send 'Authorization: Bearer <key from the home's api_key file>'",
-                             "authentication_error")
+        if scope["path"].startswith("/v1"):
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            try:
+                key = self.keys.authenticate(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+            except ApplianceError as exc:  # keys.json unreadable: one clear line, nobody gets in
+                log.error("%s", exc)
+                return error(503, "the endpoint cannot check API keys right now; see its log", "unavailable")
+            if key is None:
+                return error(401, "missing, wrong or revoked API key; send 'Authorization: Bearer <your key>' "
+                                  "(an admin creates keys with 'appliance keys add')", "authentication_error")
+            scope[KEY_SCOPE] = key
         return None
 
 
@@ -125,62 +161,202 @@ def _hostname(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+class KeyUse:
+    """Requests per (key, model) since the last flush, written to the audit log as ``key_use``
+    entries: which key used which model when, with counts; never prompt or answer text."""
+
+    def __init__(self, home: Home):
+        self.home = home.top
+        self._counts: dict[tuple[str, str], dict] = {}
+        self._lock = threading.Lock()
+
+    def record(self, key: str, model: str, prompt: object, completion: object) -> None:
+        now = time.time()
+        with self._lock:
+            entry = self._counts.setdefault((key, model), {"requests": 0, "first": now, "last": now,
+                                                           "prompt_tokens": 0, "completion_tokens": 0})
+            entry["requests"] += 1
+            entry["last"] = now
+            entry["prompt_tokens"] += prompt if isinstance(prompt, int) else 0
+            entry["completion_tokens"] += completion if isinstance(completion, int) else 0
+
+    def flush(self) -> int:
+        """Write and forget what was counted; returns the number of entries written."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        for (key, model), entry in sorted(counts.items()):
+            try:
+                audit.append(self.home, "key_use", key=key, model=model, **entry)
+            except OSError as exc:  # the endpoint keeps answering; the log says what was lost
+                log.error("could not write key use to the audit log (%s): key=%s model=%s requests=%d",
+                          exc, key, model, entry["requests"])
+        return len(counts)
+
+
+# --- what a model id is served by -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One collection version's LoRA, as an adapter host loads it."""
+
+    collection: str
+    version: str
+    path: Path
+    sha256: str
+    record: Path          # its version.json: the version leaving the registry stops its serving
+
+    @property
+    def model_id(self) -> str:
+        return collections.model_id(self.collection, self.version)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one llama-server runs: a model file, and for an adapter host its adapters in
+    ``--lora`` order (a request's ``lora`` id is the index here)."""
+
+    name: str                                  # the pool's key and the backend's --alias
+    gguf: Path
+    sha256: str                                # of ``gguf``, as the registry recorded it
+    records: tuple[Path, ...]                  # version.json files that must still exist
+    adapters: tuple[Adapter, ...] = ()
+    host: bool = False                         # the host of every collection's current adapter
+
+    def index(self, adapter: Adapter) -> int | None:
+        return self.adapters.index(adapter) if adapter in self.adapters else None
+
+    def of_collection(self, collection: str) -> Adapter | None:
+        return next((a for a in self.adapters if a.collection == collection), None)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A request's model id resolved: the spec to serve it and, on an adapter spec, which adapter."""
+
+    collection: str
+    current: bool              # the id named the collection's current model (fallback allowed)
+    spec: Spec
+    adapter: Adapter | None = None
+
+
+@dataclass
+class Answering:
+    """The backend a request holds (counted in flight) and the model id that answers."""
+
+    backend: Backend
+    model: str
+    lora: int | None = None         # the adapter's index on an adapter host
+    slot: int | None = None         # the llama-server slot it was sent to (adapter hosts)
+
+
 # --- backends ------------------------------------------------------------------------
 
 
 class BackendPool:
-    """Running llama-server backends by version, started on demand, least recently used retired."""
+    """Running llama-server backends by spec, started on demand, least recently used retired."""
 
     def __init__(self, home: Home, settings: Settings):
         self.binary = llama_server.binary()  # a missing build is one clear line, before anything listens
-        self.home = home
+        self.home = home.top
         self.settings = settings
         self.keep = settings.serve.keep_loaded
         self.threads = settings.serve.threads or len(os.sched_getaffinity(0))
         self._ready: OrderedDict[str, Backend] = OrderedDict()
+        self._specs: dict[str, Spec] = {}
         self._starting: dict[str, Future] = {}
         self._failed: dict[str, tuple[float, str]] = {}
+        self._prepared: dict[str, float] = {}
+        self._bad: dict[Adapter, float] = {}  # adapters whose file failed its check, left out of hosts for a while
+        self._last: dict[str, str] = {}    # collection -> spec name that last answered its current model
+        self._host: Spec | None = None     # the adapter host of every collection's current adapter
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._watcher: threading.Thread | None = None
-        self.last_alias: str | None = None  # the version that last answered for ``appliance``
         log.info("serving through native llama-server %s (%d slots, %d threads, context %d per slot)",
                  self.binary, settings.serve.slots, self.threads, settings.serve.context)
 
-    # model ids -> versions
-    def resolve(self, model_id: object) -> tuple[str, bool]:
-        """(version, is_alias); LookupError for an unknown id, ServeError when nothing is promoted."""
-        if model_id in (None, "", ALIAS):
-            current = registry.current(self.home)
-            if current is None:
-                raise ServeError("no model has been promoted yet")
-            return current, True
+    # --- model ids -> specs
+    def target(self, model_id: object, key: Key | None = None) -> Target:
+        """How to serve ``model_id`` for ``key``. LookupError for an id that does not exist or
+        that the key may not see (the same words); ServeError when nothing is promoted."""
+        if model_id in (None, ""):
+            model_id = ALIAS
         if not isinstance(model_id, str):
             raise LookupError("'model' must be a string; GET /v1/models lists the models")
         try:
-            registry.get(self.home, model_id)
-        except RegistryError:
-            raise LookupError(f"the model '{model_id[:100]}' does not exist; GET /v1/models lists the models") from None
-        return model_id, False
+            collection, version = collections.parse_model_id(model_id)
+        except LookupError:
+            raise unknown_model(model_id) from None
+        if key is not None and not key.sees(collection):
+            raise unknown_model(model_id)
+        served = collections.served(self.home, collection, version)
+        if served is None:
+            if version is None and (collection == collections.SHARED or self._exists(collection)):
+                where = "" if collection == collections.SHARED else f" in collection '{collection}'"
+                raise ServeError(f"no model has been promoted{where} yet")
+            raise unknown_model(model_id)
+        record = self.home.scoped(collection).model(served.version) / "version.json"
+        if served.mode != "adapter" or served.adapter is None:
+            name = collections.model_id(collection, served.version)
+            return Target(collection, version is None, Spec(name, served.gguf, served.sha256, (record,)))
+        adapter = Adapter(collection, served.version, served.adapter, served.sha256, record)
+        host = self._host
+        if version is None and (host is None or host.index(adapter) is None):
+            host = self.refresh_host()  # promoted since the watcher last looked
+        if host is not None and host.index(adapter) is not None:
+            return Target(collection, version is None, host, adapter)
+        return Target(collection, version is None, self._adapter_spec((adapter,), adapter.model_id), adapter)
 
-    # starting
-    def ensure(self, version: str) -> Future:
-        """A future for a ready backend of ``version``, starting one when none runs (thread-safe)."""
+    def _exists(self, collection: str) -> bool:
+        scope = self.home.scoped(collection)
+        return scope.inbox.is_dir() or scope.models.is_dir()
+
+    def _adapter_spec(self, adapters: tuple[Adapter, ...], name: str | None = None, host: bool = False) -> Spec:
+        base_version, base = collections.base_model(self.home)
+        record = self.home.model(base_version) / "version.json"
+        sha = read_json(record)["sha256"] if record.exists() else ""
+        if name is None:  # named by content: the same adapters give the same host
+            ids = json.dumps([[a.collection, a.version, a.sha256] for a in adapters]).encode()
+            name = "adapters-" + hashlib.sha256(ids).hexdigest()[:12]
+        return Spec(name, base, sha, (record, *(a.record for a in adapters)), adapters, host)
+
+    def refresh_host(self, override: Adapter | None = None) -> Spec | None:
+        """The adapter host for every collection's current adapter (``override`` in place of its
+        collection's), remembered as the one to serve from unless ``override`` is given."""
+        adapters: dict[str, Adapter] = {}
+        for collection in _served_collections(self.home):
+            served = collections.served(self.home, collection)
+            if served is not None and served.mode == "adapter" and served.adapter is not None:
+                record = self.home.scoped(collection).model(served.version) / "version.json"
+                adapter = Adapter(collection, served.version, served.adapter, served.sha256, record)
+                if time.monotonic() - self._bad.get(adapter, -RETRY_FAILED) >= RETRY_FAILED:
+                    adapters[collection] = adapter
+        if override is not None:
+            adapters[override.collection] = override
+        spec = self._adapter_spec(tuple(adapters[c] for c in sorted(adapters)), host=True) if adapters else None
+        if override is None:
+            self._host = spec
+        return spec
+
+    # --- starting
+    def ensure(self, spec: Spec) -> Future:
+        """A future for a ready backend of ``spec``, starting one when none runs (thread-safe)."""
         with self._lock:
-            backend = self._ready.get(version)
+            backend = self._ready.get(spec.name)
             if backend is not None and backend.alive():
-                self._ready.move_to_end(version)
+                self._ready.move_to_end(spec.name)
                 done: Future = Future()
                 done.set_result(backend)
                 return done
             if backend is not None:  # it died under us (killed, crashed): forget it and start again
                 log.error("llama-server for %s stopped unexpectedly (code %s); restarting it",
-                          version, backend.proc.returncode if backend.proc else None)
-                self._ready.pop(version)
+                          spec.name, backend.proc.returncode if backend.proc else None)
+                self._ready.pop(spec.name)
                 LAUNCHER.submit(backend.stop)
-            if version in self._starting:
-                return self._starting[version]
-            failed = self._failed.get(version)
+            if spec.name in self._starting:
+                return self._starting[spec.name]
+            failed = self._failed.get(spec.name)
             if failed and time.monotonic() - failed[0] < RETRY_FAILED:
                 done = Future()
                 done.set_exception(ServeError(failed[1]))
@@ -189,111 +365,184 @@ class BackendPool:
                 done = Future()
                 done.set_exception(ServeError("the endpoint is shutting down"))
                 return done
-            future = LAUNCHER.submit(self._start, version)
-            self._starting[version] = future
+            future = LAUNCHER.submit(self._start, spec)
+            self._starting[spec.name] = future
             return future
 
-    def _start(self, version: str) -> Backend:
+    def _start(self, spec: Spec) -> Backend:
         serve = self.settings.serve
-        backend = Backend(version, registry.gguf_path(self.home, version), slots=serve.slots, context=serve.context,
-                          threads=self.threads, log_path=self.home.logs / f"llama-server-{version}.log")
+        backend = Backend(spec.name, spec.gguf, slots=serve.slots, context=serve.context, threads=self.threads,
+                          log_path=self.home.logs / f"llama-server-{spec.name.replace('/', '_')}.log",
+                          loras=tuple(a.path for a in spec.adapters))
         started = time.monotonic()
         try:
-            registry.verify(self.home, version)  # R3: only files the appliance built, byte for byte
+            if bad := [(a, why) for a in spec.adapters if (why := _adapter_problem(a, spec.sha256))]:
+                # one collection's broken adapter must not keep the others' host from starting:
+                # the next host is built without it, and its own requests get this error
+                self._bad.update((a, time.monotonic()) for a, _ in bad)
+                raise RegistryError(f"{bad[0][0].path}: {bad[0][1]}; not serving it")
+            if not _intact(spec.gguf, spec.sha256):  # R3: only files the appliance built, byte for byte
+                raise RegistryError(f"{spec.gguf}: the file does not match the sha256 recorded when it was built; "
+                                    "not serving it")
             self.home.logs.mkdir(parents=True, exist_ok=True)
             backend.start()
             backend.wait_ready(START_TIMEOUT)
         except (RegistryError, ServeError, OSError) as exc:
             backend.stop()
-            message = f"model {version} could not be loaded: {str(exc).splitlines()[0]}"
+            message = f"model {_describe(spec)} could not be loaded: {str(exc).splitlines()[0]}"
             log.error("%s", message)
             with self._lock:
-                self._starting.pop(version, None)
-                self._failed[version] = (time.monotonic(), message)
+                self._starting.pop(spec.name, None)
+                self._failed[spec.name] = (time.monotonic(), message)
             raise ServeError(message) from None
         with self._lock:
-            self._starting.pop(version, None)
-            self._failed.pop(version, None)
+            self._starting.pop(spec.name, None)
+            self._failed.pop(spec.name, None)
             if self._closed.is_set():
                 LAUNCHER.submit(backend.stop)
                 raise ServeError("the endpoint is shutting down")
-            self._ready[version] = backend
-            self._retire_extra(protect={version, registry.current(self.home)})
-        log.info("llama-server for %s ready in %.1f s", version, time.monotonic() - started)
+            backend.spec = spec
+            self._ready[spec.name] = backend
+            self._specs[spec.name] = spec
+            self._retire_superseded()
+            self._retire_extra(protect={spec.name})
+        log.info("llama-server for %s ready in %.1f s", _describe(spec), time.monotonic() - started)
         return backend
 
-    def _retire_extra(self, protect: set[str | None]) -> None:
+    def _protected(self) -> set[str]:
+        now = time.monotonic()
+        self._prepared = {n: t for n, t in self._prepared.items() if now - t < PREPARED_SECONDS}
+        return {registry.current(self.home) or "", self._host.name if self._host else "", *self._prepared}
+
+    def _retire(self, name: str, why: str) -> None:
+        """Under the lock: no new requests for ``name``; it stops when its last one is done."""
+        backend = self._ready.pop(name)
+        backend.retired = True
+        log.info("retiring llama-server for %s (%s; %d requests in flight)", name, why, backend.inflight)
+        if backend.inflight == 0:
+            LAUNCHER.submit(backend.stop)
+
+    def _retire_superseded(self) -> None:
+        """Under the lock: once the current adapter host is ready, older hosts only cost memory."""
+        if self._host is None or self._host.name not in self._ready:
+            return
+        protect = self._protected()
+        for name in [n for n in self._ready if self._specs[n].host and n not in protect]:
+            self._retire(name, "superseded by the adapter host " + self._host.name)
+
+    def _retire_extra(self, protect: set[str]) -> None:
         """Under the lock: keep at most ``keep`` backends; one still answering stops when drained."""
-        for version in list(self._ready):
+        protect = protect | self._protected()
+        for name in list(self._ready):
             if len(self._ready) <= self.keep:
                 return
-            if version in protect:
-                continue
-            backend = self._ready.pop(version)
-            backend.retired = True
-            log.info("retiring llama-server for %s (%d requests in flight)", version, backend.inflight)
-            if backend.inflight == 0:
-                LAUNCHER.submit(backend.stop)
+            if name not in protect:
+                self._retire(name, f"more than {self.keep} loaded")
 
-    # per request
-    async def acquire(self, model_id: object) -> Backend:
+    # --- per request
+    async def acquire(self, model_id: object, key: Key | None = None) -> Answering:
         """A ready backend for the request, counted in flight until :meth:`release`."""
-        version, alias = self.resolve(model_id)
+        target = self.target(model_id, key)
         for _ in range(5):  # a backend retired between "ready" and "counted" is looked up again
-            try:
-                backend = await asyncio.wrap_future(self.ensure(version))
-            except ServeError:
-                fallback = self.last_alias
-                if not alias or fallback is None or fallback == version:
-                    raise
-                log.warning("'appliance' points at %s, which cannot be served; %s keeps answering", version, fallback)
-                backend = await asyncio.wrap_future(self.ensure(fallback))
+            backend = self._running_with(target.adapter, target.spec.name) if target.adapter else None
+            if backend is None:
+                try:
+                    backend = await asyncio.wrap_future(self.ensure(target.spec))
+                except ServeError:
+                    backend = self._fallback(target)
+                    if backend is None:
+                        raise
+            answering = _answering(backend, target)
             with self._lock:
                 if backend.retired or not backend.alive():
                     continue
                 backend.inflight += 1
-            if alias:
-                self.last_alias = backend.version
-            return backend
-        raise ServeError(f"model {version} is being replaced; try again")
+                if answering.lora is not None:
+                    answering.slot = _take_slot(backend, answering.lora)
+            if target.current:
+                self._last[target.collection] = backend.version
+            return answering
+        raise ServeError(f"model {target.spec.name} is being replaced; try again")
 
-    def release(self, backend: Backend) -> None:
+    def _running_with(self, adapter: Adapter, preferred: str) -> Backend | None:
+        """A ready adapter host holding exactly ``adapter`` (``preferred`` first): a collection
+        whose adapter did not change keeps answering while a new host loads."""
+        with self._lock:
+            ready = [b for n, b in self._ready.items() if self._specs[n].index(adapter) is not None and b.alive()]
+            ready.sort(key=lambda b: b.version != preferred)
+            if ready:
+                self._ready.move_to_end(ready[0].version)
+        return ready[0] if ready else None
+
+    def _fallback(self, target: Target) -> Backend | None:
+        """What last answered the collection's current model, when its new one cannot be served."""
+        name = self._last.get(target.collection)
+        if not target.current or name is None or name == target.spec.name:
+            return None
+        with self._lock:
+            backend = self._ready.get(name)
+        if backend is None or not backend.alive():
+            return None
+        log.warning("%s points at %s, which cannot be served; %s keeps answering",
+                    collections.model_id(target.collection), _describe(target.spec), name)
+        return backend
+
+    def release(self, backend: Backend, slot: int | None = None) -> None:
         with self._lock:
             backend.inflight -= 1
+            if slot is not None:
+                backend.slot_busy[slot] = False
             drained = backend.retired and backend.inflight == 0
         if drained:
             LAUNCHER.submit(backend.stop)
 
-    # lifetime
+    # --- lifetime
     def start(self) -> None:
-        """Start the current version's backend and the symlink watcher."""
+        """Start the symlink watcher (it starts the current backends)."""
         self._watcher = threading.Thread(target=self._watch, name="appliance-serve-watch", daemon=True)
         self._watcher.start()
 
-    def prepare(self, version: str, timeout: float = START_TIMEOUT) -> None:
-        """Start ``version``'s backend and wait until it answers (raises ServeError if it cannot)."""
-        self.ensure(version).result(timeout=timeout)
+    def prepare(self, version: str, timeout: float = START_TIMEOUT, collection: str = collections.SHARED) -> None:
+        """Start what serving ``collection``'s ``version`` as its current model needs, and wait
+        until it answers (raises ServeError if it cannot); for an adapter collection that is
+        the adapter host with this version's adapter in place of the current one."""
+        served = collections.served(self.home, collection, version)
+        if served is None:
+            raise ServeError(f"no model version {collections.model_id(collection, version)}")
+        if served.mode == "adapter" and served.adapter is not None:
+            record = self.home.scoped(collection).model(version) / "version.json"
+            spec = self.refresh_host(Adapter(collection, version, served.adapter, served.sha256, record))
+        else:
+            spec = self.target(collections.model_id(collection, version)).spec
+        assert spec is not None
+        with self._lock:
+            self._prepared[spec.name] = time.monotonic()
+        self.ensure(spec).result(timeout=timeout)
 
     def _watch(self) -> None:
-        seen: str | None = None
+        seen: tuple[str | None, str | None] = (None, None)
         while not self._closed.is_set():
-            current = registry.current(self.home)
-            if current is not None and current != seen:
-                seen = current
-                self.ensure(current)  # failures are logged in _start; requests then fall back
-            self._drop_removed()
+            try:
+                current = self.target(ALIAS).spec if registry.current(self.home) is not None else None
+                host = self.refresh_host()
+                now = (current.name if current else None, host.name if host else None)
+                if now != seen:
+                    seen = now
+                    for spec in (current, host):
+                        if spec is not None:
+                            self.ensure(spec)  # failures are logged in _start; requests then fall back
+                with self._lock:
+                    self._retire_superseded()
+                self._drop_removed()
+            except (ApplianceError, LookupError, OSError) as exc:  # a half-written registry: look again
+                log.debug("serve watcher: %s", exc)
             self._closed.wait(WATCH_SECONDS)
 
     def _drop_removed(self) -> None:
         """A version retired or pruned from the registry (forget, R10) stops being served at once."""
         with self._lock:
-            gone = [v for v in self._ready if not (self.home.model(v) / "version.json").exists()]
-            for version in gone:
-                backend = self._ready.pop(version)
-                backend.retired = True
-                log.info("stopping llama-server for %s: the version left the registry", version)
-                if backend.inflight == 0:
-                    LAUNCHER.submit(backend.stop)
+            for name in [n for n in self._ready if not all(r.exists() for r in self._specs[n].records)]:
+                self._retire(name, "a version it serves left the registry")
 
     def loaded(self) -> list[str]:
         with self._lock:
@@ -315,6 +564,78 @@ class BackendPool:
             self._watcher.join(timeout=5)
 
 
+def _answering(backend: Backend, target: Target) -> Answering:
+    """The model id that answers on ``backend`` (a fallback may hold an older version)."""
+    spec = backend.spec
+    assert isinstance(spec, Spec)
+    if not spec.adapters:
+        return Answering(backend, spec.name)
+    adapter = target.adapter if target.adapter and spec.index(target.adapter) is not None \
+        else spec.of_collection(target.collection)
+    assert adapter is not None  # only hosts holding the collection are chosen
+    return Answering(backend, adapter.model_id, spec.index(adapter))
+
+
+def _take_slot(backend: Backend, lora: int) -> int | None:
+    """Under the pool's lock: the idle slot for a request with adapter ``lora``, preferring one
+    that last ran that adapter. llama.cpp drops a slot's prompt cache when its adapter changes,
+    and its own slot choice looks at prompts, not adapters: left to it, collections sharing a
+    system prompt would keep evicting each other's cache. None (all busy): llama.cpp chooses."""
+    idle = [i for i, busy in enumerate(backend.slot_busy) if not busy]
+    if not idle:
+        return None
+    slot = max(idle, key=lambda i: (backend.slot_lora[i] == lora, backend.slot_lora[i] is None,
+                                    -backend.slot_used[i]))
+    backend.slot_busy[slot], backend.slot_lora[slot], backend.slot_used[slot] = True, lora, time.monotonic()
+    return slot
+
+
+def _describe(spec: Spec) -> str:
+    if not spec.host:
+        return spec.name
+    return f"{spec.name} (adapters: {', '.join(a.model_id for a in spec.adapters)})"
+
+
+def _adapter_problem(adapter: Adapter, base_sha256: str) -> str | None:
+    """Why ``adapter`` must not be applied to the base whose file has ``base_sha256``, or None."""
+    if not _intact(adapter.path, adapter.sha256):
+        return "the file does not match the sha256 recorded when it was built"
+    built_on = read_json(adapter.record).get("base_sha256")
+    if built_on and built_on != base_sha256:  # e.g. the base was exported again since: other weights
+        return f"the adapter was trained on another base model (sha256 {built_on[:12]}, served {base_sha256[:12]})"
+    return None
+
+
+def _intact(path: Path, sha256: str) -> bool:
+    """Only files the appliance built are served: the hash must match the registry's record."""
+    return path.exists() and sha256_file(path) == sha256
+
+
+def _served_collections(home: Home) -> list[str]:
+    """Collections with a ``current`` model, from collections/ alone (at most 3 deep). Cheaper
+    than :func:`collections.names` (no walk of the inbox), so the watcher can poll it."""
+    found: list[str] = []
+
+    def walk(folder: Path, depth: int) -> None:
+        try:
+            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
+        except OSError:
+            return
+        for child in children:
+            if child.name in ("store", "snapshots", "runs", "models"):
+                continue
+            name = child.relative_to(home.collections_dir).as_posix()
+            if collections.problem(name) is not None:
+                continue
+            if (child / "models" / "current").is_symlink():
+                found.append(name)
+            if depth < collections.MAX_DEPTH:
+                walk(child, depth + 1)
+
+    walk(home.collections_dir, 1)
+    return found
+
+
 # --- routes ------------------------------------------------------------------------
 
 # What a request may set, with its check; anything else in the body is dropped, not
@@ -324,19 +645,17 @@ NUMBERS = {"temperature": (0.0, 5.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0), 
 PASSED = (*NUMBERS, "top_k", "seed", "stop", "stream", "ignore_eos")
 
 
-def make_app(home: Home, settings: Settings, api_key: str, pool: BackendPool) -> Starlette:
+def make_app(home: Home, settings: Settings, keys: KeyStore, pool: BackendPool, usage: KeyUse) -> Starlette:
     limits = settings.serve
     admitted = Admission(limits.max_concurrent)
 
     async def health(_: Request) -> Response:
+        # unauthenticated: the shared model and a count, no collection's name
         return JSONResponse({"status": "ok", "model": registry.current(home), "backend": "llama-server",
-                             "loaded": pool.loaded()})
+                             "loaded": [n for n in pool.loaded() if "/" not in n]})
 
-    async def models(_: Request) -> Response:
-        data = [{"id": ALIAS, "object": "model", "owned_by": "appliance", "version": registry.current(home)}]
-        data += [{"id": v["version"], "object": "model", "created": int(v["created"]), "owned_by": "appliance"}
-                 for v in registry.versions(home)]
-        return JSONResponse({"object": "list", "data": data})
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": _visible_models(home, request.scope[KEY_SCOPE])})
 
     async def generate(request: Request) -> Response:
         if not admitted.take():
@@ -353,6 +672,7 @@ def make_app(home: Home, settings: Settings, api_key: str, pool: BackendPool) ->
 
     async def _generate(request: Request) -> Response:
         chat = request.url.path.endswith("/chat/completions")
+        key: Key = request.scope[KEY_SCOPE]
         body = await _body(request, limits.max_prompt_bytes)
         if isinstance(body, Response):
             return body
@@ -360,36 +680,37 @@ def make_app(home: Home, settings: Settings, api_key: str, pool: BackendPool) ->
         if problem:
             return error(400, problem)
         try:
-            backend = await pool.acquire(body.get("model"))
+            answering = await pool.acquire(body.get("model"), key)
         except LookupError as exc:
             return error(404, str(exc), "model_not_found")
         except ServeError as exc:
             return error(503, str(exc), "unavailable")
-        forward = _forward_body(body, chat, backend.version, limits.max_tokens_limit)
-        started = time.monotonic()
+        backend = answering.backend
+        forward = _forward_body(body, chat, answering, limits.max_tokens_limit)
+        done = Done(request.url.path, answering.model, key.name, usage, forward["stream"])
         path = "/v1/chat/completions" if chat else "/v1/completions"
         try:
-            client = backend.client()
-            reply = await client.send(client.build_request("POST", path, json=forward), stream=True)
+            reply = await _send(backend, path, forward)
         except httpx.TransportError as exc:
-            pool.release(backend)
+            pool.release(backend, answering.slot)
             log.error("llama-server for %s did not answer: %s", backend.version, exc)
-            return error(503, f"model {backend.version} is not answering; try again", "unavailable")
+            return error(503, f"model {answering.model} is not answering; try again", "unavailable")
         except BaseException:  # cancelled (client went away): the backend is ours no longer
-            pool.release(backend)
+            pool.release(backend, answering.slot)
             raise
+        rename = _renamer(backend.version, answering.model)
         if reply.status_code != 200 or not forward["stream"]:
             try:
                 content = await reply.aread()
             except httpx.TransportError as exc:
                 log.error("llama-server for %s broke off its answer: %s", backend.version, exc)
-                return error(503, f"model {backend.version} stopped answering; try again", "unavailable")
+                return error(503, f"model {answering.model} stopped answering; try again", "unavailable")
             finally:
-                pool.release(backend)  # first: nothing below may keep a retired backend alive
+                pool.release(backend, answering.slot)  # first: nothing below may keep a retired backend alive
                 await reply.aclose()
-            return _finish(request.url.path, backend.version, reply.status_code, content, started)
-        lease = Lease(lambda: (pool.release(backend), admitted.give()))
-        relay = _relay(reply, backend.version, lease, request.url.path, started)
+            return _finish(done, reply.status_code, content, rename)
+        lease = Lease(lambda: (pool.release(backend, answering.slot), admitted.give()))
+        relay = _relay(reply, lease, done, rename)
         # A stream the client abandons before its first byte never runs the relay's
         # finally clause; the finalizer still gives the backend back.
         weakref.finalize(relay, lease.release)
@@ -402,7 +723,62 @@ def make_app(home: Home, settings: Settings, api_key: str, pool: BackendPool) ->
         Route("/v1/completions", generate, methods=["POST"]),
     ]
     hosts = set(LOOPBACK_NAMES) | {settings.serve.host.lower()}
-    return Starlette(routes=routes, middleware=[Middleware(Guard, api_key=api_key, allowed_hosts=hosts)])
+    return Starlette(routes=routes, middleware=[Middleware(Guard, keys=keys, allowed_hosts=hosts)])
+
+
+async def _send(backend: Backend, path: str, forward: dict) -> httpx.Response:
+    """POST to the backend, once more on a fresh connection if the connection broke before any
+    answer: cpp-httplib closes connections idle for 5 s, and reusing one just as it closes
+    fails before llama-server has read the request (a backend that died is not asked again)."""
+    client = backend.client()
+    try:
+        return await client.send(client.build_request("POST", path, json=forward), stream=True)
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+        if not backend.alive():
+            raise
+        log.warning("llama-server for %s dropped a kept-alive connection; sending again", backend.version)
+        return await client.send(client.build_request("POST", path, json=forward), stream=True)
+
+
+def _visible_models(home: Home, key: Key) -> list[dict]:
+    """Every model id ``key`` may use: each visible collection's current id and its versions."""
+    data: list[dict] = []
+    for collection in collections.names(home):
+        if not key.sees(collection):
+            continue
+        scope = home.scoped(collection)
+        if (current := registry.current(scope)) is not None:
+            data.append({"id": collections.model_id(collection), "object": "model", "owned_by": "appliance",
+                         "version": current})
+        data += [{"id": collections.model_id(collection, v["version"]), "object": "model",
+                  "created": int(v["created"]), "owned_by": "appliance"} for v in registry.versions(scope)]
+    return data
+
+
+def _renamer(alias: str, model: str) -> Callable[[bytes], bytes] | None:
+    """llama-server names its --alias in every reply; an adapter host's alias is not the model
+    id that answered, so that one field is rewritten in the bytes. JSON escapes every quote
+    inside strings, so ``"model":"<alias>"`` cannot occur inside generated text."""
+    if alias == model:
+        return None
+    old, new = json.dumps({"model": alias}, separators=(",", ":"))[1:-1].encode(), \
+        json.dumps({"model": model}, separators=(",", ":"))[1:-1].encode()
+    return lambda data: data.replace(old, new)
+
+
+class Done:
+    """A request's end: its one log line and its count for the key-use audit."""
+
+    def __init__(self, path: str, model: str, key: str, usage: KeyUse, stream: bool):
+        self.path, self.model, self.key, self.usage, self.stream = path, model, key, usage, stream
+        self.started = time.monotonic()
+
+    def __call__(self, status: int, prompt: object, completion: object) -> None:
+        # Counts and timings only, never prompt or completion text (R12).
+        log.info("request path=%s model=%s key=%s status=%d stream=%s prompt_tokens=%s completion_tokens=%s "
+                 "seconds=%.3f", self.path, self.model, self.key, status, self.stream, prompt, completion,
+                 time.monotonic() - self.started)
+        self.usage.record(self.key, self.model, prompt, completion)
 
 
 class Lease:
@@ -439,30 +815,40 @@ class Admission:
             self.active -= 1
 
 
-async def _relay(reply: httpx.Response, version: str, lease: Lease, path: str,
-                 started: float) -> AsyncIterator[bytes]:
-    """The backend's SSE bytes as they come. The finally clause also runs when the client
-    disconnects mid-stream, so the backend is always released."""
+async def _relay(reply: httpx.Response, lease: Lease, done: Done,
+                 rename: Callable[[bytes], bytes] | None) -> AsyncIterator[bytes]:
+    """The backend's SSE bytes as they come (with ``rename``, a line at a time, so the field it
+    rewrites is never cut in two). The finally clause also runs when the client disconnects
+    mid-stream, so the backend is always released."""
     tail = bytearray()
+    carry = b""
     try:
         async for part in reply.aiter_raw():
             tail.extend(part)
             del tail[:-4096]  # only the end is kept: it carries the token counts
+            if rename is not None:
+                part = carry + part
+                cut = part.rfind(b"\n") + 1
+                part, carry = rename(part[:cut]), part[cut:]
+                if not part:
+                    continue
             yield part
+        if carry and rename is not None:
+            yield rename(carry)
     except httpx.TransportError as exc:
-        log.error("llama-server for %s broke off a stream: %s", version, exc)
+        log.error("llama-server for %s broke off a stream: %s", done.model, exc)
         yield b'data: {"error": {"message": "the model stopped answering", "type": "server_error"}}\n\n'
     finally:
         lease.release()
         prompt, completion = _stream_counts(bytes(tail))
-        _log(path, version, 200, prompt, completion, started, stream=True)
+        done(200, prompt, completion)
         try:
             await reply.aclose()
         except BaseException:  # noqa: BLE001  (cancelled while closing: the connection is dropped anyway)
             pass
 
 
-def _finish(path: str, version: str, status: int, content: bytes, started: float) -> Response:
+def _finish(done: Done, status: int, content: bytes, rename: Callable[[bytes], bytes] | None) -> Response:
     """The backend's JSON reply as it came; a backend failure becomes a clear 502."""
     try:
         payload = json.loads(content)
@@ -470,22 +856,15 @@ def _finish(path: str, version: str, status: int, content: bytes, started: float
         payload = None
     if status == 200 and isinstance(payload, dict):
         usage = payload.get("usage") or {}
-        _log(path, version, status, usage.get("prompt_tokens"), usage.get("completion_tokens"), started)
-        return Response(content, status_code=200, media_type="application/json")
+        done(status, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+        return Response(rename(content) if rename else content, status_code=200, media_type="application/json")
     message = ""
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         message = str(payload["error"].get("message", ""))[:300]
-    _log(path, version, status, None, None, started)
+    done(status, None, None)
     if 400 <= status < 500:  # e.g. a prompt longer than the context: the client's to fix
         return error(status, message or "the model refused the request")
-    return error(502, f"model {version} failed to answer ({status}: {message or 'no detail'})", "server_error")
-
-
-def _log(path: str, version: str, status: int, prompt: object, completion: object, started: float,
-         stream: bool = False) -> None:
-    # Counts and timings only, never prompt or completion text (R12).
-    log.info("request path=%s model=%s status=%d stream=%s prompt_tokens=%s completion_tokens=%s seconds=%.3f",
-             path, version, status, stream, prompt, completion, time.monotonic() - started)
+    return error(502, f"model {done.model} failed to answer ({status}: {message or 'no detail'})", "server_error")
 
 
 def _stream_counts(tail: bytes) -> tuple[object, object]:
@@ -504,9 +883,13 @@ def _stream_counts(tail: bytes) -> tuple[object, object]:
     return None, None
 
 
-def _forward_body(body: dict, chat: bool, version: str, max_tokens_limit: int) -> dict:
+def _forward_body(body: dict, chat: bool, answering: Answering, max_tokens_limit: int) -> dict:
     out: dict = {k: body[k] for k in PASSED if k in body and body[k] is not None}
-    out["model"] = version
+    out["model"] = answering.backend.version
+    if answering.lora is not None:  # the collection's adapter, and no other (a client's own "lora" never passes)
+        out["lora"] = [{"id": answering.lora, "scale": 1.0}]
+    if answering.slot is not None:
+        out["id_slot"] = answering.slot
     out["stream"] = bool(body.get("stream"))
     if out["stream"] and isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage"):
         out["stream_options"] = {"include_usage": True}
@@ -607,21 +990,28 @@ def read_api_key(home: Home) -> str:
 
 class Server:
     """The endpoint: uvicorn in a background thread (demo, tests, daemon) or ``serve_forever``
-    (the CLI). Stopping it stops every llama-server it started."""
+    (the CLI). Stopping it stops every llama-server it started and writes the key-use audit."""
 
     def __init__(self, home: Home, settings: Settings, host: str | None = None, port: int | None = None):
         import uvicorn
 
+        home = home.top
         self.host = host or settings.serve.host
         self.port = port or settings.serve.port
         check_bind(self.host, self.port, settings)
-        api_key = read_api_key(home)
+        read_api_key(home)  # an initialised home has its admin key; a missing or empty one is one clear line
+        keys = KeyStore(home)
+        keys.list()  # migrates a home made before keys.json, and finds an unreadable one now
         self.pool = BackendPool(home, settings)
-        app = make_app(home, settings, api_key, self.pool)
+        self.usage = KeyUse(home)
+        self.flush_seconds = settings.serve.audit_flush_seconds
+        app = make_app(home, settings, keys, self.pool, self.usage)
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=30)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._flusher: threading.Thread | None = None
         self.home = home
 
     @property
@@ -630,37 +1020,57 @@ class Server:
         return f"http://{host}:{self.port}"
 
     def start(self, wait_model: float = START_TIMEOUT) -> "Server":
-        """Listen, and wait (up to ``wait_model`` s) for the current version's backend to load;
-        a model that will not load is logged and answered with 503, the endpoint still starts."""
-        self.pool.start()
+        """Listen, and wait (up to ``wait_model`` s) for the current models' backends to load (the
+        shared version and the adapter host); one that will not load is logged and answered
+        with 503, the endpoint still starts."""
+        self._begin()
         self._thread = threading.Thread(target=self._server.run, name="appliance-serve", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self._server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
-                self.pool.close()
+                self._end()
                 raise ServeError(f"the endpoint did not start on {self.url}")
             time.sleep(0.05)
-        if (current := registry.current(self.home)) is not None:
+        for current in (lambda: self.pool.target(ALIAS).spec if registry.current(self.home) else None,
+                        self.pool.refresh_host):
             try:
-                self.pool.prepare(current, timeout=wait_model)
+                if (spec := current()) is not None:
+                    self.pool.ensure(spec).result(timeout=wait_model)
             except Exception as exc:  # noqa: BLE001  (logged by the pool; the endpoint answers 503 for it)
-                log.error("the current model is not being served: %s", exc)
+                log.error("a current model is not being served: %s", exc)
         return self
 
-    def prepare(self, version: str, timeout: float = START_TIMEOUT) -> None:
-        """Load ``version``'s backend ahead of a promotion; raises ServeError if it cannot serve."""
-        self.pool.prepare(version, timeout)
+    def prepare(self, version: str, timeout: float = START_TIMEOUT, collection: str = collections.SHARED) -> None:
+        """Load what serving ``collection``'s ``version`` needs ahead of its promotion; raises
+        ServeError if it cannot serve."""
+        self.pool.prepare(version, timeout, collection)
 
     def stop(self) -> None:
         self._server.should_exit = True
         if self._thread:
             self._thread.join(timeout=40)
-        self.pool.close()
+        self._end()
 
     def serve_forever(self) -> None:
-        self.pool.start()
+        self._begin()
         try:
             self._server.run()
         finally:
-            self.pool.close()
+            self._end()
+
+    def _begin(self) -> None:
+        self.pool.start()
+        self._flusher = threading.Thread(target=self._flush_every, name="appliance-key-use", daemon=True)
+        self._flusher.start()
+
+    def _end(self) -> None:
+        self._stopping.set()
+        if self._flusher is not None:
+            self._flusher.join(timeout=10)
+        self.pool.close()
+        self.usage.flush()  # after the last request ended: nothing counted is lost
+
+    def _flush_every(self) -> None:
+        while not self._stopping.wait(self.flush_seconds):
+            self.usage.flush()

@@ -97,25 +97,46 @@ def one_request(base_url: str, key: str, model: str, tokens: int) -> int:
     return reply.usage.completion_tokens
 
 
-def measure(base_url: str, key: str, model: str, clients: int, requests: int, tokens: int) -> tuple[int, float]:
-    """(completion tokens, seconds) for ``clients`` concurrent clients doing ``requests`` each."""
-    def worker(_: int) -> int:
-        return sum(one_request(base_url, key, model, tokens) for _ in range(requests))
+def measure(base_url: str, key: str, model: str | list[str], clients: int, requests: int,
+            tokens: int) -> tuple[int, float]:
+    """(completion tokens, seconds) for ``clients`` concurrent clients doing ``requests`` each;
+    with a list of models, each client's requests cycle through it (client i starts at the i-th)."""
+    models = [model] if isinstance(model, str) else model
+
+    def worker(i: int) -> int:
+        return sum(one_request(base_url, key, models[(i + r) % len(models)], tokens) for r in range(requests))
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         total = sum(pool.map(worker, range(clients)))
     return total, time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def tally(rnd: int, clients: int, block: dict[str, list], totals: dict[tuple[str, int], list]) -> dict[str, float]:
+    """Add one round's blocks (side -> [tokens, seconds]) to the totals, print them, return each side's rate."""
+    rates = {}
+    for side, (tokens, seconds) in block.items():
+        totals[(side, clients)][0] += tokens
+        totals[(side, clients)][1] += seconds
+        rates[side] = tokens / seconds
+        print(f"round {rnd + 1} {side:9s} clients={clients} {rates[side]:7.1f} tok/s "
+              f"({tokens} tokens in {seconds:.1f} s)", flush=True)
+    return rates
+
+
+def server_arguments(description: str, requests: int, requests_help: str) -> argparse.ArgumentParser:
+    """The options both serving benchmarks share (llama-server's shape and the rounds)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--context", type=int, default=1024, help="context per slot")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--requests", type=int, default=3, help="requests per client per block")
+    parser.add_argument("--requests", type=int, default=requests, help=requests_help)
     parser.add_argument("--tokens", type=int, default=128)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = server_arguments(__doc__.splitlines()[0], 3, "requests per client per block").parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     home = create_home(work / "home", "embedded")
@@ -149,13 +170,7 @@ def main() -> None:
                     tokens, seconds = measure(*sides[side], clients, requests, args.tokens)
                     block[side][0] += tokens
                     block[side][1] += seconds
-                for side in order:
-                    tokens, seconds = block[side]
-                    totals[(side, clients)][0] += tokens
-                    totals[(side, clients)][1] += seconds
-                    rates[side] = tokens / seconds
-                    print(f"round {rnd + 1} {side:9s} clients={clients} {tokens / seconds:7.1f} tok/s "
-                          f"({tokens} tokens in {seconds:.1f} s)", flush=True)
+                rates.update(tally(rnd, clients, block, totals))
                 pairs[clients].append(rates["appliance"] / rates["native"])
     finally:
         for proc in (server, native):

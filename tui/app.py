@@ -15,6 +15,7 @@ from typing import Any
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.reactive import reactive
 from textual.screen import Screen
 
 from appliance.api import Engine
@@ -22,6 +23,7 @@ from appliance.errors import ApplianceError
 
 from .client import Board, Client
 from .screens import ActivityScreen, ChatScreen, DashboardScreen, DataScreen, ModelsScreen
+from .screens.keys import KeysScreen, not_admin_words
 from .screens.review import ReviewScreen
 from .widgets import HelpScreen
 
@@ -33,7 +35,7 @@ DARK, LIGHT = "textual-dark", "textual-light"
 class ApplianceApp(App[None]):
     TITLE = "Appliance"
     MODES = {"dashboard": DashboardScreen, "models": ModelsScreen, "data": DataScreen,
-             "chat": ChatScreen, "activity": ActivityScreen, "review": ReviewScreen}
+             "chat": ChatScreen, "activity": ActivityScreen, "review": ReviewScreen, "keys": KeysScreen}
     BINDINGS = [
         Binding("d", "switch_mode('dashboard')", "Dashboard", show=False),
         Binding("m", "switch_mode('models')", "Models", show=False),
@@ -41,10 +43,14 @@ class ApplianceApp(App[None]):
         Binding("c", "switch_mode('chat')", "Chat", show=False),
         Binding("a", "switch_mode('activity')", "Activity", show=False),
         Binding("v", "switch_mode('review')", "Review", show=False),
+        Binding("k", "keys", "Keys", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         Binding("q", "quit", "Quit"),
     ]
+
+    is_admin: reactive[bool] = reactive(False)         # the window's key is an admin key: Keys is offered
+    chosen_collection: reactive[str] = reactive("")    # the collection the Data and Models screens show
 
     def __init__(self, client: Client, poll_seconds: float = 1.0, theme: str | None = None):
         super().__init__()
@@ -58,6 +64,8 @@ class ApplianceApp(App[None]):
 
     def on_mount(self) -> None:
         self.sub_title = str(self.client.engine.home)  # which home this window is attached to
+        if self.client.collection:  # a key that may not use the shared collection: the window is its collection's
+            self.sub_title += f" — {self.client.collection}"
         self.switch_mode("dashboard")
         self.poll()
         self.set_interval(self.poll_seconds, self.poll)
@@ -75,6 +83,11 @@ class ApplianceApp(App[None]):
     def _show_board(self, board: Board) -> None:
         self.board = board
         self._last_poll_error = None
+        self.is_admin = board.is_admin
+        names = [c["name"] for c in board.visible_collections() or []]
+        if names and self.chosen_collection not in names:
+            # Gone, or not this key's: back to the shared collection, or the key's first one.
+            self.chosen_collection = "" if "" in names else names[0]
         show = getattr(self.screen, "show_board", None)
         if show is not None:  # modal dialogs have none; the screen underneath catches up on resume
             show(board)
@@ -157,6 +170,20 @@ class ApplianceApp(App[None]):
                         f"Keep a copy of audit.log and tell whoever looks after this machine.",
                         title="Audit chain", severity="error", timeout=30)
 
+    def action_keys(self) -> None:
+        """Open Keys for an admin key; anyone else is told why not (asked afresh: keys change)."""
+        if not self.client.can("keys"):
+            self.notify("Managing keys is not available yet in this engine.", title="Keys", severity="warning")
+            return
+        self.act("checking this window's key", self.client.whoami, self._keys_for, quiet=True)
+
+    def _keys_for(self, identity: dict[str, Any] | None) -> None:
+        self.is_admin = bool(identity) and identity.get("role") == "admin"
+        if self.is_admin:
+            self.switch_mode("keys")
+        else:
+            self.notify(not_admin_words(identity), title="Keys", severity="warning", timeout=10)
+
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
@@ -170,6 +197,8 @@ class ApplianceApp(App[None]):
                            ("activity", "audit log and events"),
                            ("review", "vote on candidates waiting for promotion")):
             yield SystemCommand(f"Go to {mode.title()}", text, lambda m=mode: self.switch_mode(m))
+        if self.is_admin:
+            yield SystemCommand("Go to Keys", "add and revoke API keys (admin)", self.action_keys)
         yield SystemCommand("Ingest now", "read the inbox once", self.action_ingest)
         yield SystemCommand("Retrain now", "train on the current data and build a new version", self.action_retrain)
         yield SystemCommand("Roll back", "serve the previously promoted version again", self.action_rollback)
@@ -183,4 +212,5 @@ class ApplianceApp(App[None]):
 
 def make_app(client: Engine | Client, poll_seconds: float = 1.0, theme: str | None = None) -> ApplianceApp:
     """The app for an engine (the real one, an attached daemon's, or a test's scripted one)."""
-    return ApplianceApp(client if isinstance(client, Client) else Client(client), poll_seconds, theme)
+    client = client if isinstance(client, Client) else Client(client)
+    return ApplianceApp(client.for_caller(), poll_seconds, theme)

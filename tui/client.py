@@ -8,13 +8,20 @@ the adapter returns ``None`` and the screens say "not available yet" instead of 
 
 The endpoint is reached over real HTTP (httpx): ``GET /health`` for health and
 ``POST /v1/chat/completions`` with ``stream: true`` (server-sent events) for chat. The
-API key comes from the engine when it offers one (``engine.api_key()``), else from the
-home's ``api_key`` file (architecture.md, "The home directory": ``<home>/api_key``, 0600).
+API key is ``APPLIANCE_API_KEY`` when set (the caller's own key, issue 11), else the
+engine's (``engine.api_key()``), else the home's ``api_key`` file (architecture.md, "The
+home directory": ``<home>/api_key``, 0600).
+
+Collections and keys (issue 11): ``collections()`` lists the inbox's collections (one
+shared collection for an engine without them), ``scoped(name)`` is a client over the
+engine bound to one collection (the Data and Models screens read through it), and
+``whoami``/``keys``/``add_key``/``revoke_key`` are the key administration.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import deque
@@ -38,6 +45,8 @@ STAGE_OF = {"watch": "watch", "ingest": "ingest", "snapshot": "snapshot", "train
             "gate": "gate", "eval": "gate", "promote": "serve", "serve": "serve", "registry": "serve"}
 
 NOT_AVAILABLE = "not available yet"
+ROLES = ("chat", "contributor", "approver", "admin")   # each includes the ones before (appliance/keys.py)
+KEY_ENV = "APPLIANCE_API_KEY"                          # the caller's own key, before the home's admin key
 STALE_SECONDS = 120.0  # a stage silent this long, with no job in the journal, is not shown as running
 EVENT_TYPES = {cls.__name__: cls for cls in (StageStarted, Progress, Message, StageFinished)}
 
@@ -109,6 +118,18 @@ class Board:
     health: str
     paused: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    collections: list[dict[str, Any]] | None = None   # None: the engine has no collections (only shared)
+    identity: dict[str, Any] | None = None            # whoami(): name, role, collections; None: unknown
+
+    @property
+    def is_admin(self) -> bool:
+        return bool(self.identity) and self.identity.get("role") == "admin"
+
+    def visible_collections(self) -> list[dict[str, Any]] | None:
+        """The collections the caller's key may use (all when its key names none)."""
+        if self.collections is None:
+            return None
+        return [c for c in self.collections if sees(self.identity, c["name"])]
 
     @property
     def current(self) -> ModelVersion | None:
@@ -147,6 +168,13 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def answered(value: Any, questions: int) -> int:
+    """Probe questions answered: the gate records the share (0.8), older reports the count (4)."""
+    if isinstance(value, float) and 0.0 <= value <= 1.0 and questions:
+        return round(value * questions)
+    return int(value)
+
+
 def eta_words(seconds: float | None) -> str:
     if seconds is None:
         return ""
@@ -156,6 +184,40 @@ def eta_words(seconds: float | None) -> str:
     if minutes < 90:
         return f"about {_count(minutes, 'minute')} left"
     return f"about {seconds / 3600:.1f} hours left"
+
+
+def display(collection: str) -> str:
+    """'shared' for the top level of the inbox, else the collection's own name (appliance/collections.py)."""
+    return collection or "shared"
+
+
+def model_id(collection: str) -> str:
+    return f"appliance/{collection}" if collection else "appliance"
+
+
+def sees(identity: dict[str, Any] | None, collection: str) -> bool:
+    """Whether a key (whoami's answer) may use a collection; an unknown key or one naming none sees all."""
+    allowed = (identity or {}).get("collections")
+    return allowed is None or collection in allowed
+
+
+def collection_row(raw: Any) -> dict[str, Any]:
+    """One engine collection (design: name, display, model_id, current, mode, documents, records,
+    inbox_files) with every field present, so the screens need no defaults of their own."""
+    c = _plain(raw) if not isinstance(raw, dict) else dict(raw)
+    name = str(c.get("name") or "")
+    return {"name": name, "display": str(c.get("display") or display(name)),
+            "model_id": str(c.get("model_id") or model_id(name)), "current": c.get("current"),
+            "mode": str(c.get("mode") or ("adapter" if name else "merged")),
+            "documents": c.get("documents"), "records": c.get("records"), "inbox_files": c.get("inbox_files")}
+
+
+def parse_collections(text: str) -> list[str] | None:
+    """'cardiology, shared' -> ['cardiology', '']; empty -> None (every collection). The engine checks the names."""
+    names = [n.strip().strip("/") for n in text.replace(";", ",").split(",") if n.strip()]
+    if not names:
+        return None
+    return list(dict.fromkeys("" if n == "shared" else n for n in names))
 
 
 def _first(obj: Any, *names: str) -> Callable[..., Any] | None:
@@ -192,6 +254,8 @@ class Client:
         self.ingests = 0   # ingests this window ran: the Data screen re-reads the advice after each
         self._last_gate: str | None = None    # the gate's last verdict, in its own words
         self._last_error: str | None = None   # the last stage failure the engine reported
+        self.collection: str = str(getattr(engine, "collection", "") or "")
+        self._scoped: dict[str, Client] = {}  # one client per collection: its ingest report and counters stay
 
     # --- events -----------------------------------------------------------------------
     def record(self, event: Event) -> None:
@@ -263,8 +327,19 @@ class Client:
             notes = {"last_gate": self._last_gate, "last_error": self._last_error}
         current = next((m for m in models if m.current), None)
         inbox = self.inbox_counts(status)
+        collections = self._optional(self.collections) if self.can("collections") else None
         return Board(status, models, progress, train, val, inbox, self.gate(current, status),
-                     self.endpoint(status), self.health(status), bool(inbox.get("paused")) or None, notes)
+                     self.endpoint(status), self.health(status), bool(inbox.get("paused")) or None, notes,
+                     collections, self._optional(self.whoami))
+
+    @staticmethod
+    def _optional(read: Callable[[], Any]) -> Any:
+        """A view the board can do without: the engine's refusal (a revoked key, say) leaves it unknown
+        instead of failing the whole poll; the screen that needs it says why when asked."""
+        try:
+            return read()
+        except ApplianceError:
+            return None
 
     def _status_progress(self, status: Status) -> StageProgress | None | bool:
         """The running job as the engine's status names it (issue 7's ``job``).
@@ -362,7 +437,7 @@ class Client:
                                  ((lineage or {}).get("training") or {}).get("best_val_loss"))
                      if isinstance(x, (int, float))), None)
         probes = (checks.get("general_probes") or {}).get("value")
-        score = f"{probes['candidate']}/{probes['questions']}" if isinstance(probes, dict) and \
+        score = f"{answered(probes['candidate'], probes['questions'])}/{probes['questions']}" if isinstance(probes, dict) and \
             "candidate" in probes and "questions" in probes else None
         docs = (lineage or {}).get("documents")
         method, reason = training_method(known, lineage)
@@ -451,6 +526,7 @@ class Client:
 
     def can(self, capability: str) -> bool:
         names = {"forget": ("forget",), "pause": ("pause_watching",), "lineage": ("lineage",),
+                 "collections": ("collections",), "keys": ("keys",), "whoami": ("whoami",),
                  "audit": ("audit_entries", "audit", "audit_log"), "retrain": ("retrain",),
                  "correct": ("correct",), "advise": ("advise",), "review": ("reviews",)}[capability]
         return _first(self.engine, *names) is not None
@@ -502,8 +578,77 @@ class Client:
             raise ApplianceError(f"voting on a candidate is {NOT_AVAILABLE} in this engine")
         return dict(_plain(fn(run, approve, comment, dict(preferences or {}))))
 
+    # --- collections and keys (issue 11) -------------------------------------------------
+    def collections(self) -> list[dict[str, Any]]:
+        """Every collection, shared first; an engine without collections has the shared one only."""
+        fn = _first(self.engine, "collections")
+        if fn is None:
+            status = self.engine.status()
+            return [collection_row({"name": "", "current": status.current, "mode": "merged",
+                                    "documents": status.documents, "records": status.records,
+                                    "inbox_files": status.inbox_files})]
+        return [collection_row(c) for c in fn() or []]
+
+    def scoped(self, collection: str) -> Client:
+        """A client over the engine bound to one collection (the same client for the one this is)."""
+        if collection == self.collection:
+            return self
+        if collection not in self._scoped:
+            fn = _first(self.engine, "scoped")
+            if fn is None:
+                raise ApplianceError(f"collections are {NOT_AVAILABLE} in this engine: it has only the shared one")
+            self._scoped[collection] = Client(fn(collection), self.health_timeout)
+        return self._scoped[collection]
+
+    def for_caller(self) -> Client:
+        """This client, or, for a key that may not use the shared collection, the client of its first
+        collection: the shared collection's status would refuse such a key, and the window would show nothing."""
+        try:
+            me = self.whoami()
+        except ApplianceError:
+            return self   # the first poll says what is wrong with the key
+        allowed = (me or {}).get("collections")
+        if not allowed or "" in allowed or self.collection in allowed or _first(self.engine, "scoped") is None:
+            return self
+        return self.scoped(allowed[0])
+
+    def whoami(self) -> dict[str, Any] | None:
+        """The key this window acts with: name, role, collections (None: all); None for an engine without keys."""
+        fn = _first(self.engine, "whoami")
+        if fn is None:
+            return None
+        me = dict(_plain(fn()))
+        allowed = me.get("collections")
+        # The engine names collections for people ("shared" for the top level); the TUI's rows use "".
+        return {"name": str(me.get("name", "?")), "role": str(me.get("role", "")),
+                "collections": None if allowed is None else ["" if c in ("", "shared") else str(c) for c in allowed]}
+
+    def keys(self) -> list[dict[str, Any]]:
+        """Every key (never secrets or hashes): name, role, collections, created, revoked."""
+        fn = _first(self.engine, "keys")
+        if fn is None:
+            raise ApplianceError(f"managing keys is {NOT_AVAILABLE} in this engine")
+        return [dict(_plain(k)) for k in fn() or []]
+
+    def add_key(self, name: str, role: str, collections: list[str] | None = None) -> str:
+        """A new key; the secret it returns is the only copy there will ever be (the engine keeps its hash)."""
+        fn = _first(self.engine, "add_key")
+        if fn is None:
+            raise ApplianceError(f"adding keys is {NOT_AVAILABLE} in this engine; use 'appliance keys add'")
+        return str(fn(name, role, collections))
+
+    def revoke_key(self, name: str) -> None:
+        fn = _first(self.engine, "revoke_key")
+        if fn is None:
+            raise ApplianceError(f"revoking keys is {NOT_AVAILABLE} in this engine; use 'appliance keys revoke'")
+        fn(name)
+
     # --- chat over HTTP ---------------------------------------------------------------
     def api_key(self) -> str | None:
+        """The caller's own key (APPLIANCE_API_KEY) first, then the engine's, then the home's api_key file."""
+        own = os.environ.get(KEY_ENV, "").strip()
+        if own:
+            return own
         fn = _first(self.engine, "api_key")
         if fn is not None:
             return fn()
@@ -514,7 +659,8 @@ class Client:
         """Yield the answer's text pieces as the endpoint streams them (SSE)."""
         key = self.api_key()
         if not key:
-            raise EndpointError(f"no API key found in {Path(self.engine.home) / 'api_key'}; run 'appliance init'")
+            raise EndpointError(f"no API key: set {KEY_ENV} to your key, or run 'appliance init' to write "
+                                f"{Path(self.engine.home) / 'api_key'}")
         url = self.endpoint().rstrip("/") + "/chat/completions"
         body = {"model": model, "messages": messages, "stream": True, "max_tokens": max_tokens}
         try:

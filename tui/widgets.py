@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label, Markdown, Sparkline, Static
+from textual.widgets import Button, Label, Markdown, Select, Sparkline, Static
 
 from .client import STAGES
 
+T = TypeVar("T")
+
 
 SCREENS = (("d", "dashboard", "Dashboard"), ("m", "models", "Models"), ("i", "data", "Data"),
-           ("c", "chat", "Chat"), ("a", "activity", "Activity"), ("v", "review", "Review"))
+           ("c", "chat", "Chat"), ("a", "activity", "Activity"), ("v", "review", "Review"),
+           ("k", "keys", "Keys"))
+ADMIN_ONLY = {"keys"}  # shown only while the window's key is an admin key
 
 
 class NavLink(Label):
@@ -40,7 +47,85 @@ class NavBar(Horizontal):
 
     def compose(self) -> ComposeResult:
         for key, mode, title in SCREENS:
-            yield NavLink(key, mode, title).set_class(mode == self.open_mode, "-open")
+            link = NavLink(key, mode, title).set_class(mode == self.open_mode, "-open")
+            link.display = mode not in ADMIN_ONLY or mode == self.open_mode
+            yield link
+
+    def on_mount(self) -> None:
+        if hasattr(self.app, "is_admin"):
+            self.watch(self.app, "is_admin", self._admin_changed)
+
+    def _admin_changed(self, admin: bool) -> None:
+        for mode in ADMIN_ONLY:
+            self.query_one(f"#nav-{mode}", NavLink).display = admin or mode == self.open_mode
+
+
+def collection_words(c: dict[str, Any]) -> str:
+    """'(adapter on base, v2 served) — 12 documents' for the collection bar (fits 80 columns beside the list)."""
+    how = "adapter on base" if c.get("mode") == "adapter" else "merged model"
+    serving = f"{c['current']} served" if c.get("current") else "none served yet"
+    docs = c.get("documents")
+    return f"({how}, {serving})" + (f" — {docs} documents" if isinstance(docs, int) else "")
+
+
+class CollectionBar(Horizontal):
+    """Which collection the Data and Models screens show: a one-line chooser (g picks the next).
+
+    Hidden for an engine without collections. Choosing posts ``CollectionBar.Chosen``.
+    """
+
+    DEFAULT_CSS = """
+    CollectionBar { height: 1; width: 100%; display: none; }
+    CollectionBar.-shown { display: block; }
+    CollectionBar > Label { padding: 0 1; }
+    CollectionBar > Select { width: 22; }
+    CollectionBar > #collection-about { width: 1fr; color: $text-muted; }
+    """
+
+    class Chosen(Message):
+        def __init__(self, collection: str) -> None:
+            super().__init__()
+            self.collection = collection
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict[str, Any]] = []
+        self.chosen: str | None = None   # what the screen last asked to show; None until it first did
+
+    def compose(self) -> ComposeResult:
+        yield Label("Collection")
+        yield Select([("shared", "")], allow_blank=False, compact=True, id="collection",
+                     tooltip="Which collection this screen shows (g: the next one)")
+        yield Label("", id="collection-about")
+
+    def show(self, rows: list[dict[str, Any]] | None, chosen: str) -> None:
+        self.set_class(rows is not None, "-shown")
+        if rows is None:
+            return
+        select = self.query_one("#collection", Select)
+        if not select.is_mounted:   # its own mount would reset the value chosen here: show it once mounted
+            self.call_after_refresh(self.show, rows, chosen)
+            return
+        if [(r["name"], r["display"]) for r in rows] != [(r["name"], r["display"]) for r in self.rows]:
+            with select.prevent(Select.Changed):   # filling the list is not the person choosing
+                select.set_options([(r["display"], r["name"]) for r in rows])
+        self.rows = list(rows)
+        self.chosen = chosen
+        if select.value != chosen and any(r["name"] == chosen for r in rows):
+            with select.prevent(Select.Changed):
+                select.value = chosen
+        row = next((r for r in rows if r["name"] == chosen), None)
+        self.query_one("#collection-about", Label).update(collection_words(row) if row else "")
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        """A person's choice; not the list's own changes (mounting, refilling), which arrive as messages too,
+        sometimes after the screen already set another value: those are stale and dropped."""
+        event.stop()
+        value = event.value
+        if self.chosen is None or not isinstance(value, str) or value != event.select.value or value == self.chosen:
+            return
+        self.chosen = value
+        self.post_message(self.Chosen(value))
 
 
 class StageRow(Horizontal):
@@ -134,6 +219,8 @@ HELP = """\
 | **c** | Chat: ask the model; **ctrl+o** compare with the previous version; **ctrl+r** correct a wrong answer |
 | **a** | Activity: audit log and engine events; type to filter |
 | **v** | Review: candidates waiting for people's approval; **1**/**2** prefer answer A/B, **y** approve, **x** reject |
+| **k** | Keys (admin keys only): who may use which collections; **n** add a key (secret shown once), **x** revoke |
+| **g** | In Data and Models: show the next collection (or pick one in the Collection list) |
 | **ctrl+t** | Light / dark theme |
 | **ctrl+p** | Command palette: every action by name |
 | **escape** | Leave a text box, close a dialog |
@@ -155,3 +242,27 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll():
             yield Markdown(HELP)
+
+
+def form_end(save: str, variant: str = "primary") -> ComposeResult:
+    """What every form ends with: a line for its problem, then Save (ctrl+s) and Cancel (esc)."""
+    yield Static("", id="problem")
+    with Horizontal():
+        yield Button(f"{save} (ctrl+s)", variant=variant, id="save")
+        yield Button("Cancel (esc)", id="cancel")
+
+
+class FormScreen(ModalScreen[T]):
+    """A modal form: its Save button runs ``action_save``, Cancel (or escape) dismisses it with None."""
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "save":
+            self.action_save()
+        else:
+            self.action_cancel()
+
+    def action_save(self) -> None:
+        raise NotImplementedError
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

@@ -73,27 +73,111 @@ class IngestReport:
     quarantined: list[Quarantined] = field(default_factory=list)
     waiting: list[Note] = field(default_factory=list)           # left in the inbox for a later ingest
     failed: list[Note] = field(default_factory=list)            # unexpected errors; the file stays put
+    collections: dict[str, dict] = field(default_factory=dict)  # per collection: accepted, files, quarantined
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def inbox_files(inbox: Path) -> list[Path]:
-    return list_inbox(inbox)[0]
+def inbox_files(home: Home) -> list[Path]:
+    """The files of ``home``'s collection (not those of collections in its sub-folders)."""
+    return [p for p in list_inbox(home.inbox)[0] if p.parent == home.inbox]
 
 
 def ingest(home: Home, emit: Emit = ignore, settings: Settings | None = None) -> IngestReport:
-    """Scan the whole inbox once ('appliance ingest'; a watcher's start-up rescan)."""
-    paths, ignored = list_inbox(home.inbox)
-    with Ingestor(home, settings, emit) as ingestor:
-        return ingestor.run(paths, ignored)
+    """Scan the inbox once ('appliance ingest'; a watcher's start-up rescan): every
+    collection, or only ``home``'s when it is a collection's view."""
+    paths, ignored = list_inbox(home.top.inbox)
+    with Ingestors(home, settings, emit) as ingestors:
+        return ingestors.run(paths, ignored, only=home.collection or None)
 
 
 def ingest_paths(home: Home, paths: Sequence[Path], emit: Emit = ignore,
                  settings: Settings | None = None) -> IngestReport:
     """Ingest just these inbox paths (the ones a watcher found stable)."""
-    with Ingestor(home, settings, emit) as ingestor:
-        return ingestor.run(paths)
+    with Ingestors(home, settings, emit) as ingestors:
+        return ingestors.run(paths, only=home.collection or None)
+
+
+def split(home: Home, paths: Sequence[Path]) -> tuple[dict[str, list[Path]], list[Note]]:
+    """Inbox paths by collection (their folder); files in a folder that cannot name a
+    collection stay where they are, each with the reason."""
+    from ..collections import of_path, problem
+
+    groups: dict[str, list[Path]] = {}
+    misplaced: list[Note] = []
+    for path in paths:
+        try:
+            collection = of_path(home, path)
+        except ValueError:
+            continue  # not under the inbox
+        why = problem(collection)
+        if why is not None:
+            misplaced.append(Note(display_name(os.path.relpath(path, home.top.inbox)), f"{why}; rename the folder"))
+        else:
+            groups.setdefault(collection, []).append(path)
+    return groups, misplaced
+
+
+class Ingestors:
+    """One :class:`Ingestor` per collection (each with its own store), one tokenizer for all."""
+
+    def __init__(self, home: Home, settings: Settings | None = None, emit: Emit = ignore):
+        self.home = home.top
+        self.settings = settings or load(home.config)
+        self.emit = emit
+        self._by: dict[str, Ingestor] = {}
+        self._tokens: BaseTokenizer | None = None
+
+    def __enter__(self) -> "Ingestors":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get(self, collection: str) -> "Ingestor":
+        if collection not in self._by:
+            if self._tokens is None:
+                self._tokens = BaseTokenizer(self.home.base(self.settings.base.name))
+            self._by[collection] = Ingestor(self.home.scoped(collection), self.settings, self.emit, self._tokens)
+        return self._by[collection]
+
+    def run(self, paths: Sequence[Path], ignored: int = 0, only: str | None = None) -> IngestReport:
+        groups, misplaced = split(self.home, paths)
+        if only is not None:
+            groups = {only: groups.get(only, [])}
+        groups.setdefault("", [])  # the shared collection reports even when nothing is new
+        reports = {c: self.get(c).run(found, ignored if c == "" else 0) for c, found in sorted(groups.items())}
+        report = combine(reports)
+        report.waiting += misplaced
+        for note in misplaced:
+            self.emit(Message(STAGE, f"{note.file}: left in the inbox: {note.reason}", level="warning"))
+        return report
+
+    def close(self) -> None:
+        for ingestor in self._by.values():
+            ingestor.close()
+
+
+def combine(reports: dict[str, IngestReport]) -> IngestReport:
+    """One report for several collections; file names carry their collection's folder."""
+    total = IngestReport()
+    for collection, report in reports.items():
+        prefix = f"{collection}/" if collection else ""
+        for name in ("accepted", "duplicates", "files", "unchanged", "duplicate_files", "ignored", "vanished",
+                     "skipped", "truncated", "tokens"):
+            setattr(total, name, getattr(total, name) + getattr(report, name))
+        for fmt, n in report.formats.items():
+            total.formats[fmt] = total.formats.get(fmt, 0) + n
+        total.superseded += [prefix + f for f in report.superseded]
+        total.skipped_lines += [prefix + f for f in report.skipped_lines]
+        total.quarantined += [Quarantined(prefix + q.file, q.reasons) for q in report.quarantined]
+        total.waiting += [Note(prefix + n.file, n.reason) for n in report.waiting]
+        total.failed += [Note(prefix + n.file, n.reason) for n in report.failed]
+        if collection or len(reports) > 1:
+            total.collections[collection] = {"accepted": report.accepted, "files": report.files,
+                                             "quarantined": len(report.quarantined)}
+    return total
 
 
 class Ingestor:
@@ -104,12 +188,13 @@ class Ingestor:
     otherwise be paid on every file).
     """
 
-    def __init__(self, home: Home, settings: Settings | None = None, emit: Emit = ignore):
+    def __init__(self, home: Home, settings: Settings | None = None, emit: Emit = ignore,
+                 tokens: BaseTokenizer | None = None):
         self.home = home
         self.inbox = os.fspath(home.inbox) + os.sep
         self.settings = settings or load(home.config)
         self.emit = emit
-        self.tokens = BaseTokenizer(home.base(self.settings.base.name))
+        self.tokens = tokens or BaseTokenizer(home.base(self.settings.base.name))
         self._store: Store | None = None
         self._lock = threading.Lock()
 
@@ -171,6 +256,8 @@ class _Batch:
         if not full.startswith(self.ingestor.inbox):
             return  # not ours
         rel = full[len(self.ingestor.inbox):]
+        if "/" in rel:
+            return  # a sub-folder is another collection (Ingestors routes each path to its own)
         if any(is_temporary(part) for part in rel.split("/")):
             self.report.ignored += 1
             return

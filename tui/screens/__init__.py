@@ -1,4 +1,4 @@
-"""The app's screens, one per mode: dashboard, models, data, chat, activity."""
+"""The app's screens, one per mode: dashboard, models, data, chat, activity, review, keys."""
 
 from .activity import ActivityScreen
 from .chat import ChatScreen
@@ -7,3 +7,4 @@ from .data import DataScreen
 from .models import ModelsScreen
 
 __all__ = ["ActivityScreen", "ChatScreen", "DashboardScreen", "DataScreen", "ModelsScreen"]
+# KeysScreen (screens/keys.py) is imported from there: it builds on data.py's table helper.

@@ -1,6 +1,8 @@
 """Chat: ask the served model, stream its answer; compare two versions side by side;
 mark a wrong answer and write the right one, which the engine files into the inbox as a
-correction so the next training run learns from it (issue 10)."""
+correction so the next training run learns from it (issue 10). The model list holds the
+collections the window's key may use (issue 11: ``appliance/<collection>``), then the shared
+collection's versions."""
 
 from __future__ import annotations
 
@@ -8,14 +10,13 @@ from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Header, Input, Label, Select, Static, Switch, TextArea
 from textual.worker import get_current_worker
 
 from appliance.errors import ApplianceError
 
 from ..client import NOT_AVAILABLE, Board
-from ..widgets import NavBar
+from ..widgets import FormScreen, NavBar, form_end
 from .base import BoardScreen
 
 CURRENT = "appliance"
@@ -66,6 +67,8 @@ class ChatScreen(BoardScreen):
     def __init__(self) -> None:
         super().__init__()
         self.models: list[str] = []
+        self.options: list[tuple[str, str]] = []   # (label, model id) as the picker lists them
+        self.served: dict[str, str | None] = {}    # model id -> the version it answers with, when known
         self.answers: dict[str, str] = {}
         self.asked: dict[str, list[dict[str, str]]] = {}  # pane -> the messages its answer replies to
 
@@ -73,7 +76,9 @@ class ChatScreen(BoardScreen):
         yield Header()
         yield NavBar("chat")
         with Horizontal(id="controls"):
-            yield Select([(f"{CURRENT} (the served version)", CURRENT)], value=CURRENT, allow_blank=False, id="model")
+            # No value given: the first option is chosen when it mounts, which may be after the first poll
+            # already listed the key's own models (one not seeing the shared collection has no 'appliance').
+            yield Select([(f"{CURRENT} (the served version)", CURRENT)], allow_blank=False, id="model")
             yield Label("compare with previous")
             yield Switch(id="compare")
         with Horizontal(id="answers"):
@@ -89,19 +94,23 @@ class ChatScreen(BoardScreen):
         self.query_one("#question", Input).focus()
 
     def show_board(self, board: Board) -> None:
-        names = [m.version for m in board.models]
-        if names == self.models:
+        options = picker_options(board)
+        if options == self.options:
             return
-        self.models = names
+        self.options = options
+        self.models = [m.version for m in board.models]
+        self.served = {c["model_id"]: c.get("current") for c in board.visible_collections() or []}
         select = self.query_one("#model", Select)
         value = select.value
-        options = [(f"{CURRENT} (the served version)", CURRENT)] + \
-                  [(f"{m.version}{' (served now)' if m.current else ''}", m.version) for m in board.models]
         select.set_options(options)
-        select.value = value if value in [CURRENT, *names] else CURRENT
+        ids = [model for _, model in options]
+        select.value = value if value in ids else ids[0]
 
     def compare_target(self) -> str:
-        """The previous version of what is served (or base): what the comparison runs against."""
+        """The previous version of what is served (or base): what the comparison runs against.
+        A collection's adapter is compared with the base it runs on."""
+        if str(self.query_one("#model", Select).value).startswith(f"{CURRENT}/"):
+            return "base"
         board = self.appliance.board
         models = board.models if board else []
         current = next((i for i, m in enumerate(models) if m.current), None)
@@ -134,7 +143,8 @@ class ChatScreen(BoardScreen):
         pane = self.query_one(f"#{pane_id}", AnswerPane)
         board = self.appliance.board
         served = board.current.version if board and board.current else None
-        pane.set_title(f"{model} ({served})" if model == CURRENT and served else model)
+        served = self.served.get(model, served if model == CURRENT else None)
+        pane.set_title(f"{model} ({served})" if served else model)
         header = f"[b]You:[/b] {escape(question)}\n\n"
         pane.show(header + "…")
         messages = [{"role": "user", "content": question}]
@@ -192,7 +202,25 @@ class ChatScreen(BoardScreen):
         self.app.push_screen(CorrectionScreen(messages[-1]["content"], answer), done)
 
 
-class CorrectionScreen(ModalScreen[str | None]):
+def picker_options(board: Board) -> list[tuple[str, str]]:
+    """(label, model id) for the chat's model list: the served model of every collection the key may use,
+    then the shared collection's versions (when the key may use the shared collection)."""
+    shared_versions = [(f"{m.version}{' (served now)' if m.current else ''}", m.version) for m in board.models]
+    visible = board.visible_collections()
+    if visible is None:   # an engine without collections: the shared model and its versions, as always
+        return [(f"{CURRENT} (the served version)", CURRENT)] + shared_versions
+    options: list[tuple[str, str]] = []
+    for c in visible:
+        if c["name"] == "":
+            options.append((f"{CURRENT} (the served version)", CURRENT))
+        else:
+            options.append((f"{c['model_id']}{'' if c.get('current') else ' (nothing served yet)'}", c["model_id"]))
+    if any(c["name"] == "" for c in visible):
+        options += shared_versions
+    return options or [(f"{CURRENT} (your key may use no collection)", CURRENT)]
+
+
+class CorrectionScreen(FormScreen[str | None]):
     """The person writes the right answer; dismissed with it on save, with None on cancel."""
 
     DEFAULT_CSS = """
@@ -218,22 +246,13 @@ class CorrectionScreen(ModalScreen[str | None]):
             yield Static(f"The model said: {self.answer.strip()}", id="was", markup=False)
             yield Label("The right answer (the next training run learns it):")
             yield TextArea(self.answer.strip(), id="right-answer")
-            yield Static("", id="problem")
-            with Horizontal():
-                yield Button("Save (ctrl+s)", variant="warning", id="save")
-                yield Button("Cancel (esc)", id="cancel")
+            yield from form_end("Save", "warning")
         yield Footer()
 
     def on_mount(self) -> None:
         area = self.query_one(TextArea)
         area.focus()
         area.select_all()  # typing replaces the wrong answer; arrow keys keep it to edit
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "save":
-            self.action_save()
-        else:
-            self.action_cancel()
 
     def action_save(self) -> None:
         text = self.query_one(TextArea).text.strip()
@@ -245,5 +264,3 @@ class CorrectionScreen(ModalScreen[str | None]):
         else:
             self.dismiss(text)
 
-    def action_cancel(self) -> None:
-        self.dismiss(None)

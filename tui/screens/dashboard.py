@@ -10,7 +10,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Footer, Header, ProgressBar, Static
 
-from ..client import Board, eta_words
+from ..client import Board, answered, eta_words
 from ..widgets import LossChart, NavBar, StageRow
 from .base import BoardScreen
 
@@ -46,7 +46,8 @@ def check_words(check: dict) -> str:
     if isinstance(value, dict):
         cand, cur = value.get("candidate"), value.get("current")
         if "questions" in value and cand is not None:
-            number = f" {cand}/{value['questions']}" + (f" vs {cur}/{value['questions']}" if cur is not None else "")
+            n = value["questions"]
+            number = f" {answered(cand, n)}/{n}" + (f" vs {answered(cur, n)}/{n}" if cur is not None else "")
         elif isinstance(cand, (int, float)):
             number = f" {cand:.3g}" + (f" vs {cur:.3g}" if isinstance(cur, (int, float)) else "")
         else:

@@ -1,5 +1,5 @@
 """Data: the data advisor's warnings, what the model learns from, what was refused and why,
-and 'ingest now'."""
+and 'ingest now' — for the collection chosen at the top (issue 11; g picks the next one)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from appliance.errors import ApplianceError
 
-from ..client import NOT_AVAILABLE, Board
-from ..widgets import ConfirmScreen
-from ..widgets import NavBar
-from .base import BoardScreen
+from ..client import NOT_AVAILABLE, Board, Client
+from ..widgets import CollectionBar, ConfirmScreen, NavBar
+from .base import CollectionScreen
 
 
 def fill(table: DataTable, rows: list[tuple[str, ...]]) -> None:
@@ -31,7 +30,8 @@ def fill(table: DataTable, rows: list[tuple[str, ...]]) -> None:
         table.move_cursor(row=min(row, len(rows) - 1))
 
 
-class DataScreen(BoardScreen):
+class DataScreen(CollectionScreen):
+    AUTO_FOCUS = "VerticalScroll"  # not the collection list: letters are this screen's keys
     DEFAULT_CSS = """
     DataScreen #summary { padding: 0 1; height: auto; }
     DataScreen .title { padding: 0 1; text-style: bold; margin-top: 1; }
@@ -50,10 +50,12 @@ class DataScreen(BoardScreen):
         self.advice: list[dict[str, str]] | None = None
         self._advised: tuple[Any, ...] | None = None  # the data state the advice shown was read for
         self._advice_lock = asyncio.Lock()  # two reads finishing together must not interleave their redraws
+        self._shown_collection = ""         # the collection the tables hold
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield NavBar("data")
+        yield CollectionBar()
         with VerticalScroll():
             yield Static("", id="summary")
             yield Static("Data advisor", classes="title")
@@ -71,8 +73,22 @@ class DataScreen(BoardScreen):
         yield Footer()
 
     def show_board(self, board: Board) -> None:
+        self.show_collections(board)
+        if self._shown_collection != self.collection:   # another collection: nothing of the last one stays shown
+            self._shown_collection = self.collection
+            self.documents = []
+            fill(self.query_one("#sources", DataTable), [])
+            fill(self.query_one("#quarantine", DataTable), [])
+            self.query_one("#sources-note", Static).update("Reading…")
         s = board.status
-        if s is not None:
+        row = self.collection_row()
+        if self.collection and row is not None:
+            where = s.home / "inbox" / row["name"] if s is not None else f"inbox/{row['name']}"
+            docs, records, files = ("?" if row[k] is None else row[k] for k in ("documents", "records", "inbox_files"))
+            self.query_one("#summary", Static).update(
+                f"The {row['display']} model learns from {docs} document(s), {records} record(s). "
+                f"{files} file(s) in its inbox folder ({where}). Press n to read the inbox now.")
+        elif s is not None:
             formats = ""
             report = self.appliance.client.last_ingest
             if report and report.get("formats"):
@@ -80,7 +96,7 @@ class DataScreen(BoardScreen):
             self.query_one("#summary", Static).update(
                 f"The model learns from {s.documents} document(s), {s.records} record(s). "
                 f"{s.inbox_files} file(s) in the inbox folder ({s.home / 'inbox'}).{formats} Press n to read the inbox now.")
-        self.appliance.act("reading the data lists", self._lists, self._show_lists, quiet=True)
+        self.read("reading the data lists", self._lists, self._show_lists)
         self.refresh_advice(board)
 
     def on_screen_resume(self) -> None:
@@ -91,16 +107,19 @@ class DataScreen(BoardScreen):
         """Ask the advisor again when the data changed (an ingest, here or by the daemon), not every poll:
         it reads the whole snapshot."""
         s = board.status
-        key = (s.documents, s.records, s.versions, s.current, self.appliance.client.ingests) if s else None
+        row = self.collection_row() or {}
+        key = (s.documents, s.records, s.versions, s.current, self.appliance.client.ingests, self.collection,
+               row.get("documents"), row.get("records"), row.get("current")) if s else None
         if key is not None and key == self._advised:
             return
         self._advised = key
-        self.appliance.act("reading the data advice", self._advise, self.show_advice, quiet=True)
+        self.read("reading the data advice", self._advise, self.show_advice)
 
-    def _advise(self) -> list[dict[str, str]] | None | ApplianceError:
+    @staticmethod
+    def _advise(client: Client) -> list[dict[str, str]] | None | ApplianceError:
         """The advice, or the engine's reason it has none (no data yet, say): shown in place, not as an alarm."""
         try:
-            return self.appliance.client.advise()
+            return client.advise()
         except ApplianceError as exc:
             return exc
 
@@ -131,8 +150,8 @@ class DataScreen(BoardScreen):
                                    classes="advice-warning" if a["level"] == "warning" else "advice-ok")
                             for a in advice)
 
-    def _lists(self) -> tuple[Any, list[dict[str, Any]] | None]:
-        client = self.appliance.client
+    @staticmethod
+    def _lists(client: Client) -> tuple[Any, list[dict[str, Any]] | None]:
         return client.sources(), client.quarantined()
 
     def _show_lists(self, lists: tuple[Any, list[dict[str, Any]] | None]) -> None:
@@ -176,6 +195,7 @@ class DataScreen(BoardScreen):
         doc = self.documents[table.cursor_row]
         name = str(doc.get("path") or doc.get("sha256"))
         target = str(doc.get("sha256") or doc.get("path"))
+        chosen, row = self.collection, self.collection_row()
         consequence = (f"Everything the appliance holds from {name} is deleted: its records, any quarantined copy "
                        f"and the training files of runs that used it. The model is retrained without it, and every "
                        f"version trained on it is retired and deleted, so no rollback can bring it back. "
@@ -183,8 +203,9 @@ class DataScreen(BoardScreen):
 
         def done(yes: bool | None) -> None:
             if yes:
-                self.appliance.act(f"forgetting {name}", lambda: client.forget(target),
+                self.appliance.act(f"forgetting {name}", lambda: client.scoped(chosen).forget(target),
                                    lambda _: self.notify(f"{name} is forgotten; retraining without it is queued.",
                                                          title="Forgotten"))
 
-        self.app.push_screen(ConfirmScreen(f"Forget {name}?", consequence, "Forget"), done)
+        where = f" from the {row['display']} collection" if chosen and row else ""
+        self.app.push_screen(ConfirmScreen(f"Forget {name}{where}?", consequence, "Forget"), done)

@@ -1,4 +1,5 @@
-"""Models: the versions, how they differ, promote and roll back (with a confirmation)."""
+"""Models: the versions, how they differ, promote and roll back (with a confirmation) — for the
+collection chosen at the top (issue 11; g picks the next one)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from textual.widgets.option_list import Option
 
 from appliance.api import ModelVersion
 
-from ..client import NOT_AVAILABLE, Board, training_method
-from ..widgets import ConfirmScreen, NavBar
-from .base import BoardScreen
+from ..client import NOT_AVAILABLE, Board, model_id, training_method
+from ..widgets import CollectionBar, ConfirmScreen, NavBar
+from .base import CollectionScreen
 from .dashboard import gate_summary
 
 
@@ -66,7 +67,8 @@ def number(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
 
 
-class ModelsScreen(BoardScreen):
+class ModelsScreen(CollectionScreen):
+    AUTO_FOCUS = "DataTable"  # not the collection list: letters are this screen's keys
     DEFAULT_CSS = """
     ModelsScreen DataTable { height: 1fr; }
     ModelsScreen #detail { height: auto; max-height: 8; padding: 0 1; border-top: solid $primary; }
@@ -79,10 +81,12 @@ class ModelsScreen(BoardScreen):
         super().__init__()
         self.versions: list[ModelVersion] = []
         self.details: dict[str, dict[str, Any]] = {}  # version -> val_loss, probes, documents (when known)
+        self._shown_collection = ""                     # the collection the table holds
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield NavBar("models")
+        yield CollectionBar()
         with Vertical():
             table: DataTable = DataTable(cursor_type="row", zebra_stripes=True, id="versions")
             table.add_columns("version", "built", "quant", "size", "val loss", "probes", "method", "vs previous")
@@ -92,14 +96,33 @@ class ModelsScreen(BoardScreen):
         yield Footer()
 
     def show_board(self, board: Board) -> None:
-        if [(v.version, v.current) for v in board.models] == [(v.version, v.current) for v in self.versions]:
+        self.show_collections(board)
+        if self.collection:   # the board holds the window's own collection; a chosen one is read for it
+            self.read("reading the collection's versions", lambda client: client.engine.models(), self.show_models)
+        else:
+            self.show_models(board.models)
+
+    def show_models(self, models: list[ModelVersion]) -> None:
+        if self._shown_collection == self.collection and \
+                [(v.version, v.current) for v in models] == [(v.version, v.current) for v in self.versions]:
             return
-        self.fill(board.models)
-        client = self.appliance.client
-        models = list(board.models)
-        self.appliance.act("reading the versions' numbers",
-                           lambda: {v.version: client.version_details(v) for v in models},
-                           lambda details: (self.details.update(details), self.fill(models)), quiet=True)
+        if self._shown_collection != self.collection:   # the same names in another collection are other versions
+            self._shown_collection = self.collection
+            self.details, self.versions = {}, []
+        self.fill(models)
+        models = list(models)
+        self.read("reading the versions' numbers",
+                  lambda client: {v.version: client.version_details(v) for v in models},
+                  lambda details: (self.details.update(details), self.fill(models)))
+
+    def where(self) -> str:
+        """' in cardiology' when a collection other than the shared one is shown."""
+        return f" in {self.collection}" if self.collection else ""
+
+    def model_id(self) -> str:
+        """What requests name to reach the chosen collection's served version."""
+        row = self.collection_row()
+        return row["model_id"] if row else model_id(self.collection)
 
     def fill(self, models: list[ModelVersion]) -> None:
         table = self.query_one(DataTable)
@@ -116,7 +139,11 @@ class ModelsScreen(BoardScreen):
                           key=v.version)
             previous = v
         self.versions = list(models)  # only once the table shows them
-        if not self.versions:
+        if not self.versions and self.collection:
+            self.query_one("#detail", Static).update(
+                f"No versions in this collection yet: the first appears when a training run on its documents "
+                f"passes the gate. Until then '{self.model_id()}' is not served.")
+        elif not self.versions:
             self.query_one("#detail", Static).update("No model versions yet: the first one appears after "
                                                      "'appliance init' exports the base model.")
         elif row < len(self.versions):
@@ -149,16 +176,19 @@ class ModelsScreen(BoardScreen):
             self.notify(f"{chosen.version} is already the one being served.")
             return
         was = f"instead of {current.version}" if current else "(nothing is served now)"
-        consequence = (f"The endpoint will answer requests for 'appliance' with {chosen.version} {was}. "
+        consequence = (f"The endpoint will answer requests for '{self.model_id()}' with {chosen.version} {was}. "
                        f"Requests in progress finish on the old model."
                        + (f" You can roll back to {current.version} afterwards." if current else ""))
 
+        collection, top = self.collection, self.appliance.client
+
         def done(yes: bool | None) -> None:
-            if yes:
-                self.appliance.act(f"promoting {chosen.version}", lambda: self.appliance.client.promote(chosen.version),
+            if yes:  # the collection asked about, even if the person switched since
+                self.appliance.act(f"promoting {chosen.version}",
+                                   lambda: top.scoped(collection).promote(chosen.version),
                                    lambda _: self.appliance.notify(f"Now serving {chosen.version}.", title="Promoted"))
 
-        self.app.push_screen(ConfirmScreen(f"Promote {chosen.version}?", consequence, "Promote"), done)
+        self.app.push_screen(ConfirmScreen(f"Promote {chosen.version}{self.where()}?", consequence, "Promote"), done)
 
     def action_rollback(self) -> None:
         current = self.current()
@@ -168,12 +198,15 @@ class ModelsScreen(BoardScreen):
         consequence = (f"The endpoint stops serving {current.version} and serves the version promoted "
                        f"before it again. {current.version} stays on disk and can be promoted again later.")
 
+        collection, top = self.collection, self.appliance.client
+
         def done(yes: bool | None) -> None:
             if yes:
-                self.appliance.act("rolling back", self.appliance.client.rollback,
+                self.appliance.act("rolling back", lambda: top.scoped(collection).rollback(),
                                    lambda v: self.appliance.notify(f"Rolled back: now serving {v}.", title="Rolled back"))
 
-        self.app.push_screen(ConfirmScreen(f"Roll back from {current.version}?", consequence, "Roll back"), done)
+        self.app.push_screen(ConfirmScreen(f"Roll back{self.where()} from {current.version}?", consequence,
+                                           "Roll back"), done)
 
     def action_lineage(self) -> None:
         chosen = self.selected()
@@ -188,8 +221,7 @@ class ModelsScreen(BoardScreen):
             else:
                 self.app.push_screen(LineageScreen(lineage_markdown(chosen.version, lineage)))
 
-        self.appliance.act("reading the lineage", lambda: self.appliance.client.lineage(chosen.version), show,
-                           quiet=True)
+        self.read("reading the lineage", lambda client: client.lineage(chosen.version), show)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         v = self.selected()

@@ -1,0 +1,168 @@
+"""Collections: separate data, models and access inside one home (issue 11).
+
+A file's collection is the inbox folder it sits in: ``inbox/cardiology/a.txt`` belongs to
+``cardiology``, ``inbox/legal/matter-17/b.jsonl`` to ``legal/matter-17``, and a file at the
+top of the inbox to the *shared* collection (``""`` here, ``shared`` to people). Each
+collection has its own store, snapshots, runs, gate and versions under
+``collections/<name>/`` (``Home.scoped``), so one collection's data can never train
+another's model. The shared collection keeps the home's top-level layout and is served as
+a merged model (model id ``appliance``); the others are served, by default, as LoRA
+adapters on the one loaded base model (model id ``appliance/<name>``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from .fsutil import read_json
+from .paths import Home
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+SHARED = ""
+SHARED_NAME = "shared"
+PREFIX = "appliance"
+MAX_DEPTH = 3
+# Folder names as people make them ("Cardiology", "matter-17", "Legal Office"): letters of
+# any script, digits, spaces, '.', '_' and '-'; never '/', '@' (they separate model ids)
+# or a leading dot (hidden folders are skipped by the watcher).
+SEGMENT = re.compile(r"^\w(?:[\w .-]{0,62}[\w.-])?$")
+VERSION = re.compile(r"^v\d+$")
+
+
+def display(collection: str) -> str:
+    return collection or SHARED_NAME
+
+
+def parse(name: str) -> str:
+    """A collection as people write it ("shared" is the top of the inbox)."""
+    name = name.strip().strip("/")
+    return SHARED if name in ("", SHARED_NAME) else name
+
+
+def problem(name: str) -> str | None:
+    """Why ``name`` cannot be a collection, or None."""
+    if name == SHARED:
+        return None
+    parts = name.split("/")
+    if len(parts) > MAX_DEPTH:
+        return f"collections nest at most {MAX_DEPTH} folders deep"
+    if parts[0] == SHARED_NAME:
+        return f"'{SHARED_NAME}' is the name of the top of the inbox"
+    for part in parts:
+        if not SEGMENT.match(part):
+            return (f"folder name {part!r} cannot name a collection: use letters, digits, spaces, '.', '_' "
+                    "and '-', starting with a letter or digit, at most 64 characters")
+    return None
+
+
+def of_path(home: Home, path: Path) -> str:
+    """The collection of an inbox path (its parent folder relative to the inbox)."""
+    rel = Path(path).parent.relative_to(home.top.inbox)
+    return "" if str(rel) == "." else rel.as_posix()
+
+
+def names(home: Home) -> list[str]:
+    """Every collection: the shared one first, then inbox sub-folders and collections with data."""
+    found: set[str] = set()
+    inbox = home.top.inbox
+    if inbox.is_dir():
+        for folder in inbox.rglob("*"):
+            if folder.is_dir() and not folder.is_symlink() and not folder.name.startswith("."):
+                name = folder.relative_to(inbox).as_posix()
+                entries = [e for e in folder.iterdir() if not e.name.startswith(".")]
+                # a folder holding only other folders ("legal" for "legal/matter-17") is not one itself
+                if problem(name) is None and (not entries or any(not e.is_dir() for e in entries)):
+                    found.add(name)
+    root = home.top.collections_dir
+    if root.is_dir():
+        for marker in root.rglob("store"):
+            name = marker.parent.relative_to(root).as_posix()
+            if problem(name) is None:
+                found.add(name)
+    return [SHARED, *sorted(found - {SHARED})]
+
+
+# --- model ids -------------------------------------------------------------------------------------
+
+
+def model_id(collection: str, version: str | None = None) -> str:
+    """``appliance`` / ``vN`` for the shared collection; ``appliance/<c>`` / ``appliance/<c>@vN`` otherwise."""
+    if collection == SHARED:
+        return version or PREFIX
+    return f"{PREFIX}/{collection}" + (f"@{version}" if version else "")
+
+
+def parse_model_id(model: str) -> tuple[str, str | None]:
+    """(collection, version or None for the collection's current one); LookupError otherwise."""
+    if model in (PREFIX, f"{PREFIX}/{SHARED_NAME}"):
+        return SHARED, None
+    if model == "base" or VERSION.match(model):
+        return SHARED, model
+    if model.startswith(PREFIX + "/"):
+        name, _, version = model[len(PREFIX) + 1:].partition("@")
+        if name == SHARED_NAME:
+            name = SHARED
+        if problem(name) is None and name and (not version or VERSION.match(version)):
+            return name, version or None
+    raise LookupError(model)
+
+
+def adapter_mode(home: Home, settings: "Settings") -> bool:
+    """Whether ``home``'s collection is trained and served as a LoRA adapter on the base."""
+    return bool(home.collection) and settings.collection(home.collection).serve == "adapter"
+
+
+def base_model(home: Home) -> tuple[str, Path]:
+    """The base version adapters are applied to, and its file (made by 'appliance init')."""
+    from . import registry
+
+    return "base", registry.gguf_path(home.top, "base")
+
+
+def adapter_problem(base: Path, adapter: Path) -> str | None:
+    """Why llama.cpp cannot apply ``adapter`` to ``base`` (a load in a child process), or None."""
+    from .llamacpp_child import header_problem, run
+
+    if reason := header_problem(adapter):
+        return f"{adapter.name}: {reason}"
+    result = run(base, tokenize=["x"], lora=adapter, argmax=[[1, 2]], timeout=300)
+    return None if result.ok else result.error
+
+
+# --- what is served --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Served:
+    collection: str
+    version: str
+    mode: str                 # "merged" or "adapter"
+    gguf: Path                # the model file llama.cpp loads (the base version's for an adapter)
+    adapter: Path | None      # the LoRA applied on it (adapter mode)
+    sha256: str               # of the version's own file (model or adapter)
+
+
+def served(home: Home, collection: str, version: str | None = None) -> Served | None:
+    """How ``collection``'s current version (or ``version``) is served; None when there is none."""
+    from . import registry
+
+    scope = home.top.scoped(collection)
+    version = version or registry.current(scope)
+    if version is None or not (scope.model(version) / "version.json").exists():
+        return None
+    record = read_json(scope.model(version) / "version.json")
+    if registry.gguf_path(scope, version).name == registry.ADAPTER_FILE:
+        base = record.get("base_version", "base")
+        return Served(collection, version, "adapter", registry.gguf_path(home.top, base),
+                      registry.gguf_path(scope, version), record["sha256"])
+    return Served(collection, version, "merged", registry.gguf_path(scope, version), None, record["sha256"])
+
+
+__all__ = ["SHARED", "SHARED_NAME", "Served", "adapter_mode", "adapter_problem", "base_model", "display", "model_id", "names", "of_path", "parse",
+           "parse_model_id", "problem", "served"]
