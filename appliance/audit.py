@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,15 @@ def entry_hash(entry: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
+# The API key an engine call acts for (set by appliance/keys.py around each call), so an entry
+# says which person's key asked for it, beside the OS user the process runs as.
+ACTING_KEY: ContextVar[str | None] = ContextVar("appliance_acting_key", default=None)
+
+
 def append(home: Home, action: str, **details: Any) -> dict[str, Any]:
     """Append one entry (fsynced) and record the new head in the journal."""
+    if (key := ACTING_KEY.get()) is not None:
+        details.setdefault("key", key)
     if home.collection:  # work done in a collection says which
         details.setdefault("collection", home.collection)
     home.audit_log.parent.mkdir(parents=True, exist_ok=True)

@@ -199,10 +199,13 @@ def _checked(method: Callable[..., Any], role: str) -> Callable[..., Any]:
         require(self.key, role, collection, name)
         if not _store(self.paths.top).active(self.key.name):  # revoked since this engine was made
             raise AccessError(f"key '{self.key.name}' is revoked")
-        token = _inside.set(True)
+        from .audit import ACTING_KEY
+
+        token, acting = _inside.set(True), ACTING_KEY.set(self.key.name)  # audit entries name the key
         try:
             return method(self, *args, **kwargs)
         finally:
+            ACTING_KEY.reset(acting)
             _inside.reset(token)
 
     call.required_role = role  # type: ignore[attr-defined]

@@ -33,6 +33,7 @@ CLI_ARGV: dict[str, list[str]] = {
     "serve": ["serve"], "run": ["run"], "forget": ["forget", "ab" * 32], "audit verify": ["audit", "verify"],
     "audit show": ["audit", "show"], "keys whoami": ["keys", "whoami"], "keys list": ["keys", "list"],
     "keys add": ["keys", "add", "zed", "--role", "chat"], "keys revoke": ["keys", "revoke", "zed"],
+    "collections": ["collections"],
 }
 
 
@@ -357,3 +358,18 @@ def test_concurrent_adds_from_several_processes_all_land(home: Home):
     names = {k["name"] for k in KeyStore(home).list()}
     assert names == {"admin"} | {f"p{n}-{i}" for n in range(4) for i in range(5)}
     assert audit.verify(home).ok and len(audit.find(home, "key_add")) == 20
+
+
+def test_audit_entries_name_the_key_an_engine_call_acted_for(tmp_path):
+    from appliance import audit
+    from appliance.engine import LocalEngine
+    from appliance.init import create_home
+    from appliance.keys import KeyStore
+
+    home = create_home(tmp_path / "home", "tiny")
+    secret = KeyStore(home).add("dr-lee", "contributor")
+    engine = LocalEngine(home.root, key=KeyStore(home).authenticate(secret))
+    engine.retrain()
+    entry = [e for e in audit.entries(home) if e["action"] == "retrain_requested"][-1]
+    assert entry["details"]["key"] == "dr-lee"
+    assert audit.verify(home).ok
