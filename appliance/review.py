@@ -128,12 +128,17 @@ def build_items(home: Home, settings: Settings, job: Job, candidate: str, curren
     """Questions answered by both models; each item's A/B order drawn at random and stored."""
     from .hf import load_tokenizer
 
+    from .collections import served
+    from .gate import models
+
     asked = questions(home, job.snapshot, settings.gate.review_questions)
-    cand_path = registry.gguf_path(home, candidate)
-    prompts = _chat_ids(cand_path, asked, settings)
+    now = served(home, home.collection, candidate)  # a collection's adapter is asked on the base, as served
+    cand_model = (now.gguf, now.adapter) if now else (registry.gguf_path(home, candidate), None)
+    prompts = _chat_ids(cand_model[0], asked, settings)
     tokenizer = load_tokenizer(home.base(settings.base.name))
-    cand = _answers(cand_path, prompts, settings, tokenizer)
-    cur = (_answers(registry.gguf_path(home, current), prompts, settings, tokenizer) if current
+    cand = _answers(cand_model, prompts, settings, tokenizer)
+    _, _, cur_model = models(home, job.run_id or "", settings, against=current)  # a new collection: the base
+    cur = (_answers(cur_model, prompts, settings, tokenizer) if cur_model
            else ["(there is no current model)"] * len(prompts))
     chooser = random.SystemRandom()  # reviewers must not be able to predict the order
     items = []
@@ -156,13 +161,16 @@ def _chat_ids(model: Path, conversations: list[list[dict[str, str]]], settings: 
     return result.chat
 
 
-def _answers(model: Path, prompts: list[list[int]], settings: Settings, tokenizer: Any) -> list[str]:
+def _answers(model: tuple[Path, Path | None], prompts: list[list[int]], settings: Settings,
+             tokenizer: Any) -> list[str]:
+    """Greedy answers of a model file (with the LoRA adapter it is served with, if any)."""
     from .llamacpp_child import run
 
-    result = run(model, generate=[(ids, settings.gate.review_tokens) for ids in prompts],
+    result = run(model[0], generate=[(ids, settings.gate.review_tokens) for ids in prompts], lora=model[1],
                  threads=settings.train.threads, timeout=1800)
     if not result.ok:
-        raise ReviewError(f"llama.cpp could not answer the review questions with {model}: {result.error}")
+        raise ReviewError(f"llama.cpp could not answer the review questions with {model[1] or model[0]}: "
+                          f"{result.error}")
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result.generated]
 
 
