@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from appliance.config import WatchSection
-from appliance.ingest import Ingestor, IngestReport
+from appliance.collections import names
+from appliance.ingest import Ingestors, IngestReport
 from appliance.ingest.store import Store
 from appliance.init import create_home
 from appliance.paths import Home
@@ -46,7 +47,7 @@ class Inbox:
 
     def __init__(self, home: Home, settings: WatchSection = FAST, fail_first: bool = False):
         self.home = home
-        self.ingestor = Ingestor(home)
+        self.ingestor = Ingestors(home)  # a sub-folder of the inbox is its own collection
         self.batches: list[list[str]] = []
         self.reports: list[IngestReport] = []
         self.errors: list[BaseException] = []
@@ -75,13 +76,25 @@ class Inbox:
         with self.lock:
             return [name for batch in self.batches for name in batch]
 
+    def stores(self) -> list[tuple[str, Path]]:
+        """Each collection's folder prefix and store (files in sub-folders are their collections')."""
+        return [(f"{c}/" if c else "", self.home.scoped(c).store_db) for c in names(self.home)
+                if self.home.scoped(c).store_db.exists()]
+
     def current(self) -> dict[str, str]:
-        with Store(self.home.store_db) as store:
-            return dict(store.db.execute("SELECT path, sha256 FROM versions WHERE status='current'").fetchall())
+        found = {}
+        for prefix, db in self.stores():
+            with Store(db) as store:
+                found.update((prefix + path, sha) for path, sha in store.db.execute(
+                    "SELECT path, sha256 FROM versions WHERE status='current'").fetchall())
+        return found
 
     def documents(self) -> int:
-        with Store(self.home.store_db) as store:
-            return store.db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+        total = 0
+        for _, db in self.stores():
+            with Store(db) as store:
+                total += store.db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+        return total
 
     def quarantined(self) -> list[str]:
         with self.lock:
