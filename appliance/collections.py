@@ -81,9 +81,9 @@ def names(home: Home) -> list[str]:
                     found.add(name)
     root = home.top.collections_dir
     if root.is_dir():
-        for marker in root.rglob("store"):
+        for marker in [*root.rglob("store"), *root.rglob("models")]:  # data, or models alone
             name = marker.parent.relative_to(root).as_posix()
-            if problem(name) is None:
+            if marker.is_dir() and problem(name) is None:
                 found.add(name)
     return [SHARED, *sorted(found - {SHARED})]
 
