@@ -12,11 +12,12 @@ adapters on the one loaded base model (model id ``appliance/<name>``).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from .fsutil import read_json
 from .paths import Home
@@ -70,22 +71,41 @@ def of_path(home: Home, path: Path) -> str:
 def names(home: Home) -> list[str]:
     """Every collection: the shared one first, then inbox sub-folders and collections with data."""
     found: set[str] = set()
-    inbox = home.top.inbox
-    if inbox.is_dir():
-        for folder in inbox.rglob("*"):
-            if folder.is_dir() and not folder.is_symlink() and not folder.name.startswith("."):
-                name = folder.relative_to(inbox).as_posix()
-                entries = [e for e in folder.iterdir() if not e.name.startswith(".")]
-                # a folder holding only other folders ("legal" for "legal/matter-17") is not one itself
-                if problem(name) is None and (not entries or any(not e.is_dir() for e in entries)):
-                    found.add(name)
-    root = home.top.collections_dir
-    if root.is_dir():
-        for marker in [*root.rglob("store"), *root.rglob("models")]:  # data, or models alone
-            name = marker.parent.relative_to(root).as_posix()
-            if marker.is_dir() and problem(name) is None:
-                found.add(name)
-    return [SHARED, *sorted(found - {SHARED})]
+    for name, folders, files in _folders(home.top.inbox):
+        # a folder holding only other folders ("legal" for "legal/matter-17") is not one itself
+        if files or not folders:
+            found.add(name)
+    return [SHARED, *sorted((found | set(with_data(home))) - {SHARED})]
+
+
+def with_data(home: Home) -> list[str]:
+    """Collections (not the shared one) that have a store or models under ``collections/``."""
+    return [name for name, folders, _ in _folders(home.top.collections_dir, skip=DATA_FOLDERS)
+            if "store" in folders or "models" in folders]
+
+
+def stores(home: Home) -> list[tuple[str, Home]]:
+    """Each collection that has a store, with its view of the home (no walk of the inbox: the
+    daemon asks for every batch the watcher hands over)."""
+    scopes = [(name, home.top.scoped(name)) for name in (SHARED, *with_data(home))]
+    return [(name, scope) for name, scope in scopes if scope.store_db.exists()]
+
+
+DATA_FOLDERS = frozenset({"store", "snapshots", "runs", "models"})
+
+
+def _folders(root: Path, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, list[str], list[str]]]:
+    """(name, sub-folders, visible files) of each folder under ``root`` that can name a collection,
+    at most MAX_DEPTH deep. Only folders are descended into (never hidden ones, links or ``skip``,
+    e.g. a collection's runs with their checkpoints), so the cost follows the folders, not the files."""
+    for path, folders, files in os.walk(root):
+        rel = Path(path).relative_to(root)
+        depth = len(rel.parts)
+        subs = [f for f in folders if not f.startswith(".") and not os.path.islink(os.path.join(path, f))]
+        folders[:] = [f for f in subs if f not in skip] if depth < MAX_DEPTH else []
+        name = rel.as_posix()
+        if depth and problem(name) is None:
+            yield name, subs, [f for f in files if not f.startswith(".")]
 
 
 # --- model ids -------------------------------------------------------------------------------------
@@ -165,4 +185,4 @@ def served(home: Home, collection: str, version: str | None = None) -> Served | 
 
 
 __all__ = ["SHARED", "SHARED_NAME", "Served", "adapter_mode", "adapter_problem", "base_model", "display", "model_id", "names", "of_path", "parse",
-           "parse_model_id", "problem", "served"]
+           "parse_model_id", "problem", "served", "stores", "with_data"]

@@ -221,15 +221,14 @@ class Daemon:
     def _queue_unsnapshotted(self, journal: Journal) -> None:
         """Data ingested but never snapshotted (a kill between an ingest and its enqueue) gets its job,
         in each collection."""
-        from .collections import display, names
+        from .collections import display, stores
         from .ingest.store import Store
 
         if not self.settings.daemon.retrain_after_ingest or journal.active():
             return
         queued = {job.collection for job in journal.queue()}
-        for collection in names(self.home):
-            scope = self.home.scoped(collection)
-            if collection in queued or not scope.store_db.exists():
+        for collection, scope in stores(self.home):
+            if collection in queued:
                 continue
             with Store(scope.store_db) as store:
                 head = store.head_snapshot()
@@ -311,15 +310,13 @@ class Daemon:
 
 def store_seqs(home: Home) -> dict[str, int]:
     """Each collection's store position (to see what an ingest added)."""
-    from .collections import names
+    from .collections import stores
     from .ingest.store import Store
 
     seqs = {}
-    for collection in names(home.top):
-        scope = home.top.scoped(collection)
-        if scope.store_db.exists():
-            with Store(scope.store_db) as store:
-                seqs[collection] = store.last_seq()
+    for collection, scope in stores(home):
+        with Store(scope.store_db) as store:
+            seqs[collection] = store.last_seq()
     return seqs
 
 

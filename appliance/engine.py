@@ -113,10 +113,9 @@ class LocalEngine:
 
     def export(self, run: str, quant: str | None = None, emit: Emit = ignore, adapter: bool = False) -> ModelVersion:
         from .export import export_run, require_parity
+        from .collections import adapter_mode
         from .fsutil import read_json
         from .llamacpp_child import problem
-
-        from .collections import adapter_mode
 
         s = self.settings
         served_as_adapter = adapter_mode(self.paths, s)  # a collection's version is its adapter
@@ -173,11 +172,9 @@ class LocalEngine:
         return job.to_dict()
 
     def forget(self, document: str) -> dict[str, Any]:
-        from .forget import forget
+        from .forget import collection_of, forget
 
-        from .forget import collection_of
-
-        return forget(collection_of(self.paths, document) if not self.collection else self.paths, document)
+        return forget(collection_of(self.paths, document), document)
 
     def pause_watching(self) -> None:
         from .daemon import set_paused

@@ -76,7 +76,9 @@ def _inbox_rel(home: Home, document: str) -> str | None:
 def collection_of(home: Home, document: str) -> Home:
     """The collection ``document`` belongs to: the inbox folder of a path, else the first
     collection whose store holds the sha256 (collections never share a store)."""
-    from .collections import names, of_path, problem
+    if home.collection:  # a collection's own view forgets within it
+        return home
+    from .collections import of_path, problem, stores
 
     path = Path(document).expanduser()
     inbox = home.top.inbox
@@ -88,12 +90,10 @@ def collection_of(home: Home, document: str) -> Home:
             return home
         return home.top.scoped(name) if problem(name) is None else home
     sha = document.lower()
-    for name in names(home):
-        scope = home.top.scoped(name)
-        if scope.store_db.exists():
-            with Store(scope.store_db) as store:
-                if store.db.execute("SELECT 1 FROM versions WHERE sha256=? LIMIT 1", (sha,)).fetchone():
-                    return scope
+    for _, scope in stores(home):
+        with Store(scope.store_db) as store:
+            if store.db.execute("SELECT 1 FROM versions WHERE sha256=? LIMIT 1", (sha,)).fetchone():
+                return scope
     return home
 
 

@@ -612,28 +612,9 @@ def _intact(path: Path, sha256: str) -> bool:
 
 
 def _served_collections(home: Home) -> list[str]:
-    """Collections with a ``current`` model, from collections/ alone (at most 3 deep). Cheaper
-    than :func:`collections.names` (no walk of the inbox), so the watcher can poll it."""
-    found: list[str] = []
-
-    def walk(folder: Path, depth: int) -> None:
-        try:
-            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
-        except OSError:
-            return
-        for child in children:
-            if child.name in ("store", "snapshots", "runs", "models"):
-                continue
-            name = child.relative_to(home.collections_dir).as_posix()
-            if collections.problem(name) is not None:
-                continue
-            if (child / "models" / "current").is_symlink():
-                found.append(name)
-            if depth < collections.MAX_DEPTH:
-                walk(child, depth + 1)
-
-    walk(home.collections_dir, 1)
-    return found
+    """Collections with a ``current`` model (found under collections/ alone, no walk of the
+    inbox, so the watcher can poll it)."""
+    return [name for name in collections.with_data(home) if home.scoped(name).current.is_symlink()]
 
 
 # --- routes ------------------------------------------------------------------------
@@ -743,7 +724,7 @@ async def _send(backend: Backend, path: str, forward: dict) -> httpx.Response:
 def _visible_models(home: Home, key: Key) -> list[dict]:
     """Every model id ``key`` may use: each visible collection's current id and its versions."""
     data: list[dict] = []
-    for collection in collections.names(home):
+    for collection in (collections.SHARED, *collections.with_data(home)):  # models live there: no inbox walk
         if not key.sees(collection):
             continue
         scope = home.scoped(collection)

@@ -423,16 +423,20 @@ def test_client_says_what_to_do_when_the_key_is_wrong(engine, sse_server):
         list(Client(engine).stream_chat([{"role": "user", "content": "hi"}]))
 
 
+async def ask_and_wait(pilot, app, question: str) -> None:
+    await pilot.press("c")
+    await settle(pilot, app, lambda: app.screen.focused is not None and app.screen.focused.id == "question")
+    await pilot.press(*question, "enter")
+    await settle(pilot, app, lambda: "left" in app.screen.answers)
+
+
 async def test_chat_streams_and_compares(engine, sse_server):
     engine.endpoint = sse_server
     app = make_app(engine, poll_seconds=0.2)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, app, lambda: app.board is not None)
-        await pilot.press("c")
-        await settle(pilot, app, lambda: app.screen.focused is not None and app.screen.focused.id == "question")
-        await pilot.press(*"what is the policy", "enter")
+        await ask_and_wait(pilot, app, "what is the policy")
         screen = app.screen
-        await settle(pilot, app, lambda: "left" in screen.answers)
         assert screen.answers["left"] == "appliance says: what is the policy "
         await pilot.press("ctrl+o")
         await pilot.press(*"hi", "enter")
@@ -559,13 +563,6 @@ def test_version_numbers_come_from_the_engines_metrics(tmp_path):
 
 
 # --- issue 10: corrections flow back, the data advisor, the training method ------------------------
-
-
-async def ask_and_wait(pilot, app, question: str) -> None:
-    await pilot.press("c")
-    await settle(pilot, app, lambda: app.screen.focused is not None and app.screen.focused.id == "question")
-    await pilot.press(*question, "enter")
-    await settle(pilot, app, lambda: "left" in app.screen.answers)
 
 
 async def test_a_wrong_answer_is_corrected_through_the_engine(engine, sse_server):

@@ -9,7 +9,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label, Markdown, Select, Sparkline, Static
+from textual.widgets import Button, Footer, Label, Markdown, Select, Sparkline, Static
 
 from .client import STAGES
 
@@ -231,17 +231,33 @@ The mouse works too: click tabs, rows and buttons.
 """
 
 
-class HelpScreen(ModalScreen[None]):
+class MarkdownScreen(ModalScreen[None]):
+    """A text in Markdown in a scrolling box over the screen (help, a version's lineage)."""
+
     DEFAULT_CSS = """
-    HelpScreen { align: center middle; }
-    HelpScreen > VerticalScroll { width: 76; max-width: 100%; height: 90%; border: thick $accent;
-                                  background: $surface; padding: 0 1; }
+    MarkdownScreen { align: center middle; }
+    MarkdownScreen > VerticalScroll { width: 76; max-width: 100%; height: 90%; border: thick $accent;
+                                      background: $surface; padding: 0 1; }
     """
-    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
+    FOOTER = False
+
+    def __init__(self, text: str, markdown_id: str | None = None):
+        super().__init__()
+        self.text = text
+        self.markdown_id = markdown_id
 
     def compose(self) -> ComposeResult:
         with VerticalScroll():
-            yield Markdown(HELP)
+            yield Markdown(self.text, id=self.markdown_id)
+        if self.FOOTER:
+            yield Footer()
+
+
+class HelpScreen(MarkdownScreen):
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
+
+    def __init__(self) -> None:
+        super().__init__(HELP)
 
 
 def form_end(save: str, variant: str = "primary") -> ComposeResult:

@@ -144,10 +144,12 @@ class Ingestors:
 
     def run(self, paths: Sequence[Path], ignored: int = 0, only: str | None = None) -> IngestReport:
         groups, misplaced = split(self.home, paths)
-        if only is not None:
-            groups = {only: groups.get(only, [])}
-        groups.setdefault("", [])  # the shared collection reports even when nothing is new
-        reports = {c: self.get(c).run(found, ignored if c == "" else 0) for c, found in sorted(groups.items())}
+        if only is not None:  # one collection's view: its files only
+            groups, misplaced = {only: groups.get(only, [])}, []
+        else:
+            groups.setdefault("", [])  # the shared collection reports even when nothing is new
+        first = min(groups)  # temp files passed over are counted once
+        reports = {c: self.get(c).run(found, ignored if c == first else 0) for c, found in sorted(groups.items())}
         report = combine(reports)
         report.waiting += misplaced
         for note in misplaced:

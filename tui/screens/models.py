@@ -8,15 +8,15 @@ from typing import Any
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical, VerticalScroll
+from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import DataTable, Footer, Header, Markdown, OptionList, Static
+from textual.widgets import DataTable, Footer, Header, OptionList, Static
 from textual.widgets.option_list import Option
 
 from appliance.api import ModelVersion
 
 from ..client import NOT_AVAILABLE, Board, model_id, training_method
-from ..widgets import CollectionBar, ConfirmScreen, NavBar
+from ..widgets import CollectionBar, ConfirmScreen, MarkdownScreen, NavBar
 from .base import CollectionScreen
 from .dashboard import gate_summary
 
@@ -279,22 +279,13 @@ def sample_answers(sample: list[Any]) -> list[str]:
     return lines
 
 
-class LineageScreen(ModalScreen[None]):
-    DEFAULT_CSS = """
-    LineageScreen { align: center middle; }
-    LineageScreen > VerticalScroll { width: 78; max-width: 100%; height: 90%; border: thick $accent;
-                                     background: $surface; padding: 0 1; }
-    """
+class LineageScreen(MarkdownScreen):
+    DEFAULT_CSS = "LineageScreen > VerticalScroll { width: 78; }"
     BINDINGS = [Binding("escape,q,l", "dismiss", "Close")]
+    FOOTER = True
 
     def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def compose(self) -> ComposeResult:
-        with VerticalScroll():
-            yield Markdown(self.text, id="lineage")
-        yield Footer()
+        super().__init__(text, markdown_id="lineage")
 
 
 # What each method means, for the person choosing (appliance/methods.py has the rules).
