@@ -1,5 +1,5 @@
 """``python -m appliance``: the same command as ``appliance``."""
 
-from .cli import main
+from appliance.cli.command import main
 
 raise SystemExit(main())

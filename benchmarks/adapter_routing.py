@@ -48,10 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_time import base_dir, make_adapter  # noqa: E402  (the same model and LoRA as the export benchmark)
 from serve_throughput import free_port, measure as run_block, server_arguments, start_appliance, tally  # noqa: E402
 
-from appliance import registry  # noqa: E402
-from appliance.init import create_home  # noqa: E402
-from appliance.paths import Home  # noqa: E402
-from appliance.serve import read_api_key  # noqa: E402
+from appliance.home import registry  # noqa: E402
+from appliance.cli.init import create_home  # noqa: E402
+from appliance.home.paths import Home  # noqa: E402
+from appliance.serving.front import read_api_key  # noqa: E402
 
 COLLECTIONS = ("alpha", "beta")
 # Larger bases of the same family for --shape (random weights: decode speed does not depend
@@ -101,9 +101,9 @@ def negated(adapter: Path, out: Path) -> Path:
 
 def build(work: Path, quant: str, adapter_type: str, shape: str = "embedded") -> Home:
     """A home serving base + two adapter collections + the merged model of one of them."""
-    from appliance.convert import convert, convert_lora
-    from appliance.merge import merge
-    from appliance.quantize import quantize
+    from appliance.export.convert import convert, convert_lora
+    from appliance.training.merge import merge
+    from appliance.export.quantize import quantize
 
     base = shaped_base(shape)
     started = time.monotonic()

@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve()
 
 
 def base_dir() -> Path:
-    from appliance.basemodel import import_base
+    from appliance.training.basemodel import import_base
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "appliance-bench" / "smollm2"
     return import_base("embedded", cache)
@@ -49,7 +49,7 @@ def make_adapter(base: Path, out: Path) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from appliance.hf import load_causal_lm
+    from appliance.runtime.hf import load_causal_lm
 
     torch.manual_seed(0)
     model = get_peft_model(load_causal_lm(base), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
@@ -73,9 +73,9 @@ def preload() -> None:
 
 
 def appliance_path(base: Path, adapter: Path, work: Path, quant: str) -> dict[str, float]:
-    from appliance.config import Settings
-    from appliance.export import export_model, gguf_metadata
-    from appliance.merge import merge
+    from appliance.home.config import Settings
+    from appliance.export.run import export_model, gguf_metadata
+    from appliance.training.merge import merge
 
     preload()
     started = time.perf_counter()
@@ -91,9 +91,9 @@ def appliance_path(base: Path, adapter: Path, work: Path, quant: str) -> dict[st
 def validation_set(model_dir: Path, n: int = 17) -> list:
     """What the demo's snapshot holds out (10% of the clinic conversations), for the
     recall part of the parity check; rendered before the parity clock starts."""
-    from appliance.hf import load_tokenizer
-    from appliance.ingest.chat_jsonl import parse
-    from appliance.render import render
+    from appliance.runtime.hf import load_tokenizer
+    from appliance.data.ingest.chat_jsonl import parse
+    from appliance.training.render import render
 
     tokenizer = load_tokenizer(model_dir)
     records = parse(HERE.parents[1] / "examples" / "clinic" / "policies.jsonl").records
@@ -107,8 +107,8 @@ def manual_path(base: Path, adapter: Path, work: Path, quant: str) -> dict[str, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from appliance.quantize import FTYPES
-    from appliance.toolchain import converter_env, llama_cpp_dir
+    from appliance.export.quantize import FTYPES
+    from appliance.runtime.toolchain import converter_env, llama_cpp_dir
 
     preload()
     t0 = time.perf_counter()

@@ -69,8 +69,8 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from appliance.render import IGNORE, Example
-    from appliance.train import TrainState, prepare_qlora, train_step
+    from appliance.training.render import IGNORE, Example
+    from appliance.training.train import TrainState, prepare_qlora, train_step
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")

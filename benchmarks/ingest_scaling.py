@@ -9,7 +9,7 @@ fsyncs, which on a shared disk come in two modes (about 4 and 8 ms here), hence
 many rounds.
 
 * ``ratio`` (the target): the watcher's path. The watcher reports the one stable
-  path and :class:`appliance.ingest.Ingestor` (kept for the life of the daemon)
+  path and :class:`appliance.data.ingest.Ingestor` (kept for the life of the daemon)
   ingests just that path: hash, parse, validate, one store transaction.
 * ``snapshot_ratio``: cutting the next snapshot after that file (a delta manifest).
 * ``full_scan_ratio``: for information, ``appliance ingest``, which by definition
@@ -35,10 +35,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import appliance  # noqa: F401  (offline environment first)
-from appliance import snapshot
-from appliance.ingest import Ingestor, ingest
-from appliance.init import create_home
-from appliance.paths import Home
+from appliance.data import snapshot
+from appliance.data.ingest import Ingestor, ingest
+from appliance.cli.init import create_home
+from appliance.home.paths import Home
 
 
 def chat_file(path: Path, tag: str, lines: int = 5) -> None:

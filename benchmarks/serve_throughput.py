@@ -39,12 +39,12 @@ import appliance  # noqa: F401  (offline environment first)
 import httpx
 import openai
 
-from appliance import registry
-from appliance.basemodel import embedded_gguf
-from appliance.init import create_home
-from appliance.llama_server import binary
-from appliance.paths import Home
-from appliance.serve import read_api_key
+from appliance.home import registry
+from appliance.training.basemodel import embedded_gguf
+from appliance.cli.init import create_home
+from appliance.runtime.llama_server import binary
+from appliance.home.paths import Home
+from appliance.serving.front import read_api_key
 
 
 def free_port() -> int:
@@ -68,7 +68,7 @@ def start_appliance(home: Home, port: int, args: argparse.Namespace, log: Path) 
     env = {**os.environ, "APPLIANCE_SERVE__THREADS": str(args.threads), "APPLIANCE_SERVE__SLOTS": str(args.slots),
            "APPLIANCE_SERVE__CONTEXT": str(args.context),
            "APPLIANCE_SERVE__MAX_TOKENS_LIMIT": str(max(2048, args.tokens))}
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--home", str(home.root),
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli.command", "serve", "--home", str(home.root),
                              "--port", str(port)], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     wait_health(f"http://127.0.0.1:{port}/health", proc, log, lambda r: bool(r.json().get("loaded")))

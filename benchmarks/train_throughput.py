@@ -37,7 +37,7 @@ WORDS = ("the clinic policy requires staff to record every dose on the chart bef
 
 
 def base_dir() -> Path:
-    from appliance.basemodel import import_base
+    from appliance.training.basemodel import import_base
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "appliance-bench" / "smollm2"
     return import_base("embedded", cache)
@@ -45,8 +45,8 @@ def base_dir() -> Path:
 
 def examples(tokenizer, n: int, seed: int = 0):
     """Chat examples with total lengths log-uniform in [32, 1024] tokens."""
-    from appliance.ingest.records import Record
-    from appliance.render import render
+    from appliance.data.ingest.records import Record
+    from appliance.training.render import render
 
     rng = random.Random(seed)
     out = []
@@ -66,8 +66,8 @@ def examples(tokenizer, n: int, seed: int = 0):
 def run_appliance(batches) -> dict:
     import torch
 
-    from appliance.config import Settings
-    from appliance.train import TrainState, load_trainable, train_step
+    from appliance.home.config import Settings
+    from appliance.training.train import TrainState, load_trainable, train_step
 
     settings = Settings()
     model = load_trainable(base_dir(), settings, "cpu")
@@ -90,9 +90,9 @@ def run_baseline(batches) -> dict:
     from torch.utils.data import SequentialSampler
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from appliance.config import Settings
-    from appliance.hf import load_tokenizer
-    from appliance.train import load_trainable
+    from appliance.home.config import Settings
+    from appliance.runtime.hf import load_tokenizer
+    from appliance.training.train import load_trainable
 
     tokenizer = load_tokenizer(base_dir())
     if tokenizer.pad_token is None:
@@ -130,7 +130,7 @@ def run_baseline(batches) -> dict:
 def child(variant: str, n_batches: int, threads: int) -> None:
     import torch
 
-    from appliance.hf import load_tokenizer
+    from appliance.runtime.hf import load_tokenizer
 
     torch.set_num_threads(threads)
     exs = examples(load_tokenizer(base_dir()), BATCH * n_batches)

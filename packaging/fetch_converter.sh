@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Unpack llama.cpp's converter (convert_hf_to_gguf.py, conversion/, gguf-py/, models/)
 # from the sdist of the pinned llama-cpp-python into <prefix>/share/appliance/, where
-# appliance/toolchain.py looks for it. The converter must come from the same llama.cpp
+# appliance/runtime/toolchain.py looks for it. The converter must come from the same llama.cpp
 # commit as the runtime, so it is taken from that exact sdist, never from a separate package.
 # Usage: fetch_converter.sh [PYTHON] [SDIST.tar.gz]   (an sdist path skips the download)
 set -euo pipefail

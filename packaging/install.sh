@@ -142,7 +142,7 @@ install_program() {
     "$PY" -m venv "$PREFIX"
     install_llama_cpp
     "$PREFIX/bin/python" -m pip install -q "${OFFLINE_PIP_ARGS[@]}" "appliance==$APP_VER"
-    # llama.cpp's converter, from the same sdist as the runtime (appliance/toolchain.py).
+    # llama.cpp's converter, from the same sdist as the runtime (appliance/runtime/toolchain.py).
     mkdir -p "$SHARE"
     cp -r "$BUNDLE/llama.cpp/converter/." "$SHARE/"
     cp "$BUNDLE/llama.cpp/llama_cpp_python-$LLAMA_VER.tar.gz" "$SHARE/"

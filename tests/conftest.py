@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import appliance  # noqa: F401  (sets the offline environment first)
-from appliance.config import Settings
-from appliance.init import create_home
-from appliance.paths import Home
+from appliance.home.config import Settings
+from appliance.cli.init import create_home
+from appliance.home.paths import Home
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "clinic"
@@ -42,7 +42,7 @@ def tiny_settings() -> Settings:
 def smollm_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import AutoTokenizer
 
-    from appliance.basemodel import embedded_gguf
+    from appliance.training.basemodel import embedded_gguf
 
     gguf = embedded_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
@@ -78,9 +78,9 @@ def _pretrain(model, tokenizer, steps: int = 40) -> None:
     random logits whose top candidates are nearly tied."""
     import torch
 
-    from appliance.ingest.chat_jsonl import parse
-    from appliance.render import render
-    from appliance.train import pack, step_loss
+    from appliance.data.ingest.chat_jsonl import parse
+    from appliance.training.render import render
+    from appliance.training.train import pack, step_loss
 
     examples = [render(tokenizer, r, 512) for r in parse(SAMPLE / "policies.jsonl").records]
     rows = pack(examples, 512)

@@ -23,7 +23,7 @@ from conftest import free_port  # noqa: E402
 from test_tui import ScriptedEngine, make_app, sse_app  # noqa: E402
 from test_tui_snapshots import training_midway  # noqa: E402
 
-from appliance.events import StageFinished, StageStarted  # noqa: E402
+from appliance.contract.events import StageFinished, StageStarted  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "tui" / "screenshots"
 SHOWN_HOME = "/var/lib/appliance"

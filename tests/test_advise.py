@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance import snapshot
-from appliance.advise import Advice, advise_data, advise_run, decontaminate, find_leaks
-from appliance.config import load
-from appliance.ingest import ingest
-from appliance.ingest.records import Record
-from appliance.paths import Home
+from appliance.data import snapshot
+from appliance.quality.advise import Advice, advise_data, advise_run, decontaminate, find_leaks
+from appliance.home.config import load
+from appliance.data.ingest import ingest
+from appliance.data.ingest.records import Record
+from appliance.home.paths import Home
 
 from conftest import SAMPLE, tiny_settings
 
@@ -100,7 +100,7 @@ def test_decontamination_removes_exactly_the_leaking_records(tiny_home: Home):
 
 @pytest.mark.slow
 def test_training_drops_leaking_records_and_reports_them(tiny_home: Home):
-    from appliance.api import open_engine
+    from appliance.contract.api import open_engine
 
     home, snap = crafted_home(tiny_home, 0.0)
     run = open_engine(home.root).train(snapshot=snap, max_steps=1)
@@ -132,7 +132,7 @@ def test_good_fit_curve():
 
 
 def test_advise_command_reports_warnings_as_json(tiny_home: Home):
-    from appliance.cli import main
+    from appliance.cli.command import main
 
     crafted_home(tiny_home, 0.0)
     import contextlib

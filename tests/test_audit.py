@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import audit
-from appliance.init import create_home
-from appliance.paths import Home
+from appliance.home import audit
+from appliance.cli.init import create_home
+from appliance.home.paths import Home
 
 
 @pytest.fixture()
@@ -31,7 +31,7 @@ def write(home: Home, rows: list[str]) -> None:
 
 
 def cli_verify(home: Home) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance.cli", "audit", "verify", "--home", str(home.root)],
+    return subprocess.run([sys.executable, "-m", "appliance.cli.command", "audit", "verify", "--home", str(home.root)],
                           capture_output=True, text=True, timeout=120)
 
 

@@ -1,4 +1,4 @@
-"""Import contracts: front ends depend on appliance.api, which pulls in no heavy machinery."""
+"""Import contracts: front ends depend on appliance.contract.api, which pulls in no heavy machinery."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ def _loaded_after(statement: str) -> set[str]:
 
 
 def test_api_loads_neither_torch_nor_textual():
-    loaded = _loaded_after("import appliance.api")
+    loaded = _loaded_after("import appliance.contract.api")
     for heavy in ("torch", "textual", "transformers", "llama_cpp", "peft"):
-        assert heavy not in loaded, f"import appliance.api loaded {heavy}"
+        assert heavy not in loaded, f"import appliance.contract.api loaded {heavy}"
 
 
 def test_cli_help_is_light():
-    loaded = _loaded_after("import appliance.cli")
+    loaded = _loaded_after("import appliance.cli.command")
     assert "torch" not in loaded and "textual" not in loaded
 
 
@@ -42,7 +42,7 @@ def test_importing_appliance_makes_the_process_offline():
 
 
 # The terminal app (issue 8) depends on the engine's contract only.
-TUI_MAY_IMPORT = {"appliance", "appliance.api", "appliance.events", "appliance.errors"}
+TUI_MAY_IMPORT = {"appliance", "appliance.contract.api", "appliance.contract.events", "appliance.contract.errors"}
 
 
 def test_tui_loads_no_heavy_machinery_and_only_the_engine_contract():

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import load
-from appliance.errors import ConfigError, ServeError, ToolchainError
-from appliance.init import create_home
-from appliance.serve import Server
+from appliance.home.config import load
+from appliance.contract.errors import ConfigError, ServeError, ToolchainError
+from appliance.cli.init import create_home
+from appliance.serving.front import Server
 
 
 def appliance(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "appliance.cli.command", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
@@ -76,7 +76,7 @@ def test_inbox_with_no_usable_data(tmp_path: Path):
 
 
 def test_missing_converter_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from appliance.toolchain import llama_cpp_dir
+    from appliance.runtime.toolchain import llama_cpp_dir
 
     monkeypatch.setenv("APPLIANCE_LLAMA_CPP_DIR", str(tmp_path / "empty"))
     with pytest.raises(ToolchainError, match="fetch_converter.sh"):

@@ -14,16 +14,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance import audit, collections, registry
-from appliance.config import CollectionSection, dump, load
-from appliance.daemon import Daemon
-from appliance.engine import LocalEngine
-from appliance.fsutil import read_json
-from appliance.ingest import ingest
-from appliance.ingest.store import Store
-from appliance.init import create_home, export_base
-from appliance.jobs import Journal
-from appliance.paths import Home
+from appliance.home import audit, catalog, registry
+from appliance.home.config import CollectionSection, dump, load
+from appliance.engine.daemon import Daemon
+from appliance.engine.local import LocalEngine
+from appliance.home.fsutil import read_json
+from appliance.data.ingest import ingest
+from appliance.data.ingest.store import Store
+from appliance.cli.init import create_home, export_base
+from appliance.home.journal import Journal
+from appliance.home.paths import Home
 
 from conftest import free_port, tiny_settings
 
@@ -47,21 +47,21 @@ def conversations(answer: str) -> str:
 
 
 def test_names_model_ids_and_their_inverse():
-    assert collections.problem("cardiology") is None
-    assert collections.problem("legal/matter-17") is None
-    assert collections.problem("Legal Office") is None
-    assert collections.problem("a/b/c/d") is not None  # too deep
-    assert collections.problem("shared") is not None    # the top of the inbox
-    assert collections.problem("x@y") is not None       # '@' separates a version in model ids
-    assert collections.model_id("") == "appliance"
-    assert collections.model_id("legal/matter-17") == "appliance/legal/matter-17"
-    assert collections.model_id("legal/matter-17", "v3") == "appliance/legal/matter-17@v3"
+    assert catalog.problem("cardiology") is None
+    assert catalog.problem("legal/matter-17") is None
+    assert catalog.problem("Legal Office") is None
+    assert catalog.problem("a/b/c/d") is not None  # too deep
+    assert catalog.problem("shared") is not None    # the top of the inbox
+    assert catalog.problem("x@y") is not None       # '@' separates a version in model ids
+    assert catalog.model_id("") == "appliance"
+    assert catalog.model_id("legal/matter-17") == "appliance/legal/matter-17"
+    assert catalog.model_id("legal/matter-17", "v3") == "appliance/legal/matter-17@v3"
     for collection, version in [("", None), ("", "v2"), ("", "base"), ("legal/matter-17", None), ("oncology", "v1")]:
-        assert collections.parse_model_id(collections.model_id(collection, version)) == (collection, version)
-    assert collections.parse_model_id("appliance/shared") == ("", None)
+        assert catalog.parse_model_id(catalog.model_id(collection, version)) == (collection, version)
+    assert catalog.parse_model_id("appliance/shared") == ("", None)
     for bad in ("appliance/", "appliance/x@latest", "gpt-4", "appliance/a/b/c/d", "appliance/.hidden"):
         with pytest.raises(LookupError):
-            collections.parse_model_id(bad)
+            catalog.parse_model_id(bad)
 
 
 def test_each_collection_has_its_own_store_and_runs(tiny_home: Home):
@@ -74,7 +74,7 @@ def test_each_collection_has_its_own_store_and_runs(tiny_home: Home):
     report = engine.ingest()
     assert set(report["collections"]) == {"", "cardiology", "legal/matter-17"}
     assert report["collections"]["cardiology"]["accepted"] == len(QUESTIONS)
-    assert collections.names(tiny_home) == ["", "cardiology", "legal/matter-17"]
+    assert catalog.names(tiny_home) == ["", "cardiology", "legal/matter-17"]
     texts = {}
     for name in ("", "cardiology", "legal/matter-17"):
         scope = tiny_home.scoped(name)
@@ -153,11 +153,11 @@ def test_each_collection_promotes_its_own_adapter(two_collections: Home):
     for name in FACTS:
         assert jobs[name].state == "done", jobs[name].error or jobs[name].result
         assert registry.current(home.scoped(name)) == "v1"
-    merged = collections.served(home, "legal/matter-17")
+    merged = catalog.served(home, "legal/matter-17")
     assert merged is not None and merged.mode == "merged" and merged.adapter is None
     assert merged.gguf == home.root / "collections" / "legal" / "matter-17" / "models" / "v1" / "model.gguf"
     for name in ADAPTERS:
-        served = collections.served(home, name)
+        served = catalog.served(home, name)
         assert served is not None and served.mode == "adapter" and served.adapter is not None
         assert served.adapter.name == "adapter.gguf" and served.gguf == registry.gguf_path(home, "base")
         assert (home.root / "collections" / name / "models" / "v1" / "adapter.gguf").exists()
@@ -190,7 +190,7 @@ def test_lineage_shows_no_document_of_another_collection(two_collections: Home):
 
 @pytest.mark.slow
 def test_each_adapter_answers_with_its_own_fact_through_the_endpoint(two_collections: Home):
-    from appliance.serve import Server, read_api_key
+    from appliance.serving.front import Server, read_api_key
 
     home = two_collections
     server = Server(home, load(home.config), port=free_port()).start()

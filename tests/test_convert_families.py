@@ -22,11 +22,11 @@ from typing import Any, Callable
 
 import pytest
 
-from appliance.config import Settings
-from appliance.convert import SUPPORTED_ARCHITECTURES, convert
-from appliance.errors import ExportError
-from appliance.export import export_model, gguf_metadata
-from appliance.toolchain import llama_cpp_dir
+from appliance.home.config import Settings
+from appliance.export.convert import SUPPORTED_ARCHITECTURES, convert
+from appliance.contract.errors import ExportError
+from appliance.export.run import export_model, gguf_metadata
+from appliance.runtime.toolchain import llama_cpp_dir
 
 VOCAB = llama_cpp_dir() / "models"
 TEMPLATES = VOCAB / "templates"

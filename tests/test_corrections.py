@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from appliance.corrections import write_correction
-from appliance.errors import DataError
-from appliance.ingest import ingest
-from appliance.paths import Home
+from appliance.data.corrections import write_correction
+from appliance.contract.errors import DataError
+from appliance.data.ingest import ingest
+from appliance.home.paths import Home
 
 
 def test_correction_lands_in_the_inbox_and_is_ingested(tiny_home: Home):

@@ -16,14 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance import audit, registry
-from appliance.config import Settings, dump, load
-from appliance.daemon import sd_notify
-from appliance.fsutil import read_json, sha256_file
-from appliance.ingest.store import Store
-from appliance.init import create_home, export_base
-from appliance.jobs import STAGES, Journal
-from appliance.paths import Home
+from appliance.home import audit, registry
+from appliance.home.config import Settings, dump, load
+from appliance.engine.daemon import sd_notify
+from appliance.home.fsutil import read_json, sha256_file
+from appliance.data.ingest.store import Store
+from appliance.cli.init import create_home, export_base
+from appliance.home.journal import STAGES, Journal
+from appliance.home.paths import Home
 
 from conftest import SAMPLE, free_port, tiny_settings
 
@@ -60,7 +60,7 @@ def copy_home(template: Home, dest: Path) -> Home:
 
 def start(home: Home, *extra: str, env: dict | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--home", str(home.root), *extra],
+    return subprocess.Popen([sys.executable, "-m", "appliance.cli.command", "run", "--home", str(home.root), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO)
 
 
@@ -109,10 +109,10 @@ def test_full_disk_refuses_the_stage_with_a_clear_line_and_keeps_the_job(tmp_pat
 
 
 def _native_server_missing() -> str | None:
-    from appliance.errors import ServeError
+    from appliance.contract.errors import ServeError
 
     try:
-        from appliance.llama_server import binary
+        from appliance.runtime.llama_server import binary
 
         binary()
     except (ImportError, ServeError) as exc:
@@ -134,10 +134,10 @@ def test_serving_daemon_notifies_ready_holds_the_lock_and_stops_on_sigterm(templ
         try:
             assert notify.recv(100) == b"READY=1"
             assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
-            second = subprocess.run([sys.executable, "-m", "appliance.cli", "run", "--home", str(home.root),
+            second = subprocess.run([sys.executable, "-m", "appliance.cli.command", "run", "--home", str(home.root),
                                      "--no-serve", "--once"], capture_output=True, text=True, timeout=120)
             assert second.returncode != 0 and "another appliance engine is running" in second.stderr
-            status = json.loads(subprocess.run([sys.executable, "-m", "appliance.cli", "status", "--home",
+            status = json.loads(subprocess.run([sys.executable, "-m", "appliance.cli.command", "status", "--home",
                                                 str(home.root), "--json"], capture_output=True, text=True,
                                                timeout=120).stdout)
             assert status["server"]["health"] == "ok" and status["inbox"]["watching"]
@@ -255,9 +255,9 @@ def _unread(home: Home) -> bool:
 
 
 def test_engine_commands_and_views_for_other_processes(tmp_path: Path):
-    from appliance.daemon import EventLog
-    from appliance.engine import LocalEngine
-    from appliance.events import Message, Progress
+    from appliance.engine.daemon import EventLog
+    from appliance.engine.local import LocalEngine
+    from appliance.contract.events import Message, Progress
 
     home = create_home(tmp_path / "home", "tiny", daemon_settings())
     engine = LocalEngine(home.root)
@@ -310,7 +310,7 @@ def test_sigterm_mid_training_exits_0_and_the_next_start_resumes(template: Home,
     with Journal(home.jobs_db) as journal:
         job = journal.active()
     assert job is not None and job.stage == "snapshot" and job.run_id  # train not complete; its run remembered
-    again = subprocess.run([sys.executable, "-m", "appliance.cli", "run", "--home", str(home.root), "--no-serve",
+    again = subprocess.run([sys.executable, "-m", "appliance.cli.command", "run", "--home", str(home.root), "--no-serve",
                             "--once"], capture_output=True, text=True, timeout=900, cwd=REPO)
     assert again.returncode == 0, again.stderr[-2000:]
     with Journal(home.jobs_db) as journal:

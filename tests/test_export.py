@@ -15,18 +15,21 @@ from typing import Any
 import httpx
 import pytest
 
-from appliance import __version__, llamacpp_child, parity, registry
-from appliance.cli import build_parser
-from appliance.config import ExportSection, load
-from appliance.engine import LocalEngine
-from appliance.errors import ExportError, RegistryError
-from appliance.export import F16_NAME
-from appliance.fsutil import read_json
-from appliance.hf import load_tokenizer
-from appliance.init import create_home
-from appliance.merge import merge
-from appliance.quantize import choose, ladder
-from appliance.serve import Server
+from appliance import __version__
+from appliance.runtime import llamacpp_child
+from appliance.export import parity
+from appliance.home import registry
+from appliance.cli.command import build_parser
+from appliance.home.config import ExportSection, load
+from appliance.engine.local import LocalEngine
+from appliance.contract.errors import ExportError, RegistryError
+from appliance.export.run import F16_NAME
+from appliance.home.fsutil import read_json
+from appliance.runtime.hf import load_tokenizer
+from appliance.cli.init import create_home
+from appliance.training.merge import merge
+from appliance.export.quantize import choose, ladder
+from appliance.serving.front import Server
 
 from conftest import SAMPLE, free_port, tiny_settings
 from test_convert_families import gguf_summary
@@ -53,7 +56,7 @@ def logits(model_dir: Path, adapter: Path | None = None) -> Any:
     import torch
     from peft import PeftModel
 
-    from appliance.hf import load_causal_lm
+    from appliance.runtime.hf import load_causal_lm
 
     model = load_causal_lm(model_dir, dtype=torch.float32)
     if adapter is not None:
@@ -70,7 +73,7 @@ def random_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) ->
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from appliance.hf import load_causal_lm
+    from appliance.runtime.hf import load_causal_lm
 
     torch.manual_seed(1)
     model = get_peft_model(load_causal_lm(tiny_base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",

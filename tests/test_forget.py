@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance import audit, registry
-from appliance.config import dump
-from appliance.errors import RegistryError
-from appliance.fsutil import sha256_file
-from appliance.ingest.store import Store
-from appliance.jobs import Journal
+from appliance.home import audit, registry
+from appliance.home.config import dump
+from appliance.contract.errors import RegistryError
+from appliance.home.fsutil import sha256_file
+from appliance.data.ingest.store import Store
+from appliance.home.journal import Journal
 
 from conftest import SAMPLE
 from test_daemon import REPO, daemon_settings, make_template
@@ -55,13 +55,13 @@ def files_holding(root: Path, needle: bytes) -> list[Path]:
 
 
 def run_once(home) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance.cli", "run", "--home", str(home.root), "--no-serve",
+    return subprocess.run([sys.executable, "-m", "appliance.cli.command", "run", "--home", str(home.root), "--no-serve",
                            "--once"], capture_output=True, text=True, timeout=1200, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def cli(home, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance.cli", *args, "--home", str(home.root)],
+    return subprocess.run([sys.executable, "-m", "appliance.cli.command", *args, "--home", str(home.root)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
@@ -115,7 +115,7 @@ def test_forget_removes_every_copy_and_retires_versions_trained_on_it(tmp_path: 
     assert leftovers == [], leftovers
     with Store(home.store_db) as store:
         assert store.counts()["documents"] == 1
-    from appliance.snapshot import stats
+    from appliance.data.snapshot import stats
 
     after = stats(home, job.snapshot)
     assert after["records"] == 168 and [s["sha256"] for s in after["by_source"]] != [doc_sha]
@@ -127,9 +127,9 @@ def test_forget_removes_every_copy_and_retires_versions_trained_on_it(tmp_path: 
 
 
 def test_a_document_under_legal_hold_cannot_be_forgotten(tmp_path: Path):
-    from appliance.errors import DataError
-    from appliance.forget import forget
-    from appliance.init import create_home
+    from appliance.contract.errors import DataError
+    from appliance.engine.forget import forget
+    from appliance.cli.init import create_home
 
     home = create_home(tmp_path / "h", "tiny")
     sha = "ab" * 32

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from appliance import snapshot
-from appliance.config import Settings
-from appliance.ingest import IngestReport, ingest
-from appliance.ingest.records import Record
-from appliance.ingest.store import Store
-from appliance.ingest.tokens import BaseTokenizer
-from appliance.init import create_home
-from appliance.paths import Home
+from appliance.data import snapshot
+from appliance.home.config import Settings
+from appliance.data.ingest import IngestReport, ingest
+from appliance.data.ingest.records import Record
+from appliance.data.ingest.store import Store
+from appliance.data.ingest.tokens import BaseTokenizer
+from appliance.cli.init import create_home
+from appliance.home.paths import Home
 
 
 def chat(q: str, a: str) -> dict:

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from appliance import gate, registry
-from appliance.config import load
-from appliance.engine import LocalEngine
-from appliance.export import export_run
-from appliance.fsutil import read_json, write_json_atomic
-from appliance.init import create_home
-from appliance.paths import Home
-from appliance.snapshot import cut_id
+from appliance.quality import gate
+from appliance.home import registry
+from appliance.home.config import load
+from appliance.engine.local import LocalEngine
+from appliance.export.run import export_run
+from appliance.home.fsutil import read_json, write_json_atomic
+from appliance.cli.init import create_home
+from appliance.home.paths import Home
+from appliance.data.snapshot import cut_id
 
 from conftest import SAMPLE
 from test_daemon import make_template
@@ -74,7 +75,7 @@ def test_a_damaged_candidate_is_refused_and_the_current_model_kept(damaged: dict
     home: Home = damaged["home"]
     assert damaged["parity"]  # the file is faithful; the model is bad
     before = registry.current(home)
-    proc = subprocess.run([sys.executable, "-m", "appliance.cli", "eval", damaged["run"], "--home", str(home.root),
+    proc = subprocess.run([sys.executable, "-m", "appliance.cli.command", "eval", damaged["run"], "--home", str(home.root),
                            "--json"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 3, proc.stderr[-2000:]
     report = json.loads(proc.stdout)

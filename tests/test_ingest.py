@@ -8,13 +8,13 @@ import os
 import sqlite3
 from pathlib import Path
 
-from appliance import snapshot
-from appliance.cli import main
-from appliance.fsutil import read_json
-from appliance.ingest import ingest
-from appliance.ingest.store import Store
-from appliance.init import create_home
-from appliance.paths import Home
+from appliance.data import snapshot
+from appliance.cli.command import main
+from appliance.home.fsutil import read_json
+from appliance.data.ingest import ingest
+from appliance.data.ingest.store import Store
+from appliance.cli.init import create_home
+from appliance.home.paths import Home
 
 
 def chat(q: str, a: str) -> str:

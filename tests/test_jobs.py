@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.jobs import STAGES, Journal
+from appliance.home.journal import STAGES, Journal
 
 
 @pytest.fixture()
@@ -70,7 +70,7 @@ def test_finish_states_and_all_stages(journal: Journal):
 WRITER = """
 import sys, time
 from pathlib import Path
-from appliance.jobs import Journal
+from appliance.home.journal import Journal
 j = Journal(Path(sys.argv[1]))
 n = 0
 while True:

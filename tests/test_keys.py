@@ -1,7 +1,7 @@
 """API keys with roles (issue 11): hashed storage, add/list/revoke, the role and collection
 checks of every CLI command and engine method, migration of an old home, init's admin key.
 
-Real files and the real command line (in-process ``appliance.cli.main`` for the role table,
+Real files and the real command line (in-process ``appliance.cli.command.main`` for the role table,
 a subprocess where another process matters)."""
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance import audit, cli
-from appliance.engine import LocalEngine
-from appliance.errors import AccessError
-from appliance.init import create_home
-from appliance.keys import COMMAND_ROLES, HOME_WIDE, ROLES, Key, KeyStore, KeysError, authorize, caller_key, require
-from appliance.paths import Home
+from appliance.home import audit
+from appliance.cli import command as cli
+from appliance.engine.local import LocalEngine
+from appliance.contract.errors import AccessError
+from appliance.cli.init import create_home
+from appliance.home.keys import COMMAND_ROLES, HOME_WIDE, ROLES, Key, KeyStore, KeysError, authorize, caller_key, require
+from appliance.home.paths import Home
 
 # A command line for every CLI command in COMMAND_ROLES (arguments only as far as parsing needs).
 CLI_ARGV: dict[str, list[str]] = {
@@ -157,7 +158,7 @@ def test_an_old_home_is_migrated_on_first_use(tmp_path: Path):
     root = tmp_path / "old"
     home = create_home(root, "tiny")
     home.keys.unlink()  # as a home made before keys existed
-    proc = subprocess.run([sys.executable, "-m", "appliance.cli", "keys", "whoami", "--home", str(root), "--json"],
+    proc = subprocess.run([sys.executable, "-m", "appliance.cli.command", "keys", "whoami", "--home", str(root), "--json"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "APPLIANCE_API_KEY": ""})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"name": "admin", "role": "admin", "collections": None}
@@ -188,7 +189,7 @@ def test_a_revoked_key_is_refused_on_the_next_call(home: Home):
     assert server_side.authenticate(secret).name == "bob"
     engine = LocalEngine(home.root, key=caller_key(home, secret))
     assert engine.whoami()["name"] == "bob"
-    proc = subprocess.run([sys.executable, "-m", "appliance.cli", "keys", "revoke", "bob", "--home", str(home.root)],
+    proc = subprocess.run([sys.executable, "-m", "appliance.cli.command", "keys", "revoke", "bob", "--home", str(home.root)],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "APPLIANCE_API_KEY": ""})
     assert proc.returncode == 0, proc.stderr
     assert server_side.authenticate(secret) is None
@@ -351,7 +352,7 @@ def test_authenticate_reads_the_file_only_when_it_changed(home: Home, monkeypatc
 
 
 def test_concurrent_adds_from_several_processes_all_land(home: Home):
-    script = ("import sys; from appliance.keys import KeyStore; s = KeyStore(sys.argv[1]); "
+    script = ("import sys; from appliance.home.keys import KeyStore; s = KeyStore(sys.argv[1]); "
               "[s.add(f'{sys.argv[2]}-{i}', 'chat') for i in range(5)]")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(home.root), f"p{n}"]) for n in range(4)]
     assert [p.wait(timeout=120) for p in procs] == [0] * 4
@@ -361,10 +362,10 @@ def test_concurrent_adds_from_several_processes_all_land(home: Home):
 
 
 def test_audit_entries_name_the_key_an_engine_call_acted_for(tmp_path):
-    from appliance import audit
-    from appliance.engine import LocalEngine
-    from appliance.init import create_home
-    from appliance.keys import KeyStore
+    from appliance.home import audit
+    from appliance.engine.local import LocalEngine
+    from appliance.cli.init import create_home
+    from appliance.home.keys import KeyStore
 
     home = create_home(tmp_path / "home", "tiny")
     secret = KeyStore(home).add("dr-lee", "contributor")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance import methods
-from appliance.api import open_engine
-from appliance.config import load
-from appliance.errors import ConfigError, ExportError, TrainError
-from appliance.fsutil import read_json
-from appliance.paths import Home
+from appliance.training import methods
+from appliance.contract.api import open_engine
+from appliance.home.config import load
+from appliance.contract.errors import ConfigError, ExportError, TrainError
+from appliance.home.fsutil import read_json
+from appliance.home.paths import Home
 
 from conftest import tiny_settings
 
@@ -36,7 +36,7 @@ def test_unknown_method_lists_the_choices(tmp_path: Path):
 
 
 def test_parameters_counted_from_headers(tiny_base: Path):
-    from appliance.hf import load_causal_lm
+    from appliance.runtime.hf import load_causal_lm
 
     model = load_causal_lm(tiny_base)
     assert methods.count_parameters(tiny_base) == sum(p.numel() for p in model.parameters())
@@ -82,7 +82,7 @@ def test_method_trains_merges_converts_and_passes_parity(method: str, tiny_home:
 
 
 def test_only_plain_lora_becomes_a_gguf_adapter(tmp_path: Path):
-    from appliance.convert import convert_lora
+    from appliance.export.convert import convert_lora
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -92,7 +92,7 @@ def test_only_plain_lora_becomes_a_gguf_adapter(tmp_path: Path):
 
 
 def test_engine_sets_the_method_with_the_config_checks(tiny_home: Home):
-    from appliance import audit
+    from appliance.home import audit
 
     engine = open_engine(tiny_home.root)
     assert engine.set_method("ia3") == "ia3" and load(tiny_home.config).train.method == "ia3"

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from appliance.metrics import answer_metrics, bleu, exact_match, normalize, perplexity, rouge_l, token_f1
+from appliance.quality.metrics import answer_metrics, bleu, exact_match, normalize, perplexity, rouge_l, token_f1
 
 
 def test_normalisation_and_exact_match():

@@ -49,7 +49,7 @@ def test_pipeline_without_network(tmp_path: Path, tiny_base: Path):
     attempts = tmp_path / "attempts.log"
     home = tmp_path / "home"
     env = {**os.environ, "PYTHONPATH": str(hook_dir), "NET_ATTEMPTS_LOG": str(attempts)}
-    cli = f"{sys.executable} -m appliance.cli"
+    cli = f"{sys.executable} -m appliance.cli.command"
     script = f"""
         set -e
         ip link set lo up

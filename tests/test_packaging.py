@@ -307,7 +307,7 @@ def test_bundle_installs_and_runs_offline(tmp_path: Path, tiny_base: Path):
         {app} ingest --home {data} --json
         RUN=$({app} train --home {data} --max-steps 2 --json | {opt}/bin/python -c 'import json,sys; print(json.load(sys.stdin)["run"])')
         {app} export --home {data} "$RUN" --json > {tmp_path}/export.json
-        {opt}/bin/python -c 'from appliance.basemodel import embedded_gguf; print(embedded_gguf())'
+        {opt}/bin/python -c 'from appliance.training.basemodel import embedded_gguf; print(embedded_gguf())'
     """, env, timeout=1200)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "appliance 0.1.0" in run.stdout

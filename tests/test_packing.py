@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.hf import load_causal_lm, load_tokenizer
-from appliance.ingest.chat_jsonl import parse
-from appliance.render import render
-from appliance.train import collate, pack, plan_steps, step_loss
+from appliance.runtime.hf import load_causal_lm, load_tokenizer
+from appliance.data.ingest.chat_jsonl import parse
+from appliance.training.render import render
+from appliance.training.train import collate, pack, plan_steps, step_loss
 
 from conftest import SAMPLE
 

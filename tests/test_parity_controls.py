@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance import parity
-from appliance.config import Settings
-from appliance.convert import convert, run_converter
-from appliance.export import export_model, gguf_metadata
-from appliance.hf import load_tokenizer
-from appliance.toolchain import llama_cpp_dir
+from appliance.export import parity
+from appliance.home.config import Settings
+from appliance.export.convert import convert, run_converter
+from appliance.export.run import export_model, gguf_metadata
+from appliance.runtime.hf import load_tokenizer
+from appliance.runtime.toolchain import llama_cpp_dir
 
 from test_convert_families import build_family, gguf_summary, vocab_tokenizers  # noqa: F401 (fixture)
 

@@ -9,12 +9,12 @@ import httpx
 import openai
 import pytest
 
-from appliance import registry
-from appliance.config import load
-from appliance.engine import LocalEngine
-from appliance.fsutil import read_json
-from appliance.init import create_home, export_base
-from appliance.serve import Server, read_api_key
+from appliance.home import registry
+from appliance.home.config import load
+from appliance.engine.local import LocalEngine
+from appliance.home.fsutil import read_json
+from appliance.cli.init import create_home, export_base
+from appliance.serving.front import Server, read_api_key
 
 from conftest import SAMPLE, free_port, tiny_settings
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import registry
-from appliance.errors import RegistryError
-from appliance.init import create_home
+from appliance.home import registry
+from appliance.contract.errors import RegistryError
+from appliance.cli.init import create_home
 
 
 def fake_gguf(tmp_path: Path, name: str) -> Path:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.hf import load_tokenizer
-from appliance.ingest.records import Record
-from appliance.render import IGNORE, RenderError, render
+from appliance.runtime.hf import load_tokenizer
+from appliance.data.ingest.records import Record
+from appliance.training.render import IGNORE, RenderError, render
 
 CONVERSATION = [
     {"role": "system", "content": "You are the clinic's assistant."},
@@ -62,7 +62,7 @@ def test_mask_with_other_families_templates(vocab: str, template: str, eot: str)
     <|endoftext|> after the last <|end|>: neither extra may be trained on."""
     from transformers import AutoTokenizer
 
-    from appliance.toolchain import llama_cpp_dir
+    from appliance.runtime.toolchain import llama_cpp_dir
 
     models = llama_cpp_dir() / "models"
     tokenizer = AutoTokenizer.from_pretrained(models, gguf_file=vocab, local_files_only=True)

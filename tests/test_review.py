@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from appliance import audit, registry
-from appliance.config import dump, load
-from appliance.engine import LocalEngine
-from appliance.errors import ApplianceError
-from appliance.fsutil import read_json, write_json_atomic
-from appliance.jobs import Journal
-from appliance.paths import Home
-from appliance.pipeline import Context, run_job
-from appliance.snapshot import cut_id
+from appliance.home import audit, registry
+from appliance.home.config import dump, load
+from appliance.engine.local import LocalEngine
+from appliance.contract.errors import ApplianceError
+from appliance.home.fsutil import read_json, write_json_atomic
+from appliance.home.journal import Journal
+from appliance.home.paths import Home
+from appliance.engine.pipeline import Context, run_job
+from appliance.data.snapshot import cut_id
 
 from conftest import SAMPLE
 from test_daemon import copy_home, daemon_settings, make_template
@@ -114,7 +114,7 @@ def test_a_gated_candidate_waits_registered_but_not_current(waiting: dict, home:
 @pytest.mark.slow
 def test_the_daemon_parks_each_candidate_and_goes_on(home: Home):
     first, second = job_at_gate(home, "run-two"), job_at_gate(home, "run-three")
-    proc = subprocess.run([sys.executable, "-m", "appliance.cli", "run", "--home", str(home.root), "--no-serve",
+    proc = subprocess.run([sys.executable, "-m", "appliance.cli.command", "run", "--home", str(home.root), "--no-serve",
                            "--once"], capture_output=True, text=True, timeout=600, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -184,7 +184,7 @@ def test_cli_review_list_and_reject(home: Home):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "appliance.cli", "review", *args, "--home", str(home.root)],
+        return subprocess.run([sys.executable, "-m", "appliance.cli.command", "review", *args, "--home", str(home.root)],
                               capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
 
     listed = cli("list", "--json")

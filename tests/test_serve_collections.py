@@ -20,15 +20,16 @@ import httpx
 import openai
 import pytest
 
-from appliance import audit, llamacpp_child, registry
-from appliance.config import load
-from appliance.convert import convert, convert_lora
-from appliance.fsutil import sha256_file
-from appliance.hf import load_tokenizer
-from appliance.init import create_home
-from appliance.keys import KeyStore
-from appliance.paths import Home
-from appliance.serve import Server, read_api_key
+from appliance.home import audit, registry
+from appliance.runtime import llamacpp_child
+from appliance.home.config import load
+from appliance.export.convert import convert, convert_lora
+from appliance.home.fsutil import sha256_file
+from appliance.runtime.hf import load_tokenizer
+from appliance.cli.init import create_home
+from appliance.home.keys import KeyStore
+from appliance.home.paths import Home
+from appliance.serving.front import Server, read_api_key
 
 from conftest import free_port, tiny_settings
 
@@ -44,7 +45,7 @@ def random_lora(base: Path, seed: int, out: Path) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from appliance.hf import load_causal_lm
+    from appliance.runtime.hf import load_causal_lm
 
     torch.manual_seed(seed)
     model = get_peft_model(load_causal_lm(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance import snapshot
-from appliance.errors import DataError
-from appliance.fsutil import read_json, write_json_atomic
-from appliance.ingest import ingest
-from appliance.ingest.store import Store
-from appliance.init import create_home
-from appliance.paths import Home
+from appliance.data import snapshot
+from appliance.contract.errors import DataError
+from appliance.home.fsutil import read_json, write_json_atomic
+from appliance.data.ingest import ingest
+from appliance.data.ingest.store import Store
+from appliance.cli.init import create_home
+from appliance.home.paths import Home
 
 
 def chat(q: str, a: str = "a") -> str:

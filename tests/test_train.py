@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import dump, load
-from appliance.engine import LocalEngine
-from appliance.errors import TrainError
-from appliance.fsutil import read_json
-from appliance.paths import Home
-from appliance.train import FAULT_OOM_ENV
+from appliance.home.config import dump, load
+from appliance.engine.local import LocalEngine
+from appliance.contract.errors import TrainError
+from appliance.home.fsutil import read_json
+from appliance.home.paths import Home
+from appliance.training.train import FAULT_OOM_ENV
 
 
 def configure(home: Home, **train: object) -> None:
@@ -28,7 +28,7 @@ def configure(home: Home, **train: object) -> None:
 
 
 def cli_train(home: Home, run: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "appliance.cli", "train", "--home", str(home.root), "--run", run,
+    return subprocess.Popen([sys.executable, "-m", "appliance.cli.command", "train", "--home", str(home.root), "--run", run,
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
 
@@ -128,7 +128,7 @@ def test_dora_and_general_mix(tiny_home: Home):
 
 
 def test_progress_events_carry_the_numbers_people_watch(tiny_home: Home):
-    from appliance.events import Progress
+    from appliance.contract.events import Progress
 
     configure(tiny_home, max_steps=3, eval_every=3)
     engine = LocalEngine(tiny_home.root)
@@ -147,11 +147,11 @@ def test_validation_does_not_break_later_gradients(tiny_base: Path):
     (bitsandbytes' CPU repacking of 4-bit weights in eval mode drops their backward)."""
     import torch
 
-    from appliance.config import Settings
-    from appliance.hf import load_tokenizer
-    from appliance.ingest.chat_jsonl import parse
-    from appliance.render import render
-    from appliance.train import evaluate, load_trainable, pack, step_loss
+    from appliance.home.config import Settings
+    from appliance.runtime.hf import load_tokenizer
+    from appliance.data.ingest.chat_jsonl import parse
+    from appliance.training.render import render
+    from appliance.training.train import evaluate, load_trainable, pack, step_loss
 
     from conftest import SAMPLE
 
@@ -180,8 +180,8 @@ def test_validation_does_not_break_later_gradients(tiny_base: Path):
 def test_stop_between_passes_checkpoints_the_last_complete_step(tiny_home: Home):
     """A daemon asked to stop mid-step drops the partial step, checkpoints the last
     complete one and resumes from it (no finished step is lost)."""
-    from appliance import snapshot
-    from appliance.train import TrainInterrupted, train
+    from appliance.data import snapshot
+    from appliance.training.train import TrainInterrupted, train
 
     configure(tiny_home, max_steps=4, checkpoint_every=100, micro_tokens=128, tokens_per_step=512)
     LocalEngine(tiny_home.root).ingest()

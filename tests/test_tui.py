@@ -1,6 +1,6 @@
 """The terminal app driven by Textual's Pilot against a scripted engine.
 
-The scripted engine is a plain class implementing ``appliance.api.Engine`` with canned
+The scripted engine is a plain class implementing ``appliance.contract.api.Engine`` with canned
 state the test changes and a record of the calls made: it stands for the engine (the
 real one is driven in test_tui_real.py). Chat streams over real HTTP from a small
 Starlette server speaking the endpoint's SSE format on a loopback port.
@@ -23,9 +23,9 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from textual.widgets import DataTable, Static
 
-from appliance.api import ModelVersion, Status
-from appliance.errors import RegistryError
-from appliance.events import Emit, Message, Progress, StageFinished, StageStarted, ignore
+from appliance.contract.api import ModelVersion, Status
+from appliance.contract.errors import RegistryError
+from appliance.contract.events import Emit, Message, Progress, StageFinished, StageStarted, ignore
 from conftest import free_port
 from tui.app import DARK, LIGHT, make_app
 from tui.client import Client

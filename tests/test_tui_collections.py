@@ -302,7 +302,7 @@ async def test_chat_for_a_key_seeing_everything_lists_collections_then_versions(
 def test_client_collections_fall_back_to_the_shared_one_and_keys_say_not_available(tmp_path):
     from test_tui import BasicEngine
 
-    from appliance.errors import ApplianceError
+    from appliance.contract.errors import ApplianceError
 
     client = Client(BasicEngine(tmp_path))
     assert client.collections() == [{"name": "", "display": "shared", "model_id": "appliance", "current": "v1",
@@ -334,7 +334,7 @@ def test_the_callers_own_key_comes_before_the_homes(engine, monkeypatch):
 def real_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import shutil
 
-    from appliance.init import create_home
+    from appliance.cli.init import create_home
     from conftest import SAMPLE, free_port, tiny_settings
 
     monkeypatch.delenv("APPLIANCE_API_KEY", raising=False)   # the window acts with the home's admin key
@@ -347,8 +347,8 @@ def real_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 async def test_real_engine_collections_and_keys(real_home):
-    from appliance.api import open_engine
-    from appliance.keys import KeyStore
+    from appliance.contract.api import open_engine
+    from appliance.home.keys import KeyStore
 
     app = make_app(open_engine(real_home.root), poll_seconds=0.5)
     async with app.run_test(size=SIZE) as pilot:
@@ -390,8 +390,8 @@ async def test_real_engine_collections_and_keys(real_home):
 
 
 async def test_real_engine_with_a_collection_key(real_home):
-    from appliance.api import open_engine
-    from appliance.keys import KeyStore
+    from appliance.contract.api import open_engine
+    from appliance.home.keys import KeyStore
 
     store = KeyStore(real_home)
     key = store.authenticate(store.add("lee", "chat", ["cardiology"]))

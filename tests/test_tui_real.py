@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from textual.widgets import DataTable, Static
 
-from appliance import registry
-from appliance.api import open_engine
-from appliance.init import create_home
-from appliance.paths import Home
+from appliance.home import registry
+from appliance.contract.api import open_engine
+from appliance.cli.init import create_home
+from appliance.home.paths import Home
 from conftest import REPO, SAMPLE, free_port, tiny_settings
 from tui.app import make_app
 from tui.widgets import ConfirmScreen
@@ -164,8 +164,8 @@ def test_the_real_command_starts_and_quits_in_tmux(home: Home):
 
 
 def _llama_server_missing() -> str | None:
-    from appliance.errors import ApplianceError
-    from appliance.llama_server import binary
+    from appliance.contract.errors import ApplianceError
+    from appliance.runtime.llama_server import binary
 
     try:
         binary()
@@ -179,9 +179,9 @@ async def test_chat_streams_from_the_real_endpoint(tmp_path: Path):
     """The embedded SmolLM2 GGUF as version 'base', served by the appliance's own endpoint."""
     if reason := _llama_server_missing():
         pytest.skip(reason)
-    from appliance.basemodel import embedded_gguf
-    from appliance.config import load
-    from appliance.serve import Server
+    from appliance.training.basemodel import embedded_gguf
+    from appliance.home.config import load
+    from appliance.serving.front import Server
 
     settings = tiny_settings()
     settings.serve.port = free_port()
@@ -214,7 +214,7 @@ async def test_chat_streams_from_the_real_endpoint(tmp_path: Path):
 def _engine_with(home: Home, method: str):
     engine = open_engine(home.root)
     if not callable(getattr(engine, method, None)):
-        pytest.skip(f"the engine has no {method}() yet (issue 10, being added to appliance.api)")
+        pytest.skip(f"the engine has no {method}() yet (issue 10, being added to appliance.contract.api)")
     return engine
 
 

@@ -1,6 +1,6 @@
 """The Review screen driven by Pilot against a scripted engine (test_tui.py's, plus the review calls).
 
-The scripted engine keeps a review the way the real one does (appliance/review.py,
+The scripted engine keeps a review the way the real one does (appliance/engine/review.py,
 driven for real in test_review.py): answers in a stored A/B order, versions given
 only with a vote's result, one vote per reviewer.
 """
@@ -14,7 +14,7 @@ import pytest
 from textual.containers import VerticalScroll
 from textual.widgets import Input, Static
 
-from appliance.errors import ApplianceError
+from appliance.contract.errors import ApplianceError
 from tui.app import make_app
 from tui.widgets import ConfirmScreen
 

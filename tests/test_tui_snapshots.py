@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.events import Progress, StageFinished, StageStarted
+from appliance.contract.events import Progress, StageFinished, StageStarted
 from test_tui import ScriptedEngine, make_app
 
 NOW = 1_764_000_000.0  # a fixed moment: the screens show durations, never the wall clock

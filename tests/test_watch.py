@@ -20,10 +20,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.ingest import ingest_paths
-from appliance.ingest.store import Store
-from appliance.init import create_home
-from appliance.watch import StabilityTracker, is_temporary, list_inbox
+from appliance.data.ingest import ingest_paths
+from appliance.data.ingest.store import Store
+from appliance.cli.init import create_home
+from appliance.data.watch import StabilityTracker, is_temporary, list_inbox
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = 2.0
@@ -177,11 +177,11 @@ def test_paths_outside_the_inbox_are_ignored(tmp_path: Path):
 
 
 def test_watch_imports_no_ml_or_ui_code():
-    code = "import sys, appliance.watch; print('\\n'.join(sys.modules))"
+    code = "import sys, appliance.data.watch; print('\\n'.join(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     loaded = set(out.stdout.split())
-    for heavy in ("torch", "transformers", "textual", "tui", "pypdf", "docx", "appliance.ingest"):
-        assert heavy not in loaded, f"import appliance.watch loaded {heavy}"
+    for heavy in ("torch", "transformers", "textual", "tui", "pypdf", "docx", "appliance.data.ingest"):
+        assert heavy not in loaded, f"import appliance.data.watch loaded {heavy}"
 
 
 # --- the property: exactly one record set per stable file content --------------------------

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import WatchSection
-from appliance.collections import names
-from appliance.ingest import Ingestors, IngestReport
-from appliance.ingest.store import Store
-from appliance.init import create_home
-from appliance.paths import Home
-from appliance.watch import InboxWatcher
+from appliance.home.config import WatchSection
+from appliance.home.catalog import names
+from appliance.data.ingest import Ingestors, IngestReport
+from appliance.data.ingest.store import Store
+from appliance.cli.init import create_home
+from appliance.home.paths import Home
+from appliance.data.watch import InboxWatcher
 
 FAST = WatchSection(quiet_seconds=0.3, open_grace_seconds=5.0, rescan_seconds=60.0, poll_seconds=0.1)
 

@@ -1,4 +1,4 @@
-"""The TUI's one door to the engine: a thin adapter over ``appliance.api.Engine``.
+"""The TUI's one door to the engine: a thin adapter over ``appliance.contract.api.Engine``.
 
 Everything here runs off the UI thread (in Textual thread workers) and returns plain
 data. Newer engine capabilities (issue 7: richer status, an event stream, retrain,
@@ -32,9 +32,9 @@ from typing import Any
 
 import httpx
 
-from appliance.api import Engine, ModelVersion, Status
-from appliance.errors import ApplianceError
-from appliance.events import Event, Message, Progress, StageFinished, StageStarted
+from appliance.contract.api import Engine, ModelVersion, Status
+from appliance.contract.errors import ApplianceError
+from appliance.contract.events import Event, Message, Progress, StageFinished, StageStarted
 
 # The pipeline as people see it, in order (architecture.md, "Data flow").
 STAGES = ("watch", "ingest", "snapshot", "train", "export", "gate", "serve")
@@ -45,7 +45,7 @@ STAGE_OF = {"watch": "watch", "ingest": "ingest", "snapshot": "snapshot", "train
             "gate": "gate", "eval": "gate", "promote": "serve", "serve": "serve", "registry": "serve"}
 
 NOT_AVAILABLE = "not available yet"
-ROLES = ("chat", "contributor", "approver", "admin")   # each includes the ones before (appliance/keys.py)
+ROLES = ("chat", "contributor", "approver", "admin")   # each includes the ones before (appliance/home/keys.py)
 KEY_ENV = "APPLIANCE_API_KEY"                          # the caller's own key, before the home's admin key
 STALE_SECONDS = 120.0  # a stage silent this long, with no job in the journal, is not shown as running
 EVENT_TYPES = {cls.__name__: cls for cls in (StageStarted, Progress, Message, StageFinished)}
@@ -187,7 +187,7 @@ def eta_words(seconds: float | None) -> str:
 
 
 def display(collection: str) -> str:
-    """'shared' for the top level of the inbox, else the collection's own name (appliance/collections.py)."""
+    """'shared' for the top level of the inbox, else the collection's own name (appliance/home/catalog.py)."""
     return collection or "shared"
 
 

@@ -8,11 +8,11 @@ from typing import Any
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
-from appliance.events import Progress
+from appliance.contract.events import Progress
 
-from ..client import NOT_AVAILABLE, Board, message_event_text
-from ..widgets import NavBar
-from .base import BoardScreen
+from client import NOT_AVAILABLE, Board, message_event_text
+from widgets import NavBar
+from x.base import BoardScreen
 
 Row = tuple[str, str, str, str]
 

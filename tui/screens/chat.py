@@ -13,11 +13,11 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Footer, Header, Input, Label, Select, Static, Switch, TextArea
 from textual.worker import get_current_worker
 
-from appliance.errors import ApplianceError
+from appliance.contract.errors import ApplianceError
 
-from ..client import NOT_AVAILABLE, Board
-from ..widgets import FormScreen, NavBar, form_end
-from .base import BoardScreen
+from client import NOT_AVAILABLE, Board
+from widgets import FormScreen, NavBar, form_end
+from x.base import BoardScreen
 
 CURRENT = "appliance"
 SAVED = "Saved your correction; the next training run will learn from it."

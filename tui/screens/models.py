@@ -13,12 +13,12 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, OptionList, Static
 from textual.widgets.option_list import Option
 
-from appliance.api import ModelVersion
+from appliance.contract.api import ModelVersion
 
-from ..client import NOT_AVAILABLE, Board, model_id, training_method
-from ..widgets import CollectionBar, ConfirmScreen, MarkdownScreen, NavBar
-from .base import CollectionScreen
-from .dashboard import gate_summary
+from client import NOT_AVAILABLE, Board, model_id, training_method
+from widgets import CollectionBar, ConfirmScreen, MarkdownScreen, NavBar
+from x.base import CollectionScreen
+from x.dashboard import gate_summary
 
 
 def difference(version: ModelVersion, previous: ModelVersion | None, mine: dict[str, Any],
@@ -288,7 +288,7 @@ class LineageScreen(MarkdownScreen):
         super().__init__(text, markdown_id="lineage")
 
 
-# What each method means, for the person choosing (appliance/methods.py has the rules).
+# What each method means, for the person choosing (appliance/training/methods.py has the rules).
 METHODS = [
     ("auto", "Let the appliance choose by data size and free memory (it says which and why)"),
     ("qlora", "LoRA on a 4-bit copy of the base: least memory (the default)"),

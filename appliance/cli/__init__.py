@@ -1,0 +1,5 @@
+"""The ``appliance`` command: argument parsing, console output, ``init`` and ``demo``."""
+
+from appliance.cli.command import main
+
+__all__ = ["main"]

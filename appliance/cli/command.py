@@ -1,0 +1,562 @@
+"""The ``appliance`` command (architecture.md, "The command line": a contract).
+
+Every command takes --home; reporting commands take --json and then print one JSON
+object on stdout. Errors are one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from appliance import __version__
+from appliance.contract.errors import ApplianceError
+from appliance.home.paths import resolve_home
+
+NOT_YET: dict[str, str] = {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # everything the appliance writes is private to its user (R12)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's concern
+    warnings.filterwarnings("ignore", category=UserWarning, module="(torch|transformers|peft|bitsandbytes)")
+    # bitsandbytes warns that its optional hub-fetched CPU kernel package ('kernels') is
+    # absent. It is deliberately never installed: it would download code from a hub.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        authorize_command(args)
+        return args.func(args) or 0
+    except ApplianceError as exc:
+        print(f"appliance: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("appliance: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description="A private fine-tuning appliance. Offline.")
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int | None], help: str,
+                json_flag: bool = False, within: Any = None, group: str = "") -> argparse.ArgumentParser:
+        p = (within or sub).add_parser(name, help=help, description=help)
+        p.add_argument("--home", help="the appliance home (default: $APPLIANCE_HOME or the user's data folder)")
+        p.add_argument("--key-file", metavar="PATH",
+                       help="a file holding your API key (default: $APPLIANCE_API_KEY, else the home's api_key file)")
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.set_defaults(func=func, role_command=f"{group} {name}" if group else name)
+        return p
+
+    p = command("init", cmd_init, "create a home and config; import a base model (HF folder or .gguf)")
+    p.add_argument("--base", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), a .gguf file or an HF folder")
+    command("ingest", cmd_ingest, "scan the inbox once; report accepted / duplicate / quarantined", json_flag=True)
+    p = command("train", cmd_train, "train an adapter on a snapshot of the data", json_flag=True)
+    p.add_argument("--snapshot", help="snapshot id (default: cut one from the current data)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--run", help="run id: resume this run from its last checkpoint (default: a new run)")
+    _collection_flag(p)
+    p = command("export", cmd_export, "merge + convert + quantize + parity check; register a new version", json_flag=True)
+    p.add_argument("run", help="run id printed by 'appliance train'")
+    p.add_argument("--quant", choices=["auto", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"],
+                   help="auto (default from config): the smallest type that keeps quality against f16")
+    p.add_argument("--adapter", action="store_true",
+                   help="also write the adapter as a GGUF LoRA (runs/RUN/gguf/adapter-f16.gguf), checked against "
+                        "the merged model")
+    _collection_flag(p)
+    _collection_flag(command("models", cmd_models, "list model versions", json_flag=True))
+    p = command("promote", cmd_promote, "make a version the one the endpoint serves as 'appliance' "
+                "(or as 'appliance/COLLECTION')")
+    p.add_argument("version")
+    _collection_flag(p)
+    _collection_flag(command("rollback", cmd_rollback, "serve the previously promoted version again"))
+    p = command("serve", cmd_serve, "serve the current version in the foreground")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    _collection_flag(command("status", cmd_status, "current model, data and endpoint", json_flag=True))
+    command("collections", cmd_collections, "collections (inbox sub-folders): model id, current version, how it "
+            "is served, data", json_flag=True)
+    p = command("demo", cmd_demo, "the whole loop on the embedded default model and the bundled sample data",
+                json_flag=True)
+    p.add_argument("--port", type=int, help="endpoint port (default 8088)")
+    p.add_argument("--no-wait", action="store_true", help="stop the endpoint and exit after the comparison")
+    p = command("eval", cmd_eval, "the promotion gate: a run's candidate against the current model", json_flag=True)
+    p.add_argument("run", help="run id")
+    _collection_flag(p)
+    p = command("run", cmd_run, "the daemon: watch the inbox, retrain, gate, promote and serve")
+    p.add_argument("--no-serve", action="store_true", help="do not start the endpoint in this process")
+    p.add_argument("--once", action="store_true", help="ingest the inbox, run every queued job, then exit")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p = command("forget", cmd_forget, "remove a document everywhere and retrain without it", json_flag=True)
+    p.add_argument("document", help="an inbox path, a file, or a document sha256")
+    p = command("audit", cmd_audit, "the audit chain: 'verify' checks it, 'show' prints it", json_flag=True)
+    p.add_argument("action", choices=["verify", "show"])
+    p = command("retrain", cmd_retrain, "queue a training run on the current data (the daemon runs it)",
+                json_flag=True)
+    _collection_flag(p)
+    p = command("jobs", cmd_jobs, "the job journal: recent jobs and their stages", json_flag=True)
+    _collection_flag(command("advise", cmd_advise, "the data advisor: warnings about the data and the latest "
+                                                   "run, in plain words", json_flag=True))
+    p = command("review", cmd_review, "human review before promotion: list waiting candidates, approve or reject "
+                "one (as this OS user; audited)", json_flag=True)
+    p.add_argument("action", nargs="?", default="list", choices=["list", "approve", "reject"])
+    p.add_argument("run", nargs="?", help="the candidate's run id (approve, reject)")
+    p.add_argument("--comment", default="", help="why (recorded in the audit log)")
+    p.add_argument("--prefer", action="append", default=[], metavar="ITEM=a|b",
+                   help="the answer preferred on an item, e.g. --prefer 0=a (repeatable)")
+    keys = sub.add_parser("keys", help="API keys with roles: add, list, revoke, whoami",
+                          description="API keys with roles (chat < contributor < approver < admin), optionally "
+                                      "limited to collections; stored hashed")
+    keys.set_defaults(func=lambda _: keys.print_help() or 2, role_command=None)
+    actions = keys.add_subparsers(metavar="ACTION")
+    p = command("add", cmd_keys_add, "create a key and print its secret (once: it is stored only hashed)",
+                json_flag=True, within=actions, group="keys")
+    p.add_argument("name", help="who holds it: letters, digits, '.', '_', '@', '-' (never reused)")
+    p.add_argument("--role", required=True, choices=["chat", "contributor", "approver", "admin"])
+    p.add_argument("--collections", metavar="A,B", help="only these collections ('shared' = the top level of "
+                   "the inbox); default: every collection")
+    command("list", cmd_keys_list, "every key: name, role, collections, created, revoked (never secrets)",
+            json_flag=True, within=actions, group="keys")
+    p = command("revoke", cmd_keys_revoke, "revoke a key: refused from the next command or request on",
+                within=actions, group="keys")
+    p.add_argument("name")
+    command("whoami", cmd_keys_whoami, "the key this command runs with: name, role, collections", json_flag=True,
+            within=actions, group="keys")
+    p = command("tui", cmd_tui, "the terminal app: dashboard, models, data, chat, activity")
+    p.add_argument("--light", action="store_true", help="start in the light theme (ctrl+t switches)")
+    for name, what in NOT_YET.items():
+        p = command(name, cmd_not_yet, f"({what}: not in this version yet)")
+        p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+        p.set_defaults(command_name=name)
+    return parser
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _collection_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--collection", metavar="NAME", help="the collection (an inbox sub-folder, e.g. cardiology or "
+                   "legal/matter-17); default: shared, the top of the inbox")
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return resolve_home(args.home)
+
+
+def authorize_command(args: argparse.Namespace) -> None:
+    """The one role check before any command runs (appliance/home/keys.py COMMAND_ROLES); the caller
+    is --key-file, else $APPLIANCE_API_KEY, else the home's api_key file. A home that does not
+    exist yet has no keys: ``init`` and ``demo`` create it, every other command then says so."""
+    from appliance.home.catalog import parse
+    from appliance.home.keys import HOME_WIDE, authorize, caller_key, read_secret
+    from appliance.home.paths import Home
+
+    name = args.role_command if "role_command" in args else None
+    if name in ("review", "audit"):
+        name = f"{name} {args.action}"
+    if name is None:
+        return
+    home = Home(_demo_home(args) if name == "demo" else _home(args))
+    if not home.is_initialised():
+        return
+    secret = read_secret(Path(args.key_file)) if getattr(args, "key_file", None) else None
+    args.caller = caller_key(home, secret)
+    collection = None if name in HOME_WIDE else parse(getattr(args, "collection", None) or "")
+    authorize(name, args.caller, collection)
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from appliance.contract.api import open_engine
+
+    from appliance.home.catalog import parse
+
+    return open_engine(_home(args), key=getattr(args, "caller", None),
+                       collection=parse(getattr(args, "collection", None) or ""))
+
+
+def _emit(args: argparse.Namespace):
+    from appliance.cli.console import ProgressDisplay
+
+    return ProgressDisplay(enabled=not getattr(args, "json", False))
+
+
+def _print_json(obj: Any) -> None:
+    from appliance.engine.local import as_dict
+
+    print(json.dumps(as_dict(obj), sort_keys=True, default=str))
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from appliance.cli.init import init
+
+    home = _home(args)
+    with _emit(args) as show:
+        init(home, args.base, show)
+    print(f"appliance home ready: {home}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    with _emit(args) as show:
+        report = engine.ingest(show)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"accepted {report['accepted']} records from {report['files']} file(s); "
+              f"{report['duplicates']} duplicate(s); {report['unchanged']} unchanged; {report['ignored']} ignored")
+        if report["skipped"]:
+            print(f"skipped {report['skipped']} invalid line(s) in kept files, e.g. {report['skipped_lines'][0]}")
+        for name in report["superseded"]:
+            print(f"superseded the earlier version of {name}")
+        for q in report["quarantined"]:
+            print(f"quarantined {q['file']}: {'; '.join(q['reasons'][:3])}")
+        for note in report["waiting"] + report["failed"]:
+            print(f"left in the inbox {note['file']}: {note['reason']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    with _emit(args) as show:
+        run = engine.train(snapshot=args.snapshot, max_steps=args.max_steps, emit=show, run_id=args.run)
+    if args.json:
+        _print_json({"run": run})
+    else:
+        print(f"trained run {run}; next: appliance export {run}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    with _emit(args) as show:
+        version = engine.export(args.run, args.quant, show, adapter=args.adapter)
+    if args.json:
+        _print_json(version)
+    else:
+        print(f"registered version {version.version} ({version.quant}, {version.size / 1e6:.0f} MB); "
+              f"next: appliance promote {version.version}")
+        if args.adapter:
+            print(f"adapter: runs/{args.run}/gguf/adapter-f16.gguf (apply it to the base's f16 GGUF)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    versions = _engine(args).models()
+    if args.json:
+        _print_json({"versions": versions})
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("version", "current", "quant", "size", "val loss", "docs", "run", "snapshot")
+    for v in versions:
+        loss = v.metrics.get("gate_val_loss") or v.metrics.get("best_val_loss")
+        table.add_row(v.version, "*" if v.current else "", v.quant, f"{v.size / 1e6:.0f} MB",
+                      f"{loss:.3f}" if loss is not None else "-", str(v.metrics.get("documents") or "-"),
+                      v.run or "-", v.snapshot or "-")
+    Console().print(table)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    _engine(args).promote(args.version)
+    print(f"now serving {args.version} as 'appliance'")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    version = _engine(args).rollback()
+    print(f"rolled back; now serving {version} as 'appliance'")
+    return 0
+
+
+def cmd_collections(args: argparse.Namespace) -> int:
+    found = _engine(args).collections()
+    if args.json:
+        _print_json({"collections": found})
+        return 0
+    for c in found:
+        served = f"{c['current']} ({c['mode']})" if c["current"] else f"no model yet (will be served {c['mode']})"
+        print(f"{c['display']:<24} {c['model_id']:<32} {served}; {c['documents']} document(s), "
+              f"{c['records']} record(s), {c['inbox_files']} file(s) in its inbox folder")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _engine(args).status()
+    if args.json:
+        _print_json(status)
+    else:
+        print(f"home {status.home}\ncurrent model {status.current or '-'} ({status.versions} version(s))\n"
+              f"data {status.documents} document(s), {status.records} record(s); {status.inbox_files} file(s) in the inbox\n"
+              f"endpoint {status.endpoint} ({status.server.get('health', '-')})")
+        if status.job:
+            progress = status.job.get("progress") or {}
+            done = f" {progress.get('completed')}/{progress.get('total')}" if progress.get("total") else ""
+            print(f"job {status.job['id']} ({status.job['kind']}): {status.job['stage']}{done}")
+        if status.queue:
+            print(f"queued {', '.join(str(j['id']) for j in status.queue)}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.home.config import load
+    from appliance.home.paths import Home
+    from appliance.serving.front import Server
+
+    home = Home(_home(args))
+    _engine(args)  # checks the home
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    server = Server(home, load(home.config), args.host, args.port)
+    print(f"serving {home.root} on {server.url}/v1 (Ctrl-C to stop)", file=sys.stderr)
+    server.serve_forever()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from appliance.cli.demo import run_demo
+
+    home = _demo_home(args)
+    summary = run_demo(home, port=args.port, wait=not args.no_wait, quiet=args.json)
+    if args.json:
+        _print_json(summary)
+    return 0
+
+
+def _demo_home(args: argparse.Namespace) -> Path:
+    return Path(args.home).absolute() if args.home else Path.cwd() / "demo-home"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    with _emit(args) as show:
+        report = engine.evaluate(args.run, emit=show)
+    if args.json:
+        _print_json(report)
+    else:
+        for check in report["checks"]:
+            mark = {True: "pass", False: "FAIL", None: "n/a "}[check["passed"]]
+            print(f"{mark}  {check['name']}: {check['detail']}")
+        print(report["verdict"])
+    return 0 if report["passed"] else 3
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from appliance.engine.daemon import Daemon
+
+    home = _home(args)
+    _engine(args)  # checks the home
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    daemon = Daemon(home, serve=not args.no_serve, once=args.once, host=args.host, port=args.port,
+                    emit=_log_event)
+    return daemon.run()
+
+
+def _log_event(event: Any) -> None:
+    from appliance.contract.events import Message, StageFinished, StageStarted
+
+    if isinstance(event, (Message, StageStarted, StageFinished)):
+        text = getattr(event, "text", "") or getattr(event, "description", "") or getattr(event, "summary", "")
+        if text:
+            print(f"{event.stage}: {text}", file=sys.stderr, flush=True)
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    report = _engine(args).forget(args.document)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"forgot document {report['document'][:16]}: {report['records_removed']} record(s) deleted, "
+              f"{report['files_removed']} file(s), {len(report['runs_removed'])} run(s) removed, "
+              f"versions retired: {', '.join(report['versions_retired']) or 'none'}")
+        if report["job"]:
+            print(f"queued forget job {report['job']}: retrain without it, gate, promote, retire the rest "
+                  "('appliance run' runs it)")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    if args.action == "show":
+        entries = engine.audit_entries()
+        if args.json:
+            _print_json({"entries": entries})
+        else:
+            for e in entries:
+                print(f"{e.get('seq')} {e.get('at', 0):.0f} {e.get('user')} {e.get('action')} "
+                      f"{json.dumps(e.get('details'), sort_keys=True)}")
+        return 0
+    verdict = engine.verify_audit()
+    if args.json:
+        _print_json(verdict)
+    elif verdict["ok"]:
+        print(f"audit chain intact: {verdict['entries']} entries")
+    else:
+        print(f"appliance: error: audit chain broken at line {verdict['bad_line']}: {verdict['reason']}",
+              file=sys.stderr)
+    return 0 if verdict["ok"] else 4
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    job = _engine(args).retrain()
+    if args.json:
+        _print_json(job)
+    else:
+        print(f"queued job {job['id']} ({job['state']})")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    jobs = _engine(args).jobs()
+    if args.json:
+        _print_json({"jobs": jobs})
+    else:
+        for j in jobs:
+            print(f"{j['id']:>4} {j['kind']:<7} {j['state']:<8} stage {j['stage'] or '-':<9} "
+                  f"run {j['run_id'] or '-'} version {j['version'] or '-'} {j['error'] or ''}")
+    return 0
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    advice = _engine(args).advise()
+    if args.json:
+        _print_json({"advice": advice, "warnings": sum(a["level"] == "warning" for a in advice)})
+    else:
+        for a in advice:
+            print(f"{'!' if a['level'] == 'warning' else ' '} {a['message']}")
+    return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    if args.action == "list":
+        reviews = engine.reviews()
+        if args.json:
+            _print_json({"reviews": reviews})
+            return 0
+        for r in reviews:
+            print(f"run {r['run']} (job {r['job']}): {r['approvals']}/{r['approvals_needed']} approvals"
+                  f"{', you voted' if r['voted'] else ''}")
+            for item in r["items"]:
+                print(f"  [{item['index']}] Q: {item['question']}\n      A: {item['answer_a']}\n"
+                      f"      B: {item['answer_b']}")
+        if not reviews:
+            print("no candidate is waiting for review")
+        return 0
+    if not args.run:
+        raise ApplianceError(f"appliance review {args.action}: name the candidate's run (see 'appliance review list')")
+    preferences = {}
+    for text in args.prefer:
+        index, _, side = text.partition("=")
+        if not index.strip().isdigit() or not side:
+            raise ApplianceError(f"--prefer {text!r}: expected ITEM=a or ITEM=b, e.g. --prefer 0=a")
+        preferences[int(index)] = side
+    result = engine.vote(args.run, args.action == "approve", args.comment, preferences)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"run {result['run']}: {result['state']} ({result['approvals']}/{result['approvals_needed']} "
+              f"approvals); job {result['job']} {result['job_state']}; current model {result['current'] or '-'}")
+        for r in result["reveal"]:
+            print(f"  [{r['index']}] A was {r['a']} ({r['a_is']}), B was {r['b']} ({r['b_is']})")
+    return 0
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    """The terminal app on this home's engine; a running daemon is seen through the home's
+    journal and event log, so the in-process engine attaches to it without a socket."""
+    from appliance.contract.api import open_engine
+
+    engine = open_engine(_home(args), key=getattr(args, "caller", None))  # checks the home first
+    if getattr(args, "key_file", None):
+        from appliance.home.keys import read_secret
+
+        # the TUI's chat talks to the endpoint with $APPLIANCE_API_KEY before the home's admin key
+        # file: the window must chat as the key it was opened with (this process only)
+        os.environ["APPLIANCE_API_KEY"] = read_secret(Path(args.key_file))
+    # Only this command loads the front end, by name at run time: nothing in appliance/
+    # imports textual or tui (tests/test_boundaries.py).
+    import importlib
+
+    app = importlib.import_module("tui.app")
+    app.make_app(engine, theme=app.LIGHT if args.light else None).run()
+    return 0
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    from appliance.home.keys import KeysError
+
+    collections = [c.strip() for c in args.collections.split(",")] if args.collections is not None else None
+    if collections is not None and not all(collections):
+        raise KeysError(f"--collections {args.collections!r}: an empty name; write 'shared' for the top of the inbox")
+    secret = _engine(args).add_key(args.name, args.role, collections)
+    shown = "every collection" if collections is None else ", ".join(collections)
+    note = "this secret is shown once and stored only hashed; hand it to its holder now"
+    if args.json:
+        _print_json({"name": args.name, "role": args.role, "collections": collections, "secret": secret,
+                     "note": note})
+    else:
+        print(f"key '{args.name}' (role {args.role}, {shown}); {note}:", file=sys.stderr)
+        print(secret)  # alone on stdout, so '> file' keeps just the secret
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    import time
+
+    keys = _engine(args).keys()
+    if args.json:
+        _print_json({"keys": keys})
+        return 0
+
+    def when(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+    for k in keys:
+        shown = "all" if k["collections"] is None else ",".join(k["collections"])
+        revoked = f"revoked {when(k['revoked'])}" if k["revoked"] else "active"
+        print(f"{k['name']:<20} {k['role']:<11} {shown:<24} created {when(k['created'])}  {revoked}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    _engine(args).revoke_key(args.name)
+    print(f"revoked key '{args.name}': refused from the next command or request on")
+    return 0
+
+
+def cmd_keys_whoami(args: argparse.Namespace) -> int:
+    me = _engine(args).whoami()
+    if args.json:
+        _print_json(me)
+    else:
+        shown = "every collection" if me["collections"] is None else ", ".join(me["collections"])
+        print(f"key '{me['name']}', role {me['role']}, {shown}")
+    return 0
+
+
+def cmd_not_yet(args: argparse.Namespace) -> int:
+    print(f"appliance: error: '{args.command_name}' is not available in this version yet", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

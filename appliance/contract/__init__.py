@@ -1,0 +1,1 @@
+"""The engine contract front ends depend on: the Engine protocol and its data types, events, errors, and the vocabulary of model ids, collection names and roles. Light: no torch, transformers, llama_cpp or textual."""

@@ -1,0 +1,203 @@
+"""The home directory layout, defined once (see architecture.md, "The home directory").
+
+Everything that names a file inside a home goes through :class:`Home`; no other
+module joins path strings for the home.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SYSTEM_HOME = Path("/var/lib/appliance")
+
+
+def resolve_home(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """--home, else APPLIANCE_HOME, else the system home if readable, else the user's."""
+    if explicit:
+        return Path(explicit).expanduser().absolute()
+    env = os.environ.get("APPLIANCE_HOME")
+    if env:
+        return Path(env).expanduser().absolute()
+    if (SYSTEM_HOME / "config.toml").exists() and os.access(SYSTEM_HOME, os.R_OK | os.X_OK):
+        return SYSTEM_HOME
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "appliance"
+
+
+@dataclass(frozen=True)
+class Home:
+    """A home, or one collection's view of it (``collection`` is "" for the shared one).
+
+    A collection (a sub-folder of the inbox, see appliance/home/catalog.py) has its own
+    inbox folder, quarantine, store, snapshots, runs and models under
+    ``collections/<name>/``; configuration, keys, the job journal, the audit log, probes,
+    base models, logs and run/ are the home's, the same in every scope. The shared
+    collection keeps the top-level layout of architecture.md unchanged.
+    """
+
+    root: Path
+    collection: str = ""
+
+    def scoped(self, collection: str) -> "Home":
+        """The same home seen from ``collection`` ("" is the shared collection)."""
+        return Home(self.root, collection)
+
+    @property
+    def top(self) -> "Home":
+        return Home(self.root)
+
+    @property
+    def _data(self) -> Path:
+        """Where this scope's own data lives: the home itself for the shared collection."""
+        return self.root / "collections" / self.collection if self.collection else self.root
+
+    @property
+    def collections_dir(self) -> Path:
+        return self.root / "collections"
+
+    # --- top-level files -------------------------------------------------
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def api_key(self) -> Path:
+        return self.root / "api_key"
+
+    @property
+    def keys(self) -> Path:
+        """API keys with roles (hashed; appliance/home/keys.py)."""
+        return self.root / "keys.json"
+
+    @property
+    def jobs_db(self) -> Path:
+        return self.root / "jobs.db"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.root / "audit.log"
+
+    # --- folders -------------------------------------------------------------
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox" / self.collection if self.collection else self.root / "inbox"
+
+    @property
+    def probes(self) -> Path:
+        return self.root / "probes"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine" / self.collection if self.collection else self.root / "quarantine"
+
+    @property
+    def store(self) -> Path:
+        return self._data / "store"
+
+    @property
+    def snapshots(self) -> Path:
+        return self._data / "snapshots"
+
+    @property
+    def bases(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def runs(self) -> Path:
+        return self._data / "runs"
+
+    @property
+    def models(self) -> Path:
+        return self._data / "models"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def rundir(self) -> Path:
+        return self.root / "run"
+
+    def folders(self) -> list[Path]:
+        return [self.inbox, self.probes, self.quarantine, self.store, self.snapshots,
+                self.bases, self.runs, self.models, self.logs, self.rundir]
+
+    # --- per-item paths --------------------------------------------------------
+    @property
+    def store_db(self) -> Path:
+        return self.store / "index.db"
+
+    def base(self, name: str) -> Path:
+        return self.bases / name
+
+    def snapshot(self, snapshot_id: str) -> Path:
+        return self.snapshots / snapshot_id
+
+    def run(self, run_id: str) -> "RunDir":
+        return RunDir(self.runs / run_id)
+
+    def model(self, version: str) -> Path:
+        return self.models / version
+
+    @property
+    def current(self) -> Path:
+        """A symlink to models/<version>; replaced atomically on promotion."""
+        return self.models / "current"
+
+    @property
+    def lock(self) -> Path:
+        return self.rundir / "engine.lock"
+
+    @property
+    def events_log(self) -> Path:
+        """Events the daemon writes (JSON lines); other processes tail it."""
+        return self.logs / "events.jsonl"
+
+    @property
+    def daemon_state(self) -> Path:
+        """The running daemon's pid, endpoint address and watcher counters (rewritten atomically)."""
+        return self.rundir / "daemon.json"
+
+    def is_initialised(self) -> bool:
+        return self.config.is_file()
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """runs/<id>/{adapter,merged,gguf,parity.json,eval.json,meta.json}."""
+
+    root: Path
+
+    @property
+    def id(self) -> str:
+        return self.root.name
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def gguf(self) -> Path:
+        return self.root / "gguf"
+
+    @property
+    def parity(self) -> Path:
+        return self.root / "parity.json"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval.json"
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "meta.json"

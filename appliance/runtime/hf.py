@@ -1,0 +1,49 @@
+"""Loading models and tokenizers with transformers, offline, from folders in the home."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from appliance.contract.errors import BaseModelError
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"{model_dir}: cannot load the tokenizer ({_first_line(exc)})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise BaseModelError(f"{model_dir}: the tokenizer has no fast (Rust) version; the loss mask needs offsets")
+    if not tokenizer.chat_template:
+        raise BaseModelError(f"{model_dir}: the tokenizer has no chat template; use an instruction-tuned base")
+    return tokenizer
+
+
+def load_causal_lm(model_dir: Path, dtype: Any = None, quantization_config: Any = None,
+                   device: str = "cpu") -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, local_files_only=True, dtype=dtype or torch.float32,
+            quantization_config=quantization_config, device_map={"": device},
+            attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"{model_dir}: cannot load the model ({_first_line(exc)})") from None
+
+
+def nf4_config(compute_dtype: Any) -> Any:
+    """QLoRA's quantization: NF4 with double quantization (Dettmers et al. 2023)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

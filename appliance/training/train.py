@@ -1,0 +1,558 @@
+"""Stage 4, train: a LoRA adapter on the base, QLoRA (NF4 base) by default.
+
+The loop is written here rather than with ``transformers.Trainer`` because the
+appliance needs padding-free packing with exact token-weighted loss across
+gradient accumulation, logits only where a token is trained, and full control
+over what is written when: checkpoints and the best adapter are only ever
+complete (staging folder, then rename), so a ``kill -9`` at any moment loses at
+most one checkpoint interval and a half-written checkpoint is never picked.
+
+Packing: several examples share one row; ``position_ids`` restart at 0 for each
+and no attention mask is passed, so transformers builds a block-causal mask and no
+example attends to another (tests/test_packing.py checks it against unpacked losses).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from appliance.training import methods
+from appliance.quality.advise import decontaminate
+from appliance.home.config import Settings
+from appliance.contract.errors import TrainError
+from appliance.contract.events import Emit, Message, Progress, StageFinished, StageStarted, ignore
+from appliance.home.fsutil import read_json, staging_dir, write_json_atomic
+from appliance.home.paths import Home, RunDir
+from appliance.training.render import IGNORE, Example, RenderError, render
+from appliance.data.snapshot import Snapshot, records
+
+STAGE = "train"
+# Tokens per forward pass when config leaves it open. Measured here (SmolLM2-135M,
+# 2 CPU cores): 256-token rows train ~15% faster than 512 and ~35% faster than 1024,
+# because attention cost grows with the row; a GPU wants long rows.
+MICRO_TOKENS = {"cpu": 256, "cuda": 4096}
+# Fault injection for tests (a failpoint): any forward pass over more tokens than
+# this raises an out-of-memory error, as a GPU would. Unset in normal use.
+FAULT_OOM_ENV = "APPLIANCE_FAULT_OOM_ABOVE_TOKENS"
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    snapshot_id: str
+    steps: int
+    best_val_loss: float | None
+    train_tokens: int
+    seconds: float
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run needs."""
+
+    run: str
+    snapshot: str
+    total_steps: int
+    step: int = 0
+    micro_tokens: int = 256
+    trained_tokens: int = 0
+    best_score: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    resumed_from: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+# --- data ----------------------------------------------------------------------------
+
+
+def default_epochs(n_examples: int) -> float:
+    """Small data needs more passes (training.md); large data needs few."""
+    return float(min(8, max(2, math.ceil(1200 / max(n_examples, 1)))))
+
+
+def render_all(tokenizer: Any, recs: list, settings: Settings, emit: Emit) -> list[Example]:
+    out = []
+    for rec in recs:
+        try:
+            out.append(render(tokenizer, rec, settings.data.max_tokens, settings.data.too_long))
+        except RenderError as exc:
+            emit(Message(STAGE, f"record {rec.hash[:12]} skipped: {exc}", level="warning"))
+    return out
+
+
+def general_examples(tokenizer: Any, settings: Settings, n_domain: int, emit: Emit) -> list[Example]:
+    """General-purpose conversations (shipped, written by the team) mixed in to limit forgetting."""
+    share = settings.train.general_mix
+    if share <= 0:
+        return []
+    from appliance.data.ingest.chat_jsonl import parse
+
+    source = resources.files("appliance") / "data" / "general" / "conversations.jsonl"
+    with resources.as_file(source) as path:
+        pool = render_all(tokenizer, parse(Path(path)).records, settings, emit)
+    want = round(share / (1 - share) * n_domain)
+    rng = random.Random(settings.train.seed + 1)
+    return [pool[rng.randrange(len(pool))] for _ in range(want)]
+
+
+def pack(examples: list[Example], micro_tokens: int) -> list[list[Example]]:
+    """Greedy in the given order: rows of at most ``micro_tokens`` tokens (a longer
+    example gets a row of its own)."""
+    rows: list[list[Example]] = []
+    current: list[Example] = []
+    used = 0
+    for ex in examples:
+        n = len(ex.input_ids)
+        if current and used + n > micro_tokens:
+            rows.append(current)
+            current, used = [], 0
+        current.append(ex)
+        used += n
+    if current:
+        rows.append(current)
+    return rows
+
+
+def collate(row: list[Example], device: str) -> dict[str, Any]:
+    import torch
+
+    ids, pos, labels = [], [], []
+    for ex in row:
+        ids.extend(ex.input_ids)
+        pos.extend(range(len(ex.input_ids)))
+        labels.extend(ex.labels)
+    as_tensor = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
+    return {"input_ids": as_tensor(ids), "position_ids": as_tensor(pos), "labels": as_tensor(labels)}
+
+
+def plan_steps(examples: list[Example], epochs: float, tokens_per_step: int, seed: int) -> list[list[Example]]:
+    """The whole schedule up front: each step is the examples it trains on, about
+    ``tokens_per_step`` tokens. Fixed by the seed, so a resumed run continues the
+    same schedule. How a step is cut into forward passes is decided when it runs."""
+    rng = random.Random(seed)
+    stream: list[Example] = []
+    for epoch in range(math.ceil(epochs)):
+        order = examples[:]
+        rng.shuffle(order)
+        fraction = epochs - epoch
+        if fraction < 1:
+            order = order[: max(1, int(len(order) * fraction))]
+        stream.extend(order)
+    steps: list[list[Example]] = []
+    current: list[Example] = []
+    used = 0
+    for ex in stream:
+        if current and used + len(ex.input_ids) > tokens_per_step:
+            steps.append(current)
+            current, used = [], 0
+        current.append(ex)
+        used += len(ex.input_ids)
+    if current:
+        steps.append(current)
+    return steps
+
+
+# --- model -----------------------------------------------------------------------------
+
+
+def load_trainable(base_dir: Path, settings: Settings, device: str, method: str | None = None,
+                   total_steps: int = 1) -> Any:
+    """The base with what ``method`` (default: the configured one; auto means qlora here)
+    trains: a peft adapter on it, or (full) every weight."""
+    method = method or (settings.train.method if settings.train.method != "auto" else "qlora")
+    import torch
+    from peft import get_peft_model
+
+    from appliance.runtime.hf import load_causal_lm, nf4_config
+
+    compute = torch.bfloat16
+    if method == "full":  # fp32 weights: AdamW updates to bf16 weights would mostly round away
+        model = load_causal_lm(base_dir, dtype=torch.float32, device=device)
+        model.config.use_cache = False
+        return model
+    if method == "qlora":
+        model = prepare_qlora(load_causal_lm(base_dir, dtype=compute, quantization_config=nf4_config(compute),
+                                             device=device), device)
+    else:
+        model = load_causal_lm(base_dir, dtype=compute, device=device)
+    model = get_peft_model(model, methods.peft_config(method, settings.train, total_steps))
+    model.config.use_cache = False  # a cache would disable packed-sequence detection
+    return model
+
+
+def resolve_method(run: RunDir, base_dir: Path, settings: Settings, n_examples: int, device: str,
+                   emit: Emit) -> methods.Choice:
+    """The run's method, decided once and kept in ``method.json`` (a resumed run must not
+    switch methods because free memory changed)."""
+    saved = run.root / "method.json"
+    if saved.exists():
+        return methods.Choice(**read_json(saved))
+    budget = methods.memory_budget(settings.train.memory_budget_gb, device)
+    choice = methods.choose(settings.train.method, base_dir, n_examples, budget)
+    write_json_atomic(saved, asdict(choice))
+    if settings.train.method == "auto":
+        emit(Message(STAGE, f"method {choice.method}: {choice.reason}"))
+    return choice
+
+
+def prepare_qlora(model: Any, device: str) -> Any:
+    """Freeze the 4-bit base for LoRA training.
+
+    peft's ``prepare_model_for_kbit_training`` would also upcast every non-quantized
+    weight to fp32; the frozen embedding and output layer are the largest of those
+    (over 4 GiB together for a 128k vocabulary at 8B), and the NF4 layers compute in
+    bf16 anyway, so the base stays in bf16 here.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if device == "cuda":
+        # Checkpointing trades ~20% speed for a large cut in activation memory: worth it
+        # on a GPU, not for the CPU-sized models this runs on without one.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    _keep_4bit_weights_trainable(model)
+    return model
+
+
+def _keep_4bit_weights_trainable(model: Any) -> None:
+    """bitsandbytes 0.50, on CPUs with AVX512-BF16, repacks a 4-bit weight for a faster
+    kernel the first time the layer runs in eval mode without gradients (our validation
+    pass) and keeps it packed. That kernel has no backward, so every later training step
+    silently loses the gradient through the base weights (torch warns "an autograd kernel
+    was not registered"). Validation runs mid-training here, so the repacking is switched
+    off; tests/test_train.py checks gradients before and after a validation pass."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+class TrainInterrupted(Exception):
+    """Asked to stop (the daemon got SIGTERM): the run resumes from its last checkpoint."""
+
+
+def step_loss(model: Any, rows: list[list[Example]], device: str, backward: bool,
+              stop: Callable[[], bool] | None = None) -> tuple[float, int]:
+    """Token-weighted loss over the rows of one step: sum of token losses / trained tokens.
+
+    Logits are computed only where a trained token is predicted (``logits_to_keep``):
+    with a 49k vocabulary the output layer is a large share of the work, and on chat
+    data most positions are prompt tokens whose logits would be thrown away.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    total_tokens = sum(ex.trained_tokens for row in rows for ex in row)
+    oom_above = int(os.environ.get(FAULT_OOM_ENV) or 0)
+    loss_sum = 0.0
+    for row in rows:
+        if stop is not None and stop():  # between passes: a step can take minutes on a CPU
+            raise TrainInterrupted()
+        batch = collate(row, device)
+        if oom_above and batch["input_ids"].shape[1] > oom_above:
+            raise torch.OutOfMemoryError(f"injected: {batch['input_ids'].shape[1]} tokens > {oom_above}")
+        labels = batch.pop("labels")[0]
+        keep = (labels[1:] != IGNORE).nonzero().squeeze(-1)  # position i predicts token i + 1
+        out = model(**batch, use_cache=False, logits_to_keep=keep)
+        loss = F.cross_entropy(out.logits[0].float(), labels[keep + 1], reduction="sum") / max(total_tokens, 1)
+        if backward:
+            loss.backward()
+        loss_sum += float(loss.detach())
+    return loss_sum, total_tokens
+
+
+def evaluate(model: Any, examples: list[Example], device: str, micro_tokens: int) -> float | None:
+    import torch
+
+    if not examples:
+        return None
+    model.eval()
+    with torch.no_grad():
+        loss, _ = step_loss(model, pack(examples, micro_tokens), device, backward=False)
+    model.train()
+    return loss
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def train_step(model: Any, examples: list[Example], state: TrainState, device: str, emit: Emit,
+               stop: Callable[[], bool] | None = None) -> float:
+    """Forward/backward over one step's examples. Out of memory halves the tokens per
+    forward pass (more accumulation, same effective batch) and retries the step; the
+    smaller setting is kept for the rest of the run, resumes included."""
+    import torch
+
+    while True:
+        rows = pack(examples, state.micro_tokens)
+        try:
+            loss, _ = step_loss(model, rows, device, backward=True, stop=stop)
+            return loss
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_oom(exc):
+                raise
+            model.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            if all(len(row) == 1 for row in rows):
+                longest = max(len(e.input_ids) for e in examples)
+                raise TrainError(f"out of memory even with one {longest}-token example per pass; "
+                                 "lower data.max_tokens or use a smaller base") from None
+            state.micro_tokens = max(1, state.micro_tokens // 2)
+            emit(Message(STAGE, f"out of memory: now {state.micro_tokens} tokens per pass, "
+                                "accumulating more passes per step", level="warning"))
+
+
+def peak_memory_bytes(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+
+def _checkpoint_dirs(run: RunDir) -> list[Path]:
+    """Complete checkpoints only: staging folders are hidden until renamed into place."""
+    if not run.checkpoints.is_dir():
+        return []
+    found = [p for p in run.checkpoints.glob("step-*") if (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any, state: TrainState, keep: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    target = run.checkpoints / f"step-{state.step:06d}"
+    with staging_dir(target) as tmp:
+        weights = {k: v.detach().cpu().contiguous() for k, v in _trained_state(model).items()}
+        save_file(weights, tmp / "adapter.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / "trainer.pt")
+        write_json_atomic(tmp / "state.json", asdict(state))
+    for old in _checkpoint_dirs(run)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any) -> TrainState | None:
+    import torch
+    from safetensors.torch import load_file
+
+    found = _checkpoint_dirs(run)
+    if not found:
+        return None
+    latest = found[-1]
+    _load_trained_state(model, load_file(latest / "adapter.safetensors"))
+    saved = torch.load(latest / "trainer.pt", weights_only=False)  # written by this appliance, in its own home
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    if saved["cuda_rng"]:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    return TrainState(**read_json(latest / "state.json"))
+
+
+def _trained_state(model: Any) -> dict[str, Any]:
+    """What a checkpoint must hold: the adapter's tensors, or every weight (full)."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    if isinstance(model, PeftModel):
+        return get_peft_model_state_dict(model)
+    return dict(model.state_dict())
+
+
+def _load_trained_state(model: Any, weights: dict[str, Any]) -> None:
+    from peft import PeftModel, set_peft_model_state_dict
+
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, weights)
+    else:
+        model.load_state_dict(weights, strict=False)  # tied weights are saved once
+
+
+def run_snapshot(run: RunDir) -> str | None:
+    """The snapshot an existing run trains on (a resumed run keeps its own data)."""
+    if (run.root / "train.json").exists():
+        return read_json(run.root / "train.json")["snapshot"]
+    found = _checkpoint_dirs(run)
+    return read_json(found[-1] / "state.json")["snapshot"] if found else None
+
+
+def _save_adapter(model: Any, tokenizer: Any, run: RunDir) -> None:
+    with staging_dir(run.adapter) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None = None,
+          max_steps: int | None = None, emit: Emit = ignore, stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train (or resume, or report an already finished) run on ``snapshot``.
+
+    ``stop`` is polled between forward passes; when it turns true the partial step is
+    dropped, a checkpoint of the last complete step is written, and TrainInterrupted
+    is raised, so a stopped daemon loses no finished step.
+    """
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from appliance.runtime.device import set_threads, torch_device
+    from appliance.runtime.hf import load_tokenizer
+
+    started = time.monotonic()
+    base_dir = home.base(settings.base.name)
+    if not base_dir.is_dir():
+        raise TrainError(f"{base_dir}: base model missing; run 'appliance init'")
+    run = home.run(run_id or time.strftime("run-%Y%m%d-%H%M%S"))
+    if (run.root / "train.json").exists():
+        return _finished(run)
+    run.root.mkdir(parents=True, exist_ok=True)
+    device = torch_device()
+    threads = set_threads(settings.train.threads)
+    torch.manual_seed(settings.train.seed)
+
+    emit(StageStarted(STAGE, description="Preparing data"))
+    tokenizer = load_tokenizer(base_dir)
+    all_train = records(home, snapshot.train)
+    train_records, leaks = decontaminate(home, all_train)
+    if leaks:
+        emit(Message(STAGE, f"removed {len(all_train) - len(train_records)} training example(s) holding "
+                            f"{len({leak.probe for leak in leaks})} probe question(s) (decontamination)"))
+    train_ex = render_all(tokenizer, train_records, settings, emit)
+    val_ex = render_all(tokenizer, records(home, snapshot.val), settings, emit)
+    if not train_ex:
+        raise TrainError(f"snapshot {snapshot.id}: no training example survived rendering")
+    general = general_examples(tokenizer, settings, len(train_ex), emit)
+    epochs = settings.train.epochs or default_epochs(len(train_ex))
+    steps = plan_steps(train_ex + general, epochs, settings.train.tokens_per_step, settings.train.seed)
+    limit = max_steps or settings.train.max_steps
+    steps = steps[:limit] if limit else steps
+
+    choice = resolve_method(run, base_dir, settings, len(train_ex), device, emit)
+    model = load_trainable(base_dir, settings, device, choice.method, len(steps))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.train.learning_rate, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(settings.train.warmup_ratio * len(steps)),
+                                                len(steps))
+    state = load_checkpoint(run, model, optimizer, scheduler)
+    if state is None:
+        state = TrainState(run.id, snapshot.id, len(steps),
+                           micro_tokens=settings.train.micro_tokens or MICRO_TOKENS[device])
+    elif state.snapshot != snapshot.id or state.total_steps != len(steps):
+        raise TrainError(f"run {run.id}: its checkpoints belong to snapshot {state.snapshot} with "
+                         f"{state.total_steps} steps; start a new run instead of resuming this one")
+    else:
+        state.resumed_from.append(state.step)
+        emit(Message(STAGE, f"resuming run {run.id} from step {state.step} of {len(steps)}"))
+
+    eval_every = settings.train.eval_every or max(1, round(len(steps) / max(1, math.ceil(epochs))))
+    emit(StageStarted(STAGE, total=len(steps),
+                      description=f"Learning from {len(train_ex)} examples"
+                                  f"{f' (+{len(general)} general)' if general else ''}, {epochs:g} epochs"))
+    model.train()
+    session_start, session_first = time.monotonic(), state.step
+    for index in range(state.step, len(steps)):
+        t0 = time.monotonic()
+        try:
+            if stop is not None and stop():
+                raise TrainInterrupted()
+            loss = train_step(model, steps[index], state, device, emit, stop)
+        except TrainInterrupted:
+            optimizer.zero_grad(set_to_none=True)
+            saved = _checkpoint_dirs(run)
+            if state.step and (not saved or int(saved[-1].name.split("-")[1]) != state.step):
+                save_checkpoint(run, model, optimizer, scheduler, state, settings.train.keep_checkpoints)
+            emit(Message(STAGE, f"stopped at step {state.step} of {len(steps)}; checkpoint saved"))
+            raise
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if choice.method == "adalora":  # prunes ranks by importance, which needs this step's gradients
+            model.base_model.update_and_allocate(index + 1)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss):
+            raise TrainError(f"run {run.id}: the loss became {loss} at step {index + 1}; lower train.learning_rate")
+        state.step = index + 1
+        tokens = sum(len(ex.input_ids) for ex in steps[index])
+        state.trained_tokens += tokens
+        point = {"step": state.step, "epoch": round(epochs * state.step / len(steps), 3), "loss": loss,
+                 "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(time.monotonic() - t0, 1e-9),
+                 "peak_memory_mb": peak_memory_bytes(device) / 2**20}
+        if state.step % eval_every == 0 or state.step == len(steps):
+            _evaluate_and_select(model, tokenizer, val_ex, loss, device, run, state, point, settings)
+        per_step = (time.monotonic() - session_start) / max(1, state.step - session_first)
+        point["eta_s"] = per_step * (len(steps) - state.step)
+        state.curve.append(point)
+        done = state.step == len(steps) or state.stopped_early
+        if state.step % settings.train.checkpoint_every == 0 and not done:
+            save_checkpoint(run, model, optimizer, scheduler, state, settings.train.keep_checkpoints)
+        emit(Progress(STAGE, completed=state.step, total=len(steps), metrics=point))
+        if state.stopped_early:
+            emit(Message(STAGE, f"stopped early at step {state.step}: validation loss has not improved "
+                                f"for {state.bad_evals} checks"))
+            break
+
+    state.seconds += time.monotonic() - started
+    best_val = state.best_score if val_ex else None
+    write_json_atomic(run.root / "train.json", {
+        "run": run.id, "snapshot": snapshot.id, "base": settings.base.name, "device": device, "threads": threads,
+        "method": choice.method, "method_reason": choice.reason, "dora": settings.train.dora, "epochs": epochs,
+        "steps": state.step,
+        "planned_steps": len(steps), "best_step": state.best_step, "best_val_loss": best_val,
+        "stopped_early": state.stopped_early, "resumed_from": state.resumed_from,
+        "micro_tokens": state.micro_tokens, "train_examples": len(train_ex), "general_examples": len(general),
+        "val_examples": len(val_ex), "decontaminated": [asdict(leak) for leak in leaks],
+        "train_tokens": state.trained_tokens, "seconds": state.seconds,
+        "settings": settings.train.model_dump(), "curve": state.curve,
+    })
+    shutil.rmtree(run.checkpoints, ignore_errors=True)  # the best adapter is kept; resuming is no longer needed
+    summary = f"{state.step} steps" + (f", best validation loss {best_val:.3f}" if best_val is not None else "")
+    emit(StageFinished(STAGE, seconds=state.seconds, summary=summary))
+    return _finished(run)
+
+
+def _evaluate_and_select(model: Any, tokenizer: Any, val_ex: list[Example], loss: float, device: str,
+                         run: RunDir, state: TrainState, point: dict[str, float], settings: Settings) -> None:
+    """Validation loss; keep the best adapter (not the last); count checks without improvement."""
+    val = evaluate(model, val_ex, device, state.micro_tokens)
+    if val is not None:
+        point["val_loss"] = val
+    score = val if val is not None else loss
+    if state.best_score is None or score < state.best_score:
+        state.best_score, state.best_step, state.bad_evals = score, state.step, 0
+        _save_adapter(model, tokenizer, run)
+    else:
+        state.bad_evals += 1
+        patience = settings.train.patience
+        state.stopped_early = val is not None and patience is not None and state.bad_evals >= patience
+
+
+def _finished(run: RunDir) -> TrainResult:
+    info = read_json(run.root / "train.json")
+    return TrainResult(run.id, info["snapshot"], info["steps"], info["best_val_loss"], info["train_tokens"],
+                       info["seconds"], info["curve"])
+
+
+__all__ = ["train", "TrainInterrupted", "TrainResult", "TrainState", "pack", "collate", "plan_steps", "step_loss", "IGNORE"]
