@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a development install in .venv and run one thing:
 #   bash packaging/setup.sh demo   -> appliance demo (the whole loop on the embedded default model)
-#   bash packaging/setup.sh test   -> the test suite, fast tier then slow tier
+#   bash packaging/setup.sh test   -> the static checks, then the test suite, fast tier then slow tier
+#   bash packaging/setup.sh check  -> the static checks only: ruff (lint, format), mypy, import layers
 #   bash packaging/setup.sh        -> set up only
 # Safe to re-run: each step skips what is already in place. Needs Python >= 3.11 and
 # the package registry (PyPI) once; nothing is downloaded at run time.
@@ -47,15 +48,25 @@ step "unpacking llama.cpp's converter from the llama-cpp-python $LLAMA_CPP_VERSI
 bash packaging/fetch_converter.sh "$VPY"
 bash packaging/build_llama_server.sh "$VPY"   # native llama-server for the endpoint (cached after the first build)
 
+check() {
+    step "static checks: ruff (lint and format), mypy, import layers"
+    .venv/bin/ruff check appliance tui tests benchmarks packaging examples
+    .venv/bin/ruff format --check appliance tui tests benchmarks packaging examples
+    .venv/bin/mypy
+    .venv/bin/lint-imports
+}
+
 case "$ACTION" in
+    check) check ;;
     demo)
         step "appliance demo"
         exec .venv/bin/appliance demo ;;
     test)
+        check
         step "tests, fast tier"
         .venv/bin/python -m pytest -m "not slow"
         step "tests, slow tier (the embedded default model end to end)"
         .venv/bin/python -m pytest -m slow ;;
     setup) ;;
-    *) echo "usage: bash packaging/setup.sh [demo|test]" >&2; exit 2 ;;
+    *) echo "usage: bash packaging/setup.sh [demo|test|check]" >&2; exit 2 ;;
 esac
