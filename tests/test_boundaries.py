@@ -42,7 +42,7 @@ def test_importing_appliance_makes_the_process_offline():
 
 
 # The terminal app (issue 8) depends on the engine's contract only.
-TUI_MAY_IMPORT = {"appliance", "appliance.contract.api", "appliance.contract.events", "appliance.contract.errors"}
+TUI_MAY_IMPORT = {"appliance", "appliance.contract", "appliance.contract.api", "appliance.contract.events", "appliance.contract.errors"}
 
 
 def test_tui_loads_no_heavy_machinery_and_only_the_engine_contract():

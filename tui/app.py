@@ -21,11 +21,11 @@ from textual.screen import Screen
 from appliance.contract.api import Engine
 from appliance.contract.errors import ApplianceError
 
-from x.client import Board, Client
-from x.screens import ActivityScreen, ChatScreen, DashboardScreen, DataScreen, ModelsScreen
-from x.screens.keys import KeysScreen, not_admin_words
-from x.screens.review import ReviewScreen
-from x.widgets import HelpScreen
+from .client import Board, Client
+from .screens import ActivityScreen, ChatScreen, DashboardScreen, DataScreen, ModelsScreen
+from .screens.keys import KeysScreen, not_admin_words
+from .screens.review import ReviewScreen
+from .widgets import HelpScreen
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from appliance.contract.events import Progress
 
-from client import NOT_AVAILABLE, Board, message_event_text
-from widgets import NavBar
-from x.base import BoardScreen
+from ..client import NOT_AVAILABLE, Board, message_event_text
+from ..widgets import NavBar
+from .base import BoardScreen
 
 Row = tuple[str, str, str, str]
 

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any, cast
 from textual.binding import Binding
 from textual.screen import Screen
 
-from client import Board, Client
-from widgets import CollectionBar
+from ..client import Board, Client
+from ..widgets import CollectionBar
 
 if TYPE_CHECKING:
-    from app import ApplianceApp
+    from ..app import ApplianceApp
 
 
 class BoardScreen(Screen):

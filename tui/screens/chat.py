@@ -15,9 +15,9 @@ from textual.worker import get_current_worker
 
 from appliance.contract.errors import ApplianceError
 
-from client import NOT_AVAILABLE, Board
-from widgets import FormScreen, NavBar, form_end
-from x.base import BoardScreen
+from ..client import NOT_AVAILABLE, Board
+from ..widgets import FormScreen, NavBar, form_end
+from .base import BoardScreen
 
 CURRENT = "appliance"
 SAVED = "Saved your correction; the next training run will learn from it."

@@ -10,9 +10,9 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Footer, Header, ProgressBar, Static
 
-from client import Board, answered, eta_words
-from widgets import LossChart, NavBar, StageRow
-from x.base import BoardScreen
+from ..client import Board, answered, eta_words
+from ..widgets import LossChart, NavBar, StageRow
+from .base import BoardScreen
 
 
 def model_line(board: Board) -> str:

@@ -13,9 +13,9 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from appliance.contract.errors import ApplianceError
 
-from client import NOT_AVAILABLE, Board, Client
-from widgets import CollectionBar, ConfirmScreen, NavBar
-from x.base import CollectionScreen
+from ..client import NOT_AVAILABLE, Board, Client
+from ..widgets import CollectionBar, ConfirmScreen, NavBar
+from .base import CollectionScreen
 
 
 def fill(table: DataTable, rows: list[tuple[str, ...]]) -> None:

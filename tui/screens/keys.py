@@ -16,10 +16,10 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Select, Static
 
-from client import ROLES, Board, display, parse_collections
-from widgets import ConfirmScreen, FormScreen, NavBar, form_end
-from x.base import BoardScreen
-from x.data import fill
+from ..client import ROLES, Board, display, parse_collections
+from ..widgets import ConfirmScreen, FormScreen, NavBar, form_end
+from .base import BoardScreen
+from .data import fill
 
 ROLE_WORDS = {"chat": "chat: ask the models of its collections",
               "contributor": "contributor: chat, and add documents",

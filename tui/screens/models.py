@@ -15,10 +15,10 @@ from textual.widgets.option_list import Option
 
 from appliance.contract.api import ModelVersion
 
-from client import NOT_AVAILABLE, Board, model_id, training_method
-from widgets import CollectionBar, ConfirmScreen, MarkdownScreen, NavBar
-from x.base import CollectionScreen
-from x.dashboard import gate_summary
+from ..client import NOT_AVAILABLE, Board, model_id, training_method
+from ..widgets import CollectionBar, ConfirmScreen, MarkdownScreen, NavBar
+from .base import CollectionScreen
+from .dashboard import gate_summary
 
 
 def difference(version: ModelVersion, previous: ModelVersion | None, mine: dict[str, Any],

@@ -18,9 +18,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Header, Input, Label, Static
 
-from client import NOT_AVAILABLE, Board
-from widgets import ConfirmScreen, NavBar
-from x.base import BoardScreen
+from ..client import NOT_AVAILABLE, Board
+from ..widgets import ConfirmScreen, NavBar
+from .base import BoardScreen
 
 REFRESH_SECONDS = 3.0  # the queue changes only when a job finishes its gate or someone votes
 EMPTY = ("No candidate is waiting for review. With promotion = \"review\" in the [gate] section of "
