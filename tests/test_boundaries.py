@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,8 +43,9 @@ def test_importing_appliance_makes_the_process_offline():
     assert out.stdout.split() == ["1", "1"]
 
 
-# The terminal app (issue 8) depends on the engine's contract only.
-TUI_MAY_IMPORT = {"appliance", "appliance.contract", "appliance.contract.api", "appliance.contract.events", "appliance.contract.errors"}
+# The terminal app depends on the engine's contract package only.
+TUI_MAY_IMPORT = {"appliance", "appliance.contract", "appliance.contract.api", "appliance.contract.events",
+                  "appliance.contract.errors", "appliance.contract.names"}
 
 
 def test_tui_loads_no_heavy_machinery_and_only_the_engine_contract():
@@ -61,3 +64,22 @@ def test_tui_source_names_only_the_engine_contract():
         for match in pattern.finditer(path.read_text()):
             module = match.group(1) or match.group(2)
             assert module in TUI_MAY_IMPORT, f"{path.relative_to(REPO)} imports {module} (deferred imports count too)"
+
+
+def test_the_contract_is_pure_standard_library():
+    loaded = _loaded_after("import appliance.contract.api, appliance.contract.names")
+    appliance_modules = {m for m in loaded if m == "appliance" or m.startswith("appliance.")}
+    assert appliance_modules <= TUI_MAY_IMPORT, f"the contract pulled in {sorted(appliance_modules - TUI_MAY_IMPORT)}"
+    for third_party in ("httpx", "pydantic", "torch", "textual"):
+        assert third_party not in loaded
+
+
+def test_a_type_checker_confirms_the_local_engine_keeps_the_contract(tmp_path):
+    """appliance/engine/local.py assigns LocalEngine to a ``type[Engine]`` for mypy: a method missing from
+    the engine, or one whose signature drifted from appliance/contract/api.py, fails this."""
+    pytest.importorskip("mypy")
+    out = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent",
+                          "--no-error-summary", "--cache-dir", str(tmp_path / "mypy"),
+                          "appliance/contract", "appliance/engine/local.py"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -23,8 +23,9 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from textual.widgets import DataTable, Static
 
-from appliance.contract.api import ModelVersion, Status
-from appliance.contract.errors import RegistryError
+from appliance.contract.api import Document, ModelVersion, QuarantinedFile, Status
+from appliance.contract.errors import AccessError, RegistryError
+from appliance.contract.names import read_api_key
 from appliance.contract.events import Emit, Message, Progress, StageFinished, StageStarted, ignore
 from conftest import free_port
 from tui.app import DARK, LIGHT, make_app
@@ -44,11 +45,12 @@ def version(name: str, created: float, current: bool = False) -> ModelVersion:
     return ModelVersion(name, created, "Q4_K_M", 105_000_000, "ab" * 32, f"run-{name}", f"snap-{name}", current)
 
 
-class BasicEngine:
-    """The Protocol's core commands only (an engine without the daemon's views)."""
+class ScriptedEngine:
+    """The whole Protocol, with canned state each test sets and a record of the calls made."""
 
     def __init__(self, home: Path, endpoint: str = "http://127.0.0.1:9/v1"):
         self.home = home
+        self.collection = ""
         self.endpoint = endpoint
         self.calls: list[tuple[Any, ...]] = []
         self.versions = [version("base", 1_700_000_000), version("v1", 1_700_100_000, current=True),
@@ -56,48 +58,9 @@ class BasicEngine:
         self.fail_promote: Exception | None = None
         self.ingest_report: dict[str, Any] = {"accepted": 4, "files": 2, "duplicates": 0, "quarantined": [
             {"file": "scan.pdf", "reasons": ["the PDF has no text layer (a scanned image); export it with text"]}]}
-
-    def status(self) -> Status:
-        current = next((v.version for v in self.versions if v.current), None)
-        return Status(self.home, current, len(self.versions), 12, 340, 3, self.endpoint)
-
-    def ingest(self, emit: Emit = ignore) -> dict[str, Any]:
-        self.calls.append(("ingest",))
-        emit(Message("ingest", "read 2 files"))
-        return self.ingest_report
-
-    def train(self, snapshot: str | None = None, max_steps: int | None = None, emit: Emit = ignore,
-              run_id: str | None = None) -> str:
-        self.calls.append(("train",))
-        return "run-x"
-
-    def export(self, run: str, quant: str | None = None, emit: Emit = ignore) -> ModelVersion:
-        self.calls.append(("export", run))
-        return version("v3", time.time())
-
-    def models(self) -> list[ModelVersion]:
-        return list(self.versions)
-
-    def promote(self, name: str) -> None:
-        self.calls.append(("promote", name))
-        if self.fail_promote:
-            raise self.fail_promote
-        self.versions = [ModelVersion(**{**v.__dict__, "current": v.version == name}) for v in self.versions]
-
-    def rollback(self) -> str:
-        self.calls.append(("rollback",))
-        return "base"
-
-    def set_method(self, method: str) -> str:
-        self.calls.append(("set_method", method))
-        return method
-
-
-class ScriptedEngine(BasicEngine):
-    """The whole Protocol (with the daemon's views): the state fields are set by each test."""
-
-    def __init__(self, home: Path, endpoint: str = "http://127.0.0.1:9/v1"):
-        super().__init__(home, endpoint)
+        self.documents = [Document("policies.jsonl", "aa" * 32, "jsonl", 40, learned=True),
+                          Document("facts.md", "bb" * 32, "md", 9, learned=True)]
+        self.quarantine: list[QuarantinedFile] = []
         self.job: dict[str, Any] | None = None
         self.log: list[dict[str, Any]] = []          # the daemon's event log, as JSON objects
         self.audit: list[dict[str, Any]] = [
@@ -119,14 +82,47 @@ class ScriptedEngine(BasicEngine):
              "message": "Only 340 examples: fewer than 500, prompting may serve better."},
             {"level": "warning", "code": "dominant_source",
              "message": "policies.jsonl holds 90% of the records; the model will mostly learn its style."}]
+        self.me: dict[str, Any] = {"name": "admin", "role": "admin", "collections": None}
+        self.key_list: list[dict[str, Any]] = [
+            {"name": "admin", "role": "admin", "collections": None, "created": 1_700_000_000, "revoked": None}]
 
+    # --- the core commands
     def status(self) -> Status:
-        base = super().status()
-        return Status(base.home, base.current, base.versions, base.documents, base.records, base.inbox_files,
-                      base.endpoint, job=self.job, server={"address": self.endpoint, "health": "no daemon running",
-                                                           "daemon_pid": None},
-                      inbox={"new": 2, "ingested": 12, "quarantined": 1, "watching": True, "paused": self.paused})
+        current = next((v.version for v in self.versions if v.current), None)
+        return Status(self.home, current, len(self.versions), 12, 340, 3, self.endpoint,
+                      job=self.job, server={"address": self.endpoint, "health": "no daemon running", "daemon_pid": None},
+                      inbox={"new": 2, "ingested": 12, "quarantined": 1, "watching": True, "paused": self.paused},
+                      unlearned=sum(not d.learned for d in self.documents))
 
+    def ingest(self, emit: Emit = ignore) -> dict[str, Any]:
+        self.calls.append(("ingest",))
+        emit(Message("ingest", "read 2 files"))
+        self.quarantine = [QuarantinedFile(q["file"], q["reasons"]) for q in self.ingest_report["quarantined"]]
+        return self.ingest_report
+
+    def train(self, snapshot: str | None = None, max_steps: int | None = None, emit: Emit = ignore,
+              run_id: str | None = None) -> str:
+        self.calls.append(("train",))
+        return "run-x"
+
+    def export(self, run: str, quant: str | None = None, emit: Emit = ignore, adapter: bool = False) -> ModelVersion:
+        self.calls.append(("export", run))
+        return version("v3", time.time())
+
+    def models(self) -> list[ModelVersion]:
+        return list(self.versions)
+
+    def promote(self, version: str) -> None:
+        self.calls.append(("promote", version))
+        if self.fail_promote:
+            raise self.fail_promote
+        self.versions = [ModelVersion(**{**v.__dict__, "current": v.version == version}) for v in self.versions]
+
+    def rollback(self) -> str:
+        self.calls.append(("rollback",))
+        return "base"
+
+    # --- the daemon's commands and views
     def emit_event(self, event: Any) -> None:
         self.log.append(event.to_dict())
 
@@ -156,25 +152,96 @@ class ScriptedEngine(BasicEngine):
     def audit_entries(self) -> list[dict[str, Any]]:
         return list(self.audit)
 
-    def lineage(self, name: str) -> dict[str, Any] | None:
-        if name != "v1":
+    def verify_audit(self) -> dict[str, Any]:
+        return {"ok": True, "entries": len(self.audit), "bad_line": None, "reason": None}
+
+    def lineage(self, version: str) -> dict[str, Any] | None:
+        if version != "v1":
             return None
-        return {"version": "v1", "documents": [{"sha256": "aa" * 32, "path": "policies.jsonl", "records": 40},
-                                               {"sha256": "bb" * 32, "path": "facts.md", "records": 9}],
+        return {"version": "v1", "documents": [{"sha256": d.sha256, "path": d.path, "records": d.records}
+                                               for d in self.documents if d.learned],
                 "training": {"best_val_loss": 1.91, "method": "qlora",
                              "method_reason": "340 examples and 6 GB free: 4-bit base with a LoRA adapter"},
                 "gate": self.reports["run-v1"]}
 
+    def sources(self) -> list[Document]:
+        return list(self.documents)
+
+    def quarantined(self) -> list[QuarantinedFile]:
+        return list(self.quarantine)
+
     def eval_report(self, run: str) -> dict[str, Any] | None:
         return self.reports.get(run)
+
+    def evaluate(self, run: str, emit: Emit = ignore) -> dict[str, Any]:
+        self.calls.append(("evaluate", run))
+        return self.reports.get(run) or {"passed": False, "checks": []}
+
+    # --- the practitioner's tools
+    def advise(self) -> list[dict[str, str]]:
+        self.advised += 1
+        return list(self.advice)
+
+    def set_method(self, method: str) -> str:
+        self.calls.append(("set_method", method))
+        return method
 
     def correct(self, messages: list[dict[str, str]], answer: str) -> str:
         self.corrections.append((messages, answer))
         return str(self.home / "inbox" / "correction-1.jsonl")
 
-    def advise(self) -> list[dict[str, str]]:
-        self.advised += 1
-        return list(self.advice)
+    def reviews(self) -> list[dict[str, Any]]:
+        return []
+
+    def vote(self, run: str, approve: bool, comment: str = "",
+             preferences: dict[int, str] | None = None) -> dict[str, Any]:
+        raise RegistryError(f"run {run} does not wait for review")
+
+    # --- collections and keys: one collection (the shared one) and one admin key
+    def collections(self) -> list[dict[str, Any]]:
+        status = self.status()
+        return [{"name": "", "display": "shared", "model_id": "appliance", "current": status.current,
+                 "mode": "merged", "documents": status.documents, "records": status.records,
+                 "inbox_files": status.inbox_files}]
+
+    def scoped(self, collection: str) -> ScriptedEngine:
+        if collection in ("", "shared"):
+            return self
+        raise AccessError(f"no collection '{collection}'")
+
+    def api_key(self) -> str | None:
+        return read_api_key(self.home)
+
+    def whoami(self) -> dict[str, Any]:
+        return dict(self.me)
+
+    def keys(self) -> list[dict[str, Any]]:
+        return [dict(k) for k in self.key_list]
+
+    def add_key(self, name: str, role: str, collections: list[str] | None = None) -> str:
+        self.calls.append(("add_key", name, role, collections))
+        self.key_list.append({"name": name, "role": role, "collections": collections, "created": time.time(),
+                              "revoked": None})
+        return f"secret-of-{name}"
+
+    def revoke_key(self, name: str) -> None:
+        self.calls.append(("revoke_key", name))
+        for k in self.key_list:
+            if k["name"] == name:
+                k["revoked"] = time.time()
+
+
+def test_the_scripted_engine_keeps_the_whole_contract():
+    """Every Engine method is here with the contract's parameters, so the screens meet no gaps the
+    real engine does not have (mypy confirms the real one: tests/test_boundaries.py)."""
+    import inspect
+
+    from appliance.contract.api import Engine
+
+    for name, member in vars(Engine).items():
+        if callable(member) and not name.startswith("_"):
+            ours = getattr(ScriptedEngine, name)
+            assert list(inspect.signature(ours).parameters) == list(inspect.signature(member).parameters), name
 
 
 @pytest.fixture()
@@ -251,18 +318,22 @@ async def test_dashboard_follows_the_engine_in_plain_words(engine):
         assert not app.screen.query_one("#stage-train").has_class("-current")
 
 
-async def test_an_older_engine_degrades_to_not_available(tmp_path):
-    engine = BasicEngine(tmp_path)
+async def test_documents_stored_but_not_yet_learned_are_told_apart(engine):
+    engine.documents.append(Document("new-policy.md", "cc" * 32, "md", 5))
     app = make_app(engine, poll_seconds=0.2)
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot, app, lambda: "Idle" in text_of(app, "#sentence"))
-        assert "? new · 12 document(s) learned" in text_of(app, "#facts")
+        await settle(pilot, app, lambda: "not yet learned" in text_of(app, "#facts"))
+        assert "2 new · 12 document(s) stored, 1 not yet learned · 1 quarantined" in text_of(app, "#facts")
         await pilot.press("i")
-        await settle(pilot, app, lambda: "not available" in text_of(app, "#sources-note"))
-        await pilot.press("a")
-        await settle(pilot, app, lambda: "not available" in text_of(app, "#audit-note"))
-        await pilot.press("d", "t")   # retrain without a daemon API: train + export in-process
-        await settle(pilot, app, lambda: ("export", "run-x") in engine.calls)
+        await settle(pilot, app, lambda: app.screen.query_one("#sources", DataTable).row_count == 3)
+        table = app.screen.query_one("#sources", DataTable)
+        assert [tuple(map(str, table.get_row_at(i))) for i in range(3)] == [
+            ("policies.jsonl", "jsonl", "40", "yes"), ("facts.md", "md", "9", "yes"),
+            ("new-policy.md", "md", "5", "not yet")]
+        assert "1 document(s) stored, not yet learned" in text_of(app, "#sources-note")
+        engine.documents = [Document(f"doc-{i}.md", f"{i:064x}", "md", 1) for i in range(12)]
+        await pilot.press("d")                  # no served version was trained on any of the 12
+        await settle(pilot, app, lambda: "12 document(s) stored, not yet learned" in text_of(app, "#facts"))
 
 
 async def test_promote_asks_first_and_cancel_does_nothing(engine):
@@ -329,9 +400,9 @@ async def test_ingest_now_shows_quarantine_reasons(engine):
     app = make_app(engine, poll_seconds=0.2)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("i")
-        await settle(pilot, app, lambda: "not available" in text_of(app, "#quarantine-note"))
+        await settle(pilot, app, lambda: "Nothing quarantined" in text_of(app, "#quarantine-note"))
         await settle(pilot, app, lambda: app.screen.query_one("#sources", DataTable).row_count == 2)
-        assert "trained on" in text_of(app, "#sources-note")
+        assert "learned every document" in text_of(app, "#sources-note")
         await pilot.press("n")
         await settle(pilot, app, lambda: app.screen.query_one("#quarantine", DataTable).row_count == 1)
         assert engine.calls == [("ingest",)]
@@ -476,7 +547,7 @@ async def test_retrain_pause_and_lineage_use_the_daemon_api(engine):
         assert "policies.jsonl | 40" in shown and "facts.md | 9" in shown and "validation loss 1.91 vs 2.05" in shown
         await pilot.press("escape")
         await pilot.press("down", "l")           # v2 has no lineage: said so, in place
-        await settle(pilot, app, lambda: "not available" in text_of(app, "#detail"))
+        await settle(pilot, app, lambda: "No lineage recorded" in text_of(app, "#detail"))
 
 
 async def test_forget_needs_confirmation(engine):
@@ -531,10 +602,10 @@ async def test_chat_asks_the_chosen_version(engine, sse_server):
 
 
 async def test_a_failing_background_read_is_reported_once(engine):
-    def broken(name: str) -> None:
-        raise OSError("models/v1/lineage.json: permission denied")
+    def broken() -> None:
+        raise OSError("store/index.db: permission denied")
 
-    engine.lineage = broken
+    engine.sources = broken
     app = make_app(engine, poll_seconds=0.1)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("i")
@@ -558,7 +629,7 @@ def test_a_stage_left_unfinished_in_an_old_log_is_not_shown_as_running(engine):
 def test_version_numbers_come_from_the_engines_metrics(tmp_path):
     v3 = ModelVersion("v3", 1.0, "Q4_K_M", 1, "ab" * 32, "r3", "s3", False,
                       {"best_val_loss": 1.5, "gate_val_loss": None, "gate_passed": True, "documents": 0})
-    details = Client(BasicEngine(tmp_path)).version_details(v3)
+    details = Client(ScriptedEngine(tmp_path)).version_details(v3)
     assert details["val_loss"] == 1.5 and details["passed"] is True and details["probes"] is None
 
 
@@ -604,19 +675,6 @@ async def test_a_wrong_answer_is_corrected_through_the_engine(engine, sse_server
         assert app.screen is chat and app.is_running
 
 
-async def test_correcting_without_engine_support_says_not_available(tmp_path, sse_server):
-    from tui.screens.chat import CorrectionScreen
-
-    (tmp_path / "api_key").write_text("test-key\n")
-    engine = BasicEngine(tmp_path, sse_server)
-    app = make_app(engine, poll_seconds=0.2)
-    async with app.run_test(size=SIZE) as pilot:
-        await ask_and_wait(pilot, app, "hi")
-        await pilot.press("ctrl+r")
-        await settle(pilot, app, lambda: any("not available yet" in n.message for n in app._notifications))
-        assert not isinstance(app.screen, CorrectionScreen) and app.is_running
-
-
 async def test_correcting_before_any_answer_asks_for_a_question_first(engine):
     from tui.screens.chat import CorrectionScreen
 
@@ -654,20 +712,9 @@ async def test_data_advisor_shows_warnings_first_at_80x24(engine):
         assert engine.advised > before
 
 
-async def test_data_advisor_missing_from_the_engine_is_not_a_crash(tmp_path):
-    app = make_app(BasicEngine(tmp_path), poll_seconds=0.2)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("i")
-        await settle(pilot, app, lambda: any("not available yet" in t for t, _ in advice_lines(app)))
-        assert app.is_running and type(app.screen).__name__ == "DataScreen"
-
-
 def test_client_sorts_advice_warnings_first_and_keeps_order(engine):
     advice = Client(engine).advise()
     assert [a["code"] for a in advice] == ["few_examples", "dominant_source", "validation"]
-    assert Client(BasicEngine(engine.home)).advise() is None
-    with pytest.raises(Exception, match="not available yet"):
-        Client(BasicEngine(engine.home)).correct([{"role": "user", "content": "q"}], "a")
 
 
 async def test_models_show_the_training_method_and_why(engine):
@@ -689,7 +736,7 @@ async def test_models_show_the_training_method_and_why(engine):
 
 
 def test_training_method_comes_from_metrics_or_lineage():
-    from tui.client import training_method
+    from tui.board import training_method
 
     assert training_method({"method": "dora", "method_reason": "asked for"}, None) == ("dora", "asked for")
     assert training_method({}, {"training": {"settings": {"method": "auto"}}}) == (None, None)

@@ -2,23 +2,24 @@
 in the Data and Models screens, the keys admin screen (a new key's secret is shown once), and
 chat picking among the collections the window's key may use (over real HTTP, loopback).
 
-The scripted engine extends test_tui's with the design's engine API (issue11_design.md,
-"Engine API"): ``collections()``, ``scoped(name)``, ``whoami()``, ``keys()``, ``add_key``,
-``revoke_key``; each collection's scoped engine has its own versions, documents and advice,
-and records the calls made to it.
+The scripted engine extends test_tui's with more collections and keys: ``collections()``,
+``scoped(name)``, ``whoami()``, ``keys()``, ``add_key``, ``revoke_key`` are the home's; each
+collection's scoped engine has its own versions, documents, quarantine and advice, and records
+the calls made to it.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from textual.widgets import DataTable, Input, Select, Static
 
+from appliance.contract.api import Document, QuarantinedFile
 from test_tui import SIZE, ScriptedEngine, make_app, settle, sse_server, text_of, version  # noqa: F401 (fixture)
-from tui.client import Client, parse_collections
+from tui.board import parse_collections
+from tui.client import Client
 from tui.screens.keys import ONCE, AddKeyScreen, KeysScreen, SecretScreen
 from tui.widgets import CollectionBar, ConfirmScreen
 
@@ -39,26 +40,36 @@ class CollectionEngine(ScriptedEngine):
         super().__init__(home, endpoint)
         self.collection, self.parent = name, parent
         self.versions = [version("v1", 1_700_300_000, current=True), version("v2", 1_700_400_000)]
-        self.documents = [{"path": f"{name}/guidelines.md", "format": "md", "records": 30, "sha256": "cc" * 32}]
+        self.documents = [Document(f"{name}/guidelines.md", "cc" * 32, "md", 30, name, learned=True)]
+        self.quarantine = [QuarantinedFile(f"{name}/scan.pdf", ["no text layer"], name)]
         self.advice = [{"level": "warning", "code": "few_examples", "message": f"Only 30 examples in {name}."}]
 
-    def sources(self) -> list[dict[str, Any]]:
-        return list(self.documents)
+    def lineage(self, version: str) -> dict[str, Any] | None:
+        return {"version": version, "documents": [{"path": d.path, "sha256": d.sha256, "records": d.records}
+                                                  for d in self.documents]} if version == "v1" else None
 
-    def quarantined(self) -> list[dict[str, Any]]:
-        return [{"file": f"{self.collection}/scan.pdf", "reasons": ["no text layer"]}]
+    # collections and keys are the home's
+    def collections(self) -> list[dict[str, Any]]:
+        return self.parent.collections()
 
-    def lineage(self, name: str) -> dict[str, Any] | None:
-        return {"version": name, "documents": list(self.documents)} if name == "v1" else None
+    def scoped(self, collection: str) -> ScriptedEngine:
+        return self.parent.scoped(collection)
 
-    def __getattr__(self, name: str) -> Any:   # collections(), scoped(), whoami() and the keys: the home's
-        if name in ("collections", "scoped", "whoami", "keys", "add_key", "revoke_key"):
-            return getattr(self.parent, name)
-        raise AttributeError(name)
+    def whoami(self) -> dict[str, Any]:
+        return self.parent.whoami()
+
+    def keys(self) -> list[dict[str, Any]]:
+        return self.parent.keys()
+
+    def add_key(self, name: str, role: str, collections: list[str] | None = None) -> str:
+        return self.parent.add_key(name, role, collections)
+
+    def revoke_key(self, name: str) -> None:
+        self.parent.revoke_key(name)
 
 
 class KeyedEngine(ScriptedEngine):
-    """The shared collection's engine with collections and keys (the design's Engine API)."""
+    """The shared collection's engine in a home with two more collections and three keys."""
 
     def __init__(self, home: Path, endpoint: str = "http://127.0.0.1:9/v1"):
         super().__init__(home, endpoint)
@@ -86,26 +97,12 @@ class KeyedEngine(ScriptedEngine):
                          "mode": "adapter", "documents": len(child.documents), "records": 30, "inbox_files": 1})
         return rows
 
-    def scoped(self, name: str) -> ScriptedEngine:
-        return self if name == "" else self.children[name]
-
-    def whoami(self) -> dict[str, Any]:
-        return dict(self.me)
-
-    def keys(self) -> list[dict[str, Any]]:
-        return [dict(k) for k in self.key_list]
+    def scoped(self, collection: str) -> ScriptedEngine:
+        return self if collection == "" else self.children[collection]
 
     def add_key(self, name: str, role: str, collections: list[str] | None = None) -> str:
-        self.calls.append(("add_key", name, role, collections))
-        self.key_list.append({"name": name, "role": role, "collections": collections, "created": time.time(),
-                              "revoked": None})
+        super().add_key(name, role, collections)
         return SECRET
-
-    def revoke_key(self, name: str) -> None:
-        self.calls.append(("revoke_key", name))
-        for k in self.key_list:
-            if k["name"] == name:
-                k["revoked"] = time.time()
 
 
 @pytest.fixture()
@@ -299,19 +296,15 @@ async def test_chat_for_a_key_seeing_everything_lists_collections_then_versions(
             "(nothing served yet)")
 
 
-def test_client_collections_fall_back_to_the_shared_one_and_keys_say_not_available(tmp_path):
-    from test_tui import BasicEngine
-
-    from appliance.contract.errors import ApplianceError
-
-    client = Client(BasicEngine(tmp_path))
-    assert client.collections() == [{"name": "", "display": "shared", "model_id": "appliance", "current": "v1",
-                                     "mode": "merged", "documents": 12, "records": 340, "inbox_files": 3}]
-    assert client.scoped("") is client and client.whoami() is None and client.board().collections is None
-    with pytest.raises(ApplianceError, match="not available yet"):
-        client.scoped("cardiology")
-    with pytest.raises(ApplianceError, match="not available yet"):
-        client.add_key("x", "chat")
+def test_a_scoped_client_reads_its_collection_and_is_kept(engine):
+    client = Client(engine)
+    cardiology = client.scoped("cardiology")
+    assert client.scoped("") is client and client.scoped("cardiology") is cardiology
+    assert [d.path for d in cardiology.sources()] == ["cardiology/guidelines.md"]
+    assert [q.file for q in cardiology.quarantined()] == ["cardiology/scan.pdf"]
+    assert client.whoami() == {"name": "admin", "role": "admin", "collections": None}
+    engine.me = {"name": "bob", "role": "chat", "collections": ["shared", "cardiology"]}
+    assert client.whoami()["collections"] == ["", "cardiology"]   # the engine's "shared" is the rows' ""
 
 
 def test_collections_typed_by_people_are_parsed_for_the_engine():
@@ -361,6 +354,8 @@ async def test_real_engine_collections_and_keys(real_home):
         await pilot.press("n")                                   # ingest, for real: the folder is its collection
         await settle(pilot, app, lambda: "learns from 1 document(s), 168 record(s)" in text_of(app, "#summary"),
                      timeout=30)
+        await settle(pilot, app, lambda: rows(app, "#sources") == [("policies.jsonl", "openai-messages", "168", "not yet")])
+        assert rows(app, "#quarantine") == [] and "Nothing quarantined" in text_of(app, "#quarantine-note")
         await pilot.press("m")
         await settle(pilot, app, lambda: "No versions in this collection yet" in text_of(app, "#detail"))
         assert "'appliance/cardiology' is not served" in text_of(app, "#detail")
@@ -406,14 +401,47 @@ async def test_real_engine_with_a_collection_key(real_home):
         assert not [n for n in app._notifications if n.severity == "error"]
 
 
-async def test_an_engine_without_keys_says_so_and_hides_collections(tmp_path):
+async def test_a_home_with_only_the_shared_collection_offers_no_other(tmp_path):
     (tmp_path / "api_key").write_text("test-key\n")
     app = make_app(ScriptedEngine(tmp_path), poll_seconds=0.2)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, app, lambda: app.board is not None)
-        await pilot.press("k")
-        await settle(pilot, app, lambda: any("not available yet" in n.message for n in app._notifications))
-        assert type(app.screen).__name__ == "DashboardScreen"
         await pilot.press("i")
         await settle(pilot, app, lambda: app.screen.query_one("#sources", DataTable).row_count == 2)
-        assert not app.screen.query_one(CollectionBar).display and "Collection" not in screen_text(app)
+        assert [r["display"] for r in app.screen.query_one(CollectionBar).rows] == ["shared"]
+        assert "g Collection" not in screen_text(app)             # no next collection to go to
+
+
+def test_the_real_engine_lists_sources_quarantine_and_what_is_not_yet_learned(real_home):
+    """Sources from the collection's store, quarantined files with their reasons from the sidecars, and
+    'learned' decided by the current version's lineage: stored is not learned until a version trained
+    on the document is promoted."""
+    from appliance.contract.api import open_engine
+    from appliance.home import registry
+
+    (real_home.inbox / "cardiology" / "broken.jsonl").write_text('{"messages": "not a list"}\n{oops\n')
+    engine = open_engine(real_home.root).scoped("cardiology")
+    assert engine.sources() == [] and engine.quarantined() == [] and engine.status().unlearned == 0
+    engine.ingest()
+    [doc] = engine.sources()
+    assert (doc.path, doc.format, doc.records, doc.collection, doc.learned) == (
+        "policies.jsonl", "openai-messages", 168, "cardiology", False)
+    [refused] = engine.quarantined()
+    assert refused.file == "broken.jsonl" and refused.reasons and refused.collection == "cardiology"
+    assert (real_home.quarantine / "cardiology" / str(refused.moved_to)).exists()
+    assert open_engine(real_home.root).quarantined() == []     # the shared collection's quarantine is its own
+    assert engine.status().unlearned == 1
+
+    scope = real_home.scoped("cardiology")
+    stand_in = real_home.root / "v1.gguf"
+    stand_in.write_bytes(b"GGUF" + b"v1" * 64)
+    registry.add(scope, "v1", stand_in, {"run": None, "quant": "Q4_K_M"})
+    registry.write_lineage(scope, "v1", {"version": "v1", "documents": [
+        {"sha256": doc.sha256, "path": doc.path, "records": doc.records}]})
+    assert engine.status().unlearned == 1                        # registered, not promoted: not learned yet
+    registry.promote(scope, "v1")
+    assert engine.status().unlearned == 0 and [d.learned for d in engine.sources()] == [True]
+
+    (real_home.quarantine / "cardiology" / str(refused.moved_to)).unlink()   # taken out of quarantine
+    assert engine.quarantined() == []
+    assert engine.api_key() == (real_home.root / "api_key").read_text().strip()

@@ -82,6 +82,11 @@ async def test_real_engine_status_data_models_and_activity(home: Home):
         assert row[0] == "broken.jsonl" and row[1]
         assert "1 document(s)" in text_of(app, "#summary")
         assert any("Learned" in n.message for n in app._notifications)
+        sources = app.screen.query_one("#sources", DataTable)
+        await settle(pilot, lambda: sources.row_count == 1)
+        assert [str(c) for c in sources.get_row_at(0)] == ["policies.jsonl", "openai-messages", "168", "not yet"]
+        await pilot.press("d")                 # read into the store, but no served version was trained on it
+        await settle(pilot, lambda: "1 document(s) stored, not yet learned" in text_of(app, "#facts"))
 
         await pilot.press("m")
         table = app.screen.query_one(DataTable)
@@ -199,29 +204,21 @@ async def test_chat_streams_from_the_real_endpoint(tmp_path: Path):
             screen = app.screen
             await settle(pilot, lambda: "left" in screen.answers, timeout=120)
             assert screen.answers["left"].strip()
-            if hasattr(app.client.engine, "correct"):   # issue 10: mark the answer wrong, write the right one
-                await pilot.press("ctrl+r")
-                await settle(pilot, lambda: type(app.screen).__name__ == "CorrectionScreen")
-                await pilot.press(*"Paris.", "ctrl+s")
-                await settle(pilot, lambda: list(home.inbox.glob("correction-*.jsonl")))
-                saved = json.loads(next(home.inbox.glob("correction-*.jsonl")).read_text())
-                assert saved["messages"] == [{"role": "user", "content": "What is the capital of France?"},
-                                             {"role": "assistant", "content": "Paris."}]
+            await pilot.press("ctrl+r")            # mark the answer wrong, write the right one
+            await settle(pilot, lambda: type(app.screen).__name__ == "CorrectionScreen")
+            await pilot.press(*"Paris.", "ctrl+s")
+            await settle(pilot, lambda: list(home.inbox.glob("correction-*.jsonl")))
+            saved = json.loads(next(home.inbox.glob("correction-*.jsonl")).read_text())
+            assert saved["messages"] == [{"role": "user", "content": "What is the capital of France?"},
+                                         {"role": "assistant", "content": "Paris."}]
     finally:
         server.stop()
-
-
-def _engine_with(home: Home, method: str):
-    engine = open_engine(home.root)
-    if not callable(getattr(engine, method, None)):
-        pytest.skip(f"the engine has no {method}() yet (issue 10, being added to appliance.contract.api)")
-    return engine
 
 
 def test_real_engine_files_a_correction_in_the_inbox(home: Home):
     from tui.client import Client
 
-    client = Client(_engine_with(home, "correct"))
+    client = Client(open_engine(home.root))
     messages = [{"role": "user", "content": "How much is a missed appointment?"}]
     path = Path(client.correct(messages, "The fee for a missed appointment is 20 euros."))
     assert path.parent == home.inbox and path.exists()
@@ -232,7 +229,7 @@ def test_real_engine_files_a_correction_in_the_inbox(home: Home):
 
 
 async def test_real_engine_advice_on_the_data_screen(home: Home):
-    app = make_app(_engine_with(home, "advise"), poll_seconds=0.5)
+    app = make_app(open_engine(home.root), poll_seconds=0.5)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("i")
         await pilot.press("n")                 # ingest the clinic sample: far fewer than 500 examples

@@ -14,11 +14,11 @@ import pytest
 from textual.containers import VerticalScroll
 from textual.widgets import Input, Static
 
-from appliance.contract.errors import ApplianceError
+from appliance.contract.errors import AccessError, ApplianceError
 from tui.app import make_app
 from tui.widgets import ConfirmScreen
 
-from test_tui import SIZE, BasicEngine, ScriptedEngine, settle
+from test_tui import SIZE, ScriptedEngine, settle
 
 pytestmark = pytest.mark.anyio
 
@@ -163,17 +163,22 @@ async def test_reject_needs_words_and_a_confirmation_and_keeps_the_current_model
                      or "you voted: rejected" in text(app, "#queue"))
 
 
-async def test_an_engine_without_review_says_not_available(tmp_path: Path):
+async def test_a_key_that_may_not_review_is_told_why_once(tmp_path: Path):
     (tmp_path / "api_key").write_text("k\n")
-    app = make_app(BasicEngine(tmp_path), poll_seconds=0.2)
+    engine = ScriptedEngine(tmp_path)
+
+    def refused() -> list[dict[str, Any]]:
+        raise AccessError("key 'bob' (role chat) may not run 'reviews': it needs the approver role")
+
+    engine.reviews = refused
+    app = make_app(engine, poll_seconds=0.2)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, app, lambda: app.board is not None)
         await pilot.press("v")
-        await settle(pilot, app, lambda: type(app.screen).__name__ == "ReviewScreen")
-        await settle(pilot, app, lambda: "not available yet" in text(app, "#queue"))
+        await settle(pilot, app, lambda: any("approver role" in n.message for n in app._notifications))
         await pilot.press("y")
         await settle(pilot, app, lambda: any("No candidate" in n.message for n in app._notifications))
-        assert app.is_running
+        assert len([n for n in app._notifications if "approver role" in n.message]) == 1 and app.is_running
 
 
 async def test_an_empty_queue_says_how_review_is_switched_on(tmp_path: Path):

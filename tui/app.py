@@ -21,11 +21,12 @@ from textual.screen import Screen
 from appliance.contract.api import Engine
 from appliance.contract.errors import ApplianceError
 
-from .client import Board, Client
-from .screens import ActivityScreen, ChatScreen, DashboardScreen, DataScreen, ModelsScreen
-from .screens.keys import KeysScreen, not_admin_words
-from .screens.review import ReviewScreen
-from .widgets import HelpScreen
+from tui.board import Board
+from tui.client import Client
+from tui.screens import ActivityScreen, ChatScreen, DashboardScreen, DataScreen, ModelsScreen
+from tui.screens.keys import KeysScreen, not_admin_words
+from tui.screens.review import ReviewScreen
+from tui.widgets import HelpScreen
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +173,6 @@ class ApplianceApp(App[None]):
 
     def action_keys(self) -> None:
         """Open Keys for an admin key; anyone else is told why not (asked afresh: keys change)."""
-        if not self.client.can("keys"):
-            self.notify("Managing keys is not available yet in this engine.", title="Keys", severity="warning")
-            return
         self.act("checking this window's key", self.client.whoami, self._keys_for, quiet=True)
 
     def _keys_for(self, identity: dict[str, Any] | None) -> None:

@@ -11,7 +11,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Label, Markdown, Select, Sparkline, Static
 
-from .client import STAGES
+from tui.board import STAGES
 
 T = TypeVar("T")
 

@@ -43,12 +43,38 @@ class Status:
     current_metrics: dict[str, Any] = field(default_factory=dict)   # validation loss, gate numbers
     server: dict[str, Any] = field(default_factory=dict)            # address, health, daemon pid
     inbox: dict[str, Any] = field(default_factory=dict)             # new, ingested, quarantined, watching
+    # stored documents the current version was not trained on: read, not yet learned (None: unknown)
+    unlearned: int | None = None
+
+
+@dataclass(frozen=True)
+class Document:
+    """A source document in a collection's store."""
+
+    path: str                  # relative to the collection's inbox folder, where it was first seen
+    sha256: str
+    format: str
+    records: int
+    collection: str = ""
+    learned: bool = False      # the current version was trained on it
+
+
+@dataclass(frozen=True)
+class QuarantinedFile:
+    """A file the ingest refused, moved to the quarantine folder beside its reasons."""
+
+    file: str                  # its path in the inbox, as it was
+    reasons: list[str]
+    collection: str = ""
+    quarantined_at: float | None = None
+    moved_to: str | None = None    # its name in the quarantine folder; None: it could not be moved
 
 
 class Engine(Protocol):
     """Every operation a person can ask for. Errors are ``appliance.contract.errors.ApplianceError``."""
 
     home: Path
+    collection: str    # the collection this engine acts on ("" the shared one; appliance/contract/names.py)
 
     def status(self) -> Status: ...
 
@@ -60,8 +86,9 @@ class Engine(Protocol):
         """Cut (or reuse) a snapshot and train an adapter; return the run id. With the
         id of an interrupted run, resume it from its last checkpoint."""
 
-    def export(self, run: str, quant: str | None = None, emit: Emit = ignore) -> ModelVersion:
-        """Merge, convert, quantize and parity-check a run; register it as a new (not current) version."""
+    def export(self, run: str, quant: str | None = None, emit: Emit = ignore, adapter: bool = False) -> ModelVersion:
+        """Merge, convert, quantize and parity-check a run; register it as a new (not current) version.
+        ``adapter``: also export the LoRA adapter as GGUF (a collection served as an adapter always does)."""
 
     def models(self) -> list[ModelVersion]: ...
 
@@ -95,12 +122,18 @@ class Engine(Protocol):
 
     def lineage(self, version: str) -> dict[str, Any] | None: ...
 
+    def sources(self) -> list[Document]:
+        """The source documents in the store, each marked learned or not by the current version."""
+
+    def quarantined(self) -> list[QuarantinedFile]:
+        """The files in the quarantine folder, each with the reasons it was refused, newest first."""
+
     def eval_report(self, run: str) -> dict[str, Any] | None: ...
 
     def evaluate(self, run: str, emit: Emit = ignore) -> dict[str, Any]:
         """Run the promotion gate for a run against the current model; writes and returns eval.json."""
 
-    # --- the practitioner's tools (issue 10)
+    # --- the practitioner's tools
 
     def advise(self) -> list[dict[str, str]]:
         """The data advisor on the current data (and the latest run's curve): dicts with
@@ -125,9 +158,20 @@ class Engine(Protocol):
         preferences ("a"/"b"); returns state, job_state, approvals and "reveal" (which was which).
         Enough approvals promote it; a rejection refuses the job and keeps the current model."""
 
-    # --- API keys (issue 11). Every method above checks the caller's key: its role (chat <
+    # --- collections and API keys. Every method checks the caller's key: its role (chat <
     # contributor < approver < admin, appliance/home/keys.py COMMAND_ROLES) and that it sees the
     # engine's collection; a refusal is appliance.contract.errors.AccessError.
+
+    def collections(self) -> list[dict[str, Any]]:
+        """Every collection the caller's key sees, the shared one first: name, display, model_id,
+        current (version or None), mode ("merged" or "adapter"), documents, records, inbox_files."""
+
+    def scoped(self, collection: str) -> "Engine":
+        """The same engine, for the same key, on another collection ("" or "shared": the shared one)."""
+
+    def api_key(self) -> str | None:
+        """The home's admin key (its api_key file) for the endpoint, or None when unreadable; a front end
+        uses the caller's own key ($APPLIANCE_API_KEY, names.KEY_ENV) first."""
 
     def whoami(self) -> dict[str, Any]:
         """The caller's key: name, role, collections (display names; None = every collection)."""

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.home import registry
 from appliance.data import snapshot as snapshots
-from appliance.contract.api import ModelVersion, Status
+from appliance.contract.api import Document, ModelVersion, QuarantinedFile, Status
+from appliance.contract.names import read_api_key
 from appliance.home.config import Settings, load
 from appliance.contract.errors import HomeError
 from appliance.contract.events import Emit, ignore
@@ -32,7 +34,7 @@ class LocalEngine:
             raise HomeError(f"collection {collection!r}: {why}")
         self.key = key or caller_key(self.paths)
 
-    # --- collections (issue 11) ----------------------------------------------------------------
+    # --- collections ----------------------------------------------------------------------------
     def scoped(self, collection: str) -> "LocalEngine":
         """The same engine bound to another collection ("" or "shared": the shared one)."""
         from appliance.home.catalog import parse
@@ -68,11 +70,9 @@ class LocalEngine:
         from appliance.data.ingest import inbox_files
         from appliance.data.ingest.store import Store
 
-        store = Store(self.paths.store_db)
-        try:
+        with Store(self.paths.store_db) as store:
             counts = store.counts()
-        finally:
-            store.close()
+            unlearned = len(set(store.active_documents()) - self._learned())
         s = self.settings
         runs = sorted(p.name for p in self.paths.runs.iterdir() if p.is_dir()) if self.paths.runs.exists() else []
         from appliance.engine.daemon import daemon_state, paused
@@ -90,7 +90,8 @@ class LocalEngine:
                              "quarantined": _quarantined(self.paths.quarantine),
                              "watching": bool(daemon and daemon.get("watching")),
                              "paused": paused(self.paths) if self.paths.jobs_db.exists() else False,
-                             "since_start": (daemon or {}).get("inbox", {})})
+                             "since_start": (daemon or {}).get("inbox", {})},
+                      unlearned=unlearned)
 
     def ingest(self, emit: Emit = ignore) -> dict[str, Any]:
         from appliance.engine.daemon import record_ingest, store_seqs
@@ -211,6 +212,33 @@ class LocalEngine:
         registry.get(self.paths, version)
         return registry.lineage(self.paths, version)
 
+    def sources(self) -> list[Document]:
+        from appliance.data.ingest.store import Store
+
+        learned = self._learned()
+        with Store(self.paths.store_db) as store:
+            facts = store.document_facts(store.active_documents())
+        return [Document(f["path"], f["sha256"], f["format"], f["records"], self.collection, f["sha256"] in learned)
+                for f in facts]
+
+    def quarantined(self) -> list[QuarantinedFile]:
+        from appliance.home.fsutil import read_json
+
+        folder = self.paths.quarantine  # sub-folders are other collections' quarantines
+        found = []
+        for sidecar in folder.glob("*.reason.json") if folder.is_dir() else []:
+            try:
+                data = read_json(sidecar)
+            except (OSError, ValueError):
+                continue
+            moved_to = data.get("moved_to")
+            if moved_to and not os.path.lexists(folder / moved_to):
+                continue  # taken out of quarantine (fixed, or deleted): its reasons no longer apply
+            found.append(QuarantinedFile(str(data.get("file", sidecar.name.removesuffix(".reason.json"))),
+                                         [str(r) for r in data.get("reasons", [])], self.collection,
+                                         data.get("quarantined_at"), moved_to))
+        return sorted(found, key=lambda q: q.quarantined_at or 0.0, reverse=True)
+
     def eval_report(self, run: str) -> dict[str, Any] | None:
         from appliance.quality.gate import load_report
 
@@ -266,7 +294,10 @@ class LocalEngine:
 
         return vote(self.paths, self.settings, run, approve, comment, preferences)
 
-    # --- keys (issue 11) -------------------------------------------------------------------
+    # --- keys ---------------------------------------------------------------------------------
+    def api_key(self) -> str | None:
+        return read_api_key(self.paths.top.root)
+
     def whoami(self) -> dict[str, Any]:
         return self.key.to_dict()
 
@@ -305,10 +336,15 @@ class LocalEngine:
             out["gate"] = {c["name"]: c["value"] for c in report["checks"]}
         return out
 
+    def _learned(self) -> set[str]:
+        """sha256 of the documents the current version was trained on (its lineage, else its snapshot)."""
+        from appliance.engine.pipeline import version_documents
+
+        version = registry.current(self.paths)
+        return version_documents(self.paths, version) if version else set()
+
     def _unread(self, inbox: list[Path]) -> int:
         """Inbox files the store has not read in their present state."""
-        import os
-
         from appliance.data.ingest.store import Store
 
         with Store(self.paths.store_db) as store:
@@ -335,6 +371,12 @@ class LocalEngine:
         return ModelVersion(record["version"], record["created"], record.get("quant", "?"), record.get("size", 0),
                             record["sha256"], record.get("run"), record.get("snapshot"),
                             record["version"] == registry.current(self.paths), metrics)
+
+
+if TYPE_CHECKING:  # mypy confirms the in-process engine keeps the whole contract (tests/test_boundaries.py)
+    from appliance.contract.api import Engine
+
+    _contract: type[Engine] = LocalEngine
 
 
 def _health(endpoint: str) -> str:

@@ -13,54 +13,20 @@ adapters on the one loaded base model (model id ``appliance/<name>``).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from typing import TYPE_CHECKING, Iterator
 
+# The names themselves (shared, model ids, what may name a collection) are the contract's, since the
+# TUI needs them too; they are re-exported here for the engine's callers (catalog.model_id, …).
+from appliance.contract.names import (MAX_DEPTH, PREFIX, SEGMENT, SHARED, SHARED_NAME, VERSION, display, model_id,
+                                      parse, parse_model_id, problem)
 from appliance.home.fsutil import read_json
 from appliance.home.paths import Home
 
 if TYPE_CHECKING:
     from appliance.home.config import Settings
-
-SHARED = ""
-SHARED_NAME = "shared"
-PREFIX = "appliance"
-MAX_DEPTH = 3
-# Folder names as people make them ("Cardiology", "matter-17", "Legal Office"): letters of
-# any script, digits, spaces, '.', '_' and '-'; never '/', '@' (they separate model ids)
-# or a leading dot (hidden folders are skipped by the watcher).
-SEGMENT = re.compile(r"^\w(?:[\w .-]{0,62}[\w.-])?$")
-VERSION = re.compile(r"^v\d+$")
-
-
-def display(collection: str) -> str:
-    return collection or SHARED_NAME
-
-
-def parse(name: str) -> str:
-    """A collection as people write it ("shared" is the top of the inbox)."""
-    name = name.strip().strip("/")
-    return SHARED if name in ("", SHARED_NAME) else name
-
-
-def problem(name: str) -> str | None:
-    """Why ``name`` cannot be a collection, or None."""
-    if name == SHARED:
-        return None
-    parts = name.split("/")
-    if len(parts) > MAX_DEPTH:
-        return f"collections nest at most {MAX_DEPTH} folders deep"
-    if parts[0] == SHARED_NAME:
-        return f"'{SHARED_NAME}' is the name of the top of the inbox"
-    for part in parts:
-        if not SEGMENT.match(part):
-            return (f"folder name {part!r} cannot name a collection: use letters, digits, spaces, '.', '_' "
-                    "and '-', starting with a letter or digit, at most 64 characters")
-    return None
-
 
 def of_path(home: Home, path: Path) -> str:
     """The collection of an inbox path (its parent folder relative to the inbox)."""
@@ -108,29 +74,7 @@ def _folders(root: Path, skip: frozenset[str] = frozenset()) -> Iterator[tuple[s
             yield name, subs, [f for f in files if not f.startswith(".")]
 
 
-# --- model ids -------------------------------------------------------------------------------------
-
-
-def model_id(collection: str, version: str | None = None) -> str:
-    """``appliance`` / ``vN`` for the shared collection; ``appliance/<c>`` / ``appliance/<c>@vN`` otherwise."""
-    if collection == SHARED:
-        return version or PREFIX
-    return f"{PREFIX}/{collection}" + (f"@{version}" if version else "")
-
-
-def parse_model_id(model: str) -> tuple[str, str | None]:
-    """(collection, version or None for the collection's current one); LookupError otherwise."""
-    if model in (PREFIX, f"{PREFIX}/{SHARED_NAME}"):
-        return SHARED, None
-    if model == "base" or VERSION.match(model):
-        return SHARED, model
-    if model.startswith(PREFIX + "/"):
-        name, _, version = model[len(PREFIX) + 1:].partition("@")
-        if name == SHARED_NAME:
-            name = SHARED
-        if problem(name) is None and name and (not version or VERSION.match(version)):
-            return name, version or None
-    raise LookupError(model)
+# --- adapters ---------------------------------------------------------------------------------------
 
 
 def adapter_mode(home: Home, settings: "Settings") -> bool:
@@ -184,5 +128,5 @@ def served(home: Home, collection: str, version: str | None = None) -> Served | 
     return Served(collection, version, "merged", registry.gguf_path(scope, version), None, record["sha256"])
 
 
-__all__ = ["SHARED", "SHARED_NAME", "Served", "adapter_mode", "adapter_problem", "base_model", "display", "model_id", "names", "of_path", "parse",
+__all__ = ["MAX_DEPTH", "PREFIX", "SEGMENT", "SHARED", "SHARED_NAME", "VERSION", "Served", "adapter_mode", "adapter_problem", "base_model", "display", "model_id", "names", "of_path", "parse",
            "parse_model_id", "problem", "served", "stores", "with_data"]

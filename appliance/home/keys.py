@@ -36,14 +36,14 @@ from contextvars import ContextVar
 from functools import wraps
 from typing import Any, Callable, Iterator, TypeVar
 
-from appliance.home.catalog import display as _display
-from appliance.home.catalog import parse as _parse_collection
-from appliance.home.catalog import problem as _collection_problem
+from appliance.contract.names import ROLES
+from appliance.contract.names import display as _display
+from appliance.contract.names import parse as _parse_collection
+from appliance.contract.names import problem as _collection_problem
 from appliance.contract.errors import AccessError, ApplianceError
 from appliance.home.fsutil import write_text_atomic
 from appliance.home.paths import Home
 
-ROLES = ("chat", "contributor", "approver", "admin")
 ADMIN_NAME = "admin"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 FORMAT = 1
@@ -95,6 +95,8 @@ COMMAND_ROLES: dict[str, str] = {
     "events": "chat",
     "eval_report": "chat",     # the gate numbers status shows anyway
     "lineage": "contributor",  # names the documents a version learnt from
+    "sources": "contributor",  # names the documents in the store
+    "quarantined": "contributor",  # names the refused files and why
     "correct": "contributor",
     "evaluate": "approver",
     "reviews": "approver",
@@ -107,6 +109,7 @@ COMMAND_ROLES: dict[str, str] = {
     "keys": "admin",
     "add_key": "admin",
     "revoke_key": "admin",
+    "api_key": "admin",        # the home's admin key file, for the TUI's chat when the caller has no own key
 }
 
 

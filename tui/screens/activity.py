@@ -8,11 +8,12 @@ from typing import Any
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
+from appliance.contract.errors import ApplianceError
 from appliance.contract.events import Progress
 
-from ..client import NOT_AVAILABLE, Board, message_event_text
-from ..widgets import NavBar
-from .base import BoardScreen
+from tui.board import Board, message_event_text
+from tui.widgets import NavBar
+from tui.screens.base import BoardScreen
 
 Row = tuple[str, str, str, str]
 
@@ -77,23 +78,26 @@ class ActivityScreen(BoardScreen):
     def show_board(self, board: Board) -> None:
         self.appliance.act("reading the activity", self._gather, self._show_rows, quiet=True)
 
-    def _gather(self) -> tuple[list[Row], bool]:
+    def _gather(self) -> tuple[list[Row], str]:
         client = self.appliance.client
-        audit = client.audit()
+        note = ""
+        try:
+            audit = client.audit()
+        except ApplianceError as exc:  # the audit log is for admin keys: the others still see events and jobs
+            audit, note = [], f"Audit log: {exc}. Showing the engine's events and jobs."
         # Progress ticks belong to the dashboard's bar and chart; here they would bury the rest.
         timed: list[tuple[float, int, Row]] = [
             (e.at, i, (_time(e.at), "engine", f"{e.stage} {e.kind}", message_event_text(e)))
             for i, e in enumerate(client.events()) if not isinstance(e, Progress)]
-        timed += [(_at(e), i, audit_row(e)) for i, e in enumerate(audit or [])]
+        timed += [(_at(e), i, audit_row(e)) for i, e in enumerate(audit)]
         timed += [(float(j.get("updated") or j.get("created") or 0), i, job_row(j))
-                  for i, j in enumerate(client.jobs() or [])]
+                  for i, j in enumerate(client.jobs())]
         timed.sort(key=lambda t: (t[0], t[1]), reverse=True)  # newest first
-        return [row for _, _, row in timed], audit is not None
+        return [row for _, _, row in timed], note
 
-    def _show_rows(self, result: tuple[list[Row], bool]) -> None:
-        self.rows, has_audit = result
-        self.query_one("#audit-note", Static).update(
-            "" if has_audit else f"Audit log: {NOT_AVAILABLE} from this engine; showing this session's events.")
+    def _show_rows(self, result: tuple[list[Row], str]) -> None:
+        self.rows, note = result
+        self.query_one("#audit-note", Static).update(note)
         self.apply_filter()
 
     def on_input_changed(self, event: Input.Changed) -> None:

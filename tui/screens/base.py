@@ -1,29 +1,29 @@
-"""What every screen shares: it is shown the latest board when it appears and on each poll.
+"""What every screen shares: it is shown the latest board when it appears and on each poll, and
+it reaches the app through the small ``tui.host.Host`` protocol (client, board, act, …).
 
 ``CollectionScreen`` adds the collection chooser of the Data and Models screens: the chosen
-collection is the app's (``ApplianceApp.chosen_collection``), so both screens show the same
-one, and everything they read or change goes through the client scoped to it.
+collection is the app's (``Host.chosen_collection``), so both screens show the same one, and
+everything they read or change goes through the client scoped to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from textual.binding import Binding
 from textual.screen import Screen
 
-from ..client import Board, Client
-from ..widgets import CollectionBar
-
-if TYPE_CHECKING:
-    from ..app import ApplianceApp
+from tui.board import Board
+from tui.client import Client
+from tui.host import Host
+from tui.widgets import CollectionBar
 
 
 class BoardScreen(Screen):
     @property
-    def appliance(self) -> "ApplianceApp":
-        return cast("ApplianceApp", self.app)
+    def appliance(self) -> Host:
+        return cast(Host, self.app)
 
     def on_screen_resume(self) -> None:
         if self.appliance.board is not None:
@@ -41,7 +41,7 @@ class CollectionScreen(BoardScreen):
         return self.appliance.chosen_collection
 
     def collection_row(self) -> dict[str, Any] | None:
-        """The chosen collection as the last poll listed it (None: an engine without collections)."""
+        """The chosen collection as the last poll listed it (None: not listed, or the key may not list them)."""
         board = self.appliance.board
         rows = board.visible_collections() if board else None
         return next((r for r in rows or [] if r["name"] == self.collection), None)

@@ -14,12 +14,13 @@ from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
 from textual.worker import get_current_worker
 
 from appliance.contract.errors import ApplianceError
+from appliance.contract.names import SHARED, model_id
 
-from ..client import NOT_AVAILABLE, Board
-from ..widgets import FormScreen, NavBar, form_end
-from .base import BoardScreen
+from tui.board import Board
+from tui.widgets import FormScreen, NavBar, form_end
+from tui.screens.base import BoardScreen
 
-CURRENT = "appliance"
+CURRENT = model_id(SHARED)  # the shared collection's served version
 SAVED = "Saved your correction; the next training run will learn from it."
 
 
@@ -94,6 +95,9 @@ class ChatScreen(BoardScreen):
         self.query_one("#question", Input).focus()
 
     def show_board(self, board: Board) -> None:
+        if not self.query_one("#model", Select).is_mounted:   # its own mount would reset the value chosen here
+            self.call_after_refresh(self.show_board, board)
+            return
         options = picker_options(board)
         if options == self.options:
             return
@@ -183,10 +187,6 @@ class ChatScreen(BoardScreen):
     def action_correct(self) -> None:
         """Mark the last answer (the left pane's: the version asked) wrong and write the right one."""
         client = self.appliance.client
-        if not client.can("correct"):
-            self.notify(f"Saving corrections is {NOT_AVAILABLE} in this engine.", title="Corrections",
-                        severity="warning")
-            return
         answer, messages = self.answers.get("left", ""), self.asked.get("left")
         if not messages or not answer.strip():
             self.notify("Ask a question first; once the answer is complete you can mark it wrong.",

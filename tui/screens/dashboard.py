@@ -10,9 +10,9 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Footer, Header, ProgressBar, Static
 
-from ..client import Board, answered, eta_words
-from ..widgets import LossChart, NavBar, StageRow
-from .base import BoardScreen
+from tui.board import Board, answered, eta_words, stored_words
+from tui.widgets import LossChart, NavBar, StageRow
+from tui.screens.base import BoardScreen
 
 
 def model_line(board: Board) -> str:
@@ -103,7 +103,7 @@ class DashboardScreen(BoardScreen):
             return "?" if value is None else str(value)
 
         inbox = board.inbox
-        lines = [f"Inbox: {n(inbox.get('new'))} new · {n(inbox.get('ingested'))} document(s) learned · "
+        lines = [f"Inbox: {n(inbox.get('new'))} new · {stored_words(inbox.get('ingested'), inbox.get('unlearned'))} · "
                  f"{n(inbox.get('quarantined'))} quarantined" +
                  (f" · {inbox['files']} file(s) in the folder" if inbox.get("files") is not None else ""),
                  model_line(board),
@@ -112,7 +112,7 @@ class DashboardScreen(BoardScreen):
         p = board.progress
         if p is not None and not p.finished and (left := eta_words(p.eta_seconds())):
             lines.insert(0, f"Running: {p.engine_stage}, {left}")
-        queue = getattr(board.status, "queue", None) or []
+        queue = board.status.queue
         if queue:
             kinds = ", ".join(str(j.get("kind", "job")) for j in queue[:3])
             lines.append(escape(f"Queued next: {kinds}" + (f" and {len(queue) - 3} more" if len(queue) > 3 else "")))

@@ -1,5 +1,6 @@
-"""Data: the data advisor's warnings, what the model learns from, what was refused and why,
-and 'ingest now' — for the collection chosen at the top (issue 11; g picks the next one)."""
+"""Data: the data advisor's warnings, the source documents (learned by the served version, or stored
+and not yet learned), what was refused and why, and 'ingest now' — for the collection chosen at the
+top (g picks the next one)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from appliance.contract.errors import ApplianceError
 
-from ..client import NOT_AVAILABLE, Board, Client
-from ..widgets import CollectionBar, ConfirmScreen, NavBar
-from .base import CollectionScreen
+from appliance.contract.api import Document, QuarantinedFile
+
+from tui.board import Board
+from tui.client import Client
+from tui.widgets import CollectionBar, ConfirmScreen, NavBar
+from tui.screens.base import CollectionScreen
 
 
 def fill(table: DataTable, rows: list[tuple[str, ...]]) -> None:
@@ -46,7 +50,7 @@ class DataScreen(CollectionScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        self.documents: list[dict[str, Any]] = []
+        self.documents: list[Document] = []
         self.advice: list[dict[str, str]] | None = None
         self._advised: tuple[Any, ...] | None = None  # the data state the advice shown was read for
         self._advice_lock = asyncio.Lock()  # two reads finishing together must not interleave their redraws
@@ -62,7 +66,7 @@ class DataScreen(CollectionScreen):
             yield Vertical(Static("Reading the advice…", classes="note"), id="advice")
             yield Static("Sources", classes="title")
             sources: DataTable = DataTable(id="sources", cursor_type="row")
-            sources.add_columns("document", "format", "records")
+            sources.add_columns("document", "format", "records", "learned")
             yield sources
             yield Static("", id="sources-note", classes="note")
             yield Static("Quarantined files (not learned from)", classes="title")
@@ -116,32 +120,28 @@ class DataScreen(CollectionScreen):
         self.read("reading the data advice", self._advise, self.show_advice)
 
     @staticmethod
-    def _advise(client: Client) -> list[dict[str, str]] | None | ApplianceError:
+    def _advise(client: Client) -> list[dict[str, str]] | ApplianceError:
         """The advice, or the engine's reason it has none (no data yet, say): shown in place, not as an alarm."""
         try:
             return client.advise()
         except ApplianceError as exc:
             return exc
 
-    async def show_advice(self, advice: list[dict[str, str]] | None | ApplianceError) -> None:
+    async def show_advice(self, advice: list[dict[str, str]] | ApplianceError) -> None:
         async with self._advice_lock:
             await self._draw_advice(advice)
 
-    async def _draw_advice(self, advice: list[dict[str, str]] | None | ApplianceError) -> None:
+    async def _draw_advice(self, advice: list[dict[str, str]] | ApplianceError) -> None:
         box = self.query_one("#advice", Vertical)
         if isinstance(advice, ApplianceError):
             self.advice = None
             await box.remove_children()
             await box.mount(Static(f"The advisor has nothing to say yet: {advice}", markup=False, classes="note"))
             return
-        if advice == self.advice and box.children and advice is not None:
+        if advice == self.advice and box.children:
             return
         self.advice = advice
         await box.remove_children()
-        if advice is None:
-            await box.mount(Static(f"The data advisor is {NOT_AVAILABLE} in this engine; 'appliance advise' gives "
-                             f"its warnings when it ships.", classes="note"))
-            return
         if not advice:
             await box.mount(Static("No advice: nothing to warn about.", classes="advice-ok"))
             return
@@ -151,50 +151,33 @@ class DataScreen(CollectionScreen):
                             for a in advice)
 
     @staticmethod
-    def _lists(client: Client) -> tuple[Any, list[dict[str, Any]] | None]:
+    def _lists(client: Client) -> tuple[list[Document], list[QuarantinedFile]]:
         return client.sources(), client.quarantined()
 
-    def _show_lists(self, lists: tuple[Any, list[dict[str, Any]] | None]) -> None:
+    def _show_lists(self, lists: tuple[list[Document], list[QuarantinedFile]]) -> None:
         sources, quarantined = lists
-        table = self.query_one("#sources", DataTable)
-        note = self.query_one("#sources-note", Static)
-        if sources is None:
-            note.update(f"The list of source documents is {NOT_AVAILABLE} (it comes with a promoted version's "
-                        f"lineage); the totals above are.")
-        else:
-            sources, where = sources
-            self.documents = list(sources)
-            fill(table, [(str(src.get("path") or src.get("name") or src.get("sha256", "?")),
-                          str(src.get("format", "-")), str(src.get("records", "-"))) for src in sources])
-            note.update(f"Showing the {where}." if sources else "No documents learned yet.")
-        table = self.query_one("#quarantine", DataTable)
-        note = self.query_one("#quarantine-note", Static)
-        if quarantined is None:
-            board = self.appliance.board
-            count = board.inbox.get("quarantined") if board else None
-            where = board.status.home / "quarantine" if board and board.status else "the home's quarantine folder"
-            said = f"{count} file(s) quarantined. " if count else ""
-            note.update(f"{said}The list with reasons is {NOT_AVAILABLE} from this engine; it appears after an "
-                        f"ingest runs here (press n). The files and their reasons are in {where}.")
-        else:
-            fill(table, [(str(q.get("file") or q.get("path") or "?"),
-                          "; ".join(map(str, q.get("reasons") or [q.get("reason", "no reason recorded")])))
-                         for q in quarantined])
-            note.update("Nothing quarantined." if not quarantined else
-                        "Fix the file and drop it into the inbox again; the reasons say what was wrong.")
+        self.documents = list(sources)
+        fill(self.query_one("#sources", DataTable),
+             [(d.path, d.format or "-", str(d.records), "yes" if d.learned else "not yet") for d in sources])
+        waiting = sum(not d.learned for d in sources)
+        self.query_one("#sources-note", Static).update(
+            "No documents read yet." if not sources else
+            "The served version learned every document." if not waiting else
+            f"{waiting} document(s) stored, not yet learned: the next trained and promoted version learns them.")
+        fill(self.query_one("#quarantine", DataTable), [(q.file, "; ".join(q.reasons) or "no reason recorded")
+                                                        for q in quarantined])
+        self.query_one("#quarantine-note", Static).update(
+            "Nothing quarantined." if not quarantined else
+            "Fix the file and drop it into the inbox again; the reasons say what was wrong.")
 
     def action_forget(self) -> None:
         client = self.appliance.client
-        if not client.can("forget"):
-            self.notify(f"Forgetting a document is {NOT_AVAILABLE} in this engine.", severity="warning")
-            return
         table = self.query_one("#sources", DataTable)
         if not self.documents or table.cursor_row >= len(self.documents):
             self.notify("Choose a document in the Sources table first (arrow keys or a click).", severity="warning")
             return
         doc = self.documents[table.cursor_row]
-        name = str(doc.get("path") or doc.get("sha256"))
-        target = str(doc.get("sha256") or doc.get("path"))
+        name, target = doc.path, doc.sha256
         chosen, row = self.collection, self.collection_row()
         consequence = (f"Everything the appliance holds from {name} is deleted: its records, any quarantined copy "
                        f"and the training files of runs that used it. The model is retrained without it, and every "

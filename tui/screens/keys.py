@@ -16,10 +16,12 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Select, Static
 
-from ..client import ROLES, Board, display, parse_collections
-from ..widgets import ConfirmScreen, FormScreen, NavBar, form_end
-from .base import BoardScreen
-from .data import fill
+from appliance.contract.names import ROLES, display
+
+from tui.board import Board, parse_collections
+from tui.widgets import ConfirmScreen, FormScreen, NavBar, form_end
+from tui.screens.base import BoardScreen
+from tui.screens.data import fill
 
 ROLE_WORDS = {"chat": "chat: ask the models of its collections",
               "contributor": "contributor: chat, and add documents",

@@ -15,10 +15,12 @@ from textual.widgets.option_list import Option
 
 from appliance.contract.api import ModelVersion
 
-from ..client import NOT_AVAILABLE, Board, model_id, training_method
-from ..widgets import CollectionBar, ConfirmScreen, MarkdownScreen, NavBar
-from .base import CollectionScreen
-from .dashboard import gate_summary
+from appliance.contract.names import model_id
+
+from tui.board import Board, training_method
+from tui.widgets import CollectionBar, ConfirmScreen, MarkdownScreen, NavBar
+from tui.screens.base import CollectionScreen
+from tui.screens.dashboard import gate_summary
 
 
 def difference(version: ModelVersion, previous: ModelVersion | None, mine: dict[str, Any],
@@ -98,7 +100,7 @@ class ModelsScreen(CollectionScreen):
     def show_board(self, board: Board) -> None:
         self.show_collections(board)
         if self.collection:   # the board holds the window's own collection; a chosen one is read for it
-            self.read("reading the collection's versions", lambda client: client.engine.models(), self.show_models)
+            self.read("reading the collection's versions", lambda client: client.models(), self.show_models)
         else:
             self.show_models(board.models)
 
@@ -215,9 +217,10 @@ class ModelsScreen(CollectionScreen):
         detail = self.query_one("#detail", Static)
 
         def show(lineage: dict[str, Any] | None) -> None:
-            if lineage is None:  # versions promoted before lineage existed, or an older engine
+            if lineage is None:  # a version promoted by command, not by the daemon's pipeline, has none
                 detail.update(f"{chosen.version}: run {chosen.run or '-'}, snapshot {chosen.snapshot or '-'}, "
-                              f"sha256 {chosen.sha256[:16]}… Lineage (which documents): {NOT_AVAILABLE}.")
+                              f"sha256 {chosen.sha256[:16]}… No lineage recorded (which documents): only versions "
+                              f"the daemon promotes have one.")
             else:
                 self.app.push_screen(LineageScreen(lineage_markdown(chosen.version, lineage)))
 

@@ -18,9 +18,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Header, Input, Label, Static
 
-from ..client import NOT_AVAILABLE, Board
-from ..widgets import ConfirmScreen, NavBar
-from .base import BoardScreen
+from tui.board import Board
+from tui.widgets import ConfirmScreen, NavBar
+from tui.screens.base import BoardScreen
 
 REFRESH_SECONDS = 3.0  # the queue changes only when a job finishes its gate or someone votes
 EMPTY = ("No candidate is waiting for review. With promotion = \"review\" in the [gate] section of "
@@ -48,7 +48,6 @@ class ReviewScreen(BoardScreen):
         self.item = 0                                # which of its questions
         self.preferences: dict[str, dict[int, str]] = {}   # run -> item -> "a" | "b" (this reviewer's)
         self.results: dict[str, dict[str, Any]] = {}       # run -> the engine's answer to this reviewer's vote
-        self.available: bool | None = None
         self._read_at = 0.0
 
     def compose(self) -> ComposeResult:
@@ -81,8 +80,7 @@ class ReviewScreen(BoardScreen):
         self._read_at = time.monotonic()
         self.appliance.act("reading the review queue", self.appliance.client.reviews, self.fill, quiet=True)
 
-    def fill(self, entries: list[dict[str, Any]] | None) -> None:
-        self.available = entries is not None
+    def fill(self, entries: list[dict[str, Any]]) -> None:
         shown = self.entry()
         fresh = list(entries or [])
         if shown is not None and shown["run"] in self.results and all(e["run"] != shown["run"] for e in fresh):
@@ -109,7 +107,7 @@ class ReviewScreen(BoardScreen):
         queue, question = self.query_one("#queue", Static), self.query_one("#question", Static)
         entry = self.entry()
         if entry is None:
-            queue.update(f"Human review is {NOT_AVAILABLE} in this engine." if self.available is False else EMPTY)
+            queue.update(EMPTY)
             question.update("")
             self._answers("", "", "A", "B", None)
             return
