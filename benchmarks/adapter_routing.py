@@ -51,7 +51,7 @@ from serve_throughput import free_port, measure as run_block, server_arguments, 
 from appliance.home import registry  # noqa: E402
 from appliance.cli.init import create_home  # noqa: E402
 from appliance.home.paths import Home  # noqa: E402
-from appliance.serving.front import read_api_key  # noqa: E402
+from appliance.serving.guard import read_api_key  # noqa: E402
 
 COLLECTIONS = ("alpha", "beta")
 # Larger bases of the same family for --shape (random weights: decode speed does not depend

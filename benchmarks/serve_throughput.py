@@ -44,7 +44,7 @@ from appliance.training.basemodel import embedded_gguf
 from appliance.cli.init import create_home
 from appliance.runtime.llama_server import binary
 from appliance.home.paths import Home
-from appliance.serving.front import read_api_key
+from appliance.serving.guard import read_api_key
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import pytest
 from appliance.home.config import load
 from appliance.contract.errors import ConfigError, ServeError, ToolchainError
 from appliance.cli.init import create_home
-from appliance.serving.front import Server
+from appliance.serving.server import Server
 
 
 def appliance(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -190,7 +190,8 @@ def test_lineage_shows_no_document_of_another_collection(two_collections: Home):
 
 @pytest.mark.slow
 def test_each_adapter_answers_with_its_own_fact_through_the_endpoint(two_collections: Home):
-    from appliance.serving.front import Server, read_api_key
+    from appliance.serving.guard import read_api_key
+    from appliance.serving.server import Server
 
     home = two_collections
     server = Server(home, load(home.config), port=free_port()).start()

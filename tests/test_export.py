@@ -29,7 +29,7 @@ from appliance.runtime.hf import load_tokenizer
 from appliance.cli.init import create_home
 from appliance.training.merge import merge
 from appliance.export.quantize import choose, ladder
-from appliance.serving.front import Server
+from appliance.serving.server import Server
 
 from conftest import SAMPLE, free_port, tiny_settings
 from test_convert_families import gguf_summary

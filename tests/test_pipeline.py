@@ -14,7 +14,8 @@ from appliance.home.config import load
 from appliance.engine.local import LocalEngine
 from appliance.home.fsutil import read_json
 from appliance.cli.init import create_home, export_base
-from appliance.serving.front import Server, read_api_key
+from appliance.serving.guard import read_api_key
+from appliance.serving.server import Server
 
 from conftest import SAMPLE, free_port, tiny_settings
 

@@ -21,7 +21,8 @@ from appliance.home import registry
 from appliance.home.config import load
 from appliance.contract.errors import ServeError
 from appliance.cli.init import create_home, export_base
-from appliance.serving.front import Server, read_api_key
+from appliance.serving.guard import read_api_key
+from appliance.serving.server import Server
 
 from conftest import free_port, tiny_settings
 
@@ -108,7 +109,7 @@ def test_served_template_is_the_training_template(served):
 
 
 def test_one_log_line_per_request_without_text(served, caplog):
-    with caplog.at_level(logging.INFO, logger="appliance.serving.front"):
+    with caplog.at_level(logging.INFO, logger="appliance.serve"):
         served["client"].chat.completions.create(model="appliance", max_tokens=4,
                                                  messages=[{"role": "user", "content": f"Say {CANARY}"}])
         list(served["client"].chat.completions.create(model="appliance", max_tokens=4, stream=True,
@@ -181,7 +182,7 @@ def test_non_loopback_bind_needs_config_and_a_key(tmp_path: Path):
 def test_no_backend_outlives_a_killed_server(served):
     """SIGKILL leaves no atexit to run: the backend's parent-death signal must stop it."""
     script = ("import sys; from appliance.home.config import load; from appliance.home.paths import Home; "
-              "from appliance.serving.front import Server; home = Home(__import__('pathlib').Path(sys.argv[1])); "
+              "from appliance.serving.server import Server; home = Home(__import__('pathlib').Path(sys.argv[1])); "
               "s = Server(home, load(home.config), port=int(sys.argv[2])).start(); "
               "print(*[b.proc.pid for b in s.pool._ready.values()], flush=True); __import__('time').sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", script, str(served["home"].root), str(free_port())],

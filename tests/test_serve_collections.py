@@ -29,7 +29,8 @@ from appliance.runtime.hf import load_tokenizer
 from appliance.cli.init import create_home
 from appliance.home.keys import KeyStore
 from appliance.home.paths import Home
-from appliance.serving.front import Server, read_api_key
+from appliance.serving.guard import read_api_key
+from appliance.serving.server import Server
 
 from conftest import free_port, tiny_settings
 

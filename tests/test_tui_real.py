@@ -186,7 +186,7 @@ async def test_chat_streams_from_the_real_endpoint(tmp_path: Path):
         pytest.skip(reason)
     from appliance.training.basemodel import embedded_gguf
     from appliance.home.config import load
-    from appliance.serving.front import Server
+    from appliance.serving.server import Server
 
     settings = tiny_settings()
     settings.serve.port = free_port()

@@ -320,7 +320,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.home.config import load
     from appliance.home.paths import Home
-    from appliance.serving.front import Server
+    from appliance.serving.server import Server
 
     home = Home(_home(args))
     _engine(args)  # checks the home

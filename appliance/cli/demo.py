@@ -24,7 +24,8 @@ from appliance.engine.local import LocalEngine
 from appliance.contract.errors import HomeError
 from appliance.cli.init import init
 from appliance.home.paths import Home
-from appliance.serving.front import Server, check_bind, read_api_key
+from appliance.serving.guard import check_bind, read_api_key
+from appliance.serving.server import Server
 
 MARKER = ".appliance-demo"
 

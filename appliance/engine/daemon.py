@@ -242,7 +242,7 @@ class Daemon:
     def _start_server(self) -> None:
         if not self.serve:
             return
-        from appliance.serving.front import Server
+        from appliance.serving.server import Server
 
         self._server = Server(self.home, self.settings, self.host, self.port).start()
         self.state["endpoint"] = f"{self._server.url}/v1"

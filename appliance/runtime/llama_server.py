@@ -42,7 +42,7 @@ import httpx
 
 from appliance.contract.errors import ServeError
 
-log = logging.getLogger("appliance.serving.front")
+log = logging.getLogger("appliance.serve")
 BUILD_HINT = "run: bash packaging/build_llama_server.sh .venv/bin/python"
 PR_SET_PDEATHSIG = 1
 

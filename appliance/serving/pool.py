@@ -1,0 +1,348 @@
+"""The running backends: one per spec, started on demand by a backend factory (the real one
+starts a native llama-server), at most ``serve.keep_loaded`` kept, least recently used
+retired first, none stopped while a request holds it; a watcher thread starts what a
+promotion needs as soon as its ``current`` link moves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Callable
+
+from appliance.contract.errors import ApplianceError, RegistryError, ServeError
+from appliance.home import catalog, registry
+from appliance.home.config import Settings
+from appliance.home.fsutil import read_json, sha256_file
+from appliance.home.keys import Key
+from appliance.home.paths import Home
+from appliance.runtime import llama_server
+from appliance.runtime.llama_server import LAUNCHER, Backend
+from appliance.serving.resolve import ALIAS, RETRY_FAILED, Adapter, Answering, Resolver, Spec, Target
+
+log = logging.getLogger("appliance.serve")
+START_TIMEOUT = 300.0   # seconds for a backend to load its model
+WATCH_SECONDS = 0.25
+PREPARED_SECONDS = 600.0  # how long a host started by prepare() is kept for the promotion it precedes
+
+# Starts a backend for a spec and returns it once it answers; raises ServeError or OSError,
+# having stopped whatever it started, when it cannot. Called on a LAUNCHER thread.
+BackendFactory = Callable[[Spec], Backend]
+
+
+class LlamaServers:
+    """The real backend factory: a native llama-server process per spec."""
+
+    def __init__(self, home: Home, settings: Settings):
+        self.binary = llama_server.binary()  # a missing build is one clear line, before anything listens
+        self.logs = home.top.logs
+        self.serve = settings.serve
+        self.threads = settings.serve.threads or len(os.sched_getaffinity(0))
+        log.info("serving through native llama-server %s (%d slots, %d threads, context %d per slot)",
+                 self.binary, self.serve.slots, self.threads, self.serve.context)
+
+    def __call__(self, spec: Spec) -> Backend:
+        backend = Backend(spec.name, spec.gguf, slots=self.serve.slots, context=self.serve.context,
+                          threads=self.threads, log_path=self.logs / f"llama-server-{spec.name.replace('/', '_')}.log",
+                          loras=tuple(a.path for a in spec.adapters))
+        try:
+            self.logs.mkdir(parents=True, exist_ok=True)
+            backend.start()
+            backend.wait_ready(START_TIMEOUT)
+        except (ServeError, OSError):
+            backend.stop()
+            raise
+        return backend
+
+
+class BackendPool:
+    """Running backends by spec, started on demand, least recently used retired."""
+
+    def __init__(self, home: Home, settings: Settings, start_backend: BackendFactory | None = None):
+        self.home = home.top
+        self.settings = settings
+        self.keep = settings.serve.keep_loaded
+        self.resolver = Resolver(self.home)
+        self._start_backend = start_backend or LlamaServers(self.home, settings)
+        self._ready: OrderedDict[str, Backend] = OrderedDict()
+        self._specs: dict[str, Spec] = {}
+        self._starting: dict[str, Future] = {}
+        self._failed: dict[str, tuple[float, str]] = {}
+        self._prepared: dict[str, float] = {}
+        self._last: dict[str, str] = {}    # collection -> spec name that last answered its current model
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # --- model ids -> specs (the resolver's, named here for the server and the watcher)
+    def target(self, model_id: object, key: Key | None = None) -> Target:
+        return self.resolver.target(model_id, key)
+
+    def refresh_host(self, override: Adapter | None = None) -> Spec | None:
+        return self.resolver.refresh_host(override)
+
+    # --- starting
+    def ensure(self, spec: Spec) -> Future:
+        """A future for a ready backend of ``spec``, starting one when none runs (thread-safe)."""
+        with self._lock:
+            backend = self._ready.get(spec.name)
+            if backend is not None and backend.alive():
+                self._ready.move_to_end(spec.name)
+                done: Future = Future()
+                done.set_result(backend)
+                return done
+            if backend is not None:  # it died under us (killed, crashed): forget it and start again
+                log.error("llama-server for %s stopped unexpectedly (code %s); restarting it",
+                          spec.name, backend.proc.returncode if backend.proc else None)
+                self._ready.pop(spec.name)
+                LAUNCHER.submit(backend.stop)
+            if spec.name in self._starting:
+                return self._starting[spec.name]
+            failed = self._failed.get(spec.name)
+            if failed and time.monotonic() - failed[0] < RETRY_FAILED:
+                done = Future()
+                done.set_exception(ServeError(failed[1]))
+                return done
+            if self._closed.is_set():
+                done = Future()
+                done.set_exception(ServeError("the endpoint is shutting down"))
+                return done
+            future = LAUNCHER.submit(self._start, spec)
+            self._starting[spec.name] = future
+            return future
+
+    def _start(self, spec: Spec) -> Backend:
+        started = time.monotonic()
+        try:
+            if bad := [(a, why) for a in spec.adapters if (why := _adapter_problem(a, spec.sha256))]:
+                # one collection's broken adapter must not keep the others' host from starting:
+                # the next host is built without it, and its own requests get this error
+                self.resolver.set_aside(a for a, _ in bad)
+                raise RegistryError(f"{bad[0][0].path}: {bad[0][1]}; not serving it")
+            if not _intact(spec.gguf, spec.sha256):  # only files the appliance built, byte for byte
+                raise RegistryError(f"{spec.gguf}: the file does not match the sha256 recorded when it was built; "
+                                    "not serving it")
+            backend = self._start_backend(spec)
+        except (RegistryError, ServeError, OSError) as exc:
+            message = f"model {spec.describe()} could not be loaded: {str(exc).splitlines()[0]}"
+            log.error("%s", message)
+            with self._lock:
+                self._starting.pop(spec.name, None)
+                self._failed[spec.name] = (time.monotonic(), message)
+            raise ServeError(message) from None
+        with self._lock:
+            self._starting.pop(spec.name, None)
+            self._failed.pop(spec.name, None)
+            if self._closed.is_set():
+                LAUNCHER.submit(backend.stop)
+                raise ServeError("the endpoint is shutting down")
+            backend.spec = spec
+            self._ready[spec.name] = backend
+            self._specs[spec.name] = spec
+            self._retire_superseded()
+            self._retire_extra(protect={spec.name})
+        log.info("llama-server for %s ready in %.1f s", spec.describe(), time.monotonic() - started)
+        return backend
+
+    # --- retiring
+    def _protected(self) -> set[str]:
+        now = time.monotonic()
+        self._prepared = {n: t for n, t in self._prepared.items() if now - t < PREPARED_SECONDS}
+        host = self.resolver.host
+        return {registry.current(self.home) or "", host.name if host else "", *self._prepared}
+
+    def _retire(self, name: str, why: str) -> None:
+        """Under the lock: no new requests for ``name``; it stops when its last one is done."""
+        backend = self._ready.pop(name)
+        backend.retired = True
+        log.info("retiring llama-server for %s (%s; %d requests in flight)", name, why, backend.inflight)
+        if backend.inflight == 0:
+            LAUNCHER.submit(backend.stop)
+
+    def _retire_superseded(self) -> None:
+        """Under the lock: once the current adapter host is ready, older hosts only cost memory."""
+        host = self.resolver.host
+        if host is None or host.name not in self._ready:
+            return
+        protect = self._protected()
+        for name in [n for n in self._ready if self._specs[n].host and n not in protect]:
+            self._retire(name, "superseded by the adapter host " + host.name)
+
+    def _retire_extra(self, protect: set[str]) -> None:
+        """Under the lock: keep at most ``keep`` backends; one still answering stops when drained."""
+        protect = protect | self._protected()
+        for name in list(self._ready):
+            if len(self._ready) <= self.keep:
+                return
+            if name not in protect:
+                self._retire(name, f"more than {self.keep} loaded")
+
+    # --- per request
+    async def acquire(self, model_id: object, key: Key | None = None) -> Answering:
+        """A ready backend for the request, counted in flight until :meth:`release`."""
+        target = self.target(model_id, key)
+        for _ in range(5):  # a backend retired between "ready" and "counted" is looked up again
+            backend = self._running_with(target.adapter, target.spec.name) if target.adapter else None
+            if backend is None:
+                try:
+                    backend = await asyncio.wrap_future(self.ensure(target.spec))
+                except ServeError:
+                    backend = self._fallback(target)
+                    if backend is None:
+                        raise
+            answering = _answering(backend, target)
+            with self._lock:
+                if backend.retired or not backend.alive():
+                    continue
+                backend.inflight += 1
+                if answering.lora is not None:
+                    answering.slot = _take_slot(backend, answering.lora)
+            if target.current:
+                self._last[target.collection] = backend.version
+            return answering
+        raise ServeError(f"model {target.spec.name} is being replaced; try again")
+
+    def _running_with(self, adapter: Adapter, preferred: str) -> Backend | None:
+        """A ready adapter host holding exactly ``adapter`` (``preferred`` first): a collection
+        whose adapter did not change keeps answering while a new host loads."""
+        with self._lock:
+            ready = [b for n, b in self._ready.items() if self._specs[n].index(adapter) is not None and b.alive()]
+            ready.sort(key=lambda b: b.version != preferred)
+            if ready:
+                self._ready.move_to_end(ready[0].version)
+        return ready[0] if ready else None
+
+    def _fallback(self, target: Target) -> Backend | None:
+        """What last answered the collection's current model, when its new one cannot be served."""
+        name = self._last.get(target.collection)
+        if not target.current or name is None or name == target.spec.name:
+            return None
+        with self._lock:
+            backend = self._ready.get(name)
+        if backend is None or not backend.alive():
+            return None
+        log.warning("%s points at %s, which cannot be served; %s keeps answering",
+                    catalog.model_id(target.collection), target.spec.describe(), name)
+        return backend
+
+    def release(self, backend: Backend, slot: int | None = None) -> None:
+        with self._lock:
+            backend.inflight -= 1
+            if slot is not None:
+                backend.slot_busy[slot] = False
+            drained = backend.retired and backend.inflight == 0
+        if drained:
+            LAUNCHER.submit(backend.stop)
+
+    # --- lifetime
+    def start(self) -> None:
+        """Start the symlink watcher (it starts the current backends)."""
+        self._watcher = threading.Thread(target=self._watch, name="appliance-serve-watch", daemon=True)
+        self._watcher.start()
+
+    def prepare(self, version: str, timeout: float = START_TIMEOUT, collection: str = catalog.SHARED) -> None:
+        """Start what serving ``collection``'s ``version`` as its current model needs, and wait
+        until it answers (raises ServeError if it cannot); for an adapter collection that is
+        the adapter host with this version's adapter in place of the current one."""
+        served = catalog.served(self.home, collection, version)
+        if served is None:
+            raise ServeError(f"no model version {catalog.model_id(collection, version)}")
+        if served.mode == "adapter" and served.adapter is not None:
+            record = self.home.scoped(collection).model(version) / "version.json"
+            spec = self.refresh_host(Adapter(collection, version, served.adapter, served.sha256, record))
+        else:
+            spec = self.target(catalog.model_id(collection, version)).spec
+        assert spec is not None
+        with self._lock:
+            self._prepared[spec.name] = time.monotonic()
+        self.ensure(spec).result(timeout=timeout)
+
+    def _watch(self) -> None:
+        seen: tuple[str | None, str | None] = (None, None)
+        while not self._closed.is_set():
+            try:
+                current = self.target(ALIAS).spec if registry.current(self.home) is not None else None
+                host = self.refresh_host()
+                now = (current.name if current else None, host.name if host else None)
+                if now != seen:
+                    seen = now
+                    for spec in (current, host):
+                        if spec is not None:
+                            self.ensure(spec)  # failures are logged in _start; requests then fall back
+                with self._lock:
+                    self._retire_superseded()
+                self._drop_removed()
+            except (ApplianceError, LookupError, OSError) as exc:  # a half-written registry: look again
+                log.debug("serve watcher: %s", exc)
+            self._closed.wait(WATCH_SECONDS)
+
+    def _drop_removed(self) -> None:
+        """A version retired or pruned from the registry (forget) stops being served at once."""
+        with self._lock:
+            for name in [n for n in self._ready if not all(r.exists() for r in self._specs[n].records)]:
+                self._retire(name, "a version it serves left the registry")
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._ready)
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            backends, starting = list(self._ready.values()), list(self._starting.values())
+            self._ready.clear()
+        for future in starting:
+            try:
+                future.result(timeout=START_TIMEOUT)
+            except Exception:  # noqa: BLE001  (already logged; closing regardless)
+                pass
+        for backend in backends:
+            backend.stop()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+
+
+def _answering(backend: Backend, target: Target) -> Answering:
+    """The model id that answers on ``backend`` (a fallback may hold an older version)."""
+    spec = backend.spec
+    assert isinstance(spec, Spec)
+    if not spec.adapters:
+        return Answering(backend, spec.name)
+    adapter = target.adapter if target.adapter and spec.index(target.adapter) is not None \
+        else spec.of_collection(target.collection)
+    assert adapter is not None  # only hosts holding the collection are chosen
+    return Answering(backend, adapter.model_id, spec.index(adapter))
+
+
+def _take_slot(backend: Backend, lora: int) -> int | None:
+    """Under the pool's lock: the idle slot for a request with adapter ``lora``, preferring one
+    that last ran that adapter. llama.cpp drops a slot's prompt cache when its adapter changes,
+    and its own slot choice looks at prompts, not adapters: left to it, collections sharing a
+    system prompt would keep evicting each other's cache. None (all busy): llama.cpp chooses."""
+    idle = [i for i, busy in enumerate(backend.slot_busy) if not busy]
+    if not idle:
+        return None
+    slot = max(idle, key=lambda i: (backend.slot_lora[i] == lora, backend.slot_lora[i] is None,
+                                    -backend.slot_used[i]))
+    backend.slot_busy[slot], backend.slot_lora[slot], backend.slot_used[slot] = True, lora, time.monotonic()
+    return slot
+
+
+def _adapter_problem(adapter: Adapter, base_sha256: str) -> str | None:
+    """Why ``adapter`` must not be applied to the base whose file has ``base_sha256``, or None."""
+    if not _intact(adapter.path, adapter.sha256):
+        return "the file does not match the sha256 recorded when it was built"
+    built_on = read_json(adapter.record).get("base_sha256")
+    if built_on and built_on != base_sha256:  # e.g. the base was exported again since: other weights
+        return f"the adapter was trained on another base model (sha256 {built_on[:12]}, served {base_sha256[:12]})"
+    return None
+
+
+def _intact(path: Path, sha256: str) -> bool:
+    """Only files the appliance built are served: the hash must match the registry's record."""
+    return path.exists() and sha256_file(path) == sha256
