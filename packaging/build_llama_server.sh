@@ -2,7 +2,7 @@
 # Build llama.cpp's native llama-server from the pinned llama-cpp-python sdist (the same
 # llama.cpp commit as the runtime and the converter) into
 #   <prefix>/share/appliance/llama.cpp-<ver>/bin/llama-server
-# where appliance/runtime/llama_server.py looks for it. appliance/serving/front.py runs it as a private
+# where appliance/runtime/llama_server.py looks for it. appliance/serving/pool.py runs it as a private
 # backend behind its own front (see that module for why: native speed with 4 clients).
 #
 # The built binary is cached in ${XDG_CACHE_HOME:-~/.cache}/appliance/llama-server/<key>/,

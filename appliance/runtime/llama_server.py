@@ -13,7 +13,7 @@ header and, with its default CORS settings, answers ``Host: evil.example`` /
 ``Origin: http://evil.example`` with 200 and ``Access-Control-Allow-Origin:
 http://evil.example`` (the request's Origin reflected). So a backend never listens on a TCP port: it binds a Unix socket
 in a private 0700 folder, reachable only by this user, and every client goes through
-the appliance front (serve.py), which does the key, Host, Origin and limit checks and
+the appliance front (appliance/serving/), which does the key, Host, Origin and limit checks and
 passes on only the body and content type, never the backend's CORS headers.
 
 Processes: each backend is its own session (no terminal signals), gets SIGKILL when the
@@ -93,7 +93,7 @@ class Backend:
         self.proc: subprocess.Popen | None = None
         self.inflight = 0          # guarded by the owning pool's lock
         self.retired = False       # no new requests; stopped once inflight reaches 0
-        self.spec: object = None   # what the owning pool started it for (serve.Spec)
+        self.spec: object = None   # what the owning pool started it for (serving.resolve.Spec)
         # per slot, as the front sent requests (guarded by the pool's lock): busy, the adapter
         # it last ran, when; an adapter host's requests go to a slot that ran their adapter
         self.slot_busy = [False] * slots
