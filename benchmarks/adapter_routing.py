@@ -28,6 +28,10 @@ of the per-pair ratios (adapter rate / merged rate). The last line is one JSON o
     nice -n -15 .venv/bin/python benchmarks/adapter_routing.py [--threads 1] [--rounds 6] [--requests 4]
                                                                [--adapter-type f16|q8_0]
                                                                [--shape embedded|smollm2-360m|smollm2-1.7b]
+                                                               [--smoke]
+
+``--smoke``: the tests' tiny random model as the base, one round of 2 requests per client of
+8 tokens each (``--shape`` is then ignored).
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ import appliance  # noqa: F401  (offline environment first)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_time import base_dir, make_adapter  # noqa: E402  (the same model and LoRA as the export benchmark)
-from serve_throughput import free_port, measure as run_block, server_arguments, start_appliance, tally  # noqa: E402
+from serve_throughput import (free_port, measure as run_block, parse_server_arguments, server_arguments,  # noqa: E402
+                              start_appliance, tally)
+from smoke import smoke_base  # noqa: E402
 
 from appliance.home import registry  # noqa: E402
 from appliance.cli.init import create_home  # noqa: E402
@@ -63,9 +69,14 @@ SHAPES = {
                          num_key_value_heads=32),
 }
 
+MODELS = {"embedded": "SmolLM2-135M-Instruct", "tiny": "the tests' tiny random Llama"}
 
-def shaped_base(shape: str) -> Path:
-    """The embedded model itself, or a random model of a larger SmolLM2's shape with its tokenizer."""
+
+def shaped_base(shape: str, work: Path) -> Path:
+    """The embedded model itself, a random model of a larger SmolLM2's shape with its
+    tokenizer, or (``tiny``, the smoke size) the tests' tiny model."""
+    if shape == "tiny":
+        return smoke_base(work)
     embedded = base_dir()
     if shape == "embedded":
         return embedded
@@ -105,7 +116,7 @@ def build(work: Path, quant: str, adapter_type: str, shape: str = "embedded") ->
     from appliance.training.merge import merge
     from appliance.export.quantize import quantize
 
-    base = shaped_base(shape)
+    base = shaped_base(shape, work)
     started = time.monotonic()
     peft = {"alpha": make_adapter(base, work / "alpha")}
     peft["beta"] = negated(peft["alpha"], work / "beta")
@@ -136,7 +147,9 @@ def main() -> None:
                         help="the GGUF LoRA's tensor type (export writes f16)")
     parser.add_argument("--shape", default="embedded", choices=["embedded", *SHAPES],
                         help="the embedded SmolLM2-135M, or a random model of a larger SmolLM2's shape")
-    args = parser.parse_args()
+    args = parse_server_arguments(parser)
+    if args.smoke:
+        args.shape = "tiny"
 
     work = Path(tempfile.mkdtemp(prefix="adapter-bench-", dir=os.environ.get("BENCH_TMP")))
     home = build(work, args.quant, args.adapter_type, args.shape)
@@ -172,7 +185,7 @@ def main() -> None:
     rate = {k: v[0] / v[1] for k, v in totals.items()}
     ratio_1, ratio_4 = statistics.median(pairs[1]), statistics.median(pairs[4])
     result = {"name": "adapter_routing", "ratio": round(ratio_1, 3), "target": 0.8, "pass": ratio_1 >= 0.8,
-              "model": "SmolLM2-135M-Instruct" if args.shape == "embedded" else f"random {args.shape} shape", "quant": args.quant, "adapter_type": args.adapter_type, "lora_r": 16, "threads": args.threads,
+              "model": MODELS.get(args.shape, f"random {args.shape} shape"), "quant": args.quant, "adapter_type": args.adapter_type, "lora_r": 16, "threads": args.threads,
               "slots": args.slots, "context_per_slot": args.context, "rounds": args.rounds, "tokens": args.tokens,
               "adapter_1": round(rate[("adapter", 1)], 1), "merged_1": round(rate[("merged", 1)], 1),
               "adapter_4": round(rate[("adapter", 4)], 1), "merged_4": round(rate[("merged", 4)], 1),

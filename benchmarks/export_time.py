@@ -17,7 +17,9 @@ A, small random B, so merging changes every weight).
 Each measurement runs in its own subprocess with its imports done before the clock
 starts; the paths alternate A M, M A, ... The last line printed is one JSON object.
 
-    .venv/bin/python benchmarks/export_time.py [--rounds 5] [--quant Q4_K_M]
+    .venv/bin/python benchmarks/export_time.py [--rounds 5] [--quant Q4_K_M] [--smoke]
+
+``--smoke``: the tests' tiny random model, one round.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from pathlib import Path
 import appliance  # noqa: F401  (offline environment first)
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from smoke import smoke_base  # noqa: E402
 
 
 def base_dir() -> Path:
@@ -162,6 +166,8 @@ def main() -> None:
     parser.add_argument("--adapter", type=Path)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--source", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="the same code path at a tiny size: "
+                        "the tests' tiny random model, 1 round")
     args = parser.parse_args()
     if args.one:
         args.work.mkdir(parents=True)
@@ -170,14 +176,14 @@ def main() -> None:
                  "copy": lambda: copy_path(args.source, args.work)}
         print(json.dumps(paths[args.one]()))
         return
-    run_all(args.rounds, args.quant)
+    run_all(1 if args.smoke else args.rounds, args.quant, args.smoke)
 
 
-def run_all(rounds: int, quant: str) -> None:
-    base = base_dir()
+def run_all(rounds: int, quant: str, smoke: bool = False) -> None:
     results: dict[str, list[dict]] = {"appliance": [], "manual": [], "copy": []}
     with tempfile.TemporaryDirectory(prefix="export-bench-", dir=os.environ.get("BENCH_TMP")) as tmp:
         root = Path(tmp)
+        base = smoke_base(root) if smoke else base_dir()
         adapter = make_adapter(base, root / "adapter")
         for r in range(rounds):
             order = ["appliance", "manual"] if r % 2 == 0 else ["manual", "appliance"]

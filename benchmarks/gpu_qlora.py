@@ -6,7 +6,7 @@ on CUDA), and trains 30 steps of 2048 packed tokens with the appliance's own ste
 function. Reports peak VRAM and trained tokens per second. Target: under 8 GiB peak.
 
     python benchmarks/gpu_qlora.py                  # on a CUDA machine
-    python benchmarks/gpu_qlora.py --shape tiny --device cpu --steps 2   # smoke test here
+    python benchmarks/gpu_qlora.py --smoke          # tiny shape, 3 steps: on the CPU without CUDA
 
 The last line printed is one JSON object.
 """
@@ -74,10 +74,17 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", help="cuda (the default), or cpu")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--smoke", action="store_true",
+                        help="the same code path at a tiny size: tiny shape, 3 steps of 256 tokens, "
+                             "on the CPU unless a CUDA device is there")
     args = parser.parse_args()
+    if args.smoke:
+        args.shape, args.steps, args.tokens = "tiny", 3, 256  # step 3 is the one timed step
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = args.device or "cuda"
 
     torch.manual_seed(0)
     model = build_nf4_model(args.shape, args.device)

@@ -21,7 +21,7 @@ No base model is imported in these homes, so records are not token-counted: the
 measured work is the store's alone (with a tokenizer, both sides gain the same
 per-file cost and the ratio would only look better).
 
-    .venv/bin/python benchmarks/ingest_scaling.py [--files 10000] [--rounds 41]
+    .venv/bin/python benchmarks/ingest_scaling.py [--files 10000] [--rounds 41] [--smoke]
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ def chat_file(path: Path, tag: str, lines: int = 5) -> None:
 
 def full_home(root: Path, files: int) -> Home:
     home = create_home(root, "none")
+    # All in the inbox itself: an inbox sub-folder is a collection with its own store,
+    # and the new files below land in the shared one, which must be the full store.
     for i in range(files):
-        folder = home.inbox / f"batch{i // 1000:02}"
-        folder.mkdir(exist_ok=True)
-        chat_file(folder / f"existing-{i:05}.jsonl", f"existing {i}")
+        chat_file(home.inbox / f"existing-{i:05}.jsonl", f"existing {i}")
     started = time.monotonic()
     report = ingest(home)
     assert report.files == files, report.to_dict()
@@ -95,7 +95,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=41)
+    parser.add_argument("--smoke", action="store_true", help="the same code path at a tiny size (20 files, 3 rounds)")
     args = parser.parse_args()
+    if args.smoke:
+        args.files, args.rounds = 20, 3
     with tempfile.TemporaryDirectory(prefix="ingest-scaling-") as tmp:
         big = full_home(Path(tmp) / "full", args.files)
         big_ingestor = Ingestor(big)

@@ -10,7 +10,9 @@ padding-free. Throughput counts real (non-padding) tokens per second for both.
 Each measurement runs in its own subprocess (so peak memory is per variant), and the
 variants alternate A B A B. The last line printed is one JSON object.
 
-    .venv/bin/python benchmarks/train_throughput.py [--batches 3] [--rounds 2]
+    .venv/bin/python benchmarks/train_throughput.py [--batches 3] [--rounds 2] [--smoke]
+
+``--smoke``: the tests' tiny random model, one batch of examples up to 128 tokens, one round.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from pathlib import Path
 
 import appliance  # noqa: F401  (offline environment first)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smoke import smoke_base  # noqa: E402
+
 BATCH = 8
 WORDS = ("the clinic policy requires staff to record every dose on the chart before the end of each shift "
          "visitors sign in at the front desk and wear a badge infection control reviews the sharps bins "
@@ -43,34 +48,34 @@ def base_dir() -> Path:
     return import_base("embedded", cache)
 
 
-def examples(tokenizer, n: int, seed: int = 0):
-    """Chat examples with total lengths log-uniform in [32, 1024] tokens."""
+def examples(tokenizer, n: int, seed: int = 0, longest: int = 1024):
+    """Chat examples with total lengths log-uniform in [32, ``longest``] tokens."""
     from appliance.data.ingest.records import Record
     from appliance.training.render import render
 
     rng = random.Random(seed)
     out = []
     while len(out) < n:
-        target = int(math.exp(rng.uniform(math.log(32), math.log(1024))))
+        target = int(math.exp(rng.uniform(math.log(32), math.log(longest))))
         words = max(4, int(target * 0.7))  # about 1.3 tokens per word here, less the template's overhead
         split = max(1, words // 3)
         text = [rng.choice(WORDS) for _ in range(words)]
         record = Record("chat", {"messages": [{"role": "user", "content": " ".join(text[:split])},
                                               {"role": "assistant", "content": " ".join(text[split:])}]})
-        ex = render(tokenizer, record, 1024, "truncate")
-        if 32 <= len(ex.input_ids) <= 1024:
+        ex = render(tokenizer, record, longest, "truncate")
+        if 32 <= len(ex.input_ids) <= longest:
             out.append(ex)
     return out
 
 
-def run_appliance(batches) -> dict:
+def run_appliance(base: Path, batches) -> dict:
     import torch
 
     from appliance.home.config import Settings
     from appliance.training.train import TrainState, load_trainable, train_step
 
     settings = Settings()
-    model = load_trainable(base_dir(), settings, "cpu")
+    model = load_trainable(base, settings, "cpu")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     state = TrainState("bench", "bench", len(batches), micro_tokens=256)
     model.train()
@@ -85,7 +90,7 @@ def run_appliance(batches) -> dict:
     return {"tokens": tokens, "seconds": seconds}
 
 
-def run_baseline(batches) -> dict:
+def run_baseline(base: Path, batches) -> dict:
     import torch
     from torch.utils.data import SequentialSampler
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
@@ -94,10 +99,10 @@ def run_baseline(batches) -> dict:
     from appliance.runtime.hf import load_tokenizer
     from appliance.training.train import load_trainable
 
-    tokenizer = load_tokenizer(base_dir())
+    tokenizer = load_tokenizer(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_trainable(base_dir(), Settings(), "cpu")
+    model = load_trainable(base, Settings(), "cpu")
     data = [{"input_ids": e.input_ids, "labels": e.labels} for batch in batches for e in batch]
 
     class Timer(TrainerCallback):
@@ -127,15 +132,15 @@ def run_baseline(batches) -> dict:
     return {"tokens": sum(len(e.input_ids) for batch in batches for e in batch), "seconds": timer.seconds}
 
 
-def child(variant: str, n_batches: int, threads: int) -> None:
+def child(variant: str, base: Path, n_batches: int, threads: int, longest: int) -> None:
     import torch
 
     from appliance.runtime.hf import load_tokenizer
 
     torch.set_num_threads(threads)
-    exs = examples(load_tokenizer(base_dir()), BATCH * n_batches)
+    exs = examples(load_tokenizer(base), BATCH * n_batches, longest=longest)
     batches = [exs[i: i + BATCH] for i in range(0, len(exs), BATCH)]
-    result = (run_appliance if variant == "appliance" else run_baseline)(batches)
+    result = (run_appliance if variant == "appliance" else run_baseline)(base, batches)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -146,16 +151,33 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--child", choices=["appliance", "baseline"])
+    parser.add_argument("--longest", type=int, default=1024, help="the longest example, in tokens")
+    parser.add_argument("--base", type=Path, help="the HF checkpoint to train (default: the embedded model)")
+    parser.add_argument("--smoke", action="store_true", help="the same code path at a tiny size: "
+                        "the tests' tiny random model, 1 batch of examples up to 128 tokens, 1 round")
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.batches, args.threads)
+        child(args.child, args.base, args.batches, args.threads, args.longest)
         return
-    base_dir()  # import the model once, outside the timed children
+    if args.smoke:
+        args.batches, args.rounds, args.longest = 1, 1, 128
+    with tempfile.TemporaryDirectory(prefix="train-bench-", dir=os.environ.get("BENCH_TMP")) as work:
+        if args.base is None:  # import the model once, outside the timed children
+            args.base = smoke_base(Path(work)) if args.smoke else base_dir()
+        compare(args)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """The variants alternating, each in its own subprocess; prints the result line."""
     results: dict[str, list[dict]] = {"appliance": [], "baseline": []}
     for round_ in range(args.rounds):
         for variant in ("appliance", "baseline"):
-            proc = subprocess.run([sys.executable, __file__, "--child", variant, "--batches", str(args.batches),
-                                   "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+            proc = subprocess.run([sys.executable, __file__, "--child", variant, "--base", str(args.base),
+                                   "--batches", str(args.batches), "--threads", str(args.threads),
+                                   "--longest", str(args.longest)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             result["tokens_per_s"] = result["tokens"] / result["seconds"]
             results[variant].append(result)
@@ -168,7 +190,7 @@ def main() -> None:
     print(json.dumps({"name": "train_throughput", "ratio": round(ratio, 3), "target": 2.0,
                       "peak_mem_ratio": round(mem_ratio, 3), "appliance_tokens_per_s": round(speed["appliance"], 1),
                       "baseline_tokens_per_s": round(speed["baseline"], 1), "batches": args.batches,
-                      "rounds": args.rounds, "threads": args.threads,
+                      "longest": args.longest, "rounds": args.rounds, "threads": args.threads,
                       "pass": ratio >= 2.0 and mem_ratio <= 1.0}))
 
 
