@@ -32,11 +32,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.home import audit
-from appliance.home.config import Settings, load
 from appliance.contract.errors import HomeError
 from appliance.contract.events import Emit, Event, Message
-from appliance.home.fsutil import write_json_atomic
+from appliance.data.ingest import Ingestors
+from appliance.data.ingest.store import Store
+from appliance.data.watch import InboxWatcher, list_inbox
+from appliance.engine.pipeline import Context, DiskError, Stopped, run_job
+from appliance.engine.review import approved_waiting
+from appliance.home import audit
+from appliance.home.catalog import display, stores
+from appliance.home.config import Settings, load
+from appliance.home.fsutil import read_json, write_json_atomic
 from appliance.home.journal import Journal
 from appliance.home.paths import Home
 
@@ -192,13 +198,11 @@ class Daemon:
             lock.release()
 
     def _loop(self, journal: Journal) -> int:
-        from appliance.engine.pipeline import Context, DiskError, Stopped, run_job
-
         ctx = Context(self.home, journal, self.settings, self.emit, self.stop)
         while not self.stop.is_set():
             if not self.once:
                 self._sync_watching(journal)
-            job = journal.next_job()
+            job = journal.next_job() or self._approved(journal)
             if job is None:
                 if self.once:
                     break
@@ -218,12 +222,15 @@ class Daemon:
                 self.stop.wait(60)
         return 0
 
+    def _approved(self, journal: Journal) -> Any:
+        """A job whose review was approved but whose promotion did not run (the voter's process
+        stopped after the deciding vote): the pipeline promotes it now."""
+        waiting = approved_waiting(self.home)
+        return journal.get(waiting[0].id) if waiting else None
+
     def _queue_unsnapshotted(self, journal: Journal) -> None:
         """Data ingested but never snapshotted (a kill between an ingest and its enqueue) gets its job,
         in each collection."""
-        from appliance.home.catalog import display, stores
-        from appliance.data.ingest.store import Store
-
         if not self.settings.daemon.retrain_after_ingest or journal.active():
             return
         queued = {job.collection for job in journal.queue()}
@@ -242,7 +249,7 @@ class Daemon:
     def _start_server(self) -> None:
         if not self.serve:
             return
-        from appliance.serving.front import Server
+        from appliance.serving.front import Server  # the endpoint's web stack loads only when it serves
 
         self._server = Server(self.home, self.settings, self.host, self.port).start()
         self.state["endpoint"] = f"{self._server.url}/v1"
@@ -255,8 +262,6 @@ class Daemon:
             self._stop_watching()
             self._save_state()
         elif not paused and self._watcher is None:
-            from appliance.data.watch import InboxWatcher
-
             self._watcher = InboxWatcher(self.home.inbox, self._on_stable, self.settings.watch,
                                          on_error=self._on_error).start()  # starts with a full rescan
             self.state["watching"] = True
@@ -273,15 +278,10 @@ class Daemon:
         self.emit(Message("ingest", f"inbox: {exc}", level="error"))
 
     def _ingest_all(self) -> None:
-        from appliance.data.watch import list_inbox
-
         paths, ignored = list_inbox(self.home.inbox)  # every collection's files
         self._on_stable(paths, ignored)
 
     def _on_stable(self, paths: list[Path], ignored: int = 0) -> None:
-        from appliance.home.catalog import display
-        from appliance.data.ingest import Ingestors
-
         if self._ingestor is None:
             self._ingestor = Ingestors(self.home, self.settings, self.emit)
         before = store_seqs(self.home)
@@ -310,9 +310,6 @@ class Daemon:
 
 def store_seqs(home: Home) -> dict[str, int]:
     """Each collection's store position (to see what an ingest added)."""
-    from appliance.home.catalog import stores
-    from appliance.data.ingest.store import Store
-
     seqs = {}
     for collection, scope in stores(home):
         with Store(scope.store_db) as store:
@@ -323,8 +320,6 @@ def store_seqs(home: Home) -> dict[str, int]:
 def record_ingest(home: Home, before: dict[str, int], report: Any) -> dict[str, int]:
     """Audit what an ingest changed (document hashes, never content); return the records
     newly active in each collection."""
-    from appliance.data.ingest.store import Store
-
     added = {}
     for collection in {*before, *report.collections, home.collection}:
         scope = home.top.scoped(collection)
@@ -352,8 +347,6 @@ def set_paused(home: Home, value: bool) -> None:
 
 
 def daemon_state(home: Home) -> dict[str, Any] | None:
-    from appliance.home.fsutil import read_json
-
     if not home.daemon_state.exists() or not is_locked(home):
         return None
     try:
