@@ -40,7 +40,7 @@ from appliance.home import audit, registry
 from appliance.home.catalog import of_path, problem, stores
 from appliance.home.fsutil import sha256_file
 from appliance.home.journal import Journal
-from appliance.home.paths import Home
+from appliance.home.paths import QUARANTINE_REASON, Home, quarantine_reason
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 TOMBSTONE = '{"forgotten": true}'
@@ -174,11 +174,11 @@ def _remove_files(home: Home, sha: str, paths: list[str]) -> list[Path]:
     removed = []
     candidates = [home.inbox / p for p in paths]
     if home.quarantine.is_dir():
-        candidates += [p for p in home.quarantine.iterdir() if not p.name.endswith(".reason.json")]
+        candidates += [p for p in home.quarantine.iterdir() if not p.name.endswith(QUARANTINE_REASON)]
     for path in candidates:
         try:
             if path.is_file() and not path.is_symlink() and sha256_file(path) == sha:
-                sidecar = path.with_name(path.name + ".reason.json")
+                sidecar = quarantine_reason(path)
                 path.unlink()
                 sidecar.unlink(missing_ok=True)
                 removed.append(path)

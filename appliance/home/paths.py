@@ -26,6 +26,14 @@ def resolve_home(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(data) / "appliance"
 
 
+QUARANTINE_REASON = ".reason.json"
+
+
+def quarantine_reason(quarantined: Path) -> Path:
+    """The sidecar beside a quarantined file that says why it is there."""
+    return quarantined.with_name(quarantined.name + QUARANTINE_REASON)
+
+
 def base_meta_file(folder: Path) -> Path:
     """Where a base folder (or its staging copy) says it was imported from; written last by the
     import, so its presence marks a complete base."""
