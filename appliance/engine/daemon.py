@@ -38,12 +38,12 @@ from appliance.data.ingest import Ingestors
 from appliance.data.ingest.store import Store
 from appliance.data.watch import InboxWatcher, list_inbox
 from appliance.engine.pipeline import Context, DiskError, Stopped, run_job
-from appliance.engine.review import approved_waiting
+from appliance.engine.review import approved_waiting, locked
 from appliance.home import audit
 from appliance.home.catalog import display, stores
 from appliance.home.config import Settings, load
 from appliance.home.fsutil import read_json, write_json_atomic
-from appliance.home.journal import Journal
+from appliance.home.journal import AWAITING_REVIEW, Job, Journal
 from appliance.home.paths import Home
 
 log = logging.getLogger("appliance.engine.daemon")
@@ -202,7 +202,10 @@ class Daemon:
         while not self.stop.is_set():
             if not self.once:
                 self._sync_watching(journal)
-            job = journal.next_job() or self._approved(journal)
+            job = journal.next_job()
+            if job is None and (approved := approved_waiting(self.home)):
+                self._promote_approved(ctx, approved[0])
+                continue
             if job is None:
                 if self.once:
                     break
@@ -222,11 +225,15 @@ class Daemon:
                 self.stop.wait(60)
         return 0
 
-    def _approved(self, journal: Journal) -> Any:
+    def _promote_approved(self, ctx: Context, job: Job) -> None:
         """A job whose review was approved but whose promotion did not run (the voter's process
-        stopped after the deciding vote): the pipeline promotes it now."""
-        waiting = approved_waiting(self.home)
-        return journal.get(waiting[0].id) if waiting else None
+        stopped after the deciding vote): promoted now, under the review's lock as a vote would."""
+        with locked(self.home.top.scoped(job.collection), job.run_id or ""):
+            job = ctx.journal.get(job.id)
+            if job.state == AWAITING_REVIEW:  # not promoted by a voter meanwhile
+                done = run_job(ctx, job)
+                self.emit(Message("daemon", f"job {done.id} {done.state} after its review"
+                                            + (f": {done.error}" if done.error else "")))
 
     def _queue_unsnapshotted(self, journal: Journal) -> None:
         """Data ingested but never snapshotted (a kill between an ingest and its enqueue) gets its job,

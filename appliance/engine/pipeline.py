@@ -29,7 +29,7 @@ from appliance.home import audit, registry
 from appliance.home.catalog import adapter_mode
 from appliance.home.config import Settings
 from appliance.home.fsutil import read_json
-from appliance.home.journal import AWAITING_REVIEW, Job, Journal, iter_stages
+from appliance.home.journal import Job, Journal, iter_stages
 from appliance.home.paths import Home
 from appliance.quality.gate import evaluate
 
@@ -112,14 +112,13 @@ def vote(home: Home, settings: Settings, run_id: str, approve: bool, comment: st
          preferences: dict[int, str] | None = None) -> dict[str, Any]:
     """A reviewer's vote; the approval that completes a review promotes its candidate here,
     through the promote stage (registry swap, lineage, audit, pruning)."""
-    outcome = review.record_vote(home, settings, run_id, approve, comment, preferences)
-    if outcome["state"] != review.APPROVED or outcome["job_state"] != AWAITING_REVIEW:
-        return outcome
-    with Journal(home.jobs_db) as journal:
-        job = run_job(Context(home, journal, settings), journal.get(outcome["job"]))
-    if job.state != "done":
-        raise review.ReviewError(f"run {run_id}: approved, but the promotion failed: {job.error}")
-    return review.outcome(home, review.load(home, run_id) or {})
+    def promote(data: dict[str, Any]) -> None:
+        with Journal(home.jobs_db) as journal:
+            job = run_job(Context(home, journal, settings), journal.get(data["job"]))
+        if job.state != "done":
+            raise review.ReviewError(f"run {data['run']}: approved, but the promotion failed: {job.error}")
+
+    return review.record_vote(home, settings, run_id, approve, comment, preferences, on_approved=promote)
 
 
 def _fail(ctx: Context, job: Job, stage: str, error: str) -> Job:

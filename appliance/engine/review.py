@@ -28,7 +28,7 @@ import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from appliance.contract.errors import ApplianceError
 from appliance.data.snapshot import load as load_snapshot
@@ -193,19 +193,20 @@ def pending(home: Home, settings: Settings, user: str | None = None) -> list[dic
 
 
 def record_vote(home: Home, settings: Settings, run_id: str, approve: bool, comment: str = "",
-                preferences: dict[int, str] | None = None) -> dict[str, Any]:
+                preferences: dict[int, str] | None = None,
+                on_approved: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Record this OS user's vote and report the outcome: a rejection refuses the job here; on
-    enough approvals the state is "approved" and the job, still waiting, is the engine's to
-    promote (see :func:`approved_waiting`)."""
+    enough approvals the state is "approved" and ``on_approved`` (the engine's promotion) runs
+    with the review, still under the review's lock, so two last votes cannot promote twice."""
     user = audit.user()
-    with _locked(home, run_id):
+    with locked(home, run_id):
         data = load(home, run_id)
         if data is None:
             raise ReviewError(f"run {run_id}: no review (only candidates waiting with [gate] promotion = "
                               "\"review\" have one); see 'appliance review list'")
         job = _job(home, data["job"])
-        if data["state"] == APPROVED and job.state == AWAITING_REVIEW:
-            return outcome(home, data)  # a promotion interrupted after its last vote: the engine resumes it
+        if data["state"] == APPROVED and job.state == AWAITING_REVIEW:  # a promotion interrupted after its last vote
+            return _approved(home, data, on_approved)
         if data["state"] != PENDING or job.state != AWAITING_REVIEW:
             raise ReviewError(f"run {run_id}: the review is closed ({data['state']}, job {job.id} {job.state})")
         if any(v["user"] == user for v in data["votes"]):
@@ -228,6 +229,8 @@ def record_vote(home: Home, settings: Settings, run_id: str, approve: bool, comm
                      approvals=_approvals(data), approvals_needed=data["approvals_needed"])
         if data["state"] == REJECTED:
             return _finish_rejected(home, data, user, comment)
+        if data["state"] == APPROVED:
+            return _approved(home, data, on_approved)
         return outcome(home, data)
 
 
@@ -249,6 +252,12 @@ def waiting_version(home: Home, version: str) -> str | None:
     with Journal(home.jobs_db) as journal:
         jobs = journal.awaiting_review()
     return next((j.run_id for j in jobs if j.version == version), None)
+
+
+def _approved(home: Home, data: dict[str, Any], on_approved: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    if on_approved is not None:
+        on_approved(data)
+    return outcome(home, data)
 
 
 def _finish_rejected(home: Home, data: dict[str, Any], user: str, comment: str) -> dict[str, Any]:
@@ -302,8 +311,8 @@ def _job(home: Home, job_id: int) -> Job:
 
 
 @contextmanager
-def _locked(home: Home, run_id: str) -> Iterator[None]:
-    """One vote at a time per candidate, across processes (two reviewers at once)."""
+def locked(home: Home, run_id: str) -> Iterator[None]:
+    """One vote (or the promotion it decides) at a time per candidate, across processes."""
     run = home.run(run_id)
     if not run.root.is_dir():
         raise ReviewError(f"run {run_id}: no such run ({run.root}); see 'appliance review list'")
