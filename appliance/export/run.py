@@ -130,7 +130,7 @@ def export_run(home: Home, run_id: str, settings: Settings, qtype: str | None = 
     t = time.monotonic()
     merge(base_dir, run.adapter, run.merged, emit)
     merge_s = time.monotonic() - t
-    train_info = read_json(run.root / "train.json") if (run.root / "train.json").exists() else {}
+    train_info = read_json(run.train_json) if run.train_json.exists() else {}
     snapshot_id = train_info.get("snapshot")
     lora, adapter_s = None, {}
     if adapter:
