@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's concern
     warnings.filterwarnings("ignore", category=UserWarning, module="(torch|transformers|peft|bitsandbytes)")
     # bitsandbytes warns that its optional hub-fetched CPU kernel package ('kernels') is
-    # absent. It is deliberately never installed: it would download code from a hub.
+    # absent, or, where it is installed, 'kernels' says it cannot check a hub while offline.
+    # The appliance never fetches code from a hub; neither line is the user's concern.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
