@@ -22,7 +22,8 @@ from appliance.contract.errors import ApplianceError
 from appliance.contract.events import Emit, Event, Message, Progress, ignore
 from appliance.data import snapshot as snapshots
 from appliance.engine import review
-from appliance.engine.candidates import clean_intermediates, register_adapter, register_candidate  # noqa: F401 (LocalEngine.export)
+# register_adapter is named here for LocalEngine.export
+from appliance.engine.candidates import clean_intermediates, register_adapter, register_candidate  # noqa: F401
 from appliance.engine.forget import fall_back, remove_runs, retire_versions_with
 from appliance.engine.lineage import adapter_hash, build_lineage
 from appliance.home import audit, registry

@@ -210,7 +210,8 @@ class Home:
 
 @dataclass(frozen=True)
 class RunDir:
-    """runs/<id>/{adapter,checkpoints,merged,gguf,train.json,method.json,parity.json,eval.json,review.json,meta.json}."""
+    """runs/<id>/: adapter, checkpoints, merged, gguf, and train.json, method.json, parity.json,
+    eval.json, review.json, meta.json."""
 
     root: Path
 
@@ -237,6 +238,16 @@ class RunDir:
     def checkpoint_state(checkpoint: Path) -> Path:
         """A checkpoint's ``state.json``, written last: a checkpoint without it is incomplete."""
         return checkpoint / "state.json"
+
+    @staticmethod
+    def checkpoint_weights(checkpoint: Path) -> Path:
+        """The trained tensors (an adapter's, or every weight for full fine-tuning)."""
+        return checkpoint / "adapter.safetensors"
+
+    @staticmethod
+    def checkpoint_trainer(checkpoint: Path) -> Path:
+        """Optimizer, scheduler and random-number states."""
+        return checkpoint / "trainer.pt"
 
     def checkpoint_dirs(self) -> list[Path]:
         """Complete checkpoints, oldest first (staging folders are hidden until renamed into place)."""

@@ -323,11 +323,11 @@ def save_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any, sta
     target = run.checkpoint(state.step)
     with staging_dir(target) as tmp:
         weights = {k: v.detach().cpu().contiguous() for k, v in _trained_state(model).items()}
-        save_file(weights, tmp / "adapter.safetensors")
+        save_file(weights, run.checkpoint_weights(tmp))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   tmp / "trainer.pt")
+                   run.checkpoint_trainer(tmp))
         write_json_atomic(run.checkpoint_state(tmp), asdict(state))
     for old in run.checkpoint_dirs()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -338,8 +338,8 @@ def load_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any) -> 
     if not found:
         return None
     latest = found[-1]
-    _load_trained_state(model, load_file(latest / "adapter.safetensors"))
-    saved = torch.load(latest / "trainer.pt", weights_only=False)  # written by this appliance, in its own home
+    _load_trained_state(model, load_file(run.checkpoint_weights(latest)))
+    saved = torch.load(run.checkpoint_trainer(latest), weights_only=False)  # written by this appliance, in its own home
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
