@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from appliance.data import snapshot
-from appliance.quality.advise import Advice, advise_data, advise_run, decontaminate, find_leaks
+from appliance.data.decontaminate import decontaminate, find_leaks
+from appliance.quality.advise import Advice, advise_data, advise_run
 from appliance.home.config import load
 from appliance.data.ingest import ingest
 from appliance.data.ingest.records import Record

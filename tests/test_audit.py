@@ -31,7 +31,7 @@ def write(home: Home, rows: list[str]) -> None:
 
 
 def cli_verify(home: Home) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance.cli.command", "audit", "verify", "--home", str(home.root)],
+    return subprocess.run([sys.executable, "-m", "appliance", "audit", "verify", "--home", str(home.root)],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -103,3 +103,23 @@ def test_a_torn_last_line_is_reported_and_later_appends_stay_separate(home: Home
     assert entry["seq"] == 7
     verdict = audit.verify(home)
     assert not verdict.ok and verdict.bad_line == 7 and "not an audit entry" in verdict.reason
+
+
+def test_init_starts_the_chain_with_the_home_its_admin_key_and_the_base(tmp_path: Path, tiny_base: Path):
+    from appliance.cli.init import init
+    from appliance.home import registry
+    from appliance.home.config import Settings
+
+    settings = Settings()
+    settings.export.quant = "F16"  # the base's own file: no quantization ladder to wait for
+    home = init(tmp_path / "h", base=str(tiny_base), settings=settings)
+    first = audit.entries(home)
+    assert [e["action"] for e in first] == ["home_created", "key_add", "base_import"]
+    assert first[0]["seq"] == 1 and first[0]["prev"] == audit.GENESIS
+    assert first[1]["details"] == {"key": "admin", "role": "admin", "collections": None}
+    imported = first[2]["details"]
+    assert imported["version"] == "base" and imported["sha256"] == registry.get(home, "base")["sha256"]
+    assert imported["source"] == str(tiny_base.absolute())
+    assert audit.verify(home).ok
+    init(tmp_path / "h", base=str(tiny_base))  # finishing an existing home adds nothing
+    assert audit.entries(home) == first

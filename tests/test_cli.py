@@ -18,7 +18,7 @@ from appliance.serving.server import Server
 
 
 def appliance(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance.cli.command", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 

@@ -60,7 +60,7 @@ def copy_home(template: Home, dest: Path) -> Home:
 
 def start(home: Home, *extra: str, env: dict | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "appliance.cli.command", "run", "--home", str(home.root), *extra],
+    return subprocess.Popen([sys.executable, "-m", "appliance", "run", "--home", str(home.root), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO)
 
 
@@ -134,10 +134,10 @@ def test_serving_daemon_notifies_ready_holds_the_lock_and_stops_on_sigterm(templ
         try:
             assert notify.recv(100) == b"READY=1"
             assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
-            second = subprocess.run([sys.executable, "-m", "appliance.cli.command", "run", "--home", str(home.root),
+            second = subprocess.run([sys.executable, "-m", "appliance", "run", "--home", str(home.root),
                                      "--no-serve", "--once"], capture_output=True, text=True, timeout=120)
             assert second.returncode != 0 and "another appliance engine is running" in second.stderr
-            status = json.loads(subprocess.run([sys.executable, "-m", "appliance.cli.command", "status", "--home",
+            status = json.loads(subprocess.run([sys.executable, "-m", "appliance", "status", "--home",
                                                 str(home.root), "--json"], capture_output=True, text=True,
                                                timeout=120).stdout)
             assert status["server"]["health"] == "ok" and status["inbox"]["watching"]
@@ -310,7 +310,7 @@ def test_sigterm_mid_training_exits_0_and_the_next_start_resumes(template: Home,
     with Journal(home.jobs_db) as journal:
         job = journal.active()
     assert job is not None and job.stage == "snapshot" and job.run_id  # train not complete; its run remembered
-    again = subprocess.run([sys.executable, "-m", "appliance.cli.command", "run", "--home", str(home.root), "--no-serve",
+    again = subprocess.run([sys.executable, "-m", "appliance", "run", "--home", str(home.root), "--no-serve",
                             "--once"], capture_output=True, text=True, timeout=900, cwd=REPO)
     assert again.returncode == 0, again.stderr[-2000:]
     with Journal(home.jobs_db) as journal:

@@ -15,7 +15,7 @@ from conftest import free_port
 @pytest.mark.slow
 def test_demo_tunes_the_embedded_model_and_it_answers_better(tmp_path: Path):
     home = tmp_path / "demo-home"
-    proc = subprocess.run([sys.executable, "-m", "appliance.cli.command", "demo", "--home", str(home), "--no-wait",
+    proc = subprocess.run([sys.executable, "-m", "appliance", "demo", "--home", str(home), "--no-wait",
                            "--json", "--port", str(free_port())], capture_output=True, text=True, timeout=2700)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)

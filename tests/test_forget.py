@@ -55,13 +55,13 @@ def files_holding(root: Path, needle: bytes) -> list[Path]:
 
 
 def run_once(home) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance.cli.command", "run", "--home", str(home.root), "--no-serve",
+    return subprocess.run([sys.executable, "-m", "appliance", "run", "--home", str(home.root), "--no-serve",
                            "--once"], capture_output=True, text=True, timeout=1200, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def cli(home, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance.cli.command", *args, "--home", str(home.root)],
+    return subprocess.run([sys.executable, "-m", "appliance", *args, "--home", str(home.root)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
 
 

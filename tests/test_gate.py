@@ -75,7 +75,7 @@ def test_a_damaged_candidate_is_refused_and_the_current_model_kept(damaged: dict
     home: Home = damaged["home"]
     assert damaged["parity"]  # the file is faithful; the model is bad
     before = registry.current(home)
-    proc = subprocess.run([sys.executable, "-m", "appliance.cli.command", "eval", damaged["run"], "--home", str(home.root),
+    proc = subprocess.run([sys.executable, "-m", "appliance", "eval", damaged["run"], "--home", str(home.root),
                            "--json"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 3, proc.stderr[-2000:]
     report = json.loads(proc.stdout)

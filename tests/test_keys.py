@@ -158,7 +158,7 @@ def test_an_old_home_is_migrated_on_first_use(tmp_path: Path):
     root = tmp_path / "old"
     home = create_home(root, "tiny")
     home.keys.unlink()  # as a home made before keys existed
-    proc = subprocess.run([sys.executable, "-m", "appliance.cli.command", "keys", "whoami", "--home", str(root), "--json"],
+    proc = subprocess.run([sys.executable, "-m", "appliance", "keys", "whoami", "--home", str(root), "--json"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "APPLIANCE_API_KEY": ""})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"name": "admin", "role": "admin", "collections": None}
@@ -189,7 +189,7 @@ def test_a_revoked_key_is_refused_on_the_next_call(home: Home):
     assert server_side.authenticate(secret).name == "bob"
     engine = LocalEngine(home.root, key=caller_key(home, secret))
     assert engine.whoami()["name"] == "bob"
-    proc = subprocess.run([sys.executable, "-m", "appliance.cli.command", "keys", "revoke", "bob", "--home", str(home.root)],
+    proc = subprocess.run([sys.executable, "-m", "appliance", "keys", "revoke", "bob", "--home", str(home.root)],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "APPLIANCE_API_KEY": ""})
     assert proc.returncode == 0, proc.stderr
     assert server_side.authenticate(secret) is None

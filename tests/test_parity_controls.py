@@ -147,7 +147,7 @@ def test_phi3_needs_its_name_in_general_name(tmp_path: Path, vocab_tokenizers):
     args = [str(model_dir), "--outtype", "f16", "--metadata", str(meta)]
     run_converter("convert_hf_to_gguf.py", args, gguf, model_dir)
     probe = parity.probes(load_tokenizer(model_dir))
-    check = parity._tokenization(probe, probe.ask(gguf).tokens)
+    check = parity.tokenization_check(probe, probe.ask(gguf).tokens)
     assert not check.passed and "<|user|>" in check.detail
 
 
@@ -162,5 +162,5 @@ def test_bpe_tokenizer_without_ignore_merges_fails_on_tokenization(tmp_path: Pat
     assert export_f16(model_dir, gguf.parent).passed
     tokenizer = edit_tokenizer_json(load_tokenizer(model_dir), lambda d: d["model"].update(ignore_merges=False))
     probe = parity.probes(tokenizer)
-    check = parity._tokenization(probe, probe.ask(gguf).tokens)
+    check = parity.tokenization_check(probe, probe.ask(gguf).tokens)
     assert not check.passed and "Việt" in check.detail

@@ -114,7 +114,7 @@ def test_a_gated_candidate_waits_registered_but_not_current(waiting: dict, home:
 @pytest.mark.slow
 def test_the_daemon_parks_each_candidate_and_goes_on(home: Home):
     first, second = job_at_gate(home, "run-two"), job_at_gate(home, "run-three")
-    proc = subprocess.run([sys.executable, "-m", "appliance.cli.command", "run", "--home", str(home.root), "--no-serve",
+    proc = subprocess.run([sys.executable, "-m", "appliance", "run", "--home", str(home.root), "--no-serve",
                            "--once"], capture_output=True, text=True, timeout=600, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -184,7 +184,7 @@ def test_cli_review_list_and_reject(home: Home):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "appliance.cli.command", "review", *args, "--home", str(home.root)],
+        return subprocess.run([sys.executable, "-m", "appliance", "review", *args, "--home", str(home.root)],
                               capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
 
     listed = cli("list", "--json")

@@ -28,7 +28,7 @@ def configure(home: Home, **train: object) -> None:
 
 
 def cli_train(home: Home, run: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "appliance.cli.command", "train", "--home", str(home.root), "--run", run,
+    return subprocess.Popen([sys.executable, "-m", "appliance", "train", "--home", str(home.root), "--run", run,
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
 

@@ -1,5 +1,1 @@
-"""The ``appliance`` command: argument parsing, console output, ``init`` and ``demo``."""
-
-from appliance.cli.command import main
-
-__all__ = ["main"]
+"""The ``appliance`` command (``command.py``), its console output, ``init`` and ``demo``."""

@@ -7,17 +7,29 @@ object on stdout. Errors are one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from rich.console import Console
+from rich.table import Table
+
 from appliance import __version__
+from appliance.cli.console import ProgressDisplay
+from appliance.contract.api import open_engine
 from appliance.contract.errors import ApplianceError
-from appliance.home.paths import resolve_home
+from appliance.contract.events import Message, StageFinished, StageStarted
+from appliance.engine.local import as_dict
+from appliance.home.catalog import parse
+from appliance.home.config import load
+from appliance.home.keys import HOME_WIDE, KeysError, authorize, caller_key, read_secret
+from appliance.home.paths import Home, resolve_home
 
 NOT_YET: dict[str, str] = {}
 
@@ -27,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's concern
     warnings.filterwarnings("ignore", category=UserWarning, module="(torch|transformers|peft|bitsandbytes)")
     # bitsandbytes warns that its optional hub-fetched CPU kernel package ('kernels') is
-    # absent. It is deliberately never installed: it would download code from a hub.
+    # absent, or, where it is installed, 'kernels' says it cannot check a hub while offline.
+    # The appliance never fetches code from a hub; neither line is the user's concern.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -161,10 +175,6 @@ def authorize_command(args: argparse.Namespace) -> None:
     """The one role check before any command runs (appliance/home/keys.py COMMAND_ROLES); the caller
     is --key-file, else $APPLIANCE_API_KEY, else the home's api_key file. A home that does not
     exist yet has no keys: ``init`` and ``demo`` create it, every other command then says so."""
-    from appliance.home.catalog import parse
-    from appliance.home.keys import HOME_WIDE, authorize, caller_key, read_secret
-    from appliance.home.paths import Home
-
     name = args.role_command if "role_command" in args else None
     if name in ("review", "audit"):
         name = f"{name} {args.action}"
@@ -180,23 +190,15 @@ def authorize_command(args: argparse.Namespace) -> None:
 
 
 def _engine(args: argparse.Namespace) -> Any:
-    from appliance.contract.api import open_engine
-
-    from appliance.home.catalog import parse
-
     return open_engine(_home(args), key=getattr(args, "caller", None),
                        collection=parse(getattr(args, "collection", None) or ""))
 
 
 def _emit(args: argparse.Namespace):
-    from appliance.cli.console import ProgressDisplay
-
     return ProgressDisplay(enabled=not getattr(args, "json", False))
 
 
 def _print_json(obj: Any) -> None:
-    from appliance.engine.local import as_dict
-
     print(json.dumps(as_dict(obj), sort_keys=True, default=str))
 
 
@@ -263,9 +265,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"versions": versions})
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table("version", "current", "quant", "size", "val loss", "docs", "run", "snapshot")
     for v in versions:
         loss = v.metrics.get("gate_val_loss") or v.metrics.get("best_val_loss")
@@ -318,9 +317,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from appliance.home.config import load
-    from appliance.home.paths import Home
-    from appliance.serving.server import Server
+    from appliance.serving.server import Server  # the web stack loads for the commands that serve
 
     home = Home(_home(args))
     _engine(args)  # checks the home
@@ -371,8 +368,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _log_event(event: Any) -> None:
-    from appliance.contract.events import Message, StageFinished, StageStarted
-
     if isinstance(event, (Message, StageStarted, StageFinished)):
         text = getattr(event, "text", "") or getattr(event, "description", "") or getattr(event, "summary", "")
         if text:
@@ -483,27 +478,19 @@ def cmd_review(args: argparse.Namespace) -> int:
 def cmd_tui(args: argparse.Namespace) -> int:
     """The terminal app on this home's engine; a running daemon is seen through the home's
     journal and event log, so the in-process engine attaches to it without a socket."""
-    from appliance.contract.api import open_engine
-
     engine = open_engine(_home(args), key=getattr(args, "caller", None))  # checks the home first
     if getattr(args, "key_file", None):
-        from appliance.home.keys import read_secret
-
         # the TUI's chat talks to the endpoint with $APPLIANCE_API_KEY before the home's admin key
         # file: the window must chat as the key it was opened with (this process only)
         os.environ["APPLIANCE_API_KEY"] = read_secret(Path(args.key_file))
     # Only this command loads the front end, by name at run time: nothing in appliance/
     # imports textual or tui (tests/test_boundaries.py).
-    import importlib
-
     app = importlib.import_module("tui.app")
     app.make_app(engine, theme=app.LIGHT if args.light else None).run()
     return 0
 
 
 def cmd_keys_add(args: argparse.Namespace) -> int:
-    from appliance.home.keys import KeysError
-
     collections = [c.strip() for c in args.collections.split(",")] if args.collections is not None else None
     if collections is not None and not all(collections):
         raise KeysError(f"--collections {args.collections!r}: an empty name; write 'shared' for the top of the inbox")
@@ -520,8 +507,6 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    import time
-
     keys = _engine(args).keys()
     if args.json:
         _print_json({"keys": keys})

@@ -25,7 +25,7 @@ from appliance.contract.errors import DataError
 from appliance.home.fsutil import read_json, write_json_atomic
 from appliance.data.ingest.records import Record
 from appliance.data.ingest.store import Store
-from appliance.home.paths import Home
+from appliance.home.paths import Home, RunDir
 
 CHAIN_LIMIT = 50
 SETSUM_MOD = 1 << 256
@@ -37,10 +37,7 @@ class Snapshot:
     train: list[str]
     val: list[str]
     path: Path
-
-    @property
-    def manifest(self) -> Path:
-        return self.path / "manifest.json"
+    manifest: Path
 
 
 def is_validation(record_hash: str, fraction: float) -> bool:
@@ -62,7 +59,7 @@ def cut_id(home: Home, val_fraction: float) -> str:
             else:
                 manifest = _full_manifest(store, val_fraction)
         _check_usable(home, manifest["stats"])
-        path = home.snapshot(manifest["id"]) / "manifest.json"
+        path = home.manifest(manifest["id"])
         if not path.exists():
             write_json_atomic(path, manifest)
         store.remember_snapshot(manifest["id"], manifest["parent"], manifest["store_seq"], manifest["depth"],
@@ -75,7 +72,7 @@ def load(home: Home, snapshot_id: str) -> Snapshot:
     chain = _chain(home, snapshot_id)
     top = chain[-1]
     if "train" in top:  # a full manifest from before deltas (schema 1)
-        return Snapshot(top["id"], top["train"], top["val"], home.snapshot(snapshot_id))
+        return Snapshot(top["id"], top["train"], top["val"], home.snapshot(snapshot_id), home.manifest(snapshot_id))
     members = _replay(chain, "records", "added", "retired", key=None)
     if f"{_setsum(members):064x}" != top["setsum"]:
         raise DataError(f"snapshot {snapshot_id}: its manifests do not add up to its record set; "
@@ -84,7 +81,7 @@ def load(home: Home, snapshot_id: str) -> Snapshot:
     fraction = top["val_fraction"]
     val = [h for h in ordered if is_validation(h, fraction)]
     train = [h for h in ordered if not is_validation(h, fraction)]
-    return Snapshot(snapshot_id, train, val, home.snapshot(snapshot_id))
+    return Snapshot(snapshot_id, train, val, home.snapshot(snapshot_id), home.manifest(snapshot_id))
 
 
 def stats(home: Home, snapshot_id: str) -> dict[str, Any]:
@@ -105,7 +102,7 @@ def records(home: Home, hashes: list[str]) -> list[Record]:
 def _extends(home: Home, head: dict[str, Any] | None, val_fraction: float) -> bool:
     """Whether the next manifest can be a delta on ``head``."""
     return (head is not None and head["depth"] < CHAIN_LIMIT and head["val_fraction"] == val_fraction
-            and (home.snapshot(head["id"]) / "manifest.json").exists())
+            and home.manifest(head["id"]).exists())
 
 
 def _full_manifest(store: Store, val_fraction: float) -> dict[str, Any]:
@@ -183,7 +180,7 @@ def _chain(home: Home, snapshot_id: str) -> list[dict[str, Any]]:
     chain: list[dict[str, Any]] = []
     current: str | None = snapshot_id
     while current is not None:
-        manifest = home.snapshot(current) / "manifest.json"
+        manifest = home.manifest(current)
         if not manifest.exists():
             missing = "not found" if current == snapshot_id else f"its parent {current} is missing"
             raise DataError(f"snapshot {snapshot_id}: {missing} under {home.snapshots}")
@@ -206,3 +203,12 @@ def _replay(chain: list[dict[str, Any]], full: str, added: str, retired: str, ke
         for gone in manifest.get(retired, []):
             items.pop(gone, None)
     return set(items) if key is None else items
+
+
+def run_snapshot(run: RunDir) -> str | None:
+    """The snapshot an existing run trains on (a resumed run keeps its own data): its
+    ``train.json``, else its latest complete checkpoint's state."""
+    if run.train_json.exists():
+        return read_json(run.train_json)["snapshot"]
+    found = run.checkpoint_dirs()
+    return read_json(run.checkpoint_state(found[-1]))["snapshot"] if found else None

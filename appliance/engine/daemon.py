@@ -32,12 +32,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.home import audit
-from appliance.home.config import Settings, load
 from appliance.contract.errors import HomeError
 from appliance.contract.events import Emit, Event, Message
-from appliance.home.fsutil import write_json_atomic
-from appliance.home.journal import Journal
+from appliance.data.ingest import Ingestors
+from appliance.data.ingest.store import Store
+from appliance.data.watch import InboxWatcher, list_inbox
+from appliance.engine.pipeline import Context, DiskError, Stopped, run_job
+from appliance.engine.review import approved_waiting, locked
+from appliance.home import audit
+from appliance.home.catalog import display, stores
+from appliance.home.config import Settings, load
+from appliance.home.fsutil import read_json, write_json_atomic
+from appliance.home.journal import AWAITING_REVIEW, Job, Journal
 from appliance.home.paths import Home
 
 log = logging.getLogger("appliance.engine.daemon")
@@ -192,13 +198,14 @@ class Daemon:
             lock.release()
 
     def _loop(self, journal: Journal) -> int:
-        from appliance.engine.pipeline import Context, DiskError, Stopped, run_job
-
         ctx = Context(self.home, journal, self.settings, self.emit, self.stop)
         while not self.stop.is_set():
             if not self.once:
                 self._sync_watching(journal)
             job = journal.next_job()
+            if job is None and (approved := approved_waiting(self.home)):
+                self._promote_approved(ctx, approved[0])
+                continue
             if job is None:
                 if self.once:
                     break
@@ -218,12 +225,19 @@ class Daemon:
                 self.stop.wait(60)
         return 0
 
+    def _promote_approved(self, ctx: Context, job: Job) -> None:
+        """A job whose review was approved but whose promotion did not run (the voter's process
+        stopped after the deciding vote): promoted now, under the review's lock as a vote would."""
+        with locked(self.home.top.scoped(job.collection), job.run_id or ""):
+            job = ctx.journal.get(job.id)
+            if job.state == AWAITING_REVIEW:  # not promoted by a voter meanwhile
+                done = run_job(ctx, job)
+                self.emit(Message("daemon", f"job {done.id} {done.state} after its review"
+                                            + (f": {done.error}" if done.error else "")))
+
     def _queue_unsnapshotted(self, journal: Journal) -> None:
         """Data ingested but never snapshotted (a kill between an ingest and its enqueue) gets its job,
         in each collection."""
-        from appliance.home.catalog import display, stores
-        from appliance.data.ingest.store import Store
-
         if not self.settings.daemon.retrain_after_ingest or journal.active():
             return
         queued = {job.collection for job in journal.queue()}
@@ -242,7 +256,7 @@ class Daemon:
     def _start_server(self) -> None:
         if not self.serve:
             return
-        from appliance.serving.server import Server
+        from appliance.serving.server import Server  # the endpoint's web stack loads only when it serves
 
         self._server = Server(self.home, self.settings, self.host, self.port).start()
         self.state["endpoint"] = f"{self._server.url}/v1"
@@ -255,8 +269,6 @@ class Daemon:
             self._stop_watching()
             self._save_state()
         elif not paused and self._watcher is None:
-            from appliance.data.watch import InboxWatcher
-
             self._watcher = InboxWatcher(self.home.inbox, self._on_stable, self.settings.watch,
                                          on_error=self._on_error).start()  # starts with a full rescan
             self.state["watching"] = True
@@ -273,15 +285,10 @@ class Daemon:
         self.emit(Message("ingest", f"inbox: {exc}", level="error"))
 
     def _ingest_all(self) -> None:
-        from appliance.data.watch import list_inbox
-
         paths, ignored = list_inbox(self.home.inbox)  # every collection's files
         self._on_stable(paths, ignored)
 
     def _on_stable(self, paths: list[Path], ignored: int = 0) -> None:
-        from appliance.home.catalog import display
-        from appliance.data.ingest import Ingestors
-
         if self._ingestor is None:
             self._ingestor = Ingestors(self.home, self.settings, self.emit)
         before = store_seqs(self.home)
@@ -310,9 +317,6 @@ class Daemon:
 
 def store_seqs(home: Home) -> dict[str, int]:
     """Each collection's store position (to see what an ingest added)."""
-    from appliance.home.catalog import stores
-    from appliance.data.ingest.store import Store
-
     seqs = {}
     for collection, scope in stores(home):
         with Store(scope.store_db) as store:
@@ -323,8 +327,6 @@ def store_seqs(home: Home) -> dict[str, int]:
 def record_ingest(home: Home, before: dict[str, int], report: Any) -> dict[str, int]:
     """Audit what an ingest changed (document hashes, never content); return the records
     newly active in each collection."""
-    from appliance.data.ingest.store import Store
-
     added = {}
     for collection in {*before, *report.collections, home.collection}:
         scope = home.top.scoped(collection)
@@ -352,8 +354,6 @@ def set_paused(home: Home, value: bool) -> None:
 
 
 def daemon_state(home: Home) -> dict[str, Any] | None:
-    from appliance.home.fsutil import read_json
-
     if not home.daemon_state.exists() or not is_locked(home):
         return None
     try:

@@ -27,18 +27,20 @@ The audit log records the document's sha256 and counts, never its content or nam
 
 from __future__ import annotations
 
-import os
 import re
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
 
-from appliance.home import audit, registry
 from appliance.contract.errors import DataError
-from appliance.home.fsutil import sha256_file
 from appliance.data.ingest.store import Store
+from appliance.engine.lineage import runs_with, versions_with
+from appliance.home import audit, registry
+from appliance.home.catalog import of_path, problem, stores
+from appliance.home.fsutil import sha256_file
 from appliance.home.journal import Journal
-from appliance.home.paths import Home
+from appliance.home.paths import QUARANTINE_REASON, Home, quarantine_reason
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 TOMBSTONE = '{"forgotten": true}'
@@ -78,8 +80,6 @@ def collection_of(home: Home, document: str) -> Home:
     collection whose store holds the sha256 (collections never share a store)."""
     if home.collection:  # a collection's own view forgets within it
         return home
-    from appliance.home.catalog import of_path, problem, stores
-
     path = Path(document).expanduser()
     inbox = home.top.inbox
     full = path if path.is_absolute() else inbox / document
@@ -124,7 +124,7 @@ def forget(home: Home, document: str, queue: bool = True) -> dict[str, Any]:
 
 def _holds(home: Home) -> dict[str, str]:
     """Legal holds: ``holds.txt`` in the home, one ``sha256 reason`` a line."""
-    path = home.root / "holds.txt"
+    path = home.holds
     if not path.exists():
         return {}
     out = {}
@@ -144,7 +144,7 @@ def _remove_from_store(home: Home, sha: str) -> dict[str, Any]:
             if row is None:
                 return {"known": False, "records": 0, "shared": 0, "paths": []}
             if row[0] == "active":
-                store._set_document(sha, "forgotten", -1)  # logs the retirements the next snapshot needs
+                store.set_document(sha, "forgotten", -1)  # logs the retirements the next snapshot needs
             paths = [r[0] for r in store.db.execute("SELECT path FROM versions WHERE sha256=?", (sha,))]
             mine = [r[0] for r in store.db.execute("SELECT record_hash FROM doc_records WHERE doc_sha256=?", (sha,))]
             store.db.execute("DELETE FROM doc_records WHERE doc_sha256=?", (sha,))
@@ -174,11 +174,11 @@ def _remove_files(home: Home, sha: str, paths: list[str]) -> list[Path]:
     removed = []
     candidates = [home.inbox / p for p in paths]
     if home.quarantine.is_dir():
-        candidates += [p for p in home.quarantine.iterdir() if not p.name.endswith(".reason.json")]
+        candidates += [p for p in home.quarantine.iterdir() if not p.name.endswith(QUARANTINE_REASON)]
     for path in candidates:
         try:
             if path.is_file() and not path.is_symlink() and sha256_file(path) == sha:
-                sidecar = path.with_name(path.name + ".reason.json")
+                sidecar = quarantine_reason(path)
                 path.unlink()
                 sidecar.unlink(missing_ok=True)
                 removed.append(path)
@@ -187,30 +187,11 @@ def _remove_files(home: Home, sha: str, paths: list[str]) -> list[Path]:
     return removed
 
 
-def _snapshot_documents(home: Home):  # type: ignore[no-untyped-def]
-    from appliance.data.snapshot import stats
-
-    cache: dict[str, set[str]] = {}
-
-    def docs(snapshot_id: str) -> set[str]:
-        if snapshot_id not in cache:
-            try:
-                cache[snapshot_id] = {s["sha256"] for s in stats(home, snapshot_id)["by_source"]}
-            except (DataError, OSError, KeyError):
-                cache[snapshot_id] = set()
-        return cache[snapshot_id]
-    return docs
-
-
 def remove_runs(home: Home, sha: str, keep: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
     """Delete the folders of runs whose snapshot included ``sha`` (except ``keep``: runs of jobs in
     flight, which the queued forget job removes when it promotes)."""
-    import shutil
-
-    from appliance.engine.pipeline import runs_with
-
     gone = []
-    for folder in runs_with(home, _snapshot_documents(home), sha):
+    for folder in runs_with(home, sha):
         if folder.name in keep:
             continue
         shutil.rmtree(folder, ignore_errors=True)
@@ -221,9 +202,7 @@ def remove_runs(home: Home, sha: str, keep: set[str] = frozenset()) -> list[str]
 def _refuse_waiting_reviews(home: Home, sha: str) -> None:
     """A candidate waiting for reviewers that was trained on the document is refused first:
     its run is about to be deleted, and no vote may bring the document back."""
-    from appliance.engine.pipeline import runs_with
-
-    doomed = {folder.name for folder in runs_with(home, _snapshot_documents(home), sha)}
+    doomed = {folder.name for folder in runs_with(home, sha)}
     with Journal(home.jobs_db) as journal:
         for job in journal.awaiting_review():
             if job.run_id in doomed:
@@ -233,12 +212,6 @@ def _refuse_waiting_reviews(home: Home, sha: str) -> None:
 def _open_runs(home: Home) -> set[str]:
     with Journal(home.jobs_db) as journal:
         return {j.run_id for j in journal.jobs(1000) if j.state in ("queued", "running") and j.run_id}
-
-
-def versions_with(home: Home, sha: str) -> list[str]:
-    from appliance.engine.pipeline import version_documents
-
-    return [v["version"] for v in registry.versions(home) if sha in version_documents(home, v["version"])]
 
 
 def retire_versions_with(home: Home, sha: str, job: int | None) -> list[str]:

@@ -133,7 +133,7 @@ class LocalEngine:
                   "adapter": result.adapter.name if result.adapter else None, "collection": self.collection,
                   "registered_at": time.time()}
         if served_as_adapter and result.adapter is not None:
-            from appliance.engine.pipeline import register_adapter
+            from appliance.engine.candidates import register_adapter
 
             return self._version(register_adapter(self.paths, result.adapter, fields))
         record = registry.add(self.paths, registry.next_version(self.paths), result.gguf, fields, check=problem)
@@ -290,7 +290,7 @@ class LocalEngine:
 
     def vote(self, run: str, approve: bool, comment: str = "",
              preferences: dict[int, str] | None = None) -> dict[str, Any]:
-        from appliance.engine.review import vote
+        from appliance.engine.pipeline import vote
 
         return vote(self.paths, self.settings, run, approve, comment, preferences)
 
@@ -338,7 +338,7 @@ class LocalEngine:
 
     def _learned(self) -> set[str]:
         """sha256 of the documents the current version was trained on (its lineage, else its snapshot)."""
-        from appliance.engine.pipeline import version_documents
+        from appliance.engine.lineage import version_documents
 
         version = registry.current(self.paths)
         return version_documents(self.paths, version) if version else set()

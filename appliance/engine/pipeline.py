@@ -11,22 +11,28 @@ and a stage is marked complete only once its outputs are on disk and fsynced.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable
 
-from appliance.home import audit, registry
-from appliance.home.config import Settings
-from appliance.contract.errors import ApplianceError, DataError
+from appliance.contract.errors import ApplianceError
 from appliance.contract.events import Emit, Event, Message, Progress, ignore
-from appliance.home.fsutil import read_json, sha256_file
+from appliance.data import snapshot as snapshots
+from appliance.engine import review
+# register_adapter is named here for LocalEngine.export
+from appliance.engine.candidates import clean_intermediates, register_adapter, register_candidate  # noqa: F401
+from appliance.engine.forget import fall_back, remove_runs, retire_versions_with
+from appliance.engine.lineage import adapter_hash, build_lineage
+from appliance.home import audit, registry
+from appliance.home.catalog import adapter_mode
+from appliance.home.config import Settings
+from appliance.home.fsutil import read_json
 from appliance.home.journal import Job, Journal, iter_stages
 from appliance.home.paths import Home
+from appliance.quality.gate import evaluate
 
 log = logging.getLogger("appliance.engine.pipeline")
 
@@ -87,26 +93,33 @@ def run_job(ctx: Context, job: Job) -> Job:
         if stage == "gate" and not (job.result or {}).get("passed"):
             audit.append(ctx.home, "job_refused", job=job.id, run=job.run_id, failed=job.result.get("failed"))
             if job.kind == "forget" and job.document:
-                from appliance.engine.forget import fall_back
-
                 fall_back(ctx.home, job.document, job.id)  # the forgotten document must leave the served model
             return ctx.journal.finish(job.id, "refused", job.result.get("verdict"))
     return ctx.journal.finish(job.id, "done")
 
 
 def _waits_for_review(ctx: Context, job: Job) -> bool:
-    from appliance.engine.review import waits
-
-    return waits(ctx.home, ctx.settings, job)
+    return review.waits(ctx.home, ctx.settings, job)
 
 
 def _open_review(ctx: Context, job: Job) -> Job:
-    from appliance.engine.review import open_review
-
     try:
-        return open_review(ctx, job)
+        return review.open_review(ctx.home, ctx.settings, ctx.journal, job)
     except ApplianceError as exc:
         return _fail(ctx, job, "review", str(exc))
+
+
+def vote(home: Home, settings: Settings, run_id: str, approve: bool, comment: str = "",
+         preferences: dict[int, str] | None = None) -> dict[str, Any]:
+    """A reviewer's vote; the approval that completes a review promotes its candidate here,
+    through the promote stage (registry swap, lineage, audit, pruning)."""
+    def promote(data: dict[str, Any]) -> None:
+        with Journal(home.jobs_db) as journal:
+            job = run_job(Context(home, journal, settings), journal.get(data["job"]))
+        if job.state != "done":
+            raise review.ReviewError(f"run {data['run']}: approved, but the promotion failed: {job.error}")
+
+    return review.record_vote(home, settings, run_id, approve, comment, preferences, on_approved=promote)
 
 
 def _fail(ctx: Context, job: Job, stage: str, error: str) -> Job:
@@ -131,18 +144,15 @@ def _job_emit(ctx: Context, job_id: int, stage: str) -> Emit:
 
 
 def stage_snapshot(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
-    from appliance.data.snapshot import cut_id, stats
-
-    snapshot_id = cut_id(ctx.home, ctx.settings.data.val_fraction)  # no usable data: DataError fails the job
-    info = stats(ctx.home, snapshot_id)
+    snapshot_id = snapshots.cut_id(ctx.home, ctx.settings.data.val_fraction)  # no usable data: DataError fails it
+    info = snapshots.stats(ctx.home, snapshot_id)
     audit.append(ctx.home, "snapshot", job=job.id, snapshot=snapshot_id, records=info["records"],
                  documents=[s["sha256"] for s in info["by_source"]])
     return {"snapshot": snapshot_id}
 
 
 def stage_train(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
-    from appliance.data import snapshot as snapshots
-    from appliance.training.train import TrainInterrupted, train
+    from appliance.training.train import TrainInterrupted, train  # torch: loaded when a run trains
 
     run_id = job.run_id
     if not run_id:  # remembered before any work, so a resumed job continues the same run
@@ -159,9 +169,7 @@ def stage_train(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
 
 
 def stage_export(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
-    from appliance.export.run import export_run
-
-    from appliance.home.catalog import adapter_mode
+    from appliance.export.run import export_run  # the exporter's heavy libraries load when a run exports
 
     run = ctx.home.run(job.run_id or "")
     adapter = adapter_mode(ctx.home, ctx.settings)  # a collection's adapter, served on the one base model
@@ -174,8 +182,6 @@ def stage_export(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
 
 
 def stage_gate(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
-    from appliance.quality.gate import evaluate
-
     report = evaluate(ctx.home, job.run_id or "", ctx.settings, kind=job.kind, emit=emit)
     data = report.to_dict()
     audit.append(ctx.home, "gate", job=job.id, run=job.run_id, passed=report.passed, failed=data["failed"],
@@ -187,17 +193,16 @@ def stage_gate(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
 
 def stage_promote(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
     home, run_id = ctx.home, job.run_id or ""
-    record = register_candidate(ctx, job)
+    record = register_candidate(home, ctx.settings, ctx.journal, job)
     version = record["version"]
     if registry.lineage(home, version) is None:
-        registry.write_lineage(home, version, build_lineage(ctx, ctx.journal.get(job.id), record))
-    if not any(e.get("job") == job.id for e in registry._history(home)):
+        registry.write_lineage(home, version, build_lineage(home, ctx.settings, ctx.journal, ctx.journal.get(job.id),
+                                                            record, review.summary(home, run_id)))
+    if not any(e.get("job") == job.id for e in registry.history(home)):
         registry.promote(home, version, job=job.id)
     if not audit.find(home, "promote", job=job.id):
         audit.append(home, "promote", job=job.id, version=version, sha256=record["sha256"], run=run_id)
     if job.kind == "forget" and job.document:
-        from appliance.engine.forget import remove_runs, retire_versions_with
-
         retire_versions_with(home, job.document, job.id)
         remove_runs(home, job.document)  # runs that were in flight when the document was forgotten
     clean_intermediates(home, run_id)
@@ -206,147 +211,6 @@ def stage_promote(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
     return {"version": version}
 
 
-def register_candidate(ctx: Context, job: Job) -> dict[str, Any]:
-    """Register the gated file as a new (not current) version, once; remember it in the journal."""
-    from appliance.quality.gate import candidate_gguf
-    from appliance.runtime.llamacpp_child import problem
-
-    from appliance.home.catalog import adapter_mode
-
-    home, run_id = ctx.home, job.run_id or ""
-    existing = [v for v in registry.versions(home) if v.get("run") == run_id]
-    if existing:
-        record = existing[-1]
-    else:
-        gguf = candidate_gguf(home, run_id)
-        if gguf is None:
-            raise ApplianceError(f"run {run_id}: the gated file is missing; cannot promote it")
-        parity = read_json(home.run(run_id).parity)
-        info = read_json(home.run(run_id).root / "train.json")
-        fields = {"run": run_id, "snapshot": job.snapshot, "quant": parity.get("quant"), "base": ctx.settings.base.name,
-                  "best_val_loss": info.get("best_val_loss"), "parity": {"passed": parity.get("passed")},
-                  "job": job.id, "kind": job.kind, "collection": home.collection, "registered_at": time.time()}
-        if adapter_mode(home, ctx.settings):
-            record = register_adapter(home, home.run(run_id).gguf / parity["adapter"], fields)
-        else:
-            record = registry.add(home, registry.next_version(home), gguf, fields, check=problem)
-    ctx.journal.remember(job.id, version=record["version"])
-    return record
-
-
-def register_adapter(home: Home, adapter: Path, fields: dict[str, Any]) -> dict[str, Any]:
-    """A collection's version as its GGUF LoRA adapter, tied to the base version it applies to."""
-    from appliance.home.catalog import adapter_problem, base_model
-
-    base_version, base_file = base_model(home)
-    base_record = registry.get(home.top, base_version)
-    fields = {**fields, "quant": "adapter", "base_version": base_version, "base_sha256": base_record["sha256"]}
-    return registry.add(home, registry.next_version(home), adapter, fields, name=registry.ADAPTER_FILE,
-                        check=lambda path: adapter_problem(base_file, path))
-
-
 STAGES: dict[str, Callable[[Context, Job, Emit], dict[str, Any]]] = {
     "snapshot": stage_snapshot, "train": stage_train, "export": stage_export, "gate": stage_gate,
     "promote": stage_promote}
-
-
-# --- helpers --------------------------------------------------------------------------------------
-
-
-def clean_intermediates(home: Home, run_id: str) -> None:
-    """Checkpoints, merged weights and the f16 GGUF go once a run is gated; the chosen
-    quantized file stays (hard-linked into models/ when registered, so no extra space)."""
-    run = home.run(run_id)
-    for folder in (run.checkpoints, run.merged):
-        shutil.rmtree(folder, ignore_errors=True)
-    for partial in run.root.glob(".*.partial"):
-        shutil.rmtree(partial, ignore_errors=True)
-    parity = read_json(run.parity) if run.parity.exists() else {}
-    keep = {parity.get("gguf"), parity.get("adapter")}  # the served file (and a collection's adapter)
-    for path in run.gguf.glob("*.gguf") if run.gguf.is_dir() else []:
-        if path.name not in keep:
-            path.unlink(missing_ok=True)
-
-
-def adapter_hash(home: Home, run_id: str) -> str | None:
-    path = home.run(run_id).adapter / "adapter_model.safetensors"
-    return sha256_file(path) if path.exists() else None
-
-
-def base_hash(home: Home, settings: Settings, journal: Journal) -> str:
-    """sha256 over the base's weight files (cached in the journal by name, size and mtime)."""
-    folder = home.base(settings.base.name)
-    files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".gguf"))
-    key = "base:" + hashlib.sha256(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                         for p in files]).encode()).hexdigest()[:16]
-    cached = journal.get_meta(key)
-    if cached:
-        return cached
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
-    journal.set_meta(key, digest.hexdigest())
-    return digest.hexdigest()
-
-
-def build_lineage(ctx: Context, job: Job, record: dict[str, Any]) -> dict[str, Any]:
-    """Everything that made this version, taken from the journal and the stages' outputs."""
-    from appliance.data.snapshot import stats
-
-    home, run_id = ctx.home, job.run_id or ""
-    info = stats(home, job.snapshot or "")
-    train_info = read_json(home.run(run_id).root / "train.json")
-    eval_report = read_json(home.run(run_id).eval) if home.run(run_id).eval.exists() else None
-    times = {t["stage"] + ":" + t["state"]: t["at"] for t in ctx.journal.transitions(job.id) if t["stage"]}
-    return {
-        "version": record["version"], "job": job.id, "kind": job.kind, "run": run_id, "snapshot": job.snapshot,
-        "collection": home.collection, "served_as": "adapter" if record.get("file") == registry.ADAPTER_FILE
-        else "merged", "base_version": record.get("base_version"),
-        "documents": [{"sha256": s["sha256"], "path": s["path"], "records": s.get("records")}
-                      for s in info["by_source"]],
-        "records": info["records"], "base": ctx.settings.base.name,
-        "base_sha256": base_hash(home, ctx.settings, ctx.journal),
-        "training": {"settings": train_info.get("settings"), "steps": train_info.get("steps"),
-                     "best_val_loss": train_info.get("best_val_loss"), "seconds": train_info.get("seconds"),
-                     "method": train_info.get("method"), "method_reason": train_info.get("method_reason")},
-        "adapter_sha256": adapter_hash(home, run_id), "gguf_sha256": record["sha256"], "quant": record.get("quant"),
-        "gate": eval_report, "audit_head": audit.head(home), "times": times, "created": job.created,
-        "promoted_at": time.time(), "review": _review_summary(home, run_id),
-    }
-
-
-def _review_summary(home: Home, run_id: str) -> dict[str, Any] | None:
-    from appliance.engine.review import summary
-
-    return summary(home, run_id)
-
-
-def version_documents(home: Home, version: str) -> set[str]:
-    """sha256 of every source document a version was trained on (its lineage, else its snapshot)."""
-    from appliance.data.snapshot import stats
-
-    data = registry.lineage(home, version)
-    if data is not None:
-        return {d["sha256"] for d in data.get("documents", [])}
-    snapshot_id = registry.get(home, version).get("snapshot")
-    if not snapshot_id:
-        return set()
-    try:
-        return {s["sha256"] for s in stats(home, snapshot_id)["by_source"]}
-    except (DataError, OSError):
-        return set()
-
-
-def runs_with(home: Home, snapshot_docs: Callable[[str], set[str]], document: str) -> list[Path]:
-    """Run folders whose snapshot included ``document``."""
-    found = []
-    for folder in sorted(home.runs.iterdir()) if home.runs.is_dir() else []:
-        train_json = folder / "train.json"
-        snapshot_id = read_json(train_json)["snapshot"] if train_json.exists() else None
-        if snapshot_id is None:
-            from appliance.training.train import run_snapshot
-
-            snapshot_id = run_snapshot(home.run(folder.name))
-        if snapshot_id and document in snapshot_docs(snapshot_id):
-            found.append(folder)
-    return found

@@ -10,9 +10,11 @@ random order that is stored but not shown until the reviewer has voted.
 
 Each OS user votes once per candidate: approve or reject, a comment, and optionally
 which answer they preferred per item. Every vote goes into the audit log. When the
-approvals reach ``gate.approvals`` the job's promote stage runs (the pipeline's own,
-so lineage and the registry's atomic pointer swap are the same as an automatic
-promotion); one rejection refuses the job and keeps the current model.
+approvals reach ``gate.approvals`` the review reports the approval and the engine
+resumes the job through the pipeline's own promote stage
+(:func:`appliance.engine.pipeline.vote`), so lineage and the registry's atomic
+pointer swap are the same as an automatic promotion; one rejection refuses the job
+and keeps the current model.
 
 Forget jobs are not held for review: they remove a document from the served model,
 which must not wait for a vote.
@@ -26,17 +28,20 @@ import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Callable, Iterator
 
-from appliance.home import audit, registry
-from appliance.home.config import Settings
 from appliance.contract.errors import ApplianceError
+from appliance.data.snapshot import load as load_snapshot
+from appliance.data.snapshot import records
+from appliance.engine.candidates import clean_intermediates, register_candidate
+from appliance.home import audit, registry
+from appliance.home.catalog import served
+from appliance.home.config import Settings
 from appliance.home.fsutil import read_json, write_json_atomic
 from appliance.home.journal import AWAITING_REVIEW, Job, Journal
 from appliance.home.paths import Home
-
-if TYPE_CHECKING:
-    from appliance.engine.pipeline import Context
+from appliance.quality.gate import models, user_probes
+from appliance.runtime import llamacpp_child
 
 PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
 SIDES = ("a", "b")
@@ -46,12 +51,8 @@ class ReviewError(ApplianceError):
     title = "Review"
 
 
-def review_path(home: Home, run_id: str) -> Path:
-    return home.run(run_id).root / "review.json"
-
-
 def load(home: Home, run_id: str) -> dict[str, Any] | None:
-    path = review_path(home, run_id)
+    path = home.run(run_id).review
     return read_json(path) if path.exists() else None
 
 
@@ -75,31 +76,25 @@ def summary(home: Home, run_id: str) -> dict[str, Any] | None:
 # --- building the review ---------------------------------------------------------------------
 
 
-def open_review(ctx: "Context", job: Job) -> Job:
+def open_review(home: Home, settings: Settings, journal: Journal, job: Job) -> Job:
     """Register the candidate (not current), build its review once, and park the job."""
-    from appliance.engine.pipeline import clean_intermediates, register_candidate
-
-    home, run_id = ctx.home, job.run_id or ""
-    record = register_candidate(ctx, job)
+    run_id = job.run_id or ""
+    record = register_candidate(home, settings, journal, job)
     if load(home, run_id) is None:
         current = registry.current(home)
-        items = build_items(home, ctx.settings, job, record["version"], current)
-        write_json_atomic(review_path(home, run_id), {
+        items = build_items(home, settings, job, record["version"], current)
+        write_json_atomic(home.run(run_id).review, {
             "run": run_id, "job": job.id, "candidate": record["version"], "current": current,
-            "created": time.time(), "approvals_needed": ctx.settings.gate.approvals, "state": PENDING,
+            "created": time.time(), "approvals_needed": settings.gate.approvals, "state": PENDING,
             "items": items, "votes": []})
         audit.append(home, "review_opened", job=job.id, run=run_id, version=record["version"], current=current,
-                     questions=len(items), approvals_needed=ctx.settings.gate.approvals)
+                     questions=len(items), approvals_needed=settings.gate.approvals)
     clean_intermediates(home, run_id)  # checkpoints and merged weights need not wait days for a vote
-    return ctx.journal.await_review(job.id, f"candidate {record['version']} waits for review")
+    return journal.await_review(job.id, f"candidate {record['version']} waits for review")
 
 
 def questions(home: Home, snapshot_id: str | None, count: int) -> list[list[dict[str, str]]]:
     """Conversations to ask, each ending with a user turn: validation chats, else the home's probes."""
-    from appliance.quality.gate import _user_probes
-    from appliance.data.snapshot import load as load_snapshot
-    from appliance.data.snapshot import records
-
     found: list[list[dict[str, str]]] = []
     if snapshot_id:
         val = sorted(load_snapshot(home, snapshot_id).val)
@@ -109,7 +104,7 @@ def questions(home: Home, snapshot_id: str | None, count: int) -> list[list[dict
             if record.kind == "chat" and (prompt := _prompt(record.body.get("messages", []))):
                 found.append(prompt)
     if not found:
-        found = [[{"role": "user", "content": p.question}] for p in _user_probes(home)[:count]]
+        found = [[{"role": "user", "content": p.question}] for p in user_probes(home)[:count]]
     if not found:
         raise ReviewError("nothing to ask the reviewers: the snapshot has no validation conversations and the "
                           f"home's {home.probes} has no probe questions; add a probes/*.jsonl file")
@@ -126,10 +121,7 @@ def _prompt(messages: list[dict[str, str]]) -> list[dict[str, str]] | None:
 
 def build_items(home: Home, settings: Settings, job: Job, candidate: str, current: str | None) -> list[dict[str, Any]]:
     """Questions answered by both models; each item's A/B order drawn at random and stored."""
-    from appliance.runtime.hf import load_tokenizer
-
-    from appliance.home.catalog import served
-    from appliance.quality.gate import models
+    from appliance.runtime.hf import load_tokenizer  # transformers: only building a review loads it
 
     asked = questions(home, job.snapshot, settings.gate.review_questions)
     now = served(home, home.collection, candidate)  # a collection's adapter is asked on the base, as served
@@ -153,9 +145,7 @@ def build_items(home: Home, settings: Settings, job: Job, candidate: str, curren
 
 def _chat_ids(model: Path, conversations: list[list[dict[str, str]]], settings: Settings) -> list[list[int]]:
     """The ids the endpoint would feed the model (its chat template, read from the file)."""
-    from appliance.runtime.llamacpp_child import run
-
-    result = run(model, chat=conversations, threads=settings.train.threads)
+    result = llamacpp_child.run(model, chat=conversations, threads=settings.train.threads)
     if not result.ok:
         raise ReviewError(f"cannot prepare the review questions: {result.error}")
     return result.chat
@@ -164,10 +154,8 @@ def _chat_ids(model: Path, conversations: list[list[dict[str, str]]], settings: 
 def _answers(model: tuple[Path, Path | None], prompts: list[list[int]], settings: Settings,
              tokenizer: Any) -> list[str]:
     """Greedy answers of a model file (with the LoRA adapter it is served with, if any)."""
-    from appliance.runtime.llamacpp_child import run
-
-    result = run(model[0], generate=[(ids, settings.gate.review_tokens) for ids in prompts], lora=model[1],
-                 threads=settings.train.threads, timeout=1800)
+    result = llamacpp_child.run(model[0], generate=[(ids, settings.gate.review_tokens) for ids in prompts],
+                                lora=model[1], threads=settings.train.threads, timeout=1800)
     if not result.ok:
         raise ReviewError(f"llama.cpp could not answer the review questions with {model[1] or model[0]}: "
                           f"{result.error}")
@@ -204,18 +192,21 @@ def pending(home: Home, settings: Settings, user: str | None = None) -> list[dic
     return out
 
 
-def vote(home: Home, settings: Settings, run_id: str, approve: bool, comment: str = "",
-         preferences: dict[int, str] | None = None) -> dict[str, Any]:
-    """Record this OS user's vote; promote on enough approvals, refuse on a rejection."""
+def record_vote(home: Home, settings: Settings, run_id: str, approve: bool, comment: str = "",
+                preferences: dict[int, str] | None = None,
+                on_approved: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Record this OS user's vote and report the outcome: a rejection refuses the job here; on
+    enough approvals the state is "approved" and ``on_approved`` (the engine's promotion) runs
+    with the review, still under the review's lock, so two last votes cannot promote twice."""
     user = audit.user()
-    with _locked(home, run_id):
+    with locked(home, run_id):
         data = load(home, run_id)
         if data is None:
             raise ReviewError(f"run {run_id}: no review (only candidates waiting with [gate] promotion = "
                               "\"review\" have one); see 'appliance review list'")
         job = _job(home, data["job"])
-        if data["state"] == APPROVED and job.state == AWAITING_REVIEW:
-            return _finish_approved(home, settings, data)  # a promotion interrupted after its last vote
+        if data["state"] == APPROVED and job.state == AWAITING_REVIEW:  # a promotion interrupted after its last vote
+            return _approved(home, data, on_approved)
         if data["state"] != PENDING or job.state != AWAITING_REVIEW:
             raise ReviewError(f"run {run_id}: the review is closed ({data['state']}, job {job.id} {job.state})")
         if any(v["user"] == user for v in data["votes"]):
@@ -232,15 +223,26 @@ def vote(home: Home, settings: Settings, run_id: str, approve: bool, comment: st
             data["state"] = REJECTED
         elif _approvals(data) >= data["approvals_needed"]:
             data["state"] = APPROVED
-        write_json_atomic(review_path(home, run_id), data)  # the vote is durable before its audit line
+        write_json_atomic(home.run(run_id).review, data)  # the vote is durable before its audit line
         audit.append(home, "review_vote", job=data["job"], run=run_id, version=data["candidate"],
                      approve=bool(approve), comment=comment, preferences={str(k): v for k, v in prefs.items()},
                      approvals=_approvals(data), approvals_needed=data["approvals_needed"])
         if data["state"] == REJECTED:
             return _finish_rejected(home, data, user, comment)
         if data["state"] == APPROVED:
-            return _finish_approved(home, settings, data)
-        return _result(home, data)
+            return _approved(home, data, on_approved)
+        return outcome(home, data)
+
+
+def approved_waiting(home: Home) -> list[Job]:
+    """Jobs whose candidate the reviewers approved but which have not been promoted yet (the
+    engine promotes them right after the deciding vote, or, if that was interrupted, later)."""
+    if not home.jobs_db.exists():
+        return []
+    with Journal(home.jobs_db) as journal:
+        jobs = journal.awaiting_review()
+    return [job for job in jobs
+            if (data := load(home.top.scoped(job.collection), job.run_id or "")) and data["state"] == APPROVED]
 
 
 def waiting_version(home: Home, version: str) -> str | None:
@@ -252,27 +254,23 @@ def waiting_version(home: Home, version: str) -> str | None:
     return next((j.run_id for j in jobs if j.version == version), None)
 
 
+def _approved(home: Home, data: dict[str, Any], on_approved: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    if on_approved is not None:
+        on_approved(data)
+    return outcome(home, data)
+
+
 def _finish_rejected(home: Home, data: dict[str, Any], user: str, comment: str) -> dict[str, Any]:
     reason = f"rejected in review by {user}" + (f": {comment}" if comment else "")
     with Journal(home.jobs_db) as journal:
         journal.finish(data["job"], "refused", reason)
     audit.append(home, "job_refused", job=data["job"], run=data["run"], failed=["review"], reviewer=user,
                  comment=comment)
-    return _result(home, data)
+    return outcome(home, data)
 
 
-def _finish_approved(home: Home, settings: Settings, data: dict[str, Any]) -> dict[str, Any]:
-    """The pipeline's own promote stage (registry swap, lineage, audit, pruning), run here."""
-    from appliance.engine.pipeline import Context, run_job
-
-    with Journal(home.jobs_db) as journal:
-        job = run_job(Context(home, journal, settings), journal.get(data["job"]))
-    if job.state != "done":
-        raise ReviewError(f"run {data['run']}: approved, but the promotion failed: {job.error}")
-    return _result(home, data)
-
-
-def _result(home: Home, data: dict[str, Any]) -> dict[str, Any]:
+def outcome(home: Home, data: dict[str, Any]) -> dict[str, Any]:
+    """What a reviewer sees after voting: the tally, the job's state and which answer was which."""
     job = _job(home, data["job"])
     return {"run": data["run"], "job": data["job"], "state": data["state"], "job_state": job.state,
             "approvals": _approvals(data), "approvals_needed": data["approvals_needed"],
@@ -313,12 +311,12 @@ def _job(home: Home, job_id: int) -> Job:
 
 
 @contextmanager
-def _locked(home: Home, run_id: str) -> Iterator[None]:
-    """One vote at a time per candidate, across processes (two reviewers at once)."""
-    folder = home.run(run_id).root
-    if not folder.is_dir():
-        raise ReviewError(f"run {run_id}: no such run ({folder}); see 'appliance review list'")
-    fd = os.open(folder / ".review.lock", os.O_RDWR | os.O_CREAT, 0o600)
+def locked(home: Home, run_id: str) -> Iterator[None]:
+    """One vote (or the promotion it decides) at a time per candidate, across processes."""
+    run = home.run(run_id)
+    if not run.root.is_dir():
+        raise ReviewError(f"run {run_id}: no such run ({run.root}); see 'appliance review list'")
+    fd = os.open(run.review_lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -21,9 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import httpx
 import numpy as np
+import torch
 
+from appliance.contract.errors import ServeError
 from appliance.runtime import llamacpp_child
+from appliance.runtime.hf import load_causal_lm
+from appliance.runtime.llama_server import Backend, start_async
 from appliance.runtime.llamacpp_child import ChildResult
 from appliance.training.render import Example, last_answer
 
@@ -148,23 +153,19 @@ def probes(tokenizer: Any, answers: Sequence[Example] = ()) -> Probes:
 def check_f16(hf_logits: list[np.ndarray], probe: Probes, run: ChildResult, min_cosine: float) -> list[Check]:
     checks = [Check("f16_loads", run.ok, run.ok, True, run.error)]
     if run.ok:
-        checks += [_tokenization(probe, run.tokens), _template(probe, run.metadata), _served(probe, run.chat),
+        checks += [tokenization_check(probe, run.tokens), _template(probe, run.metadata), _served(probe, run.chat),
                    _cosine("logits_cosine", hf_logits, run.logits, min_cosine)]
     return checks
 
 
 def hf_logits(hf_dir: Path, sequences: list[list[int]]) -> list[np.ndarray]:
-    import torch
-
-    from appliance.runtime.hf import load_causal_lm
-
     model = load_causal_lm(hf_dir, dtype=torch.float32)
     model.eval()
     with torch.no_grad():
         return [model(torch.tensor([ids])).logits[0].float().numpy() for ids in sequences]
 
 
-def _tokenization(probe: Probes, llama_tokens: list[list[int]]) -> Check:
+def tokenization_check(probe: Probes, llama_tokens: list[list[int]]) -> Check:
     strings = probe.strings
     mismatched = [s for s, ids in zip(strings, llama_tokens)
                   if probe.tokenizer(s, add_special_tokens=False)["input_ids"] != ids]
@@ -202,11 +203,6 @@ def check_llama_server(probe: Probes, gguf: Path, threads: int | None = None) ->
     """The prompt the endpoint's native llama-server feeds the model (its /apply-template
     rendering, tokenized as its completion path does: special tokens parsed, BOS added
     when the vocabulary asks) against training's, conversation by conversation."""
-    import httpx
-
-    from appliance.contract.errors import ServeError
-    from appliance.runtime.llama_server import Backend, start_async
-
     longest = max((len(ids) for ids in probe.prompt_ids), default=0)
     backend = Backend("parity", gguf, slots=1, context=max(512, longest + 64),
                       threads=threads or max(1, len(os.sched_getaffinity(0)) // 2))

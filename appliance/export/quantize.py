@@ -8,11 +8,14 @@ misses its thresholds against the f16 file. Every try is recorded with its reaso
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+import llama_cpp
 
 from appliance.contract.errors import ExportError
 from appliance.contract.events import Emit, Message, StageFinished, StageStarted, ignore
@@ -55,10 +58,6 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int | None = None, emit:
         return dst
     if qtype not in FTYPES:
         raise ExportError(f"unknown quantization {qtype!r} (choose from {', '.join(FTYPES)})")
-    import logging
-
-    import llama_cpp
-
     # llama.cpp logs every tensor it quantizes; only errors are worth a person's attention.
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     started = time.monotonic()

@@ -24,7 +24,9 @@ from appliance.training.merge import merge
 from appliance.export.parity import ParityReport
 from appliance.home.paths import Home, RunDir
 from appliance.export.quantize import Attempt, Judge, choose
-from appliance.training.render import Example
+from appliance.training.render import Example, RenderError, render
+from appliance.data.snapshot import load, records
+from appliance.runtime.hf import load_tokenizer
 
 F16_NAME = "model-f16.gguf"
 ADAPTER_NAME = "adapter-f16.gguf"
@@ -97,8 +99,6 @@ def _check_f16(hf_dir: Path, f16: Path, answers: Sequence[Example], lora: Lora |
                settings: Settings) -> tuple[ParityReport, parity.Probes, ChildResult]:
     """The f16 file (and the GGUF LoRA, if any) against the HF model; the f16 child's
     answers are kept as the reference quantized files are judged against."""
-    from appliance.runtime.hf import load_tokenizer
-
     threads = settings.train.threads
     probe = parity.probes(load_tokenizer(hf_dir), answers)
     reference = probe.ask(f16, threads)
@@ -130,7 +130,7 @@ def export_run(home: Home, run_id: str, settings: Settings, qtype: str | None = 
     t = time.monotonic()
     merge(base_dir, run.adapter, run.merged, emit)
     merge_s = time.monotonic() - t
-    train_info = read_json(run.root / "train.json") if (run.root / "train.json").exists() else {}
+    train_info = read_json(run.train_json) if run.train_json.exists() else {}
     snapshot_id = train_info.get("snapshot")
     lora, adapter_s = None, {}
     if adapter:
@@ -158,10 +158,6 @@ def validation_answers(home: Home, snapshot_id: str | None, hf_dir: Path, settin
     in training, at most ``export.recall_examples`` of them; none without a snapshot."""
     if not snapshot_id or settings.export.recall_examples == 0:
         return []
-    from appliance.runtime.hf import load_tokenizer
-    from appliance.training.render import RenderError, render
-    from appliance.data.snapshot import load, records
-
     tokenizer = load_tokenizer(hf_dir)
     examples = []
     chats = [r for r in records(home, load(home, snapshot_id).val) if r.kind == "chat"]

@@ -20,9 +20,9 @@ import os
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from appliance.home.journal import Journal
 from appliance.home.paths import Home
 
 GENESIS = "0" * 64
@@ -74,8 +74,6 @@ def append(home: Home, action: str, **details: Any) -> dict[str, Any]:
 
 def head(home: Home) -> str | None:
     """``seq:hash`` of the latest entry as the journal knows it."""
-    from appliance.home.journal import Journal
-
     if not home.jobs_db.exists():
         return None
     with Journal(home.jobs_db) as journal:
@@ -159,7 +157,5 @@ def _last_entry(fd: int) -> dict[str, Any] | None:
 
 
 def _store_head(home: Home, entry: dict[str, Any]) -> None:
-    from appliance.home.journal import Journal
-
     with Journal(home.jobs_db) as journal:
         journal.set_meta(HEAD_KEY, f"{entry['seq']}:{entry['hash']}")

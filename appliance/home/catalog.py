@@ -89,16 +89,6 @@ def base_model(home: Home) -> tuple[str, Path]:
     return "base", registry.gguf_path(home.top, "base")
 
 
-def adapter_problem(base: Path, adapter: Path) -> str | None:
-    """Why llama.cpp cannot apply ``adapter`` to ``base`` (a load in a child process), or None."""
-    from appliance.runtime.llamacpp_child import header_problem, run
-
-    if reason := header_problem(adapter):
-        return f"{adapter.name}: {reason}"
-    result = run(base, tokenize=["x"], lora=adapter, argmax=[[1, 2]], timeout=300)
-    return None if result.ok else result.error
-
-
 # --- what is served --------------------------------------------------------------------------------
 
 
@@ -128,5 +118,5 @@ def served(home: Home, collection: str, version: str | None = None) -> Served | 
     return Served(collection, version, "merged", registry.gguf_path(scope, version), None, record["sha256"])
 
 
-__all__ = ["MAX_DEPTH", "PREFIX", "SEGMENT", "SHARED", "SHARED_NAME", "VERSION", "Served", "adapter_mode", "adapter_problem", "base_model", "display", "model_id", "names", "of_path", "parse",
+__all__ = ["MAX_DEPTH", "PREFIX", "SEGMENT", "SHARED", "SHARED_NAME", "VERSION", "Served", "adapter_mode", "base_model", "display", "model_id", "names", "of_path", "parse",
            "parse_model_id", "problem", "served", "stores", "with_data"]

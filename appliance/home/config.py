@@ -17,6 +17,18 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from appliance.contract.errors import ConfigError
 
+# Training methods: every one ends in plain weights llama.cpp can serve (appliance/training/methods.py).
+METHODS = ("qlora", "lora", "dora", "adalora", "ia3", "full")
+# Refused with the reason a person needs (the method validator turns these into one-line errors).
+UNMERGEABLE = {
+    "prefix": "prefix tuning adds learned key/value vectors at run time; they cannot be folded into plain "
+              "weights, and llama.cpp serves plain weights only",
+    "prompt": "prompt tuning adds learned input embeddings at run time; llama.cpp cannot serve them",
+    "p-tuning": "p-tuning adds a prompt encoder at run time; llama.cpp cannot serve it",
+    "bottleneck": "bottleneck adapters add new layers between the model's own; they cannot be merged into its "
+                  "weights, and llama.cpp serves plain weights only",
+}
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -88,8 +100,6 @@ class TrainSection(Section):
     @field_validator("method")
     @classmethod
     def _mergeable(cls, value: str) -> str:
-        from appliance.training.methods import METHODS, UNMERGEABLE
-
         key = value.strip().lower()
         for name, why in UNMERGEABLE.items():
             if key.startswith(name):

@@ -26,6 +26,20 @@ def resolve_home(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(data) / "appliance"
 
 
+QUARANTINE_REASON = ".reason.json"
+
+
+def quarantine_reason(quarantined: Path) -> Path:
+    """The sidecar beside a quarantined file that says why it is there."""
+    return quarantined.with_name(quarantined.name + QUARANTINE_REASON)
+
+
+def base_meta_file(folder: Path) -> Path:
+    """Where a base folder (or its staging copy) says it was imported from; written last by the
+    import, so its presence marks a complete base."""
+    return folder / "meta.json"
+
+
 @dataclass(frozen=True)
 class Home:
     """A home, or one collection's view of it (``collection`` is "" for the shared one).
@@ -78,6 +92,11 @@ class Home:
     @property
     def audit_log(self) -> Path:
         return self.root / "audit.log"
+
+    @property
+    def holds(self) -> Path:
+        """Legal holds: one ``sha256 reason`` a line; such documents cannot be forgotten."""
+        return self.root / "holds.txt"
 
     # --- folders -------------------------------------------------------------
     @property
@@ -132,14 +151,39 @@ class Home:
     def base(self, name: str) -> Path:
         return self.bases / name
 
+    def base_meta(self, name: str) -> Path:
+        return base_meta_file(self.base(name))
+
     def snapshot(self, snapshot_id: str) -> Path:
         return self.snapshots / snapshot_id
+
+    def manifest(self, snapshot_id: str) -> Path:
+        return self.snapshot(snapshot_id) / "manifest.json"
 
     def run(self, run_id: str) -> "RunDir":
         return RunDir(self.runs / run_id)
 
     def model(self, version: str) -> Path:
         return self.models / version
+
+    def version_json(self, version: str) -> Path:
+        """The version's record (its file's sha256 and how it was made); present once it is complete."""
+        return self.model(version) / "version.json"
+
+    def lineage(self, version: str) -> Path:
+        return self.model(version) / "lineage.json"
+
+    def model_card(self, version: str) -> Path:
+        return self.model(version) / "README.md"
+
+    @property
+    def history(self) -> Path:
+        """Promotions and rollbacks, newest last."""
+        return self.models / "history.json"
+
+    @property
+    def retired(self) -> Path:
+        return self.models / "retired.json"
 
     @property
     def current(self) -> Path:
@@ -166,7 +210,8 @@ class Home:
 
 @dataclass(frozen=True)
 class RunDir:
-    """runs/<id>/{adapter,merged,gguf,parity.json,eval.json,meta.json}."""
+    """runs/<id>/: adapter, checkpoints, merged, gguf, and train.json, method.json, parity.json,
+    eval.json, review.json, meta.json."""
 
     root: Path
 
@@ -179,8 +224,55 @@ class RunDir:
         return self.root / "adapter"
 
     @property
+    def adapter_weights(self) -> Path:
+        return self.adapter / "adapter_model.safetensors"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:06d}"
+
+    @staticmethod
+    def checkpoint_state(checkpoint: Path) -> Path:
+        """A checkpoint's ``state.json``, written last: a checkpoint without it is incomplete."""
+        return checkpoint / "state.json"
+
+    @staticmethod
+    def checkpoint_weights(checkpoint: Path) -> Path:
+        """The trained tensors (an adapter's, or every weight for full fine-tuning)."""
+        return checkpoint / "adapter.safetensors"
+
+    @staticmethod
+    def checkpoint_trainer(checkpoint: Path) -> Path:
+        """Optimizer, scheduler and random-number states."""
+        return checkpoint / "trainer.pt"
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """Complete checkpoints, oldest first (staging folders are hidden until renamed into place)."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [p for p in self.checkpoints.glob("step-*") if self.checkpoint_state(p).is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    @property
+    def train_json(self) -> Path:
+        """What training did (snapshot, steps, losses); written when training completes."""
+        return self.root / "train.json"
+
+    @property
+    def method_json(self) -> Path:
+        """The method chosen for the run, kept so a resumed run does not switch."""
+        return self.root / "method.json"
+
+    @property
+    def review(self) -> Path:
+        return self.root / "review.json"
+
+    @property
+    def review_lock(self) -> Path:
+        return self.root / ".review.lock"
 
     @property
     def merged(self) -> Path:

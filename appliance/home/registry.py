@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from appliance.contract.errors import RegistryError
-from appliance.home.fsutil import fsync_dir, read_json, sha256_file, staging_dir, write_json_atomic
+from appliance.home.fsutil import fsync_dir, read_json, sha256_file, staging_dir, write_json_atomic, write_text_atomic
 from appliance.home.paths import Home
 
 VERSION_RE = re.compile(r"^(base|v\d+)$")
@@ -28,15 +28,15 @@ ADAPTER_FILE = "adapter.gguf"
 def versions(home: Home) -> list[dict[str, Any]]:
     out = []
     for folder in sorted(home.models.iterdir() if home.models.exists() else []):
-        if folder.is_dir() and not folder.is_symlink() and (folder / "version.json").exists():
-            out.append(read_json(folder / "version.json"))
+        if folder.is_dir() and not folder.is_symlink() and home.version_json(folder.name).exists():
+            out.append(read_json(home.version_json(folder.name)))
     return sorted(out, key=lambda v: v["created"])
 
 
 def next_version(home: Home) -> str:
     # retired and pruned names are never reused: history and lineage keep referring to them
     names = [v["version"] for v in versions(home)] + [m["version"] for m in retired(home)]
-    names += [e["version"] for e in _history(home)]
+    names += [e["version"] for e in history(home)]
     numbers = [int(n[1:]) for n in names if n.startswith("v") and n[1:].isdigit()]
     return f"v{max(numbers, default=0) + 1}"
 
@@ -57,7 +57,7 @@ def add(home: Home, version: str, gguf: Path, info: dict[str, Any], check: Check
     if not VERSION_RE.match(version):
         raise RegistryError(f"invalid version name {version!r}")
     target = home.model(version)
-    if (target / "version.json").exists():
+    if home.version_json(version).exists():
         raise RegistryError(f"version {version} already exists")
     with staging_dir(target) as tmp:
         try:
@@ -68,12 +68,12 @@ def add(home: Home, version: str, gguf: Path, info: dict[str, Any], check: Check
             raise RegistryError(f"{gguf}: not registering a file llama.cpp cannot use safely: {reason}")
         record = {"version": version, "created": time.time(), "sha256": sha256_file(tmp / name),
                   "size": (tmp / name).stat().st_size, **({"file": name} if name != MODEL_FILE else {}), **info}
-        write_json_atomic(tmp / "version.json", record)
+        write_json_atomic(tmp / home.version_json(version).name, record)  # renamed into place with the folder
     return record
 
 
 def get(home: Home, version: str) -> dict[str, Any]:
-    path = home.model(version) / "version.json"
+    path = home.version_json(version)
     if not VERSION_RE.match(version) or not path.exists():
         known = ", ".join(v["version"] for v in versions(home)) or "none"
         raise RegistryError(f"no model version {version!r} (known: {known})")
@@ -106,9 +106,9 @@ def verify(home: Home, version: str) -> None:
 def promote(home: Home, version: str, action: str = "promote", **extra: Any) -> None:
     verify(home, version)
     _point_current(home, version)
-    history = _history(home)
-    history.append({"version": version, "action": action, "at": time.time(), "user": _user(), **extra})
-    write_json_atomic(home.models / "history.json", history)
+    entries = history(home)
+    entries.append({"version": version, "action": action, "at": time.time(), "user": _user(), **extra})
+    write_json_atomic(home.history, entries)
 
 
 def rollback(home: Home) -> str:
@@ -117,17 +117,16 @@ def rollback(home: Home) -> str:
     A version left by a rollback is not returned to by a later rollback, so
     rolling back twice walks further back instead of toggling.
     """
-    history = _history(home)
     now = current(home)
     left: set[str] = set()
     candidates: list[str] = []
-    for entry in history:
+    for entry in history(home):
         if entry.get("action") == "rollback":
             left.add(entry["from"])
         else:
             left.discard(entry["version"])
             candidates.append(entry["version"])
-    previous = [v for v in candidates if v != now and v not in left and (home.model(v) / "version.json").exists()]
+    previous = [v for v in candidates if v != now and v not in left and home.version_json(v).exists()]
     if not previous:
         raise RegistryError("nothing to roll back to: no earlier version is available")
     target = previous[-1]
@@ -144,8 +143,9 @@ def _point_current(home: Home, version: str) -> None:
     fsync_dir(home.models)
 
 
-def _history(home: Home) -> list[dict[str, Any]]:
-    path = home.models / "history.json"
+def history(home: Home) -> list[dict[str, Any]]:
+    """Promotions and rollbacks, oldest first."""
+    path = home.history
     return read_json(path) if path.exists() else []
 
 
@@ -160,17 +160,14 @@ def _user() -> str:
 
 
 def lineage(home: Home, version: str) -> dict[str, Any] | None:
-    path = home.model(version) / "lineage.json"
+    path = home.lineage(version)
     return read_json(path) if path.exists() else None
 
 
 def write_lineage(home: Home, version: str, data: dict[str, Any]) -> None:
     """``lineage.json`` and a short model card (README.md) in the version's folder."""
-    folder = home.model(version)
-    write_json_atomic(folder / "lineage.json", data)
-    from appliance.home.fsutil import write_text_atomic
-
-    write_text_atomic(folder / "README.md", model_card(version, data))
+    write_json_atomic(home.lineage(version), data)
+    write_text_atomic(home.model_card(version), model_card(version, data))
 
 
 def model_card(version: str, data: dict[str, Any]) -> str:
@@ -191,7 +188,7 @@ def model_card(version: str, data: dict[str, Any]) -> str:
 
 
 def retired(home: Home) -> list[dict[str, Any]]:
-    path = home.models / "retired.json"
+    path = home.retired
     return read_json(path) if path.exists() else []
 
 
@@ -205,7 +202,7 @@ def retire(home: Home, version: str, reason: str) -> None:
     marks = retired(home)
     if not any(m["version"] == version for m in marks):
         marks.append({"version": version, "reason": reason, "at": time.time(), "user": _user()})
-        write_json_atomic(home.models / "retired.json", marks)  # first: a crash below leaves it retired
+        write_json_atomic(home.retired, marks)  # first: a crash below leaves it retired
     folder = home.model(version)
     if folder.exists():
         graveyard = folder.with_name(f".{version}.retired")
@@ -217,11 +214,10 @@ def retire(home: Home, version: str, reason: str) -> None:
 
 def previous(home: Home) -> str | None:
     """The version a rollback would return to now, or None."""
-    history = _history(home)
     now = current(home)
-    candidates = [e["version"] for e in history if e.get("action") != "rollback"]
+    candidates = [e["version"] for e in history(home) if e.get("action") != "rollback"]
     gone = {m["version"] for m in retired(home)}
-    earlier = [v for v in candidates if v != now and v not in gone and (home.model(v) / "version.json").exists()]
+    earlier = [v for v in candidates if v != now and v not in gone and home.version_json(v).exists()]
     return earlier[-1] if earlier else None
 
 

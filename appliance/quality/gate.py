@@ -29,12 +29,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from appliance.home import registry
-from appliance.home.config import Settings
-from appliance.contract.errors import ApplianceError
+import numpy as np
+
+from appliance.contract.errors import ApplianceError, DataError
 from appliance.contract.events import Emit, StageFinished, StageStarted, ignore
+from appliance.data.snapshot import load, records
+from appliance.home import registry
+from appliance.home.catalog import adapter_mode, base_model, served
+from appliance.home.config import Settings
 from appliance.home.fsutil import read_json, sha256_file, write_json_atomic
 from appliance.home.paths import Home
+from appliance.quality.probes import load as load_probes
+from appliance.quality.metrics import answer_metrics, perplexity
+from appliance.runtime import llamacpp_child
+from appliance.training.render import RenderError, last_answer, render
 
 STAGE = "gate"
 TEXT_CHUNK = 256
@@ -138,8 +146,6 @@ def models(home: Home, run_id: str, settings: Settings,
     or the bare base before the collection has one: a collection's first model must be
     better than the base on its own data.
     """
-    from appliance.home.catalog import adapter_mode, base_model, served
-
     cand_file = candidate_gguf(home, run_id)
     cand: Model | None = (cand_file, None) if cand_file else None
     if adapter_mode(home, settings):
@@ -176,12 +182,12 @@ def _parity_check(parity: Path, gguf: Path | None) -> Check:
 
 def _model_checks(home: Home, report: Report, run_id: str, cand: Model, cur: Model, cur_version: str | None,
                   settings: Settings, kind: str) -> None:
-    from appliance.runtime.hf import load_tokenizer
+    from appliance.runtime.hf import load_tokenizer  # transformers: only a gate that runs loads it
 
     tokenizer = load_tokenizer(home.base(settings.base.name))
     examples, new_mask, questions = _validation(home, run_id, cur_version, tokenizer, settings)
     general = _general_probes()
-    user = _user_probes(home)
+    user = user_probes(home)
     text = _text_sequences(tokenizer)
     prompts = _prompt_ids(cand[0], [p.question for p in general + user], settings)
     sample = _answer_sample(examples, questions)
@@ -201,10 +207,7 @@ def _validation(home: Home, run_id: str, cur_version: str | None, tokenizer: Any
                 settings: Settings) -> tuple[list[tuple[list[int], list[int]]], list[bool], list[str]]:
     """Rendered validation examples of the candidate's snapshot, which ones the current
     model never saw, and each one's last user question ("" for documents)."""
-    from appliance.training.render import RenderError, render
-    from appliance.data.snapshot import load, records
-
-    info = read_json(home.run(run_id).root / "train.json")
+    info = read_json(home.run(run_id).train_json)
     val = sorted(load(home, info["snapshot"]).val)[: settings.gate.max_examples]
     seen = _seen_by(home, cur_version)
     out, new, questions = [], [], []
@@ -222,12 +225,9 @@ def _validation(home: Home, run_id: str, cur_version: str | None, tokenizer: Any
 
 def _seen_by(home: Home, version: str | None) -> set[str]:
     """Records in the snapshot the version was trained on (none for the base)."""
-    from appliance.contract.errors import DataError
-    from appliance.data.snapshot import load
-
     if not version:
         return set()
-    if not (home.model(version) / "version.json").exists():
+    if not home.version_json(version).exists():
         return set()  # a collection's first run is compared with the home's base
     snapshot_id = registry.get(home, version).get("snapshot")
     if not snapshot_id:
@@ -240,18 +240,14 @@ def _seen_by(home: Home, version: str | None) -> set[str]:
 
 
 def _general_probes() -> list[Any]:
-    from appliance.quality.probes import load
-
     with resources.as_file(resources.files("appliance") / "data" / "general" / "probes.jsonl") as path:
-        return load(path)
+        return load_probes(path)
 
 
-def _user_probes(home: Home) -> list[Any]:
-    from appliance.quality.probes import load
-
+def user_probes(home: Home) -> list[Any]:
     found = []
     for path in sorted(home.probes.glob("*.jsonl")) if home.probes.is_dir() else []:
-        found += load(path)
+        found += load_probes(path)
     return found
 
 
@@ -264,11 +260,10 @@ def _text_sequences(tokenizer: Any) -> list[tuple[list[int], list[int]]]:
 
 def _prompt_ids(model: Path, questions: list[str], settings: Settings) -> list[list[int]]:
     """The ids the endpoint feeds the model for each question (its chat template, from the file)."""
-    from appliance.runtime.llamacpp_child import run
-
     if not questions:
         return []
-    result = run(model, chat=[[{"role": "user", "content": q}] for q in questions], threads=settings.train.threads)
+    result = llamacpp_child.run(model, chat=[[{"role": "user", "content": q}] for q in questions],
+                                threads=settings.train.threads)
     if not result.ok:
         raise GateError(f"cannot prepare the probe prompts: {result.error}")
     return result.chat
@@ -277,10 +272,9 @@ def _prompt_ids(model: Path, questions: list[str], settings: Settings) -> list[l
 def _ask(model: Model, examples: list[tuple[list[int], list[int]]], text: list[tuple[list[int], list[int]]],
          prompts: list[list[int]], settings: Settings) -> dict[str, Any]:
     """One llama.cpp child per model: losses on validation and text, greedy probe answers."""
-    from appliance.runtime.llamacpp_child import run
-
-    result = run(model[0], nll=examples + text, generate=[(ids, settings.gate.probe_tokens) for ids in prompts],
-                 lora=model[1], threads=settings.train.threads, timeout=1800)
+    result = llamacpp_child.run(model[0], nll=examples + text,
+                                generate=[(ids, settings.gate.probe_tokens) for ids in prompts], lora=model[1],
+                                threads=settings.train.threads, timeout=1800)
     if not result.ok:
         raise GateError(f"llama.cpp could not evaluate {model[1] or model[0]}: {result.error}")
     return {"val": result.nll[: len(examples)], "text": result.nll[len(examples):], "answers": result.generated}
@@ -291,8 +285,6 @@ def _ask(model: Model, examples: list[tuple[list[int], list[int]]], text: list[t
 
 def bootstrap(diffs: list[float], samples: int, confidence: float, seed: int = 0) -> tuple[float, float]:
     """Percentile interval of the mean of ``diffs``."""
-    import numpy as np
-
     values = np.asarray(diffs, dtype=np.float64)
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
@@ -350,8 +342,6 @@ class Question:
 
 def _answer_sample(examples: list[tuple[list[int], list[int]]], questions: list[str]) -> list[Question]:
     """Up to SAMPLE_QUESTIONS validation conversations (documents have no question)."""
-    from appliance.training.render import last_answer
-
     sample = []
     for (ids, labels), text in zip(examples, questions):
         split = last_answer(ids, labels)
@@ -367,8 +357,6 @@ def _metrics(tokenizer: Any, sample: list[Question], cand: dict[str, Any], cur: 
              skip: int) -> dict[str, Any]:
     """Validation loss and perplexity of both models, and on the sampled questions exact
     match, token F1, ROUGE-L and BLEU of their greedy answers against the reference."""
-    from appliance.quality.metrics import answer_metrics, perplexity
-
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     references = [decode(q.answer) for q in sample]
     out: dict[str, Any] = {"sample": []}

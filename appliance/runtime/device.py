@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 
 def torch_device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def set_threads(threads: int | None) -> int:
-    import torch
-
     n = threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(n)
     return n

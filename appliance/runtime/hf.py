@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
 from appliance.contract.errors import BaseModelError
 
 
 def load_tokenizer(model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -24,9 +25,6 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def load_causal_lm(model_dir: Path, dtype: Any = None, quantization_config: Any = None,
                    device: str = "cpu") -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
     try:
         return AutoModelForCausalLM.from_pretrained(
             model_dir, local_files_only=True, dtype=dtype or torch.float32,
@@ -38,8 +36,6 @@ def load_causal_lm(model_dir: Path, dtype: Any = None, quantization_config: Any 
 
 def nf4_config(compute_dtype: Any) -> Any:
     """QLoRA's quantization: NF4 with double quantization (Dettmers et al. 2023)."""
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import httpx
 
 from appliance.contract.errors import ServeError
+from appliance.runtime.toolchain import llama_cpp_version
 
 log = logging.getLogger("appliance.serve")
 BUILD_HINT = "run: bash packaging/build_llama_server.sh .venv/bin/python"
@@ -58,8 +59,6 @@ def binary() -> Path:
     if env := os.environ.get("APPLIANCE_LLAMA_SERVER"):
         path = Path(env)
     else:
-        from appliance.runtime.toolchain import llama_cpp_version
-
         path = Path(sys.prefix) / "share" / "appliance" / f"llama.cpp-{llama_cpp_version()}" / "bin" / "llama-server"
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise ServeError(f"native llama-server not found at {path}; {BUILD_HINT}")

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from appliance.runtime.llamacpp_worker import REFUSED
+# The worker's exit status for a file llama.cpp or gguf-py refuses (anything else is a crash).
+REFUSED = 2
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)
@@ -70,6 +71,14 @@ def problem(path: Path, timeout: float = 300) -> str | None:
     """Why this GGUF must not be served, or None: header, gguf-py's reading and a
     llama.cpp load, the last two in a child process."""
     result = run(path, validate=True, timeout=timeout)
+    return None if result.ok else result.error
+
+
+def adapter_problem(base: Path, adapter: Path) -> str | None:
+    """Why llama.cpp cannot apply the LoRA ``adapter`` to ``base`` (a load in a child process), or None."""
+    if reason := header_problem(adapter):
+        return f"{adapter.name}: {reason}"
+    result = run(base, tokenize=["x"], lora=adapter, argmax=[[1, 2]], timeout=300)
     return None if result.ok else result.error
 
 

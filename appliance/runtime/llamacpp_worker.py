@@ -27,13 +27,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REFUSED = 2
+import llama_cpp
+import numpy as np
+from gguf import GGUFReader
+
+from appliance.runtime.llamacpp_child import REFUSED
 
 
 def structure(path: str) -> dict[str, Any]:
     """gguf-py's reading of the file: every tensor must lie inside it."""
-    from gguf import GGUFReader
-
     reader = GGUFReader(path)
     size = reader.data.shape[0]
     for tensor in reader.tensors:
@@ -67,16 +69,12 @@ class _Captured(Exception):
 
 
 def evaluate(llm: Any, ids: list[int]) -> Any:
-    import numpy as np
-
     llm.reset()
     llm.eval(ids)
     return np.asarray(llm.scores[: len(ids)], dtype=np.float32)
 
 
 def greedy(llm: Any, prompt: list[int], max_tokens: int) -> list[int]:
-    import llama_cpp
-
     out: list[int] = []
     for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
         out.append(int(token))
@@ -87,8 +85,6 @@ def greedy(llm: Any, prompt: list[int], max_tokens: int) -> list[int]:
 
 def nll(llm: Any, ids: list[int], labels: list[int]) -> list[float]:
     """[summed -log p(label), scored tokens]: the loss the gate compares across models."""
-    import numpy as np
-
     logits = evaluate(llm, ids).astype(np.float64)
     scored = [i for i in range(1, len(ids)) if labels[i] != -100]
     if not scored:
@@ -101,8 +97,6 @@ def nll(llm: Any, ids: list[int], labels: list[int]) -> list[float]:
 
 
 def load(request: dict[str, Any]) -> Any:
-    from llama_cpp import Llama
-
     sequences = request.get("logits", []) + request.get("argmax", []) + [ids for ids, _ in request.get("nll", [])]
     longest = max([len(ids) for ids in sequences] + [len(ids) + n for ids, n in request.get("generate", [])], default=0)
     context = max(512, longest + 8)
@@ -110,14 +104,12 @@ def load(request: dict[str, Any]) -> Any:
     # batches): llama.cpp's threads spin-wait, and on a busy machine one thread more than is
     # free made a 60-token prompt take 9.5 s instead of 0.2 s here.
     threads = request.get("threads") or max(1, len(os.sched_getaffinity(0)) // 2)
-    return Llama(model_path=request["model"], vocab_only=bool(request.get("vocab_only")), lora_path=request.get("lora"),
-                 logits_all=bool(sequences), n_ctx=context, n_batch=context, n_threads=threads,
-                 n_threads_batch=threads, verbose=False)
+    return llama_cpp.Llama(model_path=request["model"], vocab_only=bool(request.get("vocab_only")),
+                           lora_path=request.get("lora"), logits_all=bool(sequences), n_ctx=context, n_batch=context,
+                           n_threads=threads, n_threads_batch=threads, verbose=False)
 
 
 def answer(llm: Any, request: dict[str, Any], out: Path) -> dict[str, Any]:
-    import numpy as np
-
     for i, ids in enumerate(request.get("logits", [])):
         np.save(out / f"logits_{i}.npy", evaluate(llm, ids))
     return {"metadata": dict(llm.metadata), "n_vocab": llm.n_vocab(),

@@ -13,9 +13,14 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from appliance.contract.errors import BaseModelError
 from appliance.contract.events import Emit, StageFinished, StageStarted, ignore
 from appliance.home.fsutil import sha256_file, staging_dir, write_json_atomic
+from appliance.home.paths import base_meta_file
+from appliance.runtime.hf import load_tokenizer
 
 STAGE = "base"
 EMBEDDED_NAME = "smollm2-135m-instruct"
@@ -45,7 +50,7 @@ def name_for(source: str) -> str:
 
 def import_base(source: str, target: Path, emit: Emit = ignore) -> Path:
     """Write ``target`` (base/<name>) completely or not at all; skip if already there."""
-    if (target / "meta.json").exists():
+    if base_meta_file(target).exists():
         return target
     started = time.monotonic()
     emit(StageStarted(STAGE, description=f"Importing the base model ({source})"))
@@ -71,9 +76,6 @@ def import_base(source: str, target: Path, emit: Emit = ignore) -> Path:
 
 
 def _from_gguf(gguf: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
@@ -103,13 +105,11 @@ def _from_hf_folder(src: Path, out: Path) -> None:
             shutil.copytree(item, out / item.name)
         else:
             shutil.copy2(item, out / item.name)
-    from appliance.runtime.hf import load_tokenizer
-
     load_tokenizer(out)  # fails early, with a clear line, if there is no usable tokenizer/template
 
 
 def _write_meta(out: Path, source: str, source_file: Path | None) -> None:
-    write_json_atomic(out / "meta.json", {
+    write_json_atomic(base_meta_file(out), {
         "source": source,
         "source_sha256": sha256_file(source_file) if source_file else None,
         "imported_at": time.time(),

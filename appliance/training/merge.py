@@ -13,9 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from peft import PeftModel
+
 from appliance.contract.errors import ExportError
 from appliance.contract.events import Emit, StageFinished, StageStarted, ignore
 from appliance.home.fsutil import staging_dir
+from appliance.runtime.hf import load_causal_lm, load_tokenizer
 from appliance.training.methods import is_full_checkpoint
 
 STAGE = "merge"
@@ -26,8 +30,6 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, emit: Emit = ignore)
         return out_dir  # complete: staging_dir only ever renames a finished folder into place
     if not (adapter_dir / "adapter_config.json").exists() and not is_full_checkpoint(adapter_dir):
         raise ExportError(f"{adapter_dir}: no trained adapter here; run 'appliance train' first")
-    from appliance.runtime.hf import load_tokenizer
-
     started = time.monotonic()
     emit(StageStarted(STAGE, description="Merging the adapter into the base"))
     merged = merged_model(base_dir, adapter_dir)
@@ -41,11 +43,6 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, emit: Emit = ignore)
 def merged_model(base_dir: Path, adapter_dir: Path) -> Any:
     """Base (float32) + adapter (LoRA, DoRA, AdaLoRA or IA3), merged and cast to float16,
     or a fully fine-tuned model cast to float16; refuses NaN/Inf anywhere."""
-    import torch
-    from peft import PeftModel
-
-    from appliance.runtime.hf import load_causal_lm
-
     if is_full_checkpoint(adapter_dir):  # full fine-tuning: the run saved the whole model
         merged = load_causal_lm(adapter_dir, dtype=torch.float32).to(torch.float16)
     else:

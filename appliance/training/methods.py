@@ -15,18 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.contract.errors import TrainError
+import torch
+from peft import AdaLoraConfig, IA3Config, LoraConfig
+from safetensors import safe_open
 
-METHODS = ("qlora", "lora", "dora", "adalora", "ia3", "full")
-# Refused with the reason a person needs (config.py turns these into one-line errors).
-UNMERGEABLE = {
-    "prefix": "prefix tuning adds learned key/value vectors at run time; they cannot be folded into plain "
-              "weights, and llama.cpp serves plain weights only",
-    "prompt": "prompt tuning adds learned input embeddings at run time; llama.cpp cannot serve them",
-    "p-tuning": "p-tuning adds a prompt encoder at run time; llama.cpp cannot serve it",
-    "bottleneck": "bottleneck adapters add new layers between the model's own; they cannot be merged into its "
-                  "weights, and llama.cpp serves plain weights only",
-}
+from appliance.contract.errors import TrainError
+from appliance.home.config import METHODS, UNMERGEABLE  # noqa: F401  (the methods config accepts and refuses)
+
 # Bytes per parameter for full fine-tuning with AdamW in fp32: weights, gradients and two
 # moment estimates (4 + 4 + 8), plus a quarter again for activations and allocator slack.
 FULL_BYTES_PER_PARAM = 16 * 1.25
@@ -42,8 +37,6 @@ class Choice:
 
 def count_parameters(base_dir: Path) -> int:
     """Parameters of a saved checkpoint, from its safetensors headers (no weights read)."""
-    from safetensors import safe_open
-
     total = 0
     for path in sorted(base_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
@@ -63,8 +56,6 @@ def memory_budget(configured_gb: float | None, device: str) -> int:
     if configured_gb:
         return int(configured_gb * 2**30)
     if device == "cuda":
-        import torch
-
         return int(torch.cuda.get_device_properties(0).total_memory * 0.9)
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
@@ -101,8 +92,6 @@ def choose(method: str, base_dir: Path, n_examples: int, budget: int) -> Choice:
 
 def peft_config(method: str, train: Any, total_steps: int) -> Any:
     """The peft configuration of an adapter method."""
-    from peft import AdaLoraConfig, IA3Config, LoraConfig
-
     targets = "all-linear" if train.target_modules == "all-linear" else ["q_proj", "v_proj"]
     if method == "ia3":
         # IA3 rescales keys, values and the MLP's input to its down projection.

@@ -25,15 +25,25 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from appliance.training import methods
-from appliance.quality.advise import decontaminate
-from appliance.home.config import Settings
+import torch
+import torch.nn.functional as F
+from peft import (PeftModel, get_peft_model, get_peft_model_state_dict,
+                  set_peft_model_state_dict)
+from safetensors.torch import load_file, save_file
+from transformers import get_cosine_schedule_with_warmup
+
 from appliance.contract.errors import TrainError
 from appliance.contract.events import Emit, Message, Progress, StageFinished, StageStarted, ignore
+from appliance.data.decontaminate import decontaminate
+from appliance.data.ingest.chat_jsonl import parse
+from appliance.data.snapshot import Snapshot, records, run_snapshot  # noqa: F401  (run_snapshot: the engine asks here)
+from appliance.home.config import Settings
 from appliance.home.fsutil import read_json, staging_dir, write_json_atomic
 from appliance.home.paths import Home, RunDir
+from appliance.runtime.device import set_threads, torch_device
+from appliance.runtime.hf import load_causal_lm, load_tokenizer, nf4_config
+from appliance.training import methods
 from appliance.training.render import IGNORE, Example, RenderError, render
-from appliance.data.snapshot import Snapshot, records
 
 STAGE = "train"
 # Tokens per forward pass when config leaves it open. Measured here (SmolLM2-135M,
@@ -98,8 +108,6 @@ def general_examples(tokenizer: Any, settings: Settings, n_domain: int, emit: Em
     share = settings.train.general_mix
     if share <= 0:
         return []
-    from appliance.data.ingest.chat_jsonl import parse
-
     source = resources.files("appliance") / "data" / "general" / "conversations.jsonl"
     with resources.as_file(source) as path:
         pool = render_all(tokenizer, parse(Path(path)).records, settings, emit)
@@ -127,8 +135,6 @@ def pack(examples: list[Example], micro_tokens: int) -> list[list[Example]]:
 
 
 def collate(row: list[Example], device: str) -> dict[str, Any]:
-    import torch
-
     ids, pos, labels = [], [], []
     for ex in row:
         ids.extend(ex.input_ids)
@@ -173,11 +179,6 @@ def load_trainable(base_dir: Path, settings: Settings, device: str, method: str 
     """The base with what ``method`` (default: the configured one; auto means qlora here)
     trains: a peft adapter on it, or (full) every weight."""
     method = method or (settings.train.method if settings.train.method != "auto" else "qlora")
-    import torch
-    from peft import get_peft_model
-
-    from appliance.runtime.hf import load_causal_lm, nf4_config
-
     compute = torch.bfloat16
     if method == "full":  # fp32 weights: AdamW updates to bf16 weights would mostly round away
         model = load_causal_lm(base_dir, dtype=torch.float32, device=device)
@@ -197,7 +198,7 @@ def resolve_method(run: RunDir, base_dir: Path, settings: Settings, n_examples: 
                    emit: Emit) -> methods.Choice:
     """The run's method, decided once and kept in ``method.json`` (a resumed run must not
     switch methods because free memory changed)."""
-    saved = run.root / "method.json"
+    saved = run.method_json
     if saved.exists():
         return methods.Choice(**read_json(saved))
     budget = methods.memory_budget(settings.train.memory_budget_gb, device)
@@ -251,9 +252,6 @@ def step_loss(model: Any, rows: list[list[Example]], device: str, backward: bool
     with a 49k vocabulary the output layer is a large share of the work, and on chat
     data most positions are prompt tokens whose logits would be thrown away.
     """
-    import torch
-    import torch.nn.functional as F
-
     total_tokens = sum(ex.trained_tokens for row in rows for ex in row)
     oom_above = int(os.environ.get(FAULT_OOM_ENV) or 0)
     loss_sum = 0.0
@@ -274,8 +272,6 @@ def step_loss(model: Any, rows: list[list[Example]], device: str, backward: bool
 
 
 def evaluate(model: Any, examples: list[Example], device: str, micro_tokens: int) -> float | None:
-    import torch
-
     if not examples:
         return None
     model.eval()
@@ -286,8 +282,6 @@ def evaluate(model: Any, examples: list[Example], device: str, micro_tokens: int
 
 
 def _is_oom(exc: BaseException) -> bool:
-    import torch
-
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
@@ -296,8 +290,6 @@ def train_step(model: Any, examples: list[Example], state: TrainState, device: s
     """Forward/backward over one step's examples. Out of memory halves the tokens per
     forward pass (more accumulation, same effective batch) and retries the step; the
     smaller setting is kept for the rest of the run, resumes included."""
-    import torch
-
     while True:
         rows = pack(examples, state.micro_tokens)
         try:
@@ -319,8 +311,6 @@ def train_step(model: Any, examples: list[Example], state: TrainState, device: s
 
 
 def peak_memory_bytes(device: str) -> int:
-    import torch
-
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated())
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -329,73 +319,47 @@ def peak_memory_bytes(device: str) -> int:
 # --- checkpoints -------------------------------------------------------------------------
 
 
-def _checkpoint_dirs(run: RunDir) -> list[Path]:
-    """Complete checkpoints only: staging folders are hidden until renamed into place."""
-    if not run.checkpoints.is_dir():
-        return []
-    found = [p for p in run.checkpoints.glob("step-*") if (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
 def save_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any, state: TrainState, keep: int) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    target = run.checkpoints / f"step-{state.step:06d}"
+    target = run.checkpoint(state.step)
     with staging_dir(target) as tmp:
         weights = {k: v.detach().cpu().contiguous() for k, v in _trained_state(model).items()}
-        save_file(weights, tmp / "adapter.safetensors")
+        save_file(weights, run.checkpoint_weights(tmp))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   tmp / "trainer.pt")
-        write_json_atomic(tmp / "state.json", asdict(state))
-    for old in _checkpoint_dirs(run)[:-keep]:
+                   run.checkpoint_trainer(tmp))
+        write_json_atomic(run.checkpoint_state(tmp), asdict(state))
+    for old in run.checkpoint_dirs()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any) -> TrainState | None:
-    import torch
-    from safetensors.torch import load_file
-
-    found = _checkpoint_dirs(run)
+    found = run.checkpoint_dirs()
     if not found:
         return None
     latest = found[-1]
-    _load_trained_state(model, load_file(latest / "adapter.safetensors"))
-    saved = torch.load(latest / "trainer.pt", weights_only=False)  # written by this appliance, in its own home
+    _load_trained_state(model, load_file(run.checkpoint_weights(latest)))
+    saved = torch.load(run.checkpoint_trainer(latest), weights_only=False)  # written by this appliance, in its own home
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
     if saved["cuda_rng"]:
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    return TrainState(**read_json(latest / "state.json"))
+    return TrainState(**read_json(run.checkpoint_state(latest)))
 
 
 def _trained_state(model: Any) -> dict[str, Any]:
     """What a checkpoint must hold: the adapter's tensors, or every weight (full)."""
-    from peft import PeftModel, get_peft_model_state_dict
-
     if isinstance(model, PeftModel):
         return get_peft_model_state_dict(model)
     return dict(model.state_dict())
 
 
 def _load_trained_state(model: Any, weights: dict[str, Any]) -> None:
-    from peft import PeftModel, set_peft_model_state_dict
-
     if isinstance(model, PeftModel):
         set_peft_model_state_dict(model, weights)
     else:
         model.load_state_dict(weights, strict=False)  # tied weights are saved once
-
-
-def run_snapshot(run: RunDir) -> str | None:
-    """The snapshot an existing run trains on (a resumed run keeps its own data)."""
-    if (run.root / "train.json").exists():
-        return read_json(run.root / "train.json")["snapshot"]
-    found = _checkpoint_dirs(run)
-    return read_json(found[-1] / "state.json")["snapshot"] if found else None
 
 
 def _save_adapter(model: Any, tokenizer: Any, run: RunDir) -> None:
@@ -415,18 +379,12 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
     dropped, a checkpoint of the last complete step is written, and TrainInterrupted
     is raised, so a stopped daemon loses no finished step.
     """
-    import torch
-    from transformers import get_cosine_schedule_with_warmup
-
-    from appliance.runtime.device import set_threads, torch_device
-    from appliance.runtime.hf import load_tokenizer
-
     started = time.monotonic()
     base_dir = home.base(settings.base.name)
     if not base_dir.is_dir():
         raise TrainError(f"{base_dir}: base model missing; run 'appliance init'")
     run = home.run(run_id or time.strftime("run-%Y%m%d-%H%M%S"))
-    if (run.root / "train.json").exists():
+    if run.train_json.exists():
         return _finished(run)
     run.root.mkdir(parents=True, exist_ok=True)
     device = torch_device()
@@ -481,7 +439,7 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
             loss = train_step(model, steps[index], state, device, emit, stop)
         except TrainInterrupted:
             optimizer.zero_grad(set_to_none=True)
-            saved = _checkpoint_dirs(run)
+            saved = run.checkpoint_dirs()
             if state.step and (not saved or int(saved[-1].name.split("-")[1]) != state.step):
                 save_checkpoint(run, model, optimizer, scheduler, state, settings.train.keep_checkpoints)
             emit(Message(STAGE, f"stopped at step {state.step} of {len(steps)}; checkpoint saved"))
@@ -516,7 +474,7 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
 
     state.seconds += time.monotonic() - started
     best_val = state.best_score if val_ex else None
-    write_json_atomic(run.root / "train.json", {
+    write_json_atomic(run.train_json, {
         "run": run.id, "snapshot": snapshot.id, "base": settings.base.name, "device": device, "threads": threads,
         "method": choice.method, "method_reason": choice.reason, "dora": settings.train.dora, "epochs": epochs,
         "steps": state.step,
@@ -550,7 +508,7 @@ def _evaluate_and_select(model: Any, tokenizer: Any, val_ex: list[Example], loss
 
 
 def _finished(run: RunDir) -> TrainResult:
-    info = read_json(run.root / "train.json")
+    info = read_json(run.train_json)
     return TrainResult(run.id, info["snapshot"], info["steps"], info["best_val_loss"], info["train_tokens"],
                        info["seconds"], info["curve"])
 

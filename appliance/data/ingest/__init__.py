@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 from appliance.home.config import DataSection, Settings, load
 from appliance.contract.events import Emit, Message, Progress, StageFinished, StageStarted, ignore
+from appliance.home.catalog import of_path, problem
 from appliance.home.fsutil import sha256_file
 from appliance.home.paths import Home
 from appliance.data.watch import is_temporary, list_inbox
@@ -102,8 +103,6 @@ def ingest_paths(home: Home, paths: Sequence[Path], emit: Emit = ignore,
 def split(home: Home, paths: Sequence[Path]) -> tuple[dict[str, list[Path]], list[Note]]:
     """Inbox paths by collection (their folder); files in a folder that cannot name a
     collection stay where they are, each with the reason."""
-    from appliance.home.catalog import of_path, problem
-
     groups: dict[str, list[Path]] = {}
     misplaced: list[Note] = []
     for path in paths:

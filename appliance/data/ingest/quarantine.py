@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from appliance.home.fsutil import write_json_atomic
+from appliance.home.paths import quarantine_reason
 
 MAX_NAME_BYTES = 180  # room for the time stamp, a counter and ".reason.json" within 255
 
@@ -29,7 +30,7 @@ def quarantine(folder: Path, path: Path, rel: str, reasons: list[str]) -> Path |
     """Move ``path`` to ``folder`` beside its reasons; return where, or None if it had to stay."""
     folder.mkdir(parents=True, exist_ok=True)
     target = _free_name(folder, rel)
-    sidecar = target.with_name(target.name + ".reason.json")
+    sidecar = quarantine_reason(target)
     record = {"file": display_name(rel), "reasons": reasons, "quarantined_at": time.time(), "moved_to": target.name}
     write_json_atomic(sidecar, record)
     try:

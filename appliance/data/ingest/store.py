@@ -244,11 +244,13 @@ class Store:
                                   (sha256,)).fetchone()[0]
         status = self.db.execute("SELECT status FROM documents WHERE sha256=?", (sha256,)).fetchone()[0]
         if current and status == "inactive":
-            self._set_document(sha256, "active", +1)
+            self.set_document(sha256, "active", +1)
         elif not current and status == "active":
-            self._set_document(sha256, "inactive", -1)
+            self.set_document(sha256, "inactive", -1)
 
-    def _set_document(self, sha256: str, status: str, step: int) -> None:
+    def set_document(self, sha256: str, status: str, step: int) -> None:
+        """Set a document's status and move its records' reference counts by ``step``, logging the
+        records that become active or retired (what the next snapshot adds or drops)."""
         self.db.execute("UPDATE documents SET status=? WHERE sha256=?", (status, sha256))
         self._log("document", [sha256], "added" if step > 0 else "retired")
         self.db.execute("UPDATE records SET refs = refs + ? WHERE hash IN "

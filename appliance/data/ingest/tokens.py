@@ -71,7 +71,7 @@ class BaseTokenizer:
         return self._tokenizer
 
     def _load(self) -> None:
-        from appliance.runtime.hf import load_tokenizer
+        from appliance.runtime.hf import load_tokenizer  # transformers: loaded by the first ingest, not by status
 
         try:
             self._tokenizer = load_tokenizer(self.base_dir)
