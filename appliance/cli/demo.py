@@ -39,21 +39,6 @@ def sample_data() -> Path:
     raise HomeError("the sample data (examples/clinic) is missing from this installation")
 
 
-def demo_settings() -> Settings:
-    """The defaults, tuned for ~150 short conversations on a laptop-class CPU.
-
-    Small data needs more passes and larger steps per token (training.md): a higher
-    learning rate and small optimizer steps give ~60 updates in 6 epochs. Dropout
-    costs ~25% of CPU training time here and buys little on 6 epochs of 150 examples.
-    """
-    s = Settings()
-    s.train.learning_rate = 1e-3
-    s.train.tokens_per_step = 1024
-    s.train.epochs = 6
-    s.train.lora_dropout = 0.0
-    return s
-
-
 def fresh_home(root: Path) -> None:
     if root.exists():
         if not (root / MARKER).exists() and any(root.iterdir()):
@@ -67,7 +52,7 @@ def run_demo(root: Path, port: int | None = None, wait: bool = True, quiet: bool
     console = Console(stderr=True, quiet=quiet)
     started = time.monotonic()
     data = sample_data()
-    settings = demo_settings()
+    settings = Settings()  # a fresh home's defaults: the demo shows what people install
     check_bind(settings.serve.host, port or settings.serve.port, settings)  # fail in a second, not after training
     fresh_home(root)
     with ProgressDisplay(console, enabled=not quiet) as show:

@@ -42,7 +42,8 @@ from appliance.home.fsutil import read_json, staging_dir, write_json_atomic
 from appliance.home.paths import Home, RunDir
 from appliance.runtime.device import set_threads, torch_device
 from appliance.runtime.hf import load_causal_lm, load_tokenizer, nf4_config
-from appliance.training import methods
+from appliance.training import methods, recipe
+from appliance.training.methods import count_parameters
 from appliance.training.render import IGNORE, Example, RenderError, render
 
 STAGE = "train"
@@ -86,11 +87,6 @@ class TrainState:
 
 
 # --- data ----------------------------------------------------------------------------
-
-
-def default_epochs(n_examples: int) -> float:
-    """Small data needs more passes (training.md); large data needs few."""
-    return float(min(8, max(2, math.ceil(1200 / max(n_examples, 1)))))
 
 
 def render_all(tokenizer: Any, recs: list, settings: Settings, emit: Emit) -> list[Example]:
@@ -403,15 +399,17 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
     if not train_ex:
         raise TrainError(f"snapshot {snapshot.id}: no training example survived rendering")
     general = general_examples(tokenizer, settings, len(train_ex), emit)
-    epochs = settings.train.epochs or default_epochs(len(train_ex))
-    steps = plan_steps(train_ex + general, epochs, settings.train.tokens_per_step, settings.train.seed)
+    mix = train_ex + general
+    plan = recipe.choose(settings.train, len(mix), sum(len(ex.input_ids) for ex in mix), count_parameters(base_dir))
+    epochs = plan.epochs
+    steps = plan_steps(mix, epochs, plan.tokens_per_step, settings.train.seed)
     limit = max_steps or settings.train.max_steps
     steps = steps[:limit] if limit else steps
 
     choice = resolve_method(run, base_dir, settings, len(train_ex), device, emit)
     model = load_trainable(base_dir, settings, device, choice.method, len(steps))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.train.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(settings.train.warmup_ratio * len(steps)),
                                                 len(steps))
     state = load_checkpoint(run, model, optimizer, scheduler)
@@ -477,6 +475,7 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
     write_json_atomic(run.train_json, {
         "run": run.id, "snapshot": snapshot.id, "base": settings.base.name, "device": device, "threads": threads,
         "method": choice.method, "method_reason": choice.reason, "dora": settings.train.dora, "epochs": epochs,
+        "recipe": plan.to_dict(),
         "steps": state.step,
         "planned_steps": len(steps), "best_step": state.best_step, "best_val_loss": best_val,
         "stopped_early": state.stopped_early, "resumed_from": state.resumed_from,
