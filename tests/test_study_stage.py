@@ -197,3 +197,24 @@ def test_the_pipeline_studies_trains_and_measures_recall(pipeline_run: dict):
     assert gain["value"]["questions"] == 12 and gain["passed"] == (gain["value"]["candidate"]
                                                                    > gain["value"]["current"])
     assert gain["detail"]
+
+
+def test_sources_and_status_say_what_the_model_knows(pipeline_run: dict):
+    from appliance.engine.local import LocalEngine
+
+    home, job, shas = pipeline_run["home"], pipeline_run["job"], pipeline_run["shas"]
+    engine = LocalEngine(home.root)
+    docs = {d.path: d for d in engine.sources()}
+    handbook = docs["handbook.md"]
+    cache = read_json(home.study_cache(shas["handbook.md"]))
+    assert handbook.facts == len(cache["statements"]) > 40
+    assert handbook.questions == len(cache["conversations"]) > handbook.facts
+    assert docs["wards.md"].facts == 0 and not docs["wards.md"].unknown  # no facts: nothing to flag
+    assert docs["policies.jsonl"].facts is None  # conversations are not studied
+    if job.state == "done":  # promoted: its gate's recall is the served model's
+        assert handbook.recall == read_json(home.run(job.run_id).eval)["recall"]["documents"][handbook.sha256]["candidate"]
+    else:
+        assert handbook.recall is None and handbook.unknown
+    status = engine.status()
+    assert {k["path"] for k in status.knowledge} == {"handbook.md", "wards.md"}
+    assert next(k for k in status.knowledge if k["path"] == "handbook.md")["facts"] == handbook.facts

@@ -82,12 +82,19 @@ def summary(documents: dict[str, dict[str, Any]], asked: list[Asked], cand: list
     """Overall and per-document recall of both models (the share of the asked questions answered)."""
     per: dict[str, Any] = {}
     for sha, doc in sorted(documents.items()):
-        rows = [(a, b) for q, a, b in zip(asked, cand, cur) if q.document == sha]
+        rows = [(q, a, b) for q, a, b in zip(asked, cand, cur) if q.document == sha]
         per[sha] = {"path": doc["path"], "facts": doc["facts"], "questions": len(rows),
-                    "candidate": _share([a for a, _ in rows]), "current": _share([b for _, b in rows]),
-                    "candidate_correct": sum(a for a, _ in rows), "current_correct": sum(b for _, b in rows)}
+                    "candidate": _share([a for _, a, _ in rows]), "current": _share([b for _, _, b in rows]),
+                    "candidate_correct": sum(a for _, a, _ in rows), "current_correct": sum(b for _, _, b in rows),
+                    # facts asked about, and those with a held-out question answered ("knows 27 of 30 facts")
+                    "facts_asked": len({q.statement for q, _, _ in rows}),
+                    "facts_known": {"candidate": len({q.statement for q, a, _ in rows if a}),
+                                    "current": len({q.statement for q, _, b in rows if b})}}
     return {"questions": len(asked), "candidate": _share(cand), "current": _share(cur),
-            "candidate_correct": sum(cand), "current_correct": sum(cur), "documents": per}
+            "candidate_correct": sum(cand), "current_correct": sum(cur), "documents": per,
+            "facts_asked": sum(d["facts_asked"] for d in per.values()),
+            "facts_known": {side: sum(d["facts_known"][side] for d in per.values())
+                            for side in ("candidate", "current")}}
 
 
 def _share(hits: list[bool]) -> float | None:
