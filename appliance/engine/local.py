@@ -231,9 +231,9 @@ class LocalEngine:
             cache = read_json(self.paths.study_cache(sha))
         except (OSError, ValueError):
             return {}
-        asked = recall and recall.get("questions")
+        asked = recall is not None and recall.get("questions")
         return {"facts": len(cache.get("statements", [])), "questions": len(cache.get("conversations", [])),
-                "recall": recall.get("candidate") if asked else None}
+                "recall": recall.get("candidate") if recall is not None and asked else None}
 
     def _current_recall(self) -> dict[str, Any]:
         """eval.json's recall from the gate that promoted the current version ({} when none)."""

@@ -179,8 +179,8 @@ def document_text(home: Home, sha256: str) -> tuple[str | None, str]:
     with Store(home.store_db) as store:
         hashes = [row[0] for row in store.db.execute(
             "SELECT record_hash FROM doc_records WHERE doc_sha256=? ORDER BY rowid", (sha256,))]
-        chunks = [r.body.get("text") for r in store.records(hashes) if r.kind == "text"]
-    chunks = [c for c in chunks if isinstance(c, str) and c.strip()]  # a forgotten record has no text
+        bodies = [r.body.get("text") for r in store.records(hashes) if r.kind == "text"]
+    chunks = [c for c in bodies if isinstance(c, str) and c.strip()]  # a forgotten record has no text
     return (join_chunks(chunks), "chunks") if chunks else (None, "none")
 
 
@@ -205,7 +205,7 @@ class _TokenCounter:
 
     def __init__(self, home: Home, settings: Settings):
         self.base: Path = home.base(settings.base.name)
-        self._tokenize: Callable[[str], Any] | None = None
+        self._tokenize: Callable[..., Any] | None = None
 
     def __call__(self, text: str) -> int:
         if self._tokenize is None:
