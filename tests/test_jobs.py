@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.home.journal import STAGES, Journal
+from appliance.home.journal import STAGES, Journal, iter_stages
 
 
 @pytest.fixture()
@@ -44,6 +44,8 @@ def test_stages_in_order_and_resume_from_the_last_complete(journal: Journal):
     assert job.next_stage() == "snapshot"
     journal.stage_started(job.id, "snapshot")
     journal.stage_complete(job.id, "snapshot", snapshot="abc")
+    journal.stage_started(job.id, "study")
+    journal.stage_complete(job.id, "study")
     journal.stage_started(job.id, "train")
     journal.remember(job.id, run_id="run-1")
     # a crash here: the next start finds the same job, train not complete, its run id kept
@@ -54,6 +56,24 @@ def test_stages_in_order_and_resume_from_the_last_complete(journal: Journal):
     states = [(t["stage"], t["state"]) for t in journal.transitions(job.id)]
     assert ("snapshot", "complete") in states and ("train", "started") in states
     assert ("train", "complete") not in states
+
+
+def test_a_job_journalled_before_the_study_stage_continues_with_it(tmp_path: Path):
+    """A journal written when the stages were snapshot -> train: a job whose snapshot was
+    complete resumes with study, then train; one past train does not study again."""
+    with Journal(tmp_path / "jobs.db") as journal:
+        job, _ = journal.enqueue("train")
+        job = journal.next_job()
+        journal.stage_started(job.id, "snapshot")
+        journal.stage_complete(job.id, "snapshot", snapshot="abc")
+        later, _ = journal.enqueue("train")
+        journal.db.execute("UPDATE jobs SET state='running', stage='train' WHERE id=?", (later.id,))
+    with Journal(tmp_path / "jobs.db") as again:
+        resumed = again.next_job()
+        assert resumed.id == job.id and resumed.next_stage() == "study"
+        assert list(iter_stages(resumed.stage)) == ["study", "train", "export", "gate", "promote"]
+        assert again.get(later.id).next_stage() == "export"
+        assert "study" not in list(iter_stages("train"))
 
 
 def test_finish_states_and_all_stages(journal: Journal):
@@ -70,13 +90,13 @@ def test_finish_states_and_all_stages(journal: Journal):
 WRITER = """
 import sys, time
 from pathlib import Path
-from appliance.home.journal import Journal
+from appliance.home.journal import STAGES, Journal
 j = Journal(Path(sys.argv[1]))
 n = 0
 while True:
     job, _ = j.enqueue("forget", document=str(n))
     job = j.next_job()
-    for stage in ("snapshot", "train", "export", "gate", "promote"):
+    for stage in STAGES:
         j.stage_started(job.id, stage)
         j.stage_complete(job.id, stage)
     j.finish(job.id, "done")

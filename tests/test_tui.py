@@ -59,7 +59,8 @@ class ScriptedEngine:
         self.ingest_report: dict[str, Any] = {"accepted": 4, "files": 2, "duplicates": 0, "quarantined": [
             {"file": "scan.pdf", "reasons": ["the PDF has no text layer (a scanned image); export it with text"]}]}
         self.documents = [Document("policies.jsonl", "aa" * 32, "jsonl", 40, learned=True),
-                          Document("facts.md", "bb" * 32, "md", 9, learned=True)]
+                          Document("facts.md", "bb" * 32, "md", 9, learned=True, facts=30, questions=210,
+                                   recall=0.9)]
         self.quarantine: list[QuarantinedFile] = []
         self.job: dict[str, Any] | None = None
         self.log: list[dict[str, Any]] = []          # the daemon's event log, as JSON objects
@@ -319,7 +320,7 @@ async def test_dashboard_follows_the_engine_in_plain_words(engine):
 
 
 async def test_documents_stored_but_not_yet_learned_are_told_apart(engine):
-    engine.documents.append(Document("new-policy.md", "cc" * 32, "md", 5))
+    engine.documents.append(Document("new-policy.md", "cc" * 32, "md", 5, facts=4, questions=28))
     app = make_app(engine, poll_seconds=0.2)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, app, lambda: "not yet learned" in text_of(app, "#facts"))
@@ -328,8 +329,10 @@ async def test_documents_stored_but_not_yet_learned_are_told_apart(engine):
         await settle(pilot, app, lambda: app.screen.query_one("#sources", DataTable).row_count == 3)
         table = app.screen.query_one("#sources", DataTable)
         assert [tuple(map(str, table.get_row_at(i))) for i in range(3)] == [
-            ("policies.jsonl", "jsonl", "40", "yes"), ("facts.md", "md", "9", "yes"),
-            ("new-policy.md", "md", "5", "not yet")]
+            ("policies.jsonl", "jsonl", "40", "yes", "-", "-", "-"), ("facts.md", "md", "9", "yes", "30", "210", "90%"),
+            ("new-policy.md", "md", "5", "not yet", "4", "28", "⚠ not asked")]
+        # the facts of the document the model has not learned are flagged as not known yet
+        assert "does not know the facts of 1 document(s) yet" in text_of(app, "#sources-note")
         assert "1 document(s) stored, not yet learned" in text_of(app, "#sources-note")
         engine.documents = [Document(f"doc-{i}.md", f"{i:064x}", "md", 1) for i in range(12)]
         await pilot.press("d")                  # no served version was trained on any of the 12

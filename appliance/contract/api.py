@@ -45,6 +45,11 @@ class Status:
     inbox: dict[str, Any] = field(default_factory=dict)             # new, ingested, quarantined, watching
     # stored documents the current version was not trained on: read, not yet learned (None: unknown)
     unlearned: int | None = None
+    # per studied document: path, sha256, facts, questions (study questions written), recall (current model)
+    knowledge: list[dict[str, Any]] = field(default_factory=list)
+
+
+KNOWN_RECALL = 0.5  # a document's facts count as known once the model answers half its held-out questions
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,15 @@ class Document:
     records: int
     collection: str = ""
     learned: bool = False      # the current version was trained on it
+    # what the study stage found in it and wrote from it (None: not studied, e.g. a conversation file)
+    facts: int | None = None
+    questions: int | None = None
+    recall: float | None = None  # share of its held-out questions the current model answered (None: not asked)
+
+    @property
+    def unknown(self) -> bool:
+        """It states facts the current model does not know yet: not asked, or under half answered."""
+        return bool(self.facts) and (self.recall is None or self.recall < KNOWN_RECALL)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ Right away (:func:`forget`):
   is cut without them (records another document also holds stay: they are that
   document's content too);
 * the inbox file(s) whose content it is, and any quarantined copy (by hash);
+* the document's kept text and its study material (``store/texts``, ``store/study``), so the
+  next run trains on no conversation written from it;
 * every run whose snapshot included it (checkpoints, adapter, merged weights,
   GGUF files: all learned from it);
 * every version trained on it that is not the current one (retired: files deleted,
@@ -105,6 +107,7 @@ def forget(home: Home, document: str, queue: bool = True) -> dict[str, Any]:
         raise DataError(f"document {sha[:12]} is under legal hold ({held[sha]}); it cannot be forgotten")
     removed = _remove_from_store(home, sha)
     files = _remove_files(home, sha, removed["paths"])
+    studied = _remove_study(home, sha)
     _refuse_waiting_reviews(home, sha)
     runs = remove_runs(home, sha, keep=_open_runs(home))
     retired = retire_versions_with(home, sha, None)
@@ -114,9 +117,9 @@ def forget(home: Home, document: str, queue: bool = True) -> dict[str, Any]:
             job, _ = journal.enqueue("forget", reason=f"forget {sha[:12]}", document=sha, collection=home.collection)
             job_id = job.id
     report = {"document": sha, "known": removed["known"], "records_removed": removed["records"],
-              "records_kept_shared": removed["shared"], "files_removed": len(files), "runs_removed": runs,
-              "versions_retired": retired, "job": job_id}
-    if not (removed["known"] or files or runs or retired):
+              "records_kept_shared": removed["shared"], "files_removed": len(files),
+              "study_files_removed": len(studied), "runs_removed": runs, "versions_retired": retired, "job": job_id}
+    if not (removed["known"] or files or studied or runs or retired):
         raise DataError(f"{document}: the store holds no such document and no copy of it was found")
     audit.append(home, "forget", **report)
     return report
@@ -183,6 +186,18 @@ def _remove_files(home: Home, sha: str, paths: list[str]) -> list[Path]:
                 sidecar.unlink(missing_ok=True)
                 removed.append(path)
         except OSError:
+            continue
+    return removed
+
+
+def _remove_study(home: Home, sha: str) -> list[Path]:
+    """The document's kept text and the study material generated from it."""
+    removed = []
+    for path in (home.document_text(sha), home.study_cache(sha)):
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
             continue
     return removed
 

@@ -91,7 +91,7 @@ class LocalEngine:
                              "watching": bool(daemon and daemon.get("watching")),
                              "paused": paused(self.paths) if self.paths.jobs_db.exists() else False,
                              "since_start": (daemon or {}).get("inbox", {})},
-                      unlearned=unlearned)
+                      unlearned=unlearned, knowledge=self._knowledge())
 
     def ingest(self, emit: Emit = ignore) -> dict[str, Any]:
         from appliance.engine.daemon import record_ingest, store_seqs
@@ -218,8 +218,29 @@ class LocalEngine:
         learned = self._learned()
         with Store(self.paths.store_db) as store:
             facts = store.document_facts(store.active_documents())
-        return [Document(f["path"], f["sha256"], f["format"], f["records"], self.collection, f["sha256"] in learned)
-                for f in facts]
+        recall = self._current_recall().get("documents", {})
+        return [Document(f["path"], f["sha256"], f["format"], f["records"], self.collection, f["sha256"] in learned,
+                         **self._studied(f["sha256"], recall.get(f["sha256"]))) for f in facts]
+
+    def _studied(self, sha: str, recall: dict[str, Any] | None) -> dict[str, Any]:
+        """Facts found in a document and study questions written from it (its study cache), and
+        the share of its held-out questions the current model answered when it was gated."""
+        from appliance.home.fsutil import read_json
+
+        try:
+            cache = read_json(self.paths.study_cache(sha))
+        except (OSError, ValueError):
+            return {}
+        asked = recall is not None and recall.get("questions")
+        return {"facts": len(cache.get("statements", [])), "questions": len(cache.get("conversations", [])),
+                "recall": recall.get("candidate") if recall is not None and asked else None}
+
+    def _current_recall(self) -> dict[str, Any]:
+        """eval.json's recall from the gate that promoted the current version ({} when none)."""
+        version = registry.current(self.paths)
+        record = registry.get(self.paths, version) if version else {}
+        report = self.eval_report(record["run"]) if record.get("run") else None
+        return (report or {}).get("recall") or {}
 
     def quarantined(self) -> list[QuarantinedFile]:
         from appliance.home.fsutil import read_json
@@ -334,7 +355,21 @@ class LocalEngine:
         report = self.eval_report(record["run"]) if record.get("run") else None
         if report:
             out["gate"] = {c["name"]: c["value"] for c in report["checks"]}
+            known = (report.get("recall") or {}).get("facts_known")
+            if known:  # "knows 27 of 30 facts": facts with a held-out question answered, of those asked
+                out["recall"] = {"facts_known": known["candidate"], "facts_asked": report["recall"]["facts_asked"],
+                                 "share": report["recall"]["candidate"]}
         return out
+
+    def _knowledge(self) -> list[dict[str, Any]]:
+        """Per studied document: facts, study questions and the current model's recall (for a key
+        that may see the documents' names, as ``sources`` requires)."""
+        from appliance.home.keys import COMMAND_ROLES
+
+        if not self.key.can(COMMAND_ROLES["sources"]):
+            return []
+        return [{"path": d.path, "sha256": d.sha256, "facts": d.facts, "questions": d.questions, "recall": d.recall,
+                 "known": not d.unknown} for d in self.sources() if d.facts is not None]
 
     def _learned(self) -> set[str]:
         """sha256 of the documents the current version was trained on (its lineage, else its snapshot)."""

@@ -1,4 +1,4 @@
-"""One job through the stages: snapshot -> train -> export -> gate -> promote.
+"""One job through the stages: snapshot -> study -> train -> export -> gate -> promote.
 
 :func:`run_job` starts (or resumes) a job after its last complete stage, as the
 journal says. Every stage is idempotent: it reuses complete outputs (training
@@ -21,6 +21,7 @@ from typing import Any, Callable
 from appliance.contract.errors import ApplianceError
 from appliance.contract.events import Emit, Event, Message, Progress, ignore
 from appliance.data import snapshot as snapshots
+from appliance.data.study.stage import study
 from appliance.engine import review
 # register_adapter is named here for LocalEngine.export
 from appliance.engine.candidates import clean_intermediates, register_adapter, register_candidate  # noqa: F401
@@ -151,6 +152,15 @@ def stage_snapshot(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
     return {"snapshot": snapshot_id}
 
 
+def stage_study(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
+    """Study material for the snapshot's documents, cached per document (training reads the cache)."""
+    material = study(ctx.home, job.snapshot or "", ctx.settings, emit)
+    counts = material.counts()
+    if counts["documents"]:
+        audit.append(ctx.home, "study", job=job.id, snapshot=job.snapshot, generated=material.generated, **counts)
+    return {}
+
+
 def stage_train(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
     from appliance.training.train import TrainInterrupted, train  # torch: loaded when a run trains
 
@@ -212,5 +222,5 @@ def stage_promote(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
 
 
 STAGES: dict[str, Callable[[Context, Job, Emit], dict[str, Any]]] = {
-    "snapshot": stage_snapshot, "train": stage_train, "export": stage_export, "gate": stage_gate,
+    "snapshot": stage_snapshot, "study": stage_study, "train": stage_train, "export": stage_export, "gate": stage_gate,
     "promote": stage_promote}

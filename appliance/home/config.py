@@ -122,6 +122,19 @@ class TrainSection(Section):
         return key
 
 
+class StudySection(Section):
+    enabled: bool = Field(True, description="Turn every document (text, Markdown, PDF, Word) into question-and-"
+                                            "answer conversations covering each fact it states, plus re-told "
+                                            "passages, and train on them with the document's own text.")
+    organisation: str | None = Field(None, description="The organisation's name, used in some study questions "
+                                                       "(\"What does Ridgeline's handbook say ...\") and never "
+                                                       "taken for a fact; unset: questions name no organisation.")
+    passage_tokens: int = Field(256, ge=32, description="Longest passage (base-model tokens) a document is cut into "
+                                                        "before its statements are extracted.")
+    seed: int = Field(0, description="Chooses question wordings and which phrasing of each fact is held out for "
+                                     "the gate; the same seed gives the same study material.")
+
+
 class ExportSection(Section):
     quant: Literal["auto", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"] = Field(
         "auto", description="auto: the smallest of Q4_K_M, Q5_K_M, Q6_K, Q8_0 that keeps quality against f16; "
@@ -169,6 +182,14 @@ class GateSection(Section):
     review_questions: int = Field(10, ge=1, description="Questions in a review (validation conversations, else "
                                                         "the home's probes).")
     review_tokens: int = Field(128, ge=4, description="Tokens generated per answer shown to reviewers (greedy).")
+    recall_questions: int = Field(160, ge=0, description="Held-out study questions (never trained) asked of each "
+                                                         "model per gate, chosen evenly across documents and facts; "
+                                                         "0 turns the closed-book recall check off.")
+    recall_max_drop: float = Field(0.05, ge=0.0, le=1.0, description="Largest share of the held-out questions the "
+                                                                     "current model answers that the candidate may "
+                                                                     "stop answering.")
+    require_recall_gain: bool = Field(True, description="When new documents arrived, a training run must answer "
+                                                        "more of their held-out questions than the current model.")
 
 
 class DaemonSection(Section):
@@ -198,6 +219,7 @@ class Settings(BaseSettings):
     data: DataSection = DataSection()
     watch: WatchSection = WatchSection()
     train: TrainSection = TrainSection()
+    study: StudySection = StudySection()
     export: ExportSection = ExportSection()
     serve: ServeSection = ServeSection()
     gate: GateSection = GateSection()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-STAGES = ("snapshot", "train", "export", "gate", "promote")
+STAGES = ("snapshot", "study", "train", "export", "gate", "promote")
 KINDS = ("train", "forget")
 # queued -> running -> done | refused (the gate kept the current model) | failed
 # With [gate] promotion = "review": running -> awaiting_review (gated, registered, not current;

@@ -148,6 +148,22 @@ class Home:
     def store_db(self) -> Path:
         return self.store / "index.db"
 
+    @property
+    def texts(self) -> Path:
+        """Documents' extracted text (what ingest chunked), by sha256, for the study stage."""
+        return self.store / "texts"
+
+    def document_text(self, sha256: str) -> Path:
+        return self.texts / f"{sha256}.txt"
+
+    @property
+    def study(self) -> Path:
+        """Study material generated from each document (appliance/data/study/stage.py), by sha256."""
+        return self.store / "study"
+
+    def study_cache(self, sha256: str) -> Path:
+        return self.study / f"{sha256}.json"
+
     def base(self, name: str) -> Path:
         return self.bases / name
 
@@ -210,8 +226,8 @@ class Home:
 
 @dataclass(frozen=True)
 class RunDir:
-    """runs/<id>/: adapter, checkpoints, merged, gguf, and train.json, method.json, parity.json,
-    eval.json, review.json, meta.json."""
+    """runs/<id>/: adapter, checkpoints, merged, gguf, and train.json, method.json, heldout.json,
+    parity.json, eval.json, review.json, meta.json."""
 
     root: Path
 
@@ -260,6 +276,11 @@ class RunDir:
     def train_json(self) -> Path:
         """What training did (snapshot, steps, losses); written when training completes."""
         return self.root / "train.json"
+
+    @property
+    def heldout(self) -> Path:
+        """The study questions held out of this run's training, per document, for the gate's recall."""
+        return self.root / "heldout.json"
 
     @property
     def method_json(self) -> Path:

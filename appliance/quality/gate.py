@@ -18,6 +18,8 @@ to ``runs/<id>/eval.json``:
    ``gate.general_max_ppl_ratio``.
 4. ``user_probes``: questions in the home's ``probes/`` (``*.jsonl``) may not be
    answered correctly less often (``gate.user_max_drop``).
+5. ``recall_kept`` / ``recall_gain``: closed-book recall of the study questions held out
+   of training (appliance/quality/recall.py), asked in the same llama.cpp child.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from appliance.home.config import Settings
 from appliance.home.fsutil import read_json, sha256_file, write_json_atomic
 from appliance.home.paths import Home
 from appliance.quality.probes import load as load_probes
+from appliance.quality import recall
 from appliance.quality.metrics import answer_metrics, perplexity
 from appliance.runtime import llamacpp_child
 from appliance.training.render import RenderError, last_answer, render
@@ -71,6 +74,8 @@ class Report:
     seconds: float = 0.0
     # Metrics people recognise, side by side (information, not checks): see _metrics.
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Closed-book recall of the held-out study questions, overall and per document (quality/recall.py).
+    recall: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -89,8 +94,8 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"run": self.run, "kind": self.kind, "passed": self.passed, "verdict": self.verdict(),
                 "failed": [c.name for c in self.failed], "candidate": self.candidate, "current": self.current,
-                "checks": [asdict(c) for c in self.checks], "metrics": self.metrics, "seconds": self.seconds,
-                "at": time.time()}
+                "checks": [asdict(c) for c in self.checks], "metrics": self.metrics, "recall": self.recall,
+                "seconds": self.seconds, "at": time.time()}
 
 
 # --- the gate ----------------------------------------------------------------------------------
@@ -189,11 +194,22 @@ def _model_checks(home: Home, report: Report, run_id: str, cand: Model, cur: Mod
     general = _general_probes()
     user = user_probes(home)
     text = _text_sequences(tokenizer)
-    prompts = _prompt_ids(cand[0], [p.question for p in general + user], settings)
+    held = recall.heldout(home, run_id)
+    asked = recall.sample(held, settings.gate.recall_questions)
+    probes = [p.question for p in general + user]
+    prompts = _prompt_ids(cand[0], probes + [a.question for a in asked], settings)
+    prompts, recall_prompts = prompts[:len(probes)], prompts[len(probes):]
     sample = _answer_sample(examples, questions)
-    cand_out = _ask(cand, examples, text, prompts + [q.prompt for q in sample], settings)
-    cur_out = _ask(cur, examples, text, prompts + [q.prompt for q in sample], settings)
+    extra = [q.prompt for q in sample] + recall_prompts  # one child per model asks everything
+    cand_out = _ask(cand, examples, text, prompts + extra, settings)
+    cur_out = _ask(cur, examples, text, prompts + extra, settings)
     report.metrics = _metrics(tokenizer, sample, cand_out, cur_out, len(prompts))
+    at = len(prompts) + len(sample)
+    hits = [[a.hit(tokenizer.decode(ids, skip_special_tokens=True)) for a, ids in zip(asked, out["answers"][at:])]
+            for out in (cand_out, cur_out)]
+    report.recall = recall.summary(held, asked, hits[0], hits[1])
+    new_docs = set(held) - recall.documents_of(home, cur_version)
+    report.checks += [Check(**c) for c in recall.checks(asked, hits[0], hits[1], new_docs, settings, kind)]
     report.checks += _loss_checks(cand_out["val"], cur_out["val"], new_mask, settings, kind)
     n = len(general)
     report.checks += _general_checks(tokenizer, general, cand_out, cur_out, n, settings)

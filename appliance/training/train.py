@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import random
 import resource
 import shutil
@@ -37,6 +38,7 @@ from appliance.contract.events import Emit, Message, Progress, StageFinished, St
 from appliance.data.decontaminate import decontaminate
 from appliance.data.ingest.chat_jsonl import parse
 from appliance.data.snapshot import Snapshot, records, run_snapshot  # noqa: F401  (run_snapshot: the engine asks here)
+from appliance.data.study.stage import study
 from appliance.home.config import Settings
 from appliance.home.fsutil import read_json, staging_dir, write_json_atomic
 from appliance.home.paths import Home, RunDir
@@ -165,6 +167,38 @@ def plan_steps(examples: list[Example], epochs: float, tokens_per_step: int, see
     if current:
         steps.append(current)
     return steps
+
+
+def study_records(home: Home, snapshot: Snapshot, own: list, settings: Settings, run: RunDir,
+                  emit: Emit) -> tuple[list, dict[str, int]]:
+    """The study stage's conversations and re-told passages for the snapshot's documents (read
+    from its cache), and their counts; the held-out questions go to ``heldout.json`` for the gate.
+
+    A held-out question inside the study material itself fails the run (it would no longer
+    test recall); one that the snapshot's own conversations happen to ask is dropped from
+    the held-out set instead, and counted.
+    """
+    material = study(home, snapshot, settings, emit)
+    leaked = material.leaked()
+    if leaked:
+        raise TrainError(f"snapshot {snapshot.id}: {len(leaked)} held-out study question(s) are in the training "
+                         f"material (first: {leaked[0]!r}); delete {home.study} to write it again")
+    asked = {_norm(m["content"]) for rec in own if rec.kind == "chat" for m in rec.body.get("messages", [])
+             if m.get("role") == "user"}
+    heldout = material.heldout()
+    dropped = 0
+    for doc in heldout.values():
+        kept = [q for q in doc["questions"] if _norm(q["question"]) not in asked]
+        dropped += len(doc["questions"]) - len(kept)
+        doc["questions"] = kept
+    write_json_atomic(run.heldout, {"snapshot": snapshot.id, "documents": heldout})
+    counts = {**material.counts(), "heldout": sum(len(d["questions"]) for d in heldout.values()),
+              "heldout_in_your_data": dropped}
+    return material.records(), counts
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
 # --- model -----------------------------------------------------------------------------
@@ -390,6 +424,8 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
     emit(StageStarted(STAGE, description="Preparing data"))
     tokenizer = load_tokenizer(base_dir)
     all_train = records(home, snapshot.train)
+    studied, study_counts = study_records(home, snapshot, all_train, settings, run, emit)
+    all_train += studied
     train_records, leaks = decontaminate(home, all_train)
     if leaks:
         emit(Message(STAGE, f"removed {len(all_train) - len(train_records)} training example(s) holding "
@@ -480,7 +516,7 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
         "planned_steps": len(steps), "best_step": state.best_step, "best_val_loss": best_val,
         "stopped_early": state.stopped_early, "resumed_from": state.resumed_from,
         "micro_tokens": state.micro_tokens, "train_examples": len(train_ex), "general_examples": len(general),
-        "val_examples": len(val_ex), "decontaminated": [asdict(leak) for leak in leaks],
+        "val_examples": len(val_ex), "study": study_counts, "decontaminated": [asdict(leak) for leak in leaks],
         "train_tokens": state.trained_tokens, "seconds": state.seconds,
         "settings": settings.train.model_dump(), "curve": state.curve,
     })

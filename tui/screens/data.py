@@ -1,5 +1,6 @@
 """Data: the data advisor's warnings, the source documents (learned by the served version, or stored
-and not yet learned), what was refused and why, and 'ingest now' — for the collection chosen at the
+and not yet learned; the facts found in each, the study questions written and the served model's
+recall on them, flagged where it does not know them yet), what was refused and why, and 'ingest now' — for the collection chosen at the
 top (g picks the next one)."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from appliance.contract.errors import ApplianceError
 
-from appliance.contract.api import Document, QuarantinedFile
+from appliance.contract.api import KNOWN_RECALL, Document, QuarantinedFile
 
 from tui.board import Board
 from tui.client import Client
@@ -32,6 +33,14 @@ def fill(table: DataTable, rows: list[tuple[str, ...]]) -> None:
         table.add_row(*r)
     if rows:
         table.move_cursor(row=min(row, len(rows) - 1))
+
+
+def knowledge(doc: Document) -> tuple[str, str, str]:
+    """Facts found, study questions written and the served model's recall; a sign where it does not know them."""
+    if doc.facts is None:
+        return ("-", "-", "-")
+    recall = "not asked" if doc.recall is None else f"{doc.recall:.0%}"
+    return (str(doc.facts), str(doc.questions), ("⚠ " if doc.unknown else "") + recall)
 
 
 class DataScreen(CollectionScreen):
@@ -66,7 +75,7 @@ class DataScreen(CollectionScreen):
             yield Vertical(Static("Reading the advice…", classes="note"), id="advice")
             yield Static("Sources", classes="title")
             sources: DataTable = DataTable(id="sources", cursor_type="row")
-            sources.add_columns("document", "format", "records", "learned")
+            sources.add_columns("document", "format", "records", "learned", "facts", "questions", "recall")
             yield sources
             yield Static("", id="sources-note", classes="note")
             yield Static("Quarantined files (not learned from)", classes="title")
@@ -158,12 +167,16 @@ class DataScreen(CollectionScreen):
         sources, quarantined = lists
         self.documents = list(sources)
         fill(self.query_one("#sources", DataTable),
-             [(d.path, d.format or "-", str(d.records), "yes" if d.learned else "not yet") for d in sources])
+             [(d.path, d.format or "-", str(d.records), "yes" if d.learned else "not yet", *knowledge(d))
+              for d in sources])
         waiting = sum(not d.learned for d in sources)
+        unknown = sum(d.unknown for d in sources)
         self.query_one("#sources-note", Static).update(
-            "No documents read yet." if not sources else
-            "The served version learned every document." if not waiting else
-            f"{waiting} document(s) stored, not yet learned: the next trained and promoted version learns them.")
+            ("No documents read yet." if not sources else
+             "The served version learned every document." if not waiting else
+             f"{waiting} document(s) stored, not yet learned: the next trained and promoted version learns them.")
+            + (f" ⚠ The model does not know the facts of {unknown} document(s) yet (recall under "
+               f"{KNOWN_RECALL:.0%} on questions it never trained on)." if unknown else ""))
         fill(self.query_one("#quarantine", DataTable), [(q.file, "; ".join(q.reasons) or "no reason recorded")
                                                         for q in quarantined])
         self.query_one("#quarantine-note", Static).update(

@@ -263,8 +263,22 @@ def lineage_markdown(version: str, lineage: dict[str, Any]) -> str:
     gate = lineage.get("gate")
     if isinstance(gate, dict):
         lines += ["", "## Gate", "", gate_summary(gate)]
+        lines += facts_known(gate.get("recall") or {})
         lines += sample_answers((gate.get("metrics") or {}).get("sample") or [])
     return "\n".join(lines)
+
+
+def facts_known(recall: dict[str, Any]) -> list[str]:
+    """'knows 27 of 30 facts from handbook.pdf': facts with a held-out question answered, per document."""
+    docs = [d for d in (recall.get("documents") or {}).values() if isinstance(d, dict) and d.get("facts_asked")]
+    if not docs:
+        return []
+    lines = ["", "## Facts (closed-book, on questions it never trained on)", ""]
+    for d in docs:
+        known = (d.get("facts_known") or {}).get("candidate", 0)
+        lines.append(f"- knows {known} of {d['facts_asked']} facts asked from {d.get('path') or '-'} "
+                     f"({d.get('facts', '?')} found in it)")
+    return lines
 
 
 def sample_answers(sample: list[Any]) -> list[str]:

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 from appliance.home.config import DataSection, Settings, load
 from appliance.contract.events import Emit, Message, Progress, StageFinished, StageStarted, ignore
 from appliance.home.catalog import of_path, problem
-from appliance.home.fsutil import sha256_file
+from appliance.home.fsutil import sha256_file, write_text_atomic
 from appliance.home.paths import Home
 from appliance.data.watch import is_temporary, list_inbox
 from appliance.data.ingest import chat_jsonl, csv_pairs, pdf, text, word
@@ -316,6 +316,8 @@ class _Batch:
         return parsed
 
     def keep(self, rel: str, state: FileState, parsed: Parsed) -> None:
+        if parsed.text is not None:  # the whole text, before the chunks are stored: the study stage reads it
+            write_text_atomic(self.ingestor.home.document_text(state.sha256), parsed.text)
         added = self.store.put(rel, state, parsed.format, parsed.records, parsed.tokens)
         report = self.report
         report.files += 1

@@ -1,0 +1,215 @@
+"""The study stage: each document of a snapshot turned into training conversations, once.
+
+Between snapshot and train. For every document (text, Markdown, PDF, Word) of the
+snapshot, :func:`study` loads its study material from ``store/study/<sha256>.json`` or
+writes it with the model-free core (:func:`appliance.data.study.study_document`) from
+the text ingest kept (``store/texts/<sha256>.txt``). Each cache file is written whole
+(atomic rename), so a study killed at any point resumes with the documents not yet
+done and never duplicates a conversation; a second study of the same snapshot reads
+every file and generates nothing. The cache is keyed by the document's sha256 and the
+settings that shape the material, so ``forget`` removes it with the document and a
+changed setting rewrites it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from appliance.contract.events import Emit, Message, Progress, StageFinished, StageStarted, ignore
+from appliance.data import snapshot as snapshots
+from appliance.data.ingest import pdf, word
+from appliance.data.ingest.records import Record
+from appliance.data.ingest.store import Store
+from appliance.data.study import study_document
+from appliance.data.study.heldout import leaks
+from appliance.home.config import Settings
+from appliance.home.fsutil import read_json, write_json_atomic
+from appliance.home.paths import Home
+
+STAGE = "study"
+# The formats ingest reads as prose documents (cut into text chunks); conversations are not studied.
+DOCUMENT_FORMATS = ("text", "markdown", pdf.FORMAT, word.FORMAT)
+CACHE_VERSION = 1
+STUDY_FORMAT = "study"  # the format training records made here carry (statistics only)
+# Two chunk records of one document share up to chunk_overlap tokens; a shorter common run
+# of characters between neighbours is taken for chance, not for the overlap.
+MIN_OVERLAP_CHARS = 16
+
+
+@dataclass
+class DocumentStudy:
+    """One document's study material, as cached."""
+
+    sha256: str
+    path: str
+    source: str                     # "text": the kept text; "chunks": its chunk records joined; "none"
+    counts: dict[str, int] = field(default_factory=dict)
+    reason: str | None = None       # why it gives no conversations, in one sentence
+    statements: list[str] = field(default_factory=list)
+    conversations: list[dict] = field(default_factory=list)
+    paraphrases: list[dict] = field(default_factory=list)
+    heldout: list[dict] = field(default_factory=list)
+
+    def to_dict(self, key: dict[str, Any]) -> dict[str, Any]:
+        return {"key": key, "sha256": self.sha256, "path": self.path, "source": self.source, "counts": self.counts,
+                "reason": self.reason, "statements": self.statements, "conversations": self.conversations,
+                "paraphrases": self.paraphrases, "heldout": self.heldout}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DocumentStudy":
+        return cls(data["sha256"], data["path"], data["source"], data["counts"], data["reason"], data["statements"],
+                   data["conversations"], data["paraphrases"], data["heldout"])
+
+
+@dataclass
+class StudySet:
+    """The study material of a snapshot's documents: what training adds, what the gate asks."""
+
+    documents: list[DocumentStudy] = field(default_factory=list)
+    generated: int = 0              # documents studied now (not read from the cache)
+
+    def items(self) -> list[tuple[str, Record]]:
+        """(document sha256, training record): conversations, then re-told passages."""
+        out = []
+        for doc in self.documents:
+            out += [(doc.sha256, Record("chat", {"messages": c["messages"]}, format=STUDY_FORMAT))
+                    for c in doc.conversations]
+            out += [(doc.sha256, Record("text", {"text": p["text"]}, format=STUDY_FORMAT)) for p in doc.paraphrases]
+        return out
+
+    def records(self) -> list[Record]:
+        return [record for _, record in self.items()]
+
+    def heldout(self) -> dict[str, dict[str, Any]]:
+        """Per document: its path, facts (statements) and held-out questions (never trained)."""
+        return {doc.sha256: {"path": doc.path, "facts": len(doc.statements), "questions": doc.heldout}
+                for doc in self.documents}
+
+    def counts(self) -> dict[str, int]:
+        studied = [doc for doc in self.documents if doc.conversations]
+        return {"documents": len(self.documents), "documents_studied": len(studied),
+                "statements": sum(len(doc.statements) for doc in self.documents),
+                "conversations": sum(len(doc.conversations) for doc in self.documents),
+                "paraphrases": sum(len(doc.paraphrases) for doc in self.documents),
+                "unsupported_dropped": sum(doc.counts.get("unsupported", 0) for doc in self.documents),
+                "heldout": sum(len(doc.heldout) for doc in self.documents)}
+
+    def leaked(self) -> list[str]:
+        """Held-out questions found inside this set's own training text ([] unless the core has a bug)."""
+        texts = [m["content"] for doc in self.documents for c in doc.conversations for m in c["messages"]]
+        texts += [p["text"] for doc in self.documents for p in doc.paraphrases]
+        return leaks([q["question"] for doc in self.documents for q in doc.heldout], texts)
+
+
+def cache_key(settings: Settings) -> dict[str, Any]:
+    """What shapes a document's study material besides its text: a change rewrites the cache."""
+    s = settings.study
+    return {"version": CACHE_VERSION, "organisation": s.organisation, "passage_tokens": s.passage_tokens,
+            "seed": s.seed, "base": settings.base.name}
+
+
+def documents(home: Home, snapshot_id: str) -> list[dict[str, Any]]:
+    """The snapshot's prose documents: sha256, path, format."""
+    sources = snapshots.stats(home, snapshot_id)["by_source"]
+    return [s for s in sources if s.get("format") in DOCUMENT_FORMATS]
+
+
+def study(home: Home, snapshot: snapshots.Snapshot | str, settings: Settings, emit: Emit = ignore) -> StudySet:
+    """Every document of ``snapshot`` studied (from the cache when it is there)."""
+    snapshot_id = snapshot if isinstance(snapshot, str) else snapshot.id
+    result = StudySet()
+    if not settings.study.enabled:
+        return result
+    docs = documents(home, snapshot_id)
+    key = cache_key(settings)
+    counter = _TokenCounter(home, settings)
+    emit(StageStarted(STAGE, total=len(docs), description=f"Studying {len(docs)} document(s)"))
+    for done, doc in enumerate(docs, start=1):
+        cached = _cached(home, doc["sha256"], key)
+        if cached is None:
+            cached = _generate(home, doc, settings, counter)
+            write_json_atomic(home.study_cache(doc["sha256"]), cached.to_dict(key))
+            result.generated += 1
+            if cached.reason:
+                emit(Message(STAGE, f"{doc['path']}: no study questions written: {cached.reason}; it trains as "
+                                    "plain text only", level="warning"))
+        result.documents.append(cached)
+        emit(Progress(STAGE, completed=done, total=len(docs)))
+    counts = result.counts()
+    emit(StageFinished(STAGE, summary=f"{counts['statements']} facts in {len(docs)} document(s): "
+                                      f"{counts['conversations']} study conversations, {counts['paraphrases']} "
+                                      f"re-told passages, {counts['heldout']} questions held out"))
+    return result
+
+
+def _cached(home: Home, sha256: str, key: dict[str, Any]) -> DocumentStudy | None:
+    path = home.study_cache(sha256)
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return None  # absent (or unreadable: written again)
+    return DocumentStudy.from_dict(data) if data.get("key") == key else None
+
+
+def _generate(home: Home, doc: dict[str, Any], settings: Settings, counter: "_TokenCounter") -> DocumentStudy:
+    sha, path = doc["sha256"], doc["path"]
+    text, source = document_text(home, sha)
+    if text is None:
+        return DocumentStudy(sha, path, "none", reason="its text is no longer in the store")
+    material = study_document(text, sha, org_name=settings.study.organisation, count_tokens=counter,
+                              seed=settings.study.seed, max_tokens=settings.study.passage_tokens)
+    for item in material.conversations + material.paraphrases + material.heldout:
+        item["document"] = sha
+    return DocumentStudy(sha, path, source, dict(material.counts), material.reason,
+                         [st.text for st in material.statements], material.conversations, material.paraphrases,
+                         material.heldout)
+
+
+def document_text(home: Home, sha256: str) -> tuple[str | None, str]:
+    """The document's text as ingest extracted it, and where it came from.
+
+    A home ingested before the text was kept has only the chunk records: they are joined
+    here in the order ingest stored them, each neighbour's shared overlap written once.
+    """
+    kept = home.document_text(sha256)
+    if kept.is_file():
+        return kept.read_text(encoding="utf-8"), "text"
+    with Store(home.store_db) as store:
+        hashes = [row[0] for row in store.db.execute(
+            "SELECT record_hash FROM doc_records WHERE doc_sha256=? ORDER BY rowid", (sha256,))]
+        bodies = [r.body.get("text") for r in store.records(hashes) if r.kind == "text"]
+    chunks = [c for c in bodies if isinstance(c, str) and c.strip()]  # a forgotten record has no text
+    return (join_chunks(chunks), "chunks") if chunks else (None, "none")
+
+
+def join_chunks(chunks: list[str]) -> str:
+    text = ""
+    for piece in chunks:
+        shared = _overlap(text, piece)
+        text = text + piece[shared:] if shared else (f"{text}\n\n{piece}" if text else piece)
+    return text
+
+
+def _overlap(text: str, piece: str) -> int:
+    """The longest end of ``text`` that ``piece`` starts with (0 when shorter than MIN_OVERLAP_CHARS)."""
+    for size in range(min(len(text), len(piece)), MIN_OVERLAP_CHARS - 1, -1):
+        if text.endswith(piece[:size]):
+            return size
+    return 0
+
+
+class _TokenCounter:
+    """Passage lengths in base-model tokens; the tokenizer loads only when a document is studied."""
+
+    def __init__(self, home: Home, settings: Settings):
+        self.base: Path = home.base(settings.base.name)
+        self._tokenize: Callable[..., Any] | None = None
+
+    def __call__(self, text: str) -> int:
+        if self._tokenize is None:
+            from appliance.runtime.hf import load_tokenizer  # transformers: only when there is something to study
+
+            self._tokenize = load_tokenizer(self.base)
+        return len(self._tokenize(text, add_special_tokens=False)["input_ids"])
