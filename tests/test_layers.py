@@ -31,7 +31,10 @@ def imported(path: Path, known: set[str]) -> set[str]:
     """The appliance modules a file imports anywhere in it (``from pkg import mod`` names the module)."""
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for block in [n for n in ast.walk(tree) if _type_checking_only(n)]:
+        block.body = []  # imports for annotations only: never run, so no cycle at run time
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -42,6 +45,10 @@ def imported(path: Path, known: set[str]) -> set[str]:
             found.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
                          for alias in node.names)
     return {name for name in found if name in known and name != module_name(path)}
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
 
 
 def graph(allowed: set[tuple[str, str]] = KNOWN) -> dict[str, set[str]]:

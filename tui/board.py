@@ -20,7 +20,7 @@ STAGES = ("watch", "ingest", "snapshot", "train", "export", "gate", "serve")
 # Engine stage names -> the row's stage. Export is several engine steps.
 STAGE_OF = {"watch": "watch", "ingest": "ingest", "snapshot": "snapshot", "train": "train",
             "merge": "export", "convert": "export", "quantize": "export", "parity": "export", "export": "export",
-            "gate": "gate", "eval": "gate", "promote": "serve", "serve": "serve", "registry": "serve"}
+            "gate": "gate", "eval": "gate", "study": "train", "promote": "serve", "serve": "serve", "registry": "serve"}
 
 STALE_SECONDS = 120.0  # a stage silent this long, with no job in the journal, is not shown as running
 EVENT_TYPES: dict[str, type[Event]] = {cls.__name__: cls for cls in (StageStarted, Progress, Message, StageFinished)}
