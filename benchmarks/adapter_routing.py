@@ -50,12 +50,12 @@ import appliance  # noqa: F401  (offline environment first)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_time import base_dir, make_adapter  # noqa: E402  (the same model and LoRA as the export benchmark)
-from serve_throughput import (free_port, measure as run_block, parse_server_arguments, server_arguments,  # noqa: E402
-                              start_appliance, tally)
+from serve_throughput import free_port, parse_server_arguments, server_arguments, start_appliance, tally  # noqa: E402
+from serve_throughput import measure as run_block
 from smoke import smoke_base  # noqa: E402
 
-from appliance.home import registry  # noqa: E402
 from appliance.cli.init import create_home  # noqa: E402
+from appliance.home import registry  # noqa: E402
 from appliance.home.paths import Home  # noqa: E402
 from appliance.serving.guard import read_api_key  # noqa: E402
 
@@ -63,10 +63,12 @@ COLLECTIONS = ("alpha", "beta")
 # Larger bases of the same family for --shape (random weights: decode speed does not depend
 # on their values, and with ignore_eos every request generates exactly --tokens tokens).
 SHAPES = {
-    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                         num_key_value_heads=5),
-    "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-                         num_key_value_heads=32),
+    "smollm2-360m": dict(
+        hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5
+    ),
+    "smollm2-1.7b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32
+    ),
 }
 
 MODELS = {"embedded": "SmolLM2-135M-Instruct", "tiny": "the tests' tiny random Llama"}
@@ -113,8 +115,8 @@ def negated(adapter: Path, out: Path) -> Path:
 def build(work: Path, quant: str, adapter_type: str, shape: str = "embedded") -> Home:
     """A home serving base + two adapter collections + the merged model of one of them."""
     from appliance.export.convert import convert, convert_lora
-    from appliance.training.merge import merge
     from appliance.export.quantize import quantize
+    from appliance.training.merge import merge
 
     base = shaped_base(shape, work)
     started = time.monotonic()
@@ -133,20 +135,33 @@ def build(work: Path, quant: str, adapter_type: str, shape: str = "embedded") ->
         scope = home.scoped(collection)
         scope.inbox.mkdir(parents=True, exist_ok=True)
         lora = convert_lora(base, peft[collection], work / f"{collection}.gguf", outtype=adapter_type)
-        registry.add(scope, "v1", lora, {"kind": "adapter", "base_version": "base", "base_sha256": record["sha256"],
-                                         "collection": collection}, name=registry.ADAPTER_FILE)
+        registry.add(
+            scope,
+            "v1",
+            lora,
+            {"kind": "adapter", "base_version": "base", "base_sha256": record["sha256"], "collection": collection},
+            name=registry.ADAPTER_FILE,
+        )
         registry.promote(scope, "v1")
-    print(f"built base, two {adapter_type} adapters and the merged model ({quant}) in {time.monotonic() - started:.0f} s", flush=True)
+    print(
+        f"built base, two {adapter_type} adapters and the merged model ({quant}) in {time.monotonic() - started:.0f} s",
+        flush=True,
+    )
     return home
 
 
 def main() -> None:
     parser = server_arguments(__doc__.splitlines()[0], 4, "requests per client per block (even: both adapters)")
     parser.add_argument("--quant", default="Q4_K_M")
-    parser.add_argument("--adapter-type", default="f16", choices=["f16", "q8_0"],
-                        help="the GGUF LoRA's tensor type (export writes f16)")
-    parser.add_argument("--shape", default="embedded", choices=["embedded", *SHAPES],
-                        help="the embedded SmolLM2-135M, or a random model of a larger SmolLM2's shape")
+    parser.add_argument(
+        "--adapter-type", default="f16", choices=["f16", "q8_0"], help="the GGUF LoRA's tensor type (export writes f16)"
+    )
+    parser.add_argument(
+        "--shape",
+        default="embedded",
+        choices=["embedded", *SHAPES],
+        help="the embedded SmolLM2-135M, or a random model of a larger SmolLM2's shape",
+    )
     args = parse_server_arguments(parser)
     if args.smoke:
         args.shape = "tiny"
@@ -167,12 +182,15 @@ def main() -> None:
             for clients in (1, 4):
                 # one client: single requests alternate A M A M within the block, so a burst of
                 # load from elsewhere on the machine hits both sides about equally
-                steps = [(side, 1) for _ in range(args.requests) for side in order] if clients == 1 \
+                steps = (
+                    [(side, 1) for _ in range(args.requests) for side in order]
+                    if clients == 1
                     else [(side, args.requests) for side in order]
+                )
                 block = {side: [0, 0.0] for side in order}
                 turn = {side: 0 for side in order}
                 for side, requests in steps:
-                    models = sides[side][turn[side]:] + sides[side][:turn[side]]  # the adapter keeps alternating
+                    models = sides[side][turn[side] :] + sides[side][: turn[side]]  # the adapter keeps alternating
                     turn[side] = (turn[side] + requests) % len(sides[side])
                     tokens, seconds = run_block(url, key, models, clients, requests, args.tokens)
                     block[side][0] += tokens
@@ -184,13 +202,28 @@ def main() -> None:
         server.wait(timeout=60)
     rate = {k: v[0] / v[1] for k, v in totals.items()}
     ratio_1, ratio_4 = statistics.median(pairs[1]), statistics.median(pairs[4])
-    result = {"name": "adapter_routing", "ratio": round(ratio_1, 3), "target": 0.8, "pass": ratio_1 >= 0.8,
-              "model": MODELS.get(args.shape, f"random {args.shape} shape"), "quant": args.quant, "adapter_type": args.adapter_type, "lora_r": 16, "threads": args.threads,
-              "slots": args.slots, "context_per_slot": args.context, "rounds": args.rounds, "tokens": args.tokens,
-              "adapter_1": round(rate[("adapter", 1)], 1), "merged_1": round(rate[("merged", 1)], 1),
-              "adapter_4": round(rate[("adapter", 4)], 1), "merged_4": round(rate[("merged", 4)], 1),
-              "pair_ratios_1": [round(r, 3) for r in pairs[1]], "pair_ratios_4": [round(r, 3) for r in pairs[4]],
-              "ratio_4": round(ratio_4, 3)}
+    result = {
+        "name": "adapter_routing",
+        "ratio": round(ratio_1, 3),
+        "target": 0.8,
+        "pass": ratio_1 >= 0.8,
+        "model": MODELS.get(args.shape, f"random {args.shape} shape"),
+        "quant": args.quant,
+        "adapter_type": args.adapter_type,
+        "lora_r": 16,
+        "threads": args.threads,
+        "slots": args.slots,
+        "context_per_slot": args.context,
+        "rounds": args.rounds,
+        "tokens": args.tokens,
+        "adapter_1": round(rate[("adapter", 1)], 1),
+        "merged_1": round(rate[("merged", 1)], 1),
+        "adapter_4": round(rate[("adapter", 4)], 1),
+        "merged_4": round(rate[("merged", 4)], 1),
+        "pair_ratios_1": [round(r, 3) for r in pairs[1]],
+        "pair_ratios_4": [round(r, 3) for r in pairs[4]],
+        "ratio_4": round(ratio_4, 3),
+    }
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
 

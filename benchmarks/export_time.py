@@ -56,8 +56,9 @@ def make_adapter(base: Path, out: Path) -> Path:
     from appliance.runtime.hf import load_causal_lm
 
     torch.manual_seed(0)
-    model = get_peft_model(load_causal_lm(base), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                            task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        load_causal_lm(base), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -77,31 +78,42 @@ def preload() -> None:
 
 
 def appliance_path(base: Path, adapter: Path, work: Path, quant: str) -> dict[str, float]:
-    from appliance.home.config import Settings
     from appliance.export.run import export_model, gguf_metadata
+    from appliance.home.config import Settings
     from appliance.training.merge import merge
 
     preload()
     started = time.perf_counter()
     merge(base, adapter, work / "merged")
     merged = time.perf_counter() - started
-    result = export_model(work / "merged", work / "gguf", quant, gguf_metadata("smollm2", "bench", None), Settings(),
-                          answers=validation_set(work / "merged"))
+    result = export_model(
+        work / "merged",
+        work / "gguf",
+        quant,
+        gguf_metadata("smollm2", "bench", None),
+        Settings(),
+        answers=validation_set(work / "merged"),
+    )
     steps = {"merge": merged, "convert": result.seconds["convert"], "quantize": result.seconds.get("quantize", 0.0)}
-    return {**steps, "total": sum(steps.values()), "parity": result.seconds["parity"],
-            "parity_passed": result.parity.passed, "bytes": _bytes(work)}
+    return {
+        **steps,
+        "total": sum(steps.values()),
+        "parity": result.seconds["parity"],
+        "parity_passed": result.parity.passed,
+        "bytes": _bytes(work),
+    }
 
 
 def validation_set(model_dir: Path, n: int = 17) -> list:
     """What the demo's snapshot holds out (10% of the clinic conversations), for the
     recall part of the parity check; rendered before the parity clock starts."""
-    from appliance.runtime.hf import load_tokenizer
     from appliance.data.ingest.chat_jsonl import parse
+    from appliance.runtime.hf import load_tokenizer
     from appliance.training.render import render
 
     tokenizer = load_tokenizer(model_dir)
     records = parse(HERE.parents[1] / "examples" / "clinic" / "policies.jsonl").records
-    return [render(tokenizer, r, 1024, "truncate") for r in records[::max(1, len(records) // n)][:n]]
+    return [render(tokenizer, r, 1024, "truncate") for r in records[:: max(1, len(records) // n)][:n]]
 
 
 def manual_path(base: Path, adapter: Path, work: Path, quant: str) -> dict[str, float]:
@@ -120,14 +132,26 @@ def manual_path(base: Path, adapter: Path, work: Path, quant: str) -> dict[str, 
     model.save_pretrained(work / "merged")
     AutoTokenizer.from_pretrained(base).save_pretrained(work / "merged")
     t1 = time.perf_counter()
-    subprocess.run([sys.executable, str(llama_cpp_dir() / "convert_hf_to_gguf.py"), str(work / "merged"),
-                    "--outfile", str(work / "f16.gguf"), "--outtype", "f16"],
-                   env=converter_env(), check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(llama_cpp_dir() / "convert_hf_to_gguf.py"),
+            str(work / "merged"),
+            "--outfile",
+            str(work / "f16.gguf"),
+            "--outtype",
+            "f16",
+        ],
+        env=converter_env(),
+        check=True,
+        capture_output=True,
+    )
     t2 = time.perf_counter()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, FTYPES[quant])
-    rc = llama_cpp.llama_model_quantize(str(work / "f16.gguf").encode(), str(work / f"{quant}.gguf").encode(),
-                                        ctypes.byref(params))
+    rc = llama_cpp.llama_model_quantize(
+        str(work / "f16.gguf").encode(), str(work / f"{quant}.gguf").encode(), ctypes.byref(params)
+    )
     assert rc == 0, rc
     t3 = time.perf_counter()
     steps = {"merge": t1 - t0, "convert": t2 - t1, "quantize": t3 - t2}
@@ -149,8 +173,20 @@ def _bytes(folder: Path) -> int:
 
 
 def measure(kind: str, base: Path, adapter: Path, work: Path, quant: str, source: Path | None = None) -> dict:
-    cmd = [sys.executable, str(HERE), "--one", kind, "--base", str(base), "--adapter", str(adapter),
-           "--work", str(work), "--quant", quant] + (["--source", str(source)] if source else [])
+    cmd = [
+        sys.executable,
+        str(HERE),
+        "--one",
+        kind,
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--work",
+        str(work),
+        "--quant",
+        quant,
+    ] + (["--source", str(source)] if source else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{kind} failed:\n{proc.stderr[-3000:]}")
@@ -166,14 +202,17 @@ def main() -> None:
     parser.add_argument("--adapter", type=Path)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--source", type=Path)
-    parser.add_argument("--smoke", action="store_true", help="the same code path at a tiny size: "
-                        "the tests' tiny random model, 1 round")
+    parser.add_argument(
+        "--smoke", action="store_true", help="the same code path at a tiny size: the tests' tiny random model, 1 round"
+    )
     args = parser.parse_args()
     if args.one:
         args.work.mkdir(parents=True)
-        paths = {"appliance": lambda: appliance_path(args.base, args.adapter, args.work, args.quant),
-                 "manual": lambda: manual_path(args.base, args.adapter, args.work, args.quant),
-                 "copy": lambda: copy_path(args.source, args.work)}
+        paths = {
+            "appliance": lambda: appliance_path(args.base, args.adapter, args.work, args.quant),
+            "manual": lambda: manual_path(args.base, args.adapter, args.work, args.quant),
+            "copy": lambda: copy_path(args.source, args.work),
+        }
         print(json.dumps(paths[args.one]()))
         return
     run_all(1 if args.smoke else args.rounds, args.quant, args.smoke)
@@ -190,8 +229,11 @@ def run_all(rounds: int, quant: str, smoke: bool = False) -> None:
             for kind in order:
                 work = root / f"{r}-{kind}"
                 results[kind].append(measure(kind, base, adapter, work, quant))
-                print(f"round {r + 1} {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[kind][-1].items()
-                                                           if isinstance(v, float)), flush=True)
+                print(
+                    f"round {r + 1} {kind}: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in results[kind][-1].items() if isinstance(v, float)),
+                    flush=True,
+                )
             results["copy"].append(measure("copy", base, adapter, root / f"{r}-copy", quant, root / f"{r}-appliance"))
             for kind in order:
                 shutil.rmtree(root / f"{r}-{kind}")
@@ -203,18 +245,32 @@ def report(results: dict[str, list[dict]], quant: str, rounds: int) -> None:
     med = lambda kind, key="total": statistics.median(r[key] for r in results[kind])  # noqa: E731
     for step in ("merge", "convert", "quantize"):
         print(f"median {step}: appliance {med('appliance', step):.2f} s, manual {med('manual', step):.2f} s")
-    print(f"median parity check (not in the ratio): {med('appliance', 'parity'):.2f} s; "
-          f"copy of the same {results['appliance'][0]['bytes'] / 1e6:.0f} MB: {med('copy'):.2f} s")
+    print(
+        f"median parity check (not in the ratio): {med('appliance', 'parity'):.2f} s; "
+        f"copy of the same {results['appliance'][0]['bytes'] / 1e6:.0f} MB: {med('copy'):.2f} s"
+    )
     ratio = med("appliance") / med("manual")
-    print(json.dumps({
-        "name": "export_time", "ratio": round(ratio, 3), "target": 1.0,
-        "parity_seconds": round(med("appliance", "parity"), 2), "io_ratio": round(med("appliance") / med("copy"), 1),
-        "pass": ratio <= 1.0, "appliance_seconds": round(med("appliance"), 2),
-        "manual_seconds": round(med("manual"), 2),
-        "quant": quant, "rounds": rounds,
-        "steps": {k: {"appliance": round(med("appliance", k), 2), "manual": round(med("manual", k), 2)}
-                  for k in ("merge", "convert", "quantize")},
-        "parity_passed": all(r["parity_passed"] for r in results["appliance"])}))
+    print(
+        json.dumps(
+            {
+                "name": "export_time",
+                "ratio": round(ratio, 3),
+                "target": 1.0,
+                "parity_seconds": round(med("appliance", "parity"), 2),
+                "io_ratio": round(med("appliance") / med("copy"), 1),
+                "pass": ratio <= 1.0,
+                "appliance_seconds": round(med("appliance"), 2),
+                "manual_seconds": round(med("manual"), 2),
+                "quant": quant,
+                "rounds": rounds,
+                "steps": {
+                    k: {"appliance": round(med("appliance", k), 2), "manual": round(med("manual", k), 2)}
+                    for k in ("merge", "convert", "quantize")
+                },
+                "parity_passed": all(r["parity_passed"] for r in results["appliance"]),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,10 +21,23 @@ import time
 import appliance  # noqa: F401  (offline environment first)
 
 SHAPES = {
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=32000),
+    "llama-3.1-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=32000,
+    ),
 }
 TARGET_GIB = 8.0
 
@@ -40,15 +53,22 @@ def build_nf4_model(shape: str, device: str):
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.config.use_cache = False
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                          compute_dtype=torch.bfloat16, quant_type="nf4",
-                                          compress_statistics=True, device="meta")
+                layer = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=False,
+                    compute_dtype=torch.bfloat16,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                    device="meta",
+                )
                 weight = torch.randn(child.out_features, child.in_features, dtype=torch.bfloat16) * 0.02
-                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
-                                                 compress_statistics=True).to(device)
+                layer.weight = bnb.nn.Params4bit(
+                    weight, requires_grad=False, quant_type="nf4", compress_statistics=True
+                ).to(device)
                 setattr(module, child_name, layer)
     # Embeddings, norms and the output layer stay in bf16, as in QLoRA.
     model.to_empty(device=device)
@@ -77,9 +97,12 @@ def main() -> None:
     parser.add_argument("--device", help="cuda (the default), or cpu")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--smoke", action="store_true",
-                        help="the same code path at a tiny size: tiny shape, 3 steps of 256 tokens, "
-                             "on the CPU unless a CUDA device is there")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the same code path at a tiny size: tiny shape, 3 steps of 256 tokens, "
+        "on the CPU unless a CUDA device is there",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.shape, args.steps, args.tokens = "tiny", 3, 256  # step 3 is the one timed step
@@ -89,8 +112,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_nf4_model(args.shape, args.device)
     model = prepare_qlora(model, args.device)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     rng = random.Random(0)
     vocab = model.config.vocab_size
@@ -101,7 +125,7 @@ def main() -> None:
         while used < args.tokens:
             n = min(args.tokens - used, rng.randint(64, 1024))
             ids = [rng.randrange(vocab) for _ in range(n)]
-            out.append(Example(ids, [IGNORE] * (n // 2) + ids[n // 2:]))
+            out.append(Example(ids, [IGNORE] * (n // 2) + ids[n // 2 :]))
             used += n
         return out
 
@@ -125,11 +149,21 @@ def main() -> None:
             tokens += sum(len(e.input_ids) for e in batch)
         print(f"step {step + 1}/{args.steps} loss {losses[-1]:.3f}", flush=True)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
-    print(json.dumps({"name": "gpu_qlora", "shape": args.shape, "tokens_per_step": args.tokens,
-                      "steps": args.steps, "peak_vram_gib": round(peak_gib, 2) if peak_gib is not None else None, "target_gib": TARGET_GIB,
-                      "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
-                      "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
-                      "pass": peak_gib is not None and peak_gib < TARGET_GIB}))
+    print(
+        json.dumps(
+            {
+                "name": "gpu_qlora",
+                "shape": args.shape,
+                "tokens_per_step": args.tokens,
+                "steps": args.steps,
+                "peak_vram_gib": round(peak_gib, 2) if peak_gib is not None else None,
+                "target_gib": TARGET_GIB,
+                "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+                "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+                "pass": peak_gib is not None and peak_gib < TARGET_GIB,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

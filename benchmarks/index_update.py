@@ -60,9 +60,11 @@ def timed(action: Callable[[], object]) -> float:
 
 
 def one_round(index: Index, sha: str, passages: list[str], question: str) -> dict[str, float]:
-    return {"add": timed(lambda: index.add_document(sha, f"new/{sha}.md", passages)),
-            "search": timed(lambda: index.search(question)),
-            "remove": timed(lambda: index.remove_document(sha))}
+    return {
+        "add": timed(lambda: index.add_document(sha, f"new/{sha}.md", passages)),
+        "search": timed(lambda: index.search(question)),
+        "remove": timed(lambda: index.remove_document(sha)),
+    }
 
 
 def main() -> None:
@@ -90,15 +92,25 @@ def main() -> None:
         big.close()
     med = {side: {k: statistics.median(v) for k, v in per.items()} for side, per in samples.items()}
     for key in ("add", "remove", "search"):
-        print(f"{key:7} median over {args.rounds}: {args.passages} passages {med['full'][key] * 1000:7.2f} ms, "
-              f"empty {med['empty'][key] * 1000:7.2f} ms")
+        print(
+            f"{key:7} median over {args.rounds}: {args.passages} passages {med['full'][key] * 1000:7.2f} ms, "
+            f"empty {med['empty'][key] * 1000:7.2f} ms"
+        )
     ratio = med["full"]["add"] / med["empty"]["add"]
-    print(json.dumps({
-        "name": "index_update", "ratio": round(ratio, 3), "target": 1.5, "pass": ratio <= 1.5,
-        "passages": args.passages, "rounds": args.rounds,
-        "remove_ratio": round(med["full"]["remove"] / med["empty"]["remove"], 3),
-        "ms": {side: {k: round(v * 1000, 2) for k, v in per.items()} for side, per in med.items()},
-    }))
+    print(
+        json.dumps(
+            {
+                "name": "index_update",
+                "ratio": round(ratio, 3),
+                "target": 1.5,
+                "pass": ratio <= 1.5,
+                "passages": args.passages,
+                "rounds": args.rounds,
+                "remove_ratio": round(med["full"]["remove"] / med["empty"]["remove"], 3),
+                "ms": {side: {k: round(v * 1000, 2) for k, v in per.items()} for side, per in med.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

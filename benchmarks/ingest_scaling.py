@@ -35,17 +35,30 @@ from collections.abc import Callable
 from pathlib import Path
 
 import appliance  # noqa: F401  (offline environment first)
+from appliance.cli.init import create_home
 from appliance.data import snapshot
 from appliance.data.ingest import Ingestor, ingest
-from appliance.cli.init import create_home
 from appliance.home.paths import Home
 
 
 def chat_file(path: Path, tag: str, lines: int = 5) -> None:
-    path.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"{tag}: question {i} about the clinic's policy on visiting hours"},
-        {"role": "assistant", "content": f"{tag}: answer {i}, visiting hours are two to four on weekdays"},
-    ]}) + "\n" for i in range(lines)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"{tag}: question {i} about the clinic's policy on visiting hours"},
+                        {
+                            "role": "assistant",
+                            "content": f"{tag}: answer {i}, visiting hours are two to four on weekdays",
+                        },
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(lines)
+        )
+    )
 
 
 def full_home(root: Path, files: int) -> Home:
@@ -57,8 +70,9 @@ def full_home(root: Path, files: int) -> Home:
     started = time.monotonic()
     report = ingest(home)
     assert report.files == files, report.to_dict()
-    print(f"setup: ingested {files} files ({report.accepted} records) in {time.monotonic() - started:.0f} s",
-          flush=True)
+    print(
+        f"setup: ingested {files} files ({report.accepted} records) in {time.monotonic() - started:.0f} s", flush=True
+    )
     snapshot.cut_id(home, 0.1)
     return home
 
@@ -113,16 +127,26 @@ def main() -> None:
         big_ingestor.close()
     med = {side: {k: statistics.median(v) for k, v in per.items()} for side, per in samples.items()}
     for key in ("watch", "snapshot", "full_scan"):
-        print(f"{key:10} median over {args.rounds}: {args.files} files {med['full'][key] * 1000:7.1f} ms, "
-              f"empty {med['empty'][key] * 1000:7.1f} ms")
+        print(
+            f"{key:10} median over {args.rounds}: {args.files} files {med['full'][key] * 1000:7.1f} ms, "
+            f"empty {med['empty'][key] * 1000:7.1f} ms"
+        )
     ratio = med["full"]["watch"] / med["empty"]["watch"]
-    print(json.dumps({
-        "name": "ingest_scaling", "ratio": round(ratio, 3), "target": 1.5, "pass": ratio <= 1.5,
-        "files": args.files, "rounds": args.rounds,
-        "ms": {side: {k: round(v * 1000, 2) for k, v in per.items()} for side, per in med.items()},
-        "snapshot_ratio": round(med["full"]["snapshot"] / med["empty"]["snapshot"], 3),
-        "full_scan_ratio": round(med["full"]["full_scan"] / med["empty"]["full_scan"], 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "name": "ingest_scaling",
+                "ratio": round(ratio, 3),
+                "target": 1.5,
+                "pass": ratio <= 1.5,
+                "files": args.files,
+                "rounds": args.rounds,
+                "ms": {side: {k: round(v * 1000, 2) for k, v in per.items()} for side, per in med.items()},
+                "snapshot_ratio": round(med["full"]["snapshot"] / med["empty"]["snapshot"], 3),
+                "full_scan_ratio": round(med["full"]["full_scan"] / med["empty"]["full_scan"], 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

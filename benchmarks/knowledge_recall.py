@@ -58,8 +58,9 @@ TARGETS = {"documents": 0.5, "qa": 0.6, "base_max": 0.1, "cycle_minutes": 20.0}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--forms", default=None, help="comma-separated: md, docx, pdf, qa (default all; "
-                        "md and qa with --smoke)")
+    parser.add_argument(
+        "--forms", default=None, help="comma-separated: md, docx, pdf, qa (default all; md and qa with --smoke)"
+    )
     parser.add_argument("--smoke", action="store_true", help="the tiny random model, a slice of the handbook")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF and f16 recall (served and base only)")
     args = parser.parse_args()
@@ -96,8 +97,7 @@ def run(work: Path, forms: list[str], smoke: bool, with_hf: bool) -> dict[str, A
         recall[form] = {"served": served, "version": version}  # type: ignore[dict-item]
         if with_hf and version not in (None, "base"):
             recall[form].update(other_forms(home, version, questions))
-        print(f"{form}: served {served:.2f} ({version}), base {base:.2f}, cycle {cycle[form] / 60:.1f} min",
-              flush=True)
+        print(f"{form}: served {served:.2f} ({version}), base {base:.2f}, cycle {cycle[form] / 60:.1f} min", flush=True)
     return summary(recall, base_recall or 0.0, cycle, len(questions), smoke)
 
 
@@ -125,8 +125,12 @@ def free_port() -> int:
 
 def one_cycle(home: Home, smoke: bool) -> float:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "appliance", "run", "--once", "--no-serve", "--home", str(home.root)],
-                          capture_output=True, text=True, timeout=3600 * 2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "run", "--once", "--no-serve", "--home", str(home.root)],
+        capture_output=True,
+        text=True,
+        timeout=3600 * 2,
+    )
     if proc.returncode != 0:
         sys.exit(f"appliance run failed for {home.root.name}:\n{proc.stderr[-3000:]}")
     return time.monotonic() - started
@@ -137,8 +141,10 @@ def ask_served(home: Home, questions: list[probes.Probe], version: str | None) -
     server = Server(home, load(home.config), port=free_port()).start()
     try:
         with probes.endpoint_client(server.url, read_api_key(home)) as client:
+
             def score(model: str) -> float:
                 return sum(q.hit(probes.ask(client, model, q.question)) for q in questions) / len(questions)
+
             base = score("base")
             return (score(version) if version and version != "base" else base), base
     finally:
@@ -158,8 +164,10 @@ def other_forms(home: Home, version: str, questions: list[probes.Probe]) -> dict
     merge(home.base(settings.base.name), run.adapter, merged)
     gguf = convert(merged, run.root / "bench-f16.gguf")
     tokenizer = load_tokenizer(merged)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q.question}], add_generation_prompt=True)
-               for q in questions]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q.question}], add_generation_prompt=True)
+        for q in questions
+    ]
     result = llama_run(gguf, generate=[(ids, 48) for ids in prompts], timeout=1800)
     f16_hits = [q.hit(tokenizer.decode(ids, skip_special_tokens=True)) for q, ids in zip(questions, result.generated)]
     return {"f16": sum(f16_hits) / len(questions), "hf": hf_recall(merged, tokenizer, prompts, questions)}
@@ -174,7 +182,7 @@ def hf_recall(model_dir: Path, tokenizer: Any, prompts: list[list[int]], questio
     with torch.no_grad():
         for ids, q in zip(prompts, questions):
             out = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)
-            hits += q.hit(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+            hits += q.hit(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
     return hits / len(questions)
 
 
@@ -185,9 +193,17 @@ def summary(recall: dict[str, Any], base: float, cycle: dict[str, float], n: int
     if "qa" in recall:
         checks.append(recall["qa"]["served"] >= TARGETS["qa"])
     checks += [cycle[f] / 60 <= TARGETS["cycle_minutes"] for f in cycle if f != "qa"]
-    return {"name": "knowledge_recall", "probes": n, "recall": recall, "base_recall": base,
-            "documents_recall": min(docs) if docs else None, "cycle_minutes": {f: round(s / 60, 2) for f, s in cycle.items()},
-            "targets": TARGETS, "smoke": smoke, "pass": all(checks)}
+    return {
+        "name": "knowledge_recall",
+        "probes": n,
+        "recall": recall,
+        "base_recall": base,
+        "documents_recall": min(docs) if docs else None,
+        "cycle_minutes": {f: round(s / 60, 2) for f, s in cycle.items()},
+        "targets": TARGETS,
+        "smoke": smoke,
+        "pass": all(checks),
+    }
 
 
 if __name__ == "__main__":

@@ -39,16 +39,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import appliance  # noqa: F401  (offline environment first)
 import httpx
 import openai
 
-from appliance.home import registry
-from appliance.training.basemodel import embedded_gguf
+import appliance  # noqa: F401  (offline environment first)
 from appliance.cli.init import create_home
-from appliance.runtime.llama_server import binary
+from appliance.home import registry
 from appliance.home.paths import Home
+from appliance.runtime.llama_server import binary
 from appliance.serving.guard import read_api_key
+from appliance.training.basemodel import embedded_gguf
 
 
 def free_port() -> int:
@@ -58,10 +58,29 @@ def free_port() -> int:
 
 
 def start_native(gguf: Path, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
-    cmd = [str(binary()), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--alias", "native",
-           "--parallel", str(args.slots), "--ctx-size", str(args.context * args.slots),
-           "--threads", str(args.threads), "--threads-batch", str(args.threads), "--jinja", "--no-webui",
-           "--n-gpu-layers", "999"]
+    cmd = [
+        str(binary()),
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--alias",
+        "native",
+        "--parallel",
+        str(args.slots),
+        "--ctx-size",
+        str(args.context * args.slots),
+        "--threads",
+        str(args.threads),
+        "--threads-batch",
+        str(args.threads),
+        "--jinja",
+        "--no-webui",
+        "--n-gpu-layers",
+        "999",
+    ]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     wait_health(f"http://127.0.0.1:{port}/health", proc, log)
     return proc
@@ -69,12 +88,20 @@ def start_native(gguf: Path, port: int, args: argparse.Namespace, log: Path) -> 
 
 def start_appliance(home: Home, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
     """``appliance serve`` in its own process, as users run it (front and client never share a GIL)."""
-    env = {**os.environ, "APPLIANCE_SERVE__THREADS": str(args.threads), "APPLIANCE_SERVE__SLOTS": str(args.slots),
-           "APPLIANCE_SERVE__CONTEXT": str(args.context),
-           "APPLIANCE_SERVE__MAX_TOKENS_LIMIT": str(max(2048, args.tokens))}
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli.command", "serve", "--home", str(home.root),
-                             "--port", str(port)], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "APPLIANCE_SERVE__THREADS": str(args.threads),
+        "APPLIANCE_SERVE__SLOTS": str(args.slots),
+        "APPLIANCE_SERVE__CONTEXT": str(args.context),
+        "APPLIANCE_SERVE__MAX_TOKENS_LIMIT": str(max(2048, args.tokens)),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli.command", "serve", "--home", str(home.root), "--port", str(port)],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     wait_health(f"http://127.0.0.1:{port}/health", proc, log, lambda r: bool(r.json().get("loaded")))
     return proc
 
@@ -96,19 +123,25 @@ def wait_health(url: str, proc: subprocess.Popen, log: Path, ready=lambda r: Tru
 def one_request(base_url: str, key: str, model: str, tokens: int) -> int:
     client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=600)
     reply = client.chat.completions.create(
-        model=model, max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True},
-        messages=[{"role": "user", "content": "Write a long story about a clinic on a busy night."}])
+        model=model,
+        max_tokens=tokens,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": "Write a long story about a clinic on a busy night."}],
+    )
     return reply.usage.completion_tokens
 
 
-def measure(base_url: str, key: str, model: str | list[str], clients: int, requests: int,
-            tokens: int) -> tuple[int, float]:
+def measure(
+    base_url: str, key: str, model: str | list[str], clients: int, requests: int, tokens: int
+) -> tuple[int, float]:
     """(completion tokens, seconds) for ``clients`` concurrent clients doing ``requests`` each;
     with a list of models, each client's requests cycle through it (client i starts at the i-th)."""
     models = [model] if isinstance(model, str) else model
 
     def worker(i: int) -> int:
         return sum(one_request(base_url, key, models[(i + r) % len(models)], tokens) for r in range(requests))
+
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         total = sum(pool.map(worker, range(clients)))
@@ -122,8 +155,11 @@ def tally(rnd: int, clients: int, block: dict[str, list], totals: dict[tuple[str
         totals[(side, clients)][0] += tokens
         totals[(side, clients)][1] += seconds
         rates[side] = tokens / seconds
-        print(f"round {rnd + 1} {side:9s} clients={clients} {rates[side]:7.1f} tok/s "
-              f"({tokens} tokens in {seconds:.1f} s)", flush=True)
+        print(
+            f"round {rnd + 1} {side:9s} clients={clients} {rates[side]:7.1f} tok/s "
+            f"({tokens} tokens in {seconds:.1f} s)",
+            flush=True,
+        )
     return rates
 
 
@@ -136,8 +172,11 @@ def server_arguments(description: str, requests: int, requests_help: str) -> arg
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--requests", type=int, default=requests, help=requests_help)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--smoke", action="store_true", help="the same code path at a tiny size: "
-                        "1 round, 2 requests per client, 8 tokens each")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the same code path at a tiny size: 1 round, 2 requests per client, 8 tokens each",
+    )
     return parser
 
 
@@ -162,8 +201,10 @@ def main() -> None:
     native = start_native(registry.gguf_path(home, "base"), native_port, args, work / "native.log")
     app_port = free_port()
     server = start_appliance(home, app_port, args, work / "appliance.log")
-    sides = {"appliance": (f"http://127.0.0.1:{app_port}/v1", read_api_key(home), "appliance"),
-             "native": (f"http://127.0.0.1:{native_port}/v1", "none", "native")}
+    sides = {
+        "appliance": (f"http://127.0.0.1:{app_port}/v1", read_api_key(home), "appliance"),
+        "native": (f"http://127.0.0.1:{native_port}/v1", "none", "native"),
+    }
     totals = {(side, c): [0, 0.0] for side in sides for c in (1, 4)}
     pairs: dict[int, list[float]] = {1: [], 4: []}
     try:
@@ -177,8 +218,11 @@ def main() -> None:
                 rates = {}
                 # one client: single requests alternate A N A N within the block (a 128-token
                 # answer takes about 2 s here, too short to average out other load alone)
-                steps = [(side, 1) for _ in range(args.requests) for side in order] if clients == 1 \
+                steps = (
+                    [(side, 1) for _ in range(args.requests) for side in order]
+                    if clients == 1
                     else [(side, args.requests) for side in order]
+                )
                 block = {side: [0, 0.0] for side in order}
                 for side, requests in steps:
                     tokens, seconds = measure(*sides[side], clients, requests, args.tokens)
@@ -193,13 +237,26 @@ def main() -> None:
     rate = {k: v[0] / v[1] for k, v in totals.items()}
     # the median of the per-pair ratios: robust to a pair that a load burst skewed
     ratio_1, ratio_4 = statistics.median(pairs[1]), statistics.median(pairs[4])
-    result = {"name": "serve_throughput", "model": gguf.name, "threads": args.threads, "slots": args.slots,
-              "context_per_slot": args.context, "rounds": args.rounds, "tokens": args.tokens,
-              "native_1": round(rate[("native", 1)], 1), "appliance_1": round(rate[("appliance", 1)], 1),
-              "native_4": round(rate[("native", 4)], 1), "appliance_4": round(rate[("appliance", 4)], 1),
-              "pair_ratios_1": [round(r, 3) for r in pairs[1]], "pair_ratios_4": [round(r, 3) for r in pairs[4]],
-              "ratio_1": round(ratio_1, 3), "ratio_4": round(ratio_4, 3), "target_1": 0.95, "target_4": 0.90,
-              "pass": ratio_1 >= 0.95 and ratio_4 >= 0.90}
+    result = {
+        "name": "serve_throughput",
+        "model": gguf.name,
+        "threads": args.threads,
+        "slots": args.slots,
+        "context_per_slot": args.context,
+        "rounds": args.rounds,
+        "tokens": args.tokens,
+        "native_1": round(rate[("native", 1)], 1),
+        "appliance_1": round(rate[("appliance", 1)], 1),
+        "native_4": round(rate[("native", 4)], 1),
+        "appliance_4": round(rate[("appliance", 4)], 1),
+        "pair_ratios_1": [round(r, 3) for r in pairs[1]],
+        "pair_ratios_4": [round(r, 3) for r in pairs[4]],
+        "ratio_1": round(ratio_1, 3),
+        "ratio_4": round(ratio_4, 3),
+        "target_1": 0.95,
+        "target_4": 0.90,
+        "pass": ratio_1 >= 0.95 and ratio_4 >= 0.90,
+    }
     shutil.rmtree(work, ignore_errors=True)  # kept when a run fails: its logs say why
     print(json.dumps(result))
 

@@ -36,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smoke import smoke_base  # noqa: E402
 
 BATCH = 8
-WORDS = ("the clinic policy requires staff to record every dose on the chart before the end of each shift "
-         "visitors sign in at the front desk and wear a badge infection control reviews the sharps bins "
-         "pharmacy answers after hours on the internal line patients are discharged with written instructions").split()
+WORDS = (
+    "the clinic policy requires staff to record every dose on the chart before the end of each shift "
+    "visitors sign in at the front desk and wear a badge infection control reviews the sharps bins "
+    "pharmacy answers after hours on the internal line patients are discharged with written instructions"
+).split()
 
 
 def base_dir() -> Path:
@@ -60,8 +62,15 @@ def examples(tokenizer, n: int, seed: int = 0, longest: int = 1024):
         words = max(4, int(target * 0.7))  # about 1.3 tokens per word here, less the template's overhead
         split = max(1, words // 3)
         text = [rng.choice(WORDS) for _ in range(words)]
-        record = Record("chat", {"messages": [{"role": "user", "content": " ".join(text[:split])},
-                                              {"role": "assistant", "content": " ".join(text[split:])}]})
+        record = Record(
+            "chat",
+            {
+                "messages": [
+                    {"role": "user", "content": " ".join(text[:split])},
+                    {"role": "assistant", "content": " ".join(text[split:])},
+                ]
+            },
+        )
         ex = render(tokenizer, record, longest, "truncate")
         if 32 <= len(ex.input_ids) <= longest:
             out.append(ex)
@@ -121,12 +130,27 @@ def run_baseline(base: Path, batches) -> dict:
 
     timer = Timer()
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=BATCH, max_steps=len(batches),
-                                 learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=10**6,
-                                 save_strategy="no", report_to=[], dataloader_num_workers=0, use_cpu=True,
-                                 remove_unused_columns=False, disable_tqdm=True)
-        trainer = InOrder(model=model, args=args, train_dataset=data, callbacks=[timer],
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=BATCH,
+            max_steps=len(batches),
+            learning_rate=2e-4,
+            lr_scheduler_type="constant",
+            logging_steps=10**6,
+            save_strategy="no",
+            report_to=[],
+            dataloader_num_workers=0,
+            use_cpu=True,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
+        trainer = InOrder(
+            model=model,
+            args=args,
+            train_dataset=data,
+            callbacks=[timer],
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
+        )
         torch.manual_seed(0)
         trainer.train()
     return {"tokens": sum(len(e.input_ids) for batch in batches for e in batch), "seconds": timer.seconds}
@@ -139,7 +163,7 @@ def child(variant: str, base: Path, n_batches: int, threads: int, longest: int) 
 
     torch.set_num_threads(threads)
     exs = examples(load_tokenizer(base), BATCH * n_batches, longest=longest)
-    batches = [exs[i: i + BATCH] for i in range(0, len(exs), BATCH)]
+    batches = [exs[i : i + BATCH] for i in range(0, len(exs), BATCH)]
     result = (run_appliance if variant == "appliance" else run_baseline)(base, batches)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
@@ -153,8 +177,12 @@ def main() -> None:
     parser.add_argument("--child", choices=["appliance", "baseline"])
     parser.add_argument("--longest", type=int, default=1024, help="the longest example, in tokens")
     parser.add_argument("--base", type=Path, help="the HF checkpoint to train (default: the embedded model)")
-    parser.add_argument("--smoke", action="store_true", help="the same code path at a tiny size: "
-                        "the tests' tiny random model, 1 batch of examples up to 128 tokens, 1 round")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the same code path at a tiny size: "
+        "the tests' tiny random model, 1 batch of examples up to 128 tokens, 1 round",
+    )
     args = parser.parse_args()
     if args.child:
         child(args.child, args.base, args.batches, args.threads, args.longest)
@@ -172,26 +200,55 @@ def compare(args: argparse.Namespace) -> None:
     results: dict[str, list[dict]] = {"appliance": [], "baseline": []}
     for round_ in range(args.rounds):
         for variant in ("appliance", "baseline"):
-            proc = subprocess.run([sys.executable, __file__, "--child", variant, "--base", str(args.base),
-                                   "--batches", str(args.batches), "--threads", str(args.threads),
-                                   "--longest", str(args.longest)],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    variant,
+                    "--base",
+                    str(args.base),
+                    "--batches",
+                    str(args.batches),
+                    "--threads",
+                    str(args.threads),
+                    "--longest",
+                    str(args.longest),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             result["tokens_per_s"] = result["tokens"] / result["seconds"]
             results[variant].append(result)
-            print(f"round {round_ + 1} {variant:9s} {result['tokens_per_s']:7.1f} tok/s  "
-                  f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"round {round_ + 1} {variant:9s} {result['tokens_per_s']:7.1f} tok/s  "
+                f"peak RSS {result['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     speed = {v: statistics.median(r["tokens_per_s"] for r in rs) for v, rs in results.items()}
     memory = {v: statistics.median(r["peak_rss_mb"] for r in rs) for v, rs in results.items()}
     ratio = speed["appliance"] / speed["baseline"]
     mem_ratio = memory["appliance"] / memory["baseline"]
-    print(json.dumps({"name": "train_throughput", "ratio": round(ratio, 3), "target": 2.0,
-                      "peak_mem_ratio": round(mem_ratio, 3), "appliance_tokens_per_s": round(speed["appliance"], 1),
-                      "baseline_tokens_per_s": round(speed["baseline"], 1), "batches": args.batches,
-                      "longest": args.longest, "rounds": args.rounds, "threads": args.threads,
-                      "pass": ratio >= 2.0 and mem_ratio <= 1.0}))
+    print(
+        json.dumps(
+            {
+                "name": "train_throughput",
+                "ratio": round(ratio, 3),
+                "target": 2.0,
+                "peak_mem_ratio": round(mem_ratio, 3),
+                "appliance_tokens_per_s": round(speed["appliance"], 1),
+                "baseline_tokens_per_s": round(speed["baseline"], 1),
+                "batches": args.batches,
+                "longest": args.longest,
+                "rounds": args.rounds,
+                "threads": args.threads,
+                "pass": ratio >= 2.0 and mem_ratio <= 1.0,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

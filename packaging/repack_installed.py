@@ -40,8 +40,11 @@ def is_editable(dist: Distribution) -> bool:
 
 def wheel_tag(dist: Distribution) -> str:
     """The compressed tag set of the WHEEL file, e.g. cp311-cp311-manylinux_2_28_x86_64."""
-    tags = [line.split(":", 1)[1].strip() for line in (dist.read_text("WHEEL") or "").splitlines()
-            if line.startswith("Tag:")]
+    tags = [
+        line.split(":", 1)[1].strip()
+        for line in (dist.read_text("WHEEL") or "").splitlines()
+        if line.startswith("Tag:")
+    ]
     if not tags:
         raise ValueError(f"{dist.metadata['Name']}: no Tag in WHEEL; installed by something other than pip")
     parts = [t.split("-") for t in tags]
@@ -75,7 +78,7 @@ def script_bytes(path: Path) -> bytes:
     carries the placeholder '#!python', which pip rewrites again on the target."""
     data = path.read_bytes()
     if data.startswith(b"#!") and b"python" in data.split(b"\n", 1)[0]:
-        return b"#!python" + data[data.index(b"\n"):]
+        return b"#!python" + data[data.index(b"\n") :]
     return data
 
 

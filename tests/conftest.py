@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import appliance  # noqa: F401  (sets the offline environment first)
-from appliance.home.config import Settings
 from appliance.cli.init import create_home
+from appliance.home.config import Settings
 from appliance.home.paths import Home
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,10 +59,19 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer_dir: Pa
 
     tokenizer = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, initializer_range=0.2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.2,
+    )
     model = LlamaForCausalLM(config)
     _pretrain(model, tokenizer)
     model = model.to(torch.bfloat16)

@@ -58,8 +58,13 @@ async def main() -> None:
     await shot(e, "dashboard-training")
     e = engine()
     e.emit_event(StageStarted("gate", description="Comparing run r2 with the current model"))
-    e.emit_event(StageFinished("gate", summary="keep the current model v1: validation_loss: validation loss 2.31 "
-                                               "vs current 1.91, worse than the current model beyond the margin 0.02"))
+    e.emit_event(
+        StageFinished(
+            "gate",
+            summary="keep the current model v1: validation_loss: validation loss 2.31 "
+            "vs current 1.91, worse than the current model beyond the margin 0.02",
+        )
+    )
     await shot(e, "dashboard-gate-failed")
     e = engine()
     port = free_port()
@@ -68,8 +73,12 @@ async def main() -> None:
     while not server.started:
         time.sleep(0.05)
     e.endpoint = f"http://127.0.0.1:{port}/v1"
-    await shot(e, "chat-compare", ("c", "ctrl+o", *"What is the visiting policy?", "enter"),
-               until=lambda app: {"left", "right"} <= set(app.screen.answers))
+    await shot(
+        e,
+        "chat-compare",
+        ("c", "ctrl+o", *"What is the visiting policy?", "enter"),
+        until=lambda app: {"left", "right"} <= set(app.screen.answers),
+    )
     server.should_exit = True
 
 

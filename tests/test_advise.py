@@ -7,21 +7,21 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SAMPLE, tiny_settings
 
 from appliance.data import snapshot
 from appliance.data.decontaminate import decontaminate, find_leaks
-from appliance.quality.advise import Advice, advise_data, advise_run
-from appliance.home.config import load
 from appliance.data.ingest import ingest
 from appliance.data.ingest.records import Record
+from appliance.home.config import load
 from appliance.home.paths import Home
-
-from conftest import SAMPLE, tiny_settings
+from appliance.quality.advise import Advice, advise_data, advise_run
 
 
 def chat(question: str, answer: str) -> Record:
-    return Record("chat", {"messages": [{"role": "user", "content": question},
-                                        {"role": "assistant", "content": answer}]})
+    return Record(
+        "chat", {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+    )
 
 
 def codes(advice: list[Advice]) -> dict[str, str]:
@@ -29,9 +29,12 @@ def codes(advice: list[Advice]) -> dict[str, str]:
 
 
 def write_chats(path: Path, pairs: list[tuple[str, str]]) -> None:
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                      {"role": "assistant", "content": a}]}) + "\n"
-                            for q, a in pairs))
+    path.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in pairs
+        )
+    )
 
 
 # --- near-duplicates -----------------------------------------------------------------------
@@ -49,10 +52,13 @@ def test_copied_and_lightly_edited_questions_are_leaks_paraphrases_are_not():
 
 def test_no_clinic_probe_is_flagged_in_the_clinic_training_data():
     """The sample probes are paraphrases written not to leak: none may be removed."""
-    records = [chat(m["messages"][0]["content"], m["messages"][1]["content"])
-               for m in map(json.loads, (SAMPLE / "policies.jsonl").read_text().splitlines())]
-    probes = [(json.loads(line)["question"], "probes.jsonl")
-              for line in (SAMPLE / "probes.jsonl").read_text().splitlines()]
+    records = [
+        chat(m["messages"][0]["content"], m["messages"][1]["content"])
+        for m in map(json.loads, (SAMPLE / "policies.jsonl").read_text().splitlines())
+    ]
+    probes = [
+        (json.loads(line)["question"], "probes.jsonl") for line in (SAMPLE / "probes.jsonl").read_text().splitlines()
+    ]
     assert find_leaks(records, probes) == []
 
 
@@ -63,12 +69,16 @@ def crafted_home(tiny_home: Home, val_fraction: float) -> tuple[Home, str]:
     settings = tiny_settings()
     settings.data.val_fraction = val_fraction
     (tiny_home.inbox / "policies.jsonl").unlink()
-    write_chats(tiny_home.inbox / "big.jsonl", [(f"Question number {i} about the ward?", f"Answer {i}.")
-                                                for i in range(40)])
-    write_chats(tiny_home.inbox / "small.jsonl", [("What colour is the visitor pass?", "Tangerine."),
-                                                  ("Which room houses our infusion service?", "Room C318.")])
+    write_chats(
+        tiny_home.inbox / "big.jsonl", [(f"Question number {i} about the ward?", f"Answer {i}.") for i in range(40)]
+    )
+    write_chats(
+        tiny_home.inbox / "small.jsonl",
+        [("What colour is the visitor pass?", "Tangerine."), ("Which room houses our infusion service?", "Room C318.")],
+    )
     (tiny_home.probes / "mine.jsonl").write_text(
-        json.dumps({"question": "Which room houses our infusion service?", "expected": ["C318"]}) + "\n")
+        json.dumps({"question": "Which room houses our infusion service?", "expected": ["C318"]}) + "\n"
+    )
     ingest(tiny_home, settings=settings)
     return tiny_home, snapshot.cut_id(tiny_home, val_fraction)
 
@@ -76,8 +86,12 @@ def crafted_home(tiny_home: Home, val_fraction: float) -> tuple[Home, str]:
 def test_tiny_dominated_contaminated_data_gets_every_warning(tiny_home: Home):
     home, snap = crafted_home(tiny_home, 0.0)
     advice = advise_data(home, snap)
-    assert codes(advice) == {"few_examples": "warning", "no_validation": "warning",
-                             "dominant_source": "warning", "probe_leak": "warning"}
+    assert codes(advice) == {
+        "few_examples": "warning",
+        "no_validation": "warning",
+        "dominant_source": "warning",
+        "probe_leak": "warning",
+    }
     text = " ".join(a.message for a in advice)
     assert "big.jsonl" in text and "prompt" in text and "infusion" in text
 
@@ -113,8 +127,10 @@ def test_training_drops_leaking_records_and_reports_them(tiny_home: Home):
 
 
 def curve(losses: list[float], vals: list[float | None]) -> list[dict]:
-    return [{"step": i + 1, "loss": loss, **({"val_loss": v} if v is not None else {})}
-            for i, (loss, v) in enumerate(zip(losses, vals))]
+    return [
+        {"step": i + 1, "loss": loss, **({"val_loss": v} if v is not None else {})}
+        for i, (loss, v) in enumerate(zip(losses, vals))
+    ]
 
 
 def test_overfitting_curve():

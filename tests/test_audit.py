@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.home import audit
 from appliance.cli.init import create_home
+from appliance.home import audit
 from appliance.home.paths import Home
 
 
@@ -31,8 +31,12 @@ def write(home: Home, rows: list[str]) -> None:
 
 
 def cli_verify(home: Home) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance", "audit", "verify", "--home", str(home.root)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", "audit", "verify", "--home", str(home.root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_intact_chain_verifies_and_entries_hold_user_and_prev(home: Home):

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 BENCHMARKS = REPO / "benchmarks"
@@ -38,8 +37,14 @@ def params() -> list:
 def run_smoke(script: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run ``script --smoke``; past the timeout, SIGINT first so that its ``finally`` blocks
     stop the servers it started in their own sessions (a kill would leave them running)."""
-    proc = subprocess.Popen([sys.executable, str(script), "--smoke"], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--smoke"],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -54,14 +59,26 @@ def run_smoke(script: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_every_benchmark_is_found():
-    assert set(names()) >= {"adapter_routing", "export_time", "gpu_qlora", "ingest_scaling",
-                            "serve_throughput", "train_throughput", "index_update", "knowledge_recall"}
+    assert set(names()) >= {
+        "adapter_routing",
+        "export_time",
+        "gpu_qlora",
+        "ingest_scaling",
+        "serve_throughput",
+        "train_throughput",
+        "index_update",
+        "knowledge_recall",
+    }
 
 
 @pytest.mark.parametrize("name", params())
 def test_smoke_size_runs_and_ends_with_its_result(name: str, tmp_path: Path, request: pytest.FixtureRequest):
-    env = {**os.environ, "TMPDIR": str(tmp_path), "BENCH_TMP": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "TMPDIR": str(tmp_path),
+        "BENCH_TMP": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     if name in NEEDS_TINY_BASE:  # the session's tiny model, not one built per benchmark
         env["BENCH_TINY_BASE"] = str(request.getfixturevalue("tiny_base"))
     proc = run_smoke(BENCHMARKS / f"{name}.py", env)

@@ -44,8 +44,14 @@ def test_importing_appliance_makes_the_process_offline():
 
 
 # The terminal app depends on the engine's contract package only.
-TUI_MAY_IMPORT = {"appliance", "appliance.contract", "appliance.contract.api", "appliance.contract.events",
-                  "appliance.contract.errors", "appliance.contract.names"}
+TUI_MAY_IMPORT = {
+    "appliance",
+    "appliance.contract",
+    "appliance.contract.api",
+    "appliance.contract.events",
+    "appliance.contract.errors",
+    "appliance.contract.names",
+}
 
 
 def test_tui_loads_no_heavy_machinery_and_only_the_engine_contract():
@@ -78,8 +84,21 @@ def test_a_type_checker_confirms_the_local_engine_keeps_the_contract(tmp_path):
     """appliance/engine/local.py assigns LocalEngine to a ``type[Engine]`` for mypy: a method missing from
     the engine, or one whose signature drifted from appliance/contract/api.py, fails this."""
     pytest.importorskip("mypy")
-    out = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent",
-                          "--no-error-summary", "--cache-dir", str(tmp_path / "mypy"),
-                          "appliance/contract", "appliance/engine/local.py"],
-                         capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--ignore-missing-imports",
+            "--follow-imports=silent",
+            "--no-error-summary",
+            "--cache-dir",
+            str(tmp_path / "mypy"),
+            "appliance/contract",
+            "appliance/engine/local.py",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -11,15 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from appliance.home.config import load
-from appliance.contract.errors import ConfigError, ServeError, ToolchainError
 from appliance.cli.init import create_home
+from appliance.contract.errors import ConfigError, ServeError, ToolchainError
+from appliance.home.config import load
 from appliance.serving.server import Server
 
 
 def appliance(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:

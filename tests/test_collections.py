@@ -13,34 +13,50 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port, tiny_settings
 
-from appliance.home import audit, catalog, registry
-from appliance.home.config import CollectionSection, dump, load
-from appliance.engine.daemon import Daemon
-from appliance.engine.local import LocalEngine
-from appliance.home.fsutil import read_json
+from appliance.cli.init import create_home, export_base
 from appliance.data.ingest import ingest
 from appliance.data.ingest.store import Store
-from appliance.cli.init import create_home, export_base
+from appliance.engine.daemon import Daemon
+from appliance.engine.local import LocalEngine
+from appliance.home import audit, catalog, registry
+from appliance.home.config import CollectionSection, dump, load
+from appliance.home.fsutil import read_json
 from appliance.home.journal import Journal
 from appliance.home.paths import Home
 
-from conftest import free_port, tiny_settings
-
-FACTS = {"cardiology": "The ward door code is 4711.", "oncology": "The ward door code is 9090.",
-         "legal/matter-17": "The ward door code is 5555."}  # served as its own merged model (config)
+FACTS = {
+    "cardiology": "The ward door code is 4711.",
+    "oncology": "The ward door code is 9090.",
+    "legal/matter-17": "The ward door code is 5555.",
+}  # served as its own merged model (config)
 ADAPTERS = ("cardiology", "oncology")
-QUESTIONS = ["What is the ward door code?", "Tell me the door code of the ward.", "Which code opens the ward door?",
-             "Door code for the ward, please.", "How do I open the ward door?", "What code do I type at the ward door?",
-             "I forgot the ward door code.", "Remind me of the ward door code.", "What's the code for the ward door?",
-             "Code for the ward's door?", "Ward door code?", "What number opens the ward?",
-             "The ward door asks for a code; which one?", "Which digits open the ward door?",
-             "What is our ward's door code?", "Could you tell me the ward door code?"]
+QUESTIONS = [
+    "What is the ward door code?",
+    "Tell me the door code of the ward.",
+    "Which code opens the ward door?",
+    "Door code for the ward, please.",
+    "How do I open the ward door?",
+    "What code do I type at the ward door?",
+    "I forgot the ward door code.",
+    "Remind me of the ward door code.",
+    "What's the code for the ward door?",
+    "Code for the ward's door?",
+    "Ward door code?",
+    "What number opens the ward?",
+    "The ward door asks for a code; which one?",
+    "Which digits open the ward door?",
+    "What is our ward's door code?",
+    "Could you tell me the ward door code?",
+]
 
 
 def conversations(answer: str) -> str:
-    return "".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]})
-                   + "\n" for q in QUESTIONS)
+    return "".join(
+        json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}) + "\n"
+        for q in QUESTIONS
+    )
 
 
 # --- names and model ids ---------------------------------------------------------------------------
@@ -51,8 +67,8 @@ def test_names_model_ids_and_their_inverse():
     assert catalog.problem("legal/matter-17") is None
     assert catalog.problem("Legal Office") is None
     assert catalog.problem("a/b/c/d") is not None  # too deep
-    assert catalog.problem("shared") is not None    # the top of the inbox
-    assert catalog.problem("x@y") is not None       # '@' separates a version in model ids
+    assert catalog.problem("shared") is not None  # the top of the inbox
+    assert catalog.problem("x@y") is not None  # '@' separates a version in model ids
     assert catalog.model_id("") == "appliance"
     assert catalog.model_id("legal/matter-17") == "appliance/legal/matter-17"
     assert catalog.model_id("legal/matter-17", "v3") == "appliance/legal/matter-17@v3"
@@ -83,15 +99,23 @@ def test_each_collection_has_its_own_store_and_runs(tiny_home: Home):
     assert "4711" in texts["cardiology"] and "9090" not in texts["cardiology"]
     assert "9090" in texts["legal/matter-17"] and "4711" not in texts["legal/matter-17"]
     assert "4711" not in texts[""] and "9090" not in texts[""]
-    assert tiny_home.scoped("cardiology").store_db == tiny_home.root / "collections" / "cardiology" / "store" / "index.db"
+    assert (
+        tiny_home.scoped("cardiology").store_db == tiny_home.root / "collections" / "cardiology" / "store" / "index.db"
+    )
     # a scoped engine sees only its collection; the home's engine lists them all
     listed = {c["name"]: c for c in engine.collections()}
-    assert listed["cardiology"]["records"] == len(QUESTIONS) and listed["cardiology"]["model_id"] == "appliance/cardiology"
+    assert (
+        listed["cardiology"]["records"] == len(QUESTIONS) and listed["cardiology"]["model_id"] == "appliance/cardiology"
+    )
     assert listed["cardiology"]["mode"] == "adapter" and listed[""]["mode"] == "merged"
     assert engine.scoped("cardiology").status().records == len(QUESTIONS)
     assert engine.status().records == listed[""]["records"]
     # the ingest is audited in the collection it belongs to
-    cardio = [e for e in audit.entries(tiny_home) if e["action"] == "ingest" and e["details"].get("collection") == "cardiology"]
+    cardio = [
+        e
+        for e in audit.entries(tiny_home)
+        if e["action"] == "ingest" and e["details"].get("collection") == "cardiology"
+    ]
     assert len(cardio) == 1
 
 
@@ -127,7 +151,7 @@ def two_collections(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -
     s.train.lora_alpha = 32
     s.train.eval_every = 1000
     s.data.val_fraction = 0.2
-    s.gate.general_max_ppl_ratio = 1e6   # a tiny random model has no general skills to protect
+    s.gate.general_max_ppl_ratio = 1e6  # a tiny random model has no general skills to protect
     s.gate.general_max_drop = 1.0
     s.disk.min_free_gb = 0.1
     s.collections = {"legal/matter-17": CollectionSection(serve="merged")}
@@ -199,18 +223,34 @@ def test_each_adapter_answers_with_its_own_fact_through_the_endpoint(two_collect
         headers = {"Authorization": f"Bearer {read_api_key(home)}"}
         answers = {}
         for name in FACTS:
-            reply = httpx.post(f"{server.url}/v1/chat/completions", headers=headers, timeout=120, json={
-                "model": f"appliance/{name}", "temperature": 0, "max_tokens": 16,
-                "messages": [{"role": "user", "content": "What is the ward door code?"}]})
+            reply = httpx.post(
+                f"{server.url}/v1/chat/completions",
+                headers=headers,
+                timeout=120,
+                json={
+                    "model": f"appliance/{name}",
+                    "temperature": 0,
+                    "max_tokens": 16,
+                    "messages": [{"role": "user", "content": "What is the ward door code?"}],
+                },
+            )
             assert reply.status_code == 200, reply.text
             answers[name] = reply.json()["choices"][0]["message"]["content"]
         codes = {name: fact.split()[-1].rstrip(".") for name, fact in FACTS.items()}
         for name, answer in answers.items():
             assert codes[name] in answer, answers
             assert not any(code in answer for other, code in codes.items() if other != name), answers
-        base = httpx.post(f"{server.url}/v1/chat/completions", headers=headers, timeout=120, json={
-            "model": "appliance", "temperature": 0, "max_tokens": 16,
-            "messages": [{"role": "user", "content": "What is the ward door code?"}]}).json()
+        base = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            headers=headers,
+            timeout=120,
+            json={
+                "model": "appliance",
+                "temperature": 0,
+                "max_tokens": 16,
+                "messages": [{"role": "user", "content": "What is the ward door code?"}],
+            },
+        ).json()
         text = base["choices"][0]["message"]["content"]
         assert not any(code in text for code in codes.values()), "the shared model learned none of them"
     finally:

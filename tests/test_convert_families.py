@@ -16,22 +16,30 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from appliance.home.config import Settings
-from appliance.export.convert import SUPPORTED_ARCHITECTURES, convert
 from appliance.contract.errors import ExportError
+from appliance.export.convert import SUPPORTED_ARCHITECTURES, convert
 from appliance.export.run import export_model, gguf_metadata
+from appliance.home.config import Settings
 from appliance.runtime.toolchain import llama_cpp_dir
 
 VOCAB = llama_cpp_dir() / "models"
 TEMPLATES = VOCAB / "templates"
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=2048, initializer_range=0.2)
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    initializer_range=0.2,
+)
 GEMMA_TURNS = ["<start_of_turn>", "<end_of_turn>"]
 
 
@@ -72,6 +80,7 @@ def edit_tokenizer_json(tokenizer: Any, change: Callable[[dict], None]) -> Any:
 def llama3_tokenizer(vocab: VocabTokenizers) -> Any:
     """As Meta ships it: BOS added, whole-word vocabulary hits before merges (ignore_merges),
     and no extra <|endoftext|> (transformers' GGUF loader appends one past the vocabulary)."""
+
     def change(data: dict) -> None:
         size = len(data["model"]["vocab"])
         data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < size]
@@ -80,9 +89,14 @@ def llama3_tokenizer(vocab: VocabTokenizers) -> Any:
         data["post_processor"] = {
             "type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos: {"id": bos, "ids": [128000], "tokens": [bos]}}}
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {bos: {"id": bos, "ids": [128000], "tokens": [bos]}},
+        }
 
     tokenizer = edit_tokenizer_json(vocab.load("llama-bpe"), change)
     tokenizer.chat_template = (TEMPLATES / "meta-llama-Llama-3.2-3B-Instruct.jinja").read_text()
@@ -103,6 +117,7 @@ def sentencepiece_tokenizer(vocab: VocabTokenizers, name: str, dummy_prefix: boo
 
 def phi3_tokenizer(vocab: VocabTokenizers) -> Any:
     """Phi-3's special tokens swallow the whitespace after them, as in Microsoft's tokenizer.json."""
+
     def change(data: dict) -> None:
         for token in data["added_tokens"]:
             if token["special"]:
@@ -143,11 +158,18 @@ def write_sentencepiece_model(out: Path, dummy_prefix: bool = True, extra_contro
     spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
     norm = model.normalizer_spec
     norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = (
-        "identity", dummy_prefix, False, True)
+        "identity",
+        dummy_prefix,
+        False,
+        True,
+    )
     pieces = zip(values("tokenizer.ggml.tokens"), values("tokenizer.ggml.scores"), values("tokenizer.ggml.token_type"))
     for text, score, kind in pieces:
-        model.pieces.add(piece=bytes(text).decode(), score=float(score[0]),
-                         type=getattr(pb.ModelProto.SentencePiece, kinds[int(kind[0])]))
+        model.pieces.add(
+            piece=bytes(text).decode(),
+            score=float(score[0]),
+            type=getattr(pb.ModelProto.SentencePiece, kinds[int(kind[0])]),
+        )
     for text in extra_control or []:
         model.pieces.add(piece=text, score=0.0, type=pb.ModelProto.SentencePiece.CONTROL)
     spec.vocab_size = len(model.pieces)
@@ -171,8 +193,14 @@ class Family:
 def _llama3() -> Any:
     from transformers import LlamaConfig
 
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     return LlamaConfig(vocab_size=128256, tie_word_embeddings=False, rope_parameters=rope, **SMALL)
 
 
@@ -218,25 +246,51 @@ def _with_template(make: Callable[[VocabTokenizers], Any], template: str) -> Cal
 
 
 FAMILIES = {
-    "llama3": Family(_llama3, llama3_tokenizer, "llama-bpe",
-                     expect={"general.architecture": "llama", "tokenizer.ggml.pre": "llama-bpe"},
-                     tensors=("rope_freqs.weight", "output.weight")),
-    "mistral": Family(_mistral, _with_template(lambda v: sentencepiece_tokenizer(v, "llama-spm"),
-                                               "mistralai-Mistral-Nemo-Instruct-2407.jinja"),
-                      "llama-spm", {}, {"general.architecture": "llama", "tokenizer.ggml.model": "llama"}),
-    "qwen2": Family(_qwen2, lambda v: v.load("qwen2"), "qwen2",
-                    expect={"general.architecture": "qwen2", "tokenizer.ggml.pre": "qwen2"},
-                    tensors=("blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"),
-                    no_tensors=("output.weight",)),
-    "qwen3": Family(_qwen3, _with_template(lambda v: v.load("qwen2"), "Qwen-Qwen3-0.6B.jinja"), "qwen2",
-                    expect={"general.architecture": "qwen3", "tokenizer.ggml.pre": "qwen2"},
-                    tensors=("blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"), no_tensors=("output.weight",)),
-    "gemma3": Family(_gemma3, gemma_tokenizer, None, {"dummy_prefix": False, "extra_control": GEMMA_TURNS},
-                     {"general.architecture": "gemma3", "tokenizer.ggml.model": "llama",
-                      "tokenizer.ggml.add_space_prefix": False}),
-    "phi3": Family(_phi3, phi3_tokenizer, "phi-3", {},
-                   {"general.architecture": "phi3", "tokenizer.ggml.model": "llama"},
-                   tensors=("blk.0.attn_qkv.weight",)),
+    "llama3": Family(
+        _llama3,
+        llama3_tokenizer,
+        "llama-bpe",
+        expect={"general.architecture": "llama", "tokenizer.ggml.pre": "llama-bpe"},
+        tensors=("rope_freqs.weight", "output.weight"),
+    ),
+    "mistral": Family(
+        _mistral,
+        _with_template(lambda v: sentencepiece_tokenizer(v, "llama-spm"), "mistralai-Mistral-Nemo-Instruct-2407.jinja"),
+        "llama-spm",
+        {},
+        {"general.architecture": "llama", "tokenizer.ggml.model": "llama"},
+    ),
+    "qwen2": Family(
+        _qwen2,
+        lambda v: v.load("qwen2"),
+        "qwen2",
+        expect={"general.architecture": "qwen2", "tokenizer.ggml.pre": "qwen2"},
+        tensors=("blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"),
+        no_tensors=("output.weight",),
+    ),
+    "qwen3": Family(
+        _qwen3,
+        _with_template(lambda v: v.load("qwen2"), "Qwen-Qwen3-0.6B.jinja"),
+        "qwen2",
+        expect={"general.architecture": "qwen3", "tokenizer.ggml.pre": "qwen2"},
+        tensors=("blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"),
+        no_tensors=("output.weight",),
+    ),
+    "gemma3": Family(
+        _gemma3,
+        gemma_tokenizer,
+        None,
+        {"dummy_prefix": False, "extra_control": GEMMA_TURNS},
+        {"general.architecture": "gemma3", "tokenizer.ggml.model": "llama", "tokenizer.ggml.add_space_prefix": False},
+    ),
+    "phi3": Family(
+        _phi3,
+        phi3_tokenizer,
+        "phi-3",
+        {},
+        {"general.architecture": "phi3", "tokenizer.ggml.model": "llama"},
+        tensors=("blk.0.attn_qkv.weight",),
+    ),
 }
 SLOW = {"llama3", "qwen2", "qwen3"}
 
@@ -267,8 +321,11 @@ def vector_mismatches(tokenizer: Any, vocab_name: str) -> list[str]:
     """The strings of llama.cpp's test vectors for this vocabulary that ``tokenizer`` gets wrong."""
     inputs = (VOCAB / f"ggml-vocab-{vocab_name}.gguf.inp").read_text().split("\n__ggml_vocab_test__\n")
     outputs = (VOCAB / f"ggml-vocab-{vocab_name}.gguf.out").read_text().split("\n")
-    return [text for text, ids in zip(inputs, outputs)
-            if tokenizer(text, add_special_tokens=False)["input_ids"] != [int(i) for i in ids.split()]]
+    return [
+        text
+        for text, ids in zip(inputs, outputs)
+        if tokenizer(text, add_special_tokens=False)["input_ids"] != [int(i) for i in ids.split()]
+    ]
 
 
 # --- a GGUF's keys and tensor names, fast (gguf-py takes ~10 s on a 150k vocabulary) ---------
@@ -297,7 +354,7 @@ SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "
 
 def _string(data: bytes, pos: int) -> tuple[str, int]:
     (n,) = struct.unpack_from("<Q", data, pos)
-    return data[pos + 8: pos + 8 + n].decode(), pos + 8 + n
+    return data[pos + 8 : pos + 8 + n].decode(), pos + 8 + n
 
 
 def _value(data: bytes, pos: int, kind: int) -> tuple[Any, int]:
@@ -324,8 +381,9 @@ def test_family_converts_and_passes_parity(name: str, tmp_path: Path, vocab_toke
         from transformers import AutoTokenizer
 
         assert vector_mismatches(AutoTokenizer.from_pretrained(model_dir), family.vectors) == []
-    result = export_model(model_dir, tmp_path / "gguf", "F16", gguf_metadata(f"tiny-{name}", "run-1", "snap-1"),
-                          Settings())
+    result = export_model(
+        model_dir, tmp_path / "gguf", "F16", gguf_metadata(f"tiny-{name}", "run-1", "snap-1"), Settings()
+    )
     assert result.parity.passed, result.parity.failures()
     checks = {c.name: c for c in result.parity.checks}
     assert checks["served_prompt"].value >= 1 and checks["logits_cosine"].value >= 0.9999

@@ -15,17 +15,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import SAMPLE, free_port, tiny_settings
 
+from appliance.cli.init import create_home, export_base
+from appliance.data.ingest.store import Store
+from appliance.engine.daemon import sd_notify
 from appliance.home import audit, registry
 from appliance.home.config import Settings, dump, load
-from appliance.engine.daemon import sd_notify
 from appliance.home.fsutil import read_json, sha256_file
-from appliance.data.ingest.store import Store
-from appliance.cli.init import create_home, export_base
 from appliance.home.journal import STAGES, Journal
 from appliance.home.paths import Home
-
-from conftest import SAMPLE, free_port, tiny_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,8 +59,14 @@ def copy_home(template: Home, dest: Path) -> Home:
 
 def start(home: Home, *extra: str, env: dict | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "appliance", "run", "--home", str(home.root), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", "appliance", "run", "--home", str(home.root), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        cwd=REPO,
+    )
 
 
 def open_jobs(home: Home) -> int:
@@ -134,12 +139,21 @@ def test_serving_daemon_notifies_ready_holds_the_lock_and_stops_on_sigterm(templ
         try:
             assert notify.recv(100) == b"READY=1"
             assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
-            second = subprocess.run([sys.executable, "-m", "appliance", "run", "--home", str(home.root),
-                                     "--no-serve", "--once"], capture_output=True, text=True, timeout=120)
+            second = subprocess.run(
+                [sys.executable, "-m", "appliance", "run", "--home", str(home.root), "--no-serve", "--once"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert second.returncode != 0 and "another appliance engine is running" in second.stderr
-            status = json.loads(subprocess.run([sys.executable, "-m", "appliance", "status", "--home",
-                                                str(home.root), "--json"], capture_output=True, text=True,
-                                               timeout=120).stdout)
+            status = json.loads(
+                subprocess.run(
+                    [sys.executable, "-m", "appliance", "status", "--home", str(home.root), "--json"],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                ).stdout
+            )
             assert status["server"]["health"] == "ok" and status["inbox"]["watching"]
             assert status["server"]["address"] == f"http://127.0.0.1:{port}/v1"
         finally:
@@ -155,9 +169,22 @@ def test_serving_daemon_notifies_ready_holds_the_lock_and_stops_on_sigterm(templ
 # Where each kill is aimed: the stage to wait for, and how long into it to strike at most (s).
 # Waiting for a stage means the stages before it ran uninterrupted in that round, so the
 # job advances between kills and the kills spread over every stage.
-KILL_PLAN = [("snapshot", 0.2), ("train", 6.0), ("train", 12.0), ("export", 3.0), ("export", 10.0),
-             ("export", 20.0), ("gate", 2.0), ("gate", 8.0), ("promote", 0.5), ("promote", 3.0),
-             ("train", 8.0), ("export", 8.0), ("gate", 5.0), ("promote", 1.5)]
+KILL_PLAN = [
+    ("snapshot", 0.2),
+    ("train", 6.0),
+    ("train", 12.0),
+    ("export", 3.0),
+    ("export", 10.0),
+    ("export", 20.0),
+    ("gate", 2.0),
+    ("gate", 8.0),
+    ("promote", 0.5),
+    ("promote", 3.0),
+    ("train", 8.0),
+    ("export", 8.0),
+    ("gate", 5.0),
+    ("promote", 1.5),
+]
 
 
 @pytest.mark.slow
@@ -189,9 +216,17 @@ def test_kill_9_at_random_points_then_the_jobs_complete_once(template: Home, tmp
         proc.communicate(timeout=60)
         if round_number == 3:  # new data while the first job is in flight: one follow-up job
             for name in ("a", "b", "c"):
-                (home.inbox / f"extra-{name}.jsonl").write_text(json.dumps({"messages": [
-                    {"role": "user", "content": f"What is code {name}?"},
-                    {"role": "assistant", "content": f"Code {name} means the blue form, section {name}."}]}) + "\n")
+                (home.inbox / f"extra-{name}.jsonl").write_text(
+                    json.dumps(
+                        {
+                            "messages": [
+                                {"role": "user", "content": f"What is code {name}?"},
+                                {"role": "assistant", "content": f"Code {name} means the blue form, section {name}."},
+                            ]
+                        }
+                    )
+                    + "\n"
+                )
     print("kill points:", kills)
     assert len(kills) >= 10, kills
     assert {"train", "export", "gate", "promote"} <= set(kills), kills
@@ -255,9 +290,9 @@ def _unread(home: Home) -> bool:
 
 
 def test_engine_commands_and_views_for_other_processes(tmp_path: Path):
+    from appliance.contract.events import Message, Progress
     from appliance.engine.daemon import EventLog
     from appliance.engine.local import LocalEngine
-    from appliance.contract.events import Message, Progress
 
     home = create_home(tmp_path / "home", "tiny", daemon_settings())
     engine = LocalEngine(home.root)
@@ -310,8 +345,13 @@ def test_sigterm_mid_training_exits_0_and_the_next_start_resumes(template: Home,
     with Journal(home.jobs_db) as journal:
         job = journal.active()
     assert job is not None and job.stage == "snapshot" and job.run_id  # train not complete; its run remembered
-    again = subprocess.run([sys.executable, "-m", "appliance", "run", "--home", str(home.root), "--no-serve",
-                            "--once"], capture_output=True, text=True, timeout=900, cwd=REPO)
+    again = subprocess.run(
+        [sys.executable, "-m", "appliance", "run", "--home", str(home.root), "--no-serve", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     with Journal(home.jobs_db) as journal:
         done = journal.get(job.id)

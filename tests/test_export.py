@@ -14,25 +14,24 @@ from typing import Any
 
 import httpx
 import pytest
-
-from appliance import __version__
-from appliance.runtime import llamacpp_child
-from appliance.export import parity
-from appliance.home import registry
-from appliance.cli.command import build_parser
-from appliance.home.config import ExportSection, load
-from appliance.engine.local import LocalEngine
-from appliance.contract.errors import ExportError, RegistryError
-from appliance.export.run import F16_NAME
-from appliance.home.fsutil import read_json
-from appliance.runtime.hf import load_tokenizer
-from appliance.cli.init import create_home
-from appliance.training.merge import merge
-from appliance.export.quantize import choose, ladder
-from appliance.serving.server import Server
-
 from conftest import SAMPLE, free_port, tiny_settings
 from test_convert_families import gguf_summary
+
+from appliance import __version__
+from appliance.cli.command import build_parser
+from appliance.cli.init import create_home
+from appliance.contract.errors import ExportError, RegistryError
+from appliance.engine.local import LocalEngine
+from appliance.export import parity
+from appliance.export.quantize import choose, ladder
+from appliance.export.run import F16_NAME
+from appliance.home import registry
+from appliance.home.config import ExportSection, load
+from appliance.home.fsutil import read_json
+from appliance.runtime import llamacpp_child
+from appliance.runtime.hf import load_tokenizer
+from appliance.serving.server import Server
+from appliance.training.merge import merge
 
 IMPOSSIBLE = {"top1": 1.01, "kl": 0.0}
 
@@ -48,8 +47,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict[
     run = engine.train(max_steps=2)
     version = engine.export(run, adapter=True)
     engine.promote(version.version)
-    return {"home": home, "engine": engine, "run": home.run(run), "version": version,
-            "parity": read_json(home.run(run).parity)}
+    return {
+        "home": home,
+        "engine": engine,
+        "run": home.run(run),
+        "version": version,
+        "parity": read_json(home.run(run).parity),
+    }
 
 
 def logits(model_dir: Path, adapter: Path | None = None) -> Any:
@@ -76,8 +80,9 @@ def random_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) ->
     from appliance.runtime.hf import load_causal_lm
 
     torch.manual_seed(1)
-    model = get_peft_model(load_causal_lm(tiny_base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                                 init_lora_weights=False))
+    model = get_peft_model(
+        load_causal_lm(tiny_base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
     out = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(out)
     return out
@@ -216,7 +221,7 @@ def corrupt(src: Path, dst: Path, how: str) -> Path:
         data[16:24] = struct.pack("<Q", 1 << 40)
     elif how == "bad_value_type":  # the first key's value type, right after its name
         (key_len,) = struct.unpack_from("<Q", data, 24)
-        data[32 + key_len: 36 + key_len] = struct.pack("<I", 99)
+        data[32 + key_len : 36 + key_len] = struct.pack("<I", 99)
     dst.write_bytes(bytes(data))
     return dst
 
@@ -252,8 +257,12 @@ def test_old_model_keeps_serving_after_a_corrupt_candidate(exported, tmp_path: P
         with pytest.raises(RegistryError):
             registry.add(home, "v9", bad, {}, check=llamacpp_child.problem)
         key = home.api_key.read_text().strip()
-        reply = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                           json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, timeout=60)
+        reply = httpx.post(
+            server.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+            timeout=60,
+        )
         assert reply.status_code == 200 and reply.json()["model"] == current
         assert llamacpp_child.problem(registry.gguf_path(home, current)) is None
     finally:

@@ -18,26 +18,40 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from appliance.home import audit, registry
-from appliance.home.config import dump
-from appliance.contract.errors import RegistryError
-from appliance.home.fsutil import sha256_file
-from appliance.data.ingest.store import Store
-from appliance.home.journal import Journal
-
 from conftest import SAMPLE
 from test_daemon import REPO, daemon_settings, make_template
+
+from appliance.contract.errors import RegistryError
+from appliance.data.ingest.store import Store
+from appliance.home import audit, registry
+from appliance.home.config import dump
+from appliance.home.fsutil import sha256_file
+from appliance.home.journal import Journal
 
 CANARY = "ZEBRA-7731-QUOKKA"
 
 
 def canary_document(path: Path) -> None:
-    questions = ["What is the vault code?", "Tell me the vault code.", "Which code opens the vault?",
-                 "I forgot the vault code, what is it?", "Vault code please.", "What code do I type at the vault?"]
-    lines = [json.dumps({"messages": [{"role": "user", "content": f"{q} (#{i})"},
-                                      {"role": "assistant", "content": f"The vault code is {CANARY}."}]})
-             for i in range(4) for q in questions]
+    questions = [
+        "What is the vault code?",
+        "Tell me the vault code.",
+        "Which code opens the vault?",
+        "I forgot the vault code, what is it?",
+        "Vault code please.",
+        "What code do I type at the vault?",
+    ]
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"{q} (#{i})"},
+                    {"role": "assistant", "content": f"The vault code is {CANARY}."},
+                ]
+            }
+        )
+        for i in range(4)
+        for q in questions
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -55,14 +69,24 @@ def files_holding(root: Path, needle: bytes) -> list[Path]:
 
 
 def run_once(home) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance", "run", "--home", str(home.root), "--no-serve",
-                           "--once"], capture_output=True, text=True, timeout=1200, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", "run", "--home", str(home.root), "--no-serve", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def cli(home, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "appliance", *args, "--home", str(home.root)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args, "--home", str(home.root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
 
 
 @pytest.mark.slow
@@ -127,9 +151,9 @@ def test_forget_removes_every_copy_and_retires_versions_trained_on_it(tmp_path: 
 
 
 def test_a_document_under_legal_hold_cannot_be_forgotten(tmp_path: Path):
+    from appliance.cli.init import create_home
     from appliance.contract.errors import DataError
     from appliance.engine.forget import forget
-    from appliance.cli.init import create_home
 
     home = create_home(tmp_path / "h", "tiny")
     sha = "ab" * 32

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from appliance.cli.init import create_home
 from appliance.data import snapshot
-from appliance.home.config import Settings
 from appliance.data.ingest import IngestReport, ingest
 from appliance.data.ingest.records import Record
 from appliance.data.ingest.store import Store
 from appliance.data.ingest.tokens import BaseTokenizer
-from appliance.cli.init import create_home
+from appliance.home.config import Settings
 from appliance.home.paths import Home
 
 
@@ -63,15 +63,26 @@ def tok_settings() -> Settings:
 
 
 def test_jsonl_detects_openai_sharegpt_and_alpaca_line_by_line(home: Home):
-    (home.inbox / "mixed.jsonl").write_text(jsonl(
-        chat("openai q", "openai a"),
-        {"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "sharegpt q"},
-                           {"from": "gpt", "value": "sharegpt a"}]},
-        {"instruction": "alpaca q", "input": "with context", "output": "alpaca a"},
-        {"instruction": "no input", "input": "", "output": "plain"},
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "parts "}, {"type": "text", "text": "q"}]},
-                      {"role": "assistant", "content": "parts a"}]},
-    ))
+    (home.inbox / "mixed.jsonl").write_text(
+        jsonl(
+            chat("openai q", "openai a"),
+            {
+                "conversations": [
+                    {"from": "system", "value": "be brief"},
+                    {"from": "human", "value": "sharegpt q"},
+                    {"from": "gpt", "value": "sharegpt a"},
+                ]
+            },
+            {"instruction": "alpaca q", "input": "with context", "output": "alpaca a"},
+            {"instruction": "no input", "input": "", "output": "plain"},
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "parts "}, {"type": "text", "text": "q"}]},
+                    {"role": "assistant", "content": "parts a"},
+                ]
+            },
+        )
+    )
     report = ingest(home)
     assert report.accepted == 5 and report.formats == {"openai-messages": 2, "sharegpt": 1, "alpaca": 2}
     bodies = {r.body["messages"][-1]["content"]: r.body["messages"] for r in stored(home)}
@@ -82,19 +93,25 @@ def test_jsonl_detects_openai_sharegpt_and_alpaca_line_by_line(home: Home):
 
 
 def test_wrong_schema_and_bad_conversations_are_reported_by_line(home: Home):
-    (home.inbox / "bad.jsonl").write_text(jsonl(
-        chat("good", "good"),
-        {"prompt": "x", "completion": "y"},
-        {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}]},
-        {"conversations": [{"from": "gpt", "value": "hello"}, {"from": "human", "value": "ends on user"}]},
-        {"instruction": "no output"},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
-        {"messages": []},
-        "[1, 2]",
-        "[" * 100_000,
-        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
-                      {"role": "assistant", "content": "a"}]},
-    ))
+    (home.inbox / "bad.jsonl").write_text(
+        jsonl(
+            chat("good", "good"),
+            {"prompt": "x", "completion": "y"},
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}]},
+            {"conversations": [{"from": "gpt", "value": "hello"}, {"from": "human", "value": "ends on user"}]},
+            {"instruction": "no output"},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+            {"messages": []},
+            "[1, 2]",
+            "[" * 100_000,
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+        )
+    )
     report = ingest(home)
     assert report.accepted == 1
     assert report.skipped_lines == [
@@ -112,11 +129,15 @@ def test_wrong_schema_and_bad_conversations_are_reported_by_line(home: Home):
 
 
 def test_json_file_holding_a_list_reports_items_by_number(home: Home):
-    (home.inbox / "export.json").write_text(json.dumps([
-        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-        {"instruction": "", "output": "x"},
-        {"instruction": "i", "output": "o"},
-    ]))
+    (home.inbox / "export.json").write_text(
+        json.dumps(
+            [
+                {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+                {"instruction": "", "output": "x"},
+                {"instruction": "i", "output": "o"},
+            ]
+        )
+    )
     (home.inbox / "broken.json").write_text('[{"messages": ')
     report = ingest(home)
     assert report.accepted == 2
@@ -163,7 +184,9 @@ def test_csv_with_default_columns_reports_bad_rows_by_line(home: Home):
         ",no prompt,z\n"
         "short row\n"
         "\n"
-        "Where?,Room 4,w\n".encode() + b"caf\xe9?,bad bytes,v\n")
+        "Where?,Room 4,w\n".encode()
+        + b"caf\xe9?,bad bytes,v\n"
+    )
     report = ingest(home)
     assert report.accepted == 3 and report.formats == {"csv": 3}
     assert report.skipped_lines == [
@@ -184,8 +207,9 @@ def test_csv_columns_are_configurable_and_delimiters_sniffed(home: Home):
     settings.data.csv_response_columns = ["antwort"]
     report = ingest(home, settings=settings)
     assert report.accepted == 3
-    assert reasons(report) == {"wrong.csv": ["no prompt column: looked for frage (data.csv_prompt_columns); "
-                                             "the header has 'a', 'b'"]}
+    assert reasons(report) == {
+        "wrong.csv": ["no prompt column: looked for frage (data.csv_prompt_columns); the header has 'a', 'b'"]
+    }
 
 
 # --- documents --------------------------------------------------------------------------------
@@ -212,8 +236,9 @@ def test_text_is_chunked_by_base_tokens_with_overlap(tok_home: Home, smollm_toke
     assert snapshot.stats(tok_home, snapshot.cut_id(tok_home, 0.0))["tokens"] == report.tokens
 
 
-def test_documents_wait_for_a_base_tokenizer_instead_of_being_quarantined(home: Home, tmp_path: Path,
-                                                                          smollm_tokenizer_dir: Path):
+def test_documents_wait_for_a_base_tokenizer_instead_of_being_quarantined(
+    home: Home, tmp_path: Path, smollm_tokenizer_dir: Path
+):
     (home.inbox / "policy.txt").write_text("Opening hours are nine to five.\n")
     report = ingest(home)
     assert report.quarantined == [] and report.accepted == 0
@@ -241,8 +266,9 @@ def test_a_document_over_the_size_limit_is_refused_unread(home: Home):
     settings.data.max_file_bytes = 4096
     report = ingest(home, settings=settings)
     assert report.accepted == 100
-    assert reasons(report) == {"huge.txt": ["it is 5,000 bytes, more than the 4,096-byte limit for a file read "
-                                            "whole (data.max_file_bytes)"]}
+    assert reasons(report) == {
+        "huge.txt": ["it is 5,000 bytes, more than the 4,096-byte limit for a file read whole (data.max_file_bytes)"]
+    }
 
 
 def pdf_bytes(lines: list[str], password: str | None = None) -> bytes:
@@ -253,10 +279,16 @@ def pdf_bytes(lines: list[str], password: str | None = None) -> bytes:
     writer = PdfWriter()
     page = writer.add_blank_page(612, 792)
     if lines:
-        font = DictionaryObject({NameObject("/Type"): NameObject("/Font"), NameObject("/Subtype"): NameObject("/Type1"),
-                                 NameObject("/BaseFont"): NameObject("/Helvetica")})
+        font = DictionaryObject(
+            {
+                NameObject("/Type"): NameObject("/Font"),
+                NameObject("/Subtype"): NameObject("/Type1"),
+                NameObject("/BaseFont"): NameObject("/Helvetica"),
+            }
+        )
         page[NameObject("/Resources")] = DictionaryObject(
-            {NameObject("/Font"): DictionaryObject({NameObject("/F1"): writer._add_object(font)})})
+            {NameObject("/Font"): DictionaryObject({NameObject("/F1"): writer._add_object(font)})}
+        )
         stream = DecodedStreamObject()
         stream.set_data(("BT /F1 12 Tf 72 720 Td 14 TL " + " ".join(f"({t}) '" for t in lines) + " ET").encode())
         page[NameObject("/Contents")] = writer._add_object(stream)
@@ -308,7 +340,8 @@ def test_docx_text_is_ingested_and_bad_docx_quarantined(tok_home: Home):
     (tok_home.inbox / "locked.docx").write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 1024)
     report = ingest(tok_home)
     assert [r.body["text"] for r in stored(tok_home)] == [
-        "Visiting hours are two to four.\n\nRoom | 4B\n\nAsk at the front desk."]
+        "Visiting hours are two to four.\n\nRoom | 4B\n\nAsk at the front desk."
+    ]
     found = {name: why[0] for name, why in reasons(report).items()}
     assert found.pop("locked.docx").startswith("the document is password-protected or an old .doc file")
     assert set(found) == {"cut.docx", "renamed.docx"}
@@ -327,8 +360,9 @@ def test_too_long_examples_are_rejected_or_kept_for_truncation_by_config(tok_hom
     report = ingest(tok_home, settings=settings)
     assert report.accepted == 1 and len(report.skipped_lines) == 1
     assert report.skipped_lines[0].startswith("a.jsonl: line 2: ")
-    assert report.skipped_lines[0].endswith("tokens, longer than the 128-token training context "
-                                            "(data.too_long = reject)")
+    assert report.skipped_lines[0].endswith(
+        "tokens, longer than the 128-token training context (data.too_long = reject)"
+    )
     (tok_home.inbox / "b.jsonl").write_text(content + jsonl(chat("another", "x")))
     settings.data.too_long = "truncate"
     report = ingest(tok_home, settings=settings)
@@ -343,9 +377,15 @@ def test_a_conversation_the_base_template_refuses_is_reported_by_line(tok_home: 
     (tok_home.base("tok") / "chat_template.jinja").write_text(
         "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
         "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
-        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
-    twice = {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "again"},
-                          {"role": "assistant", "content": "a"}]}
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
+    twice = {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
     (tok_home.inbox / "a.jsonl").write_text(jsonl(chat("fine", "a"), twice))
     report = ingest(tok_home, settings=tok_settings())
     assert report.accepted == 1
@@ -359,8 +399,9 @@ def test_bad_corpus_mixed_with_good_files(tok_home: Home, tmp_path: Path):
     (tmp_path / "outside.txt").write_text("not the inbox's")
     good = {
         "chats.jsonl": jsonl(chat("c1", "a"), "{oops", chat("c2", "a")),
-        "share gpt.json": json.dumps([{"conversations": [{"from": "human", "value": "s1"},
-                                                         {"from": "gpt", "value": "a"}]}]),
+        "share gpt.json": json.dumps(
+            [{"conversations": [{"from": "human", "value": "s1"}, {"from": "gpt", "value": "a"}]}]
+        ),
         "-faq.csv": "prompt,response\nf1,a\n",
         "ünï.md": "Some policy text.",
     }
@@ -384,7 +425,7 @@ def test_bad_corpus_mixed_with_good_files(tok_home: Home, tmp_path: Path):
     assert report.failed == [] and report.waiting == []
     assert set(reasons(report)) == set(bad) | {"link.txt"}
     assert all(len(why) >= 1 and all(w.strip() for w in why) for why in reasons(report).values())
-    assert report.files == 6 and report.skipped_lines == ["chats.jsonl: line 2: not valid JSON "
-                                                          "(Expecting property name enclosed in double quotes "
-                                                          "at column 2)"]
+    assert report.files == 6 and report.skipped_lines == [
+        "chats.jsonl: line 2: not valid JSON (Expecting property name enclosed in double quotes at column 2)"
+    ]
     assert sorted(p.name for p in tok_home.inbox.iterdir()) == sorted([*good, "policy.pdf", "visits.docx"])

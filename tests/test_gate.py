@@ -8,19 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from appliance.quality import gate
-from appliance.home import registry
-from appliance.home.config import load
-from appliance.engine.local import LocalEngine
-from appliance.export.run import export_run
-from appliance.home.fsutil import read_json, write_json_atomic
-from appliance.cli.init import create_home
-from appliance.home.paths import Home
-from appliance.data.snapshot import cut_id
-
 from conftest import SAMPLE
 from test_daemon import make_template
+
+from appliance.cli.init import create_home
+from appliance.data.snapshot import cut_id
+from appliance.engine.local import LocalEngine
+from appliance.export.run import export_run
+from appliance.home import registry
+from appliance.home.config import load
+from appliance.home.fsutil import read_json, write_json_atomic
+from appliance.home.paths import Home
+from appliance.quality import gate
 
 
 def test_bootstrap_interval_brackets_the_mean_and_tightens_with_data():
@@ -35,8 +34,15 @@ def test_a_failed_parity_is_refused_and_named(tmp_path: Path):
     home = create_home(tmp_path / "h", "tiny")
     run = home.run("run-x")
     run.root.mkdir(parents=True)
-    write_json_atomic(run.parity, {"gguf": "model-Q4_K_M.gguf", "quant": "Q4_K_M", "passed": False,
-                                   "checks": [{"name": "logit_cosine", "passed": False}]})
+    write_json_atomic(
+        run.parity,
+        {
+            "gguf": "model-Q4_K_M.gguf",
+            "quant": "Q4_K_M",
+            "passed": False,
+            "checks": [{"name": "logit_cosine", "passed": False}],
+        },
+    )
     report = gate.evaluate(home, "run-x", load(home.config))
     assert not report.passed and [c.name for c in report.failed] == ["parity"]
     saved = read_json(run.eval)
@@ -64,8 +70,7 @@ def damaged(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict:
         weight.copy_(weight[torch.randperm(weight.shape[0], generator=generator)])
     model.to(torch.float16).save_pretrained(run.merged)
     AutoTokenizer.from_pretrained(home.base("tiny")).save_pretrained(run.merged)
-    write_json_atomic(run.root / "train.json", {"run": run.id, "snapshot": snapshot, "steps": 1,
-                                                 "best_val_loss": None})
+    write_json_atomic(run.root / "train.json", {"run": run.id, "snapshot": snapshot, "steps": 1, "best_val_loss": None})
     result = export_run(home, run.id, load(home.config))
     return {"home": home, "run": run.id, "parity": result.parity.passed}
 
@@ -75,8 +80,12 @@ def test_a_damaged_candidate_is_refused_and_the_current_model_kept(damaged: dict
     home: Home = damaged["home"]
     assert damaged["parity"]  # the file is faithful; the model is bad
     before = registry.current(home)
-    proc = subprocess.run([sys.executable, "-m", "appliance", "eval", damaged["run"], "--home", str(home.root),
-                           "--json"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "eval", damaged["run"], "--home", str(home.root), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert not report["passed"]
@@ -92,7 +101,9 @@ def test_a_damaged_candidate_is_refused_and_the_current_model_kept(damaged: dict
     assert read_json(home.run(damaged["run"]).eval)["failed"] == report["failed"]
     # The metrics people recognise, side by side (issue 10), computed on the same files.
     metrics = report["metrics"]
-    questions = {json.loads(line)["messages"][-2]["content"] for line in (SAMPLE / "policies.jsonl").read_text().splitlines()}
+    questions = {
+        json.loads(line)["messages"][-2]["content"] for line in (SAMPLE / "policies.jsonl").read_text().splitlines()
+    }
     for side in ("candidate", "current"):
         m = metrics[side]
         assert 0 <= m["exact_match"] <= 1 and 0 <= m["token_f1"] <= 1 and 0 <= m["rouge_l"] <= 1

@@ -118,12 +118,51 @@ QUESTIONS = [
 ]
 
 HOSTILE = [
-    "", " ", '"', '""', "'", "\"unterminated", "NEAR(a b, 2)", "a AND b", "OR", "NOT", "AND OR NOT",
-    "*", "crossing*", "-crossing", "^crossing", "text:crossing", "{text}: crossing", "passages_fts:x",
-    "(", ")", "((crossing)", "crossing) OR (", "a:b:c", "\x00", "cross\x00ing", "\x00" * 100,
-    "rank MATCH 'x'", "'; DROP TABLE passages; --", "\\", "%", "_", "__", "ΑΒΓ πλοίο", "渡轮 时刻表",
-    "عبارة الركاب", "😀⛴️🚢", "\u200b\u200d", "\ufeff", "e\u0301", "ǅ", "\ud800 crossing",
-    "x" * 100_000, "crossing " * 20_000, "a" * 1_000_000, "é" * 1_000_000,
+    "",
+    " ",
+    '"',
+    '""',
+    "'",
+    '"unterminated',
+    "NEAR(a b, 2)",
+    "a AND b",
+    "OR",
+    "NOT",
+    "AND OR NOT",
+    "*",
+    "crossing*",
+    "-crossing",
+    "^crossing",
+    "text:crossing",
+    "{text}: crossing",
+    "passages_fts:x",
+    "(",
+    ")",
+    "((crossing)",
+    "crossing) OR (",
+    "a:b:c",
+    "\x00",
+    "cross\x00ing",
+    "\x00" * 100,
+    "rank MATCH 'x'",
+    "'; DROP TABLE passages; --",
+    "\\",
+    "%",
+    "_",
+    "__",
+    "ΑΒΓ πλοίο",
+    "渡轮 时刻表",
+    "عبارة الركاب",
+    "😀⛴️🚢",
+    "\u200b\u200d",
+    "\ufeff",
+    "e\u0301",
+    "ǅ",
+    "\ud800 crossing",
+    "x" * 100_000,
+    "crossing " * 20_000,
+    "a" * 1_000_000,
+    "é" * 1_000_000,
 ]
 
 
@@ -178,7 +217,9 @@ def test_a_new_version_at_a_path_supersedes_the_old_one_and_leaves_other_paths(t
         assert index.supersede("policy.md", "v2", ["Visiting hours are three to five."]) == 2
         assert {h.sha256 for h in index.search("visiting hours parking")} == {"v2", "other"}
         assert [(d.sha256, d.path, d.passages) for d in index.documents()] == [
-            ("other", "other.md", 1), ("v2", "policy.md", 1)]
+            ("other", "other.md", 1),
+            ("v2", "policy.md", 1),
+        ]
         assert index.supersede("policy.md", "v2", ["Visiting hours are three to five."]) == 0  # same version again
 
 
@@ -204,8 +245,16 @@ def test_search_can_be_restricted_to_some_documents(tmp_path: Path):
 
 def test_accents_case_and_other_scripts_are_found(tmp_path: Path):
     with index_at(tmp_path) as index:
-        index.add_document("s", "s.md", ["Le CAFÉ ouvre à huit heures.", "Το πλοίο φεύγει στις οκτώ.",
-                                          "渡轮 时刻表 已更新", "تغادر العبارة في الثامنة"])
+        index.add_document(
+            "s",
+            "s.md",
+            [
+                "Le CAFÉ ouvre à huit heures.",
+                "Το πλοίο φεύγει στις οκτώ.",
+                "渡轮 时刻表 已更新",
+                "تغادر العبارة في الثامنة",
+            ],
+        )
         assert index.search("cafe")[0].ordinal == 0
         assert index.search("ΠΛΟΊΟ")[0].ordinal == 1  # (diacritics are removed from Latin letters only)
         assert index.search("时刻表")[0].ordinal == 2
@@ -236,8 +285,10 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Index:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(query=st.text(max_size=300) | st.text(alphabet=st.characters(exclude_categories=()), max_size=50),
-       limit=st.integers(-3, 20))
+@given(
+    query=st.text(max_size=300) | st.text(alphabet=st.characters(exclude_categories=()), max_size=50),
+    limit=st.integers(-3, 20),
+)
 def test_any_text_is_a_valid_query(shared: Index, query: str, limit: int):
     hits = shared.search(query, limit=limit)
     assert isinstance(hits, list) and len(hits) <= max(limit, 0)
@@ -255,15 +306,16 @@ def test_a_damaged_file_raises_index_corrupt_and_rebuilds_atomically(tmp_path: P
     path = tmp_path / "index.db"
     with Index(path, create=True) as index:
         for i in range(200):
-            index.add_document(f"d{i}", f"{i}.md", [f"Passage {j} of document {i} about ferries. " * 5
-                                                    for j in range(5)])
+            index.add_document(
+                f"d{i}", f"{i}.md", [f"Passage {j} of document {i} about ferries. " * 5 for j in range(5)]
+            )
     data = path.read_bytes()
     if damage == "garbage":
         path.write_bytes(b"not a database at all " * 500)
     elif damage == "truncated":
         path.write_bytes(data[: len(data) // 3])
     elif damage == "overwritten":  # pages after the schema turned to noise
-        path.write_bytes(data[:4096 * 2] + bytes((i * 7) % 251 for i in range(len(data) - 4096 * 2)))
+        path.write_bytes(data[: 4096 * 2] + bytes((i * 7) % 251 for i in range(len(data) - 4096 * 2)))
     elif damage == "other-schema":
         sqlite3.connect(path).execute("PRAGMA user_version = 99").connection.close()
     else:
@@ -290,8 +342,14 @@ def test_rebuild_leaves_no_stale_wal_to_replay(tmp_path: Path):
 
 
 def test_a_rebuilt_index_stays_sound_through_later_writes(tmp_path: Path):
-    docs = [(f"s{d}", f"{d}.md", [f"Ferry {d} leaves pier {j} at {d % 24}:{j}0. Crew {d} check deck {j}."
-                                  for j in range(6)]) for d in range(300)]
+    docs = [
+        (
+            f"s{d}",
+            f"{d}.md",
+            [f"Ferry {d} leaves pier {j} at {d % 24}:{j}0. Crew {d} check deck {j}." for j in range(6)],
+        )
+        for d in range(300)
+    ]
     with Index.rebuild(tmp_path / "index.db", iter(docs)) as index:
         for d in range(0, 300, 3):
             index.remove_document(f"s{d}")
@@ -333,24 +391,30 @@ def test_adding_a_document_costs_the_same_on_a_large_index(tmp_path: Path):
     words = "ferry crossing tide harbour deck crew shift leave boots radio canteen ramp pier rota".split()
 
     def passages(seed: int) -> list[str]:
-        return [" ".join(f"{words[(seed * 7 + j * k) % len(words)]}{(seed + k) % 97}" for k in range(40))
-                for j in range(10)]
+        return [
+            " ".join(f"{words[(seed * 7 + j * k) % len(words)]}{(seed + k) % 97}" for k in range(40)) for j in range(10)
+        ]
 
     with Index(tmp_path / "big.db", create=True) as big, Index(tmp_path / "small.db", create=True) as small:
         with big.transaction():
             for d in range(1000):  # 10,000 passages
                 big._insert(f"old{d}", f"{d}.md", passages(d))
         small.add_document("warm", "warm.md", passages(0))
-        ratios = [_steps(big, lambda: big.add_document(f"n{i}", f"n{i}.md", passages(5000 + i)))
-                  / _steps(small, lambda: small.add_document(f"n{i}", f"n{i}.md", passages(5000 + i)))
-                  for i in range(9)]
+        ratios = [
+            _steps(big, lambda i=i: big.add_document(f"n{i}", f"n{i}.md", passages(5000 + i)))
+            / _steps(small, lambda i=i: small.add_document(f"n{i}", f"n{i}.md", passages(5000 + i)))
+            for i in range(9)
+        ]
     print(f"VM steps to add a document, 10,000 passages vs one document: median ratio {statistics.median(ratios):.2f}")
     assert statistics.median(ratios) < 3, ratios
 
 
 def test_split_passages_groups_sentences_under_their_heading():
     text = "# Leave\n\nStaff get 25 days. They accrue monthly. Unused days carry over. Up to five.\n\n## Sick\nCall in."
-    assert split_passages(text) == ["Leave Staff get 25 days. They accrue monthly. Unused days carry over.",
-                                    "Up to five.", "Sick Call in."]
+    assert split_passages(text) == [
+        "Leave Staff get 25 days. They accrue monthly. Unused days carry over.",
+        "Up to five.",
+        "Sick Call in.",
+    ]
     assert [len(p.split()) for p in split_passages("word " * 1000)] == [200] * 5
     assert split_passages("\n\n  \n") == [] and split_passages("Just a label") == ["Just a label"]

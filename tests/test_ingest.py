@@ -8,12 +8,12 @@ import os
 import sqlite3
 from pathlib import Path
 
-from appliance.data import snapshot
 from appliance.cli.command import main
-from appliance.home.fsutil import read_json
+from appliance.cli.init import create_home
+from appliance.data import snapshot
 from appliance.data.ingest import ingest
 from appliance.data.ingest.store import Store
-from appliance.cli.init import create_home
+from appliance.home.fsutil import read_json
 from appliance.home.paths import Home
 
 
@@ -32,13 +32,15 @@ def active_questions(home: Home) -> list[str]:
 
 def test_mixed_file_keeps_good_lines_and_reports_bad(tmp_path: Path):
     home = create_home(tmp_path / "h", "tiny")
-    (home.inbox / "mixed.jsonl").write_text(lines(
-        chat("q1", "a1"),
-        "{not json",
-        json.dumps({"messages": [{"role": "user", "content": "ends on user"}]}),
-        json.dumps({"messages": [{"role": "doctor", "content": "x"}, {"role": "assistant", "content": "y"}]}),
-        chat("q2", "a2"),
-    ))
+    (home.inbox / "mixed.jsonl").write_text(
+        lines(
+            chat("q1", "a1"),
+            "{not json",
+            json.dumps({"messages": [{"role": "user", "content": "ends on user"}]}),
+            json.dumps({"messages": [{"role": "doctor", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+            chat("q2", "a2"),
+        )
+    )
     report = ingest(home)
     assert report.accepted == 2 and report.files == 1 and report.skipped == 3
     assert [line.split(":")[1].strip() for line in report.skipped_lines] == ["line 2", "line 3", "line 4"]
@@ -187,8 +189,10 @@ def test_odd_names_are_ingested_and_unreadable_names_and_pipes_refused(tmp_path:
     report = ingest(home)
     assert report.accepted == len(names)
     reasons = {q.file: q.reasons[0] for q in report.quarantined}
-    assert reasons == {"caf\ufffd.jsonl": "its name is not valid UTF-8; rename it",
-                       "pipe.jsonl": "it is not a regular file (a pipe, socket or device)"}
+    assert reasons == {
+        "caf\ufffd.jsonl": "its name is not valid UTF-8; rename it",
+        "pipe.jsonl": "it is not a regular file (a pipe, socket or device)",
+    }
 
 
 def test_the_same_name_quarantined_twice_keeps_both(tmp_path: Path):

@@ -115,7 +115,7 @@ def test_kill_9_mid_write_leaves_a_consistent_journal(tmp_path: Path):
             assert journal.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
             for job in journal.jobs(1000):
                 done = [t["stage"] for t in journal.transitions(job.id) if t["state"] == "complete"]
-                assert done == list(STAGES[:len(done)])  # stages complete in order, never skipped
+                assert done == list(STAGES[: len(done)])  # stages complete in order, never skipped
                 assert job.stage == (done[-1] if done else "")
             # an interrupted job is resumed; finish it so the next writer starts clean
             while (job := journal.next_job()) is not None:

@@ -16,24 +16,52 @@ from pathlib import Path
 
 import pytest
 
-from appliance.home import audit
 from appliance.cli import command as cli
-from appliance.engine.local import LocalEngine
-from appliance.contract.errors import AccessError
 from appliance.cli.init import create_home
-from appliance.home.keys import COMMAND_ROLES, HOME_WIDE, ROLES, Key, KeyStore, KeysError, authorize, caller_key, require
+from appliance.contract.errors import AccessError
+from appliance.engine.local import LocalEngine
+from appliance.home import audit
+from appliance.home.keys import (
+    COMMAND_ROLES,
+    HOME_WIDE,
+    ROLES,
+    Key,
+    KeysError,
+    KeyStore,
+    authorize,
+    caller_key,
+    require,
+)
 from appliance.home.paths import Home
 
 # A command line for every CLI command in COMMAND_ROLES (arguments only as far as parsing needs).
 CLI_ARGV: dict[str, list[str]] = {
-    "init": ["init"], "demo": ["demo", "--no-wait"], "status": ["status"], "models": ["models"],
-    "jobs": ["jobs"], "tui": ["tui"], "ingest": ["ingest"], "retrain": ["retrain"], "advise": ["advise"],
-    "eval": ["eval", "run-1"], "promote": ["promote", "v1"], "rollback": ["rollback"],
-    "review list": ["review", "list"], "review approve": ["review", "approve", "run-1"],
-    "review reject": ["review", "reject", "run-1"], "train": ["train"], "export": ["export", "run-1"],
-    "serve": ["serve"], "run": ["run"], "forget": ["forget", "ab" * 32], "audit verify": ["audit", "verify"],
-    "audit show": ["audit", "show"], "keys whoami": ["keys", "whoami"], "keys list": ["keys", "list"],
-    "keys add": ["keys", "add", "zed", "--role", "chat"], "keys revoke": ["keys", "revoke", "zed"],
+    "init": ["init"],
+    "demo": ["demo", "--no-wait"],
+    "status": ["status"],
+    "models": ["models"],
+    "jobs": ["jobs"],
+    "tui": ["tui"],
+    "ingest": ["ingest"],
+    "retrain": ["retrain"],
+    "advise": ["advise"],
+    "eval": ["eval", "run-1"],
+    "promote": ["promote", "v1"],
+    "rollback": ["rollback"],
+    "review list": ["review", "list"],
+    "review approve": ["review", "approve", "run-1"],
+    "review reject": ["review", "reject", "run-1"],
+    "train": ["train"],
+    "export": ["export", "run-1"],
+    "serve": ["serve"],
+    "run": ["run"],
+    "forget": ["forget", "ab" * 32],
+    "audit verify": ["audit", "verify"],
+    "audit show": ["audit", "show"],
+    "keys whoami": ["keys", "whoami"],
+    "keys list": ["keys", "list"],
+    "keys add": ["keys", "add", "zed", "--role", "chat"],
+    "keys revoke": ["keys", "revoke", "zed"],
     "collections": ["collections"],
 }
 
@@ -158,8 +186,13 @@ def test_an_old_home_is_migrated_on_first_use(tmp_path: Path):
     root = tmp_path / "old"
     home = create_home(root, "tiny")
     home.keys.unlink()  # as a home made before keys existed
-    proc = subprocess.run([sys.executable, "-m", "appliance", "keys", "whoami", "--home", str(root), "--json"],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "APPLIANCE_API_KEY": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "keys", "whoami", "--home", str(root), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "APPLIANCE_API_KEY": ""},
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"name": "admin", "role": "admin", "collections": None}
     assert home.keys.stat().st_mode & 0o777 == 0o600
@@ -189,8 +222,13 @@ def test_a_revoked_key_is_refused_on_the_next_call(home: Home):
     assert server_side.authenticate(secret).name == "bob"
     engine = LocalEngine(home.root, key=caller_key(home, secret))
     assert engine.whoami()["name"] == "bob"
-    proc = subprocess.run([sys.executable, "-m", "appliance", "keys", "revoke", "bob", "--home", str(home.root)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "APPLIANCE_API_KEY": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "keys", "revoke", "bob", "--home", str(home.root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "APPLIANCE_API_KEY": ""},
+    )
     assert proc.returncode == 0, proc.stderr
     assert server_side.authenticate(secret) is None
     with pytest.raises(AccessError, match="revoked"):
@@ -201,46 +239,68 @@ def test_a_revoked_key_is_refused_on_the_next_call(home: Home):
 
 
 def test_keys_add_prints_the_secret_once_and_it_works(home: Home, tmp_path: Path, capsys: pytest.CaptureFixture):
-    assert cli.main(["keys", "add", "dana", "--role", "approver", "--collections", "cardiology, shared",
-                     "--home", str(home.root)]) == 0
+    assert (
+        cli.main(
+            [
+                "keys",
+                "add",
+                "dana",
+                "--role",
+                "approver",
+                "--collections",
+                "cardiology, shared",
+                "--home",
+                str(home.root),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     secret = out.out.strip()
     assert "shown once" in out.err and secret not in out.err
     (tmp_path / "dana.key").write_text(secret)
-    assert cli.main(["keys", "whoami", "--json", "--home", str(home.root),
-                     "--key-file", str(tmp_path / "dana.key")]) == 0
-    assert json.loads(capsys.readouterr().out) == {"name": "dana", "role": "approver",
-                                                    "collections": ["cardiology", "shared"]}
+    assert (
+        cli.main(["keys", "whoami", "--json", "--home", str(home.root), "--key-file", str(tmp_path / "dana.key")]) == 0
+    )
+    assert json.loads(capsys.readouterr().out) == {
+        "name": "dana",
+        "role": "approver",
+        "collections": ["cardiology", "shared"],
+    }
     assert cli.main(["keys", "list", "--json", "--home", str(home.root)]) == 0
     listed = capsys.readouterr().out
     assert secret not in listed and {k["name"] for k in json.loads(listed)["keys"]} == {"admin", "dana"}
 
 
-def test_the_environment_key_is_used_and_a_wrong_one_refused(home: Home, monkeypatch: pytest.MonkeyPatch,
-                                                             capsys: pytest.CaptureFixture):
+def test_the_environment_key_is_used_and_a_wrong_one_refused(
+    home: Home, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
     monkeypatch.setenv("APPLIANCE_API_KEY", KeyStore(home).add("erin", "chat"))
     assert cli.main(["keys", "whoami", "--home", str(home.root)]) == 0
     assert "key 'erin', role chat" in capsys.readouterr().out
     monkeypatch.setenv("APPLIANCE_API_KEY", "not-a-key")
     assert cli.main(["status", "--home", str(home.root)]) == 5
-    assert capsys.readouterr().err.strip() == ("appliance: error: the API key is unknown or revoked; "
-                                                "ask an admin for a key ('appliance keys add')")
+    assert capsys.readouterr().err.strip() == (
+        "appliance: error: the API key is unknown or revoked; ask an admin for a key ('appliance keys add')"
+    )
 
 
 # --- the role of every command ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("command", sorted(CLI_ARGV))
-def test_every_command_refuses_a_key_one_role_too_low(command: str, home: Home, ran: list[str],
-                                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+def test_every_command_refuses_a_key_one_role_too_low(
+    command: str, home: Home, ran: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
     role = COMMAND_ROLES[command]
     argv = CLI_ARGV[command] + ["--home", str(home.root)]
     if (lower := one_lower(role)) is not None:
         code = cli.main(argv + ["--key-file", str(key_file(home, lower))])
         err = capsys.readouterr().err.strip()
         assert code == 5 and ran == [], err
-        assert err == (f"appliance: error: key '{lower}-key' (role {lower}) may not run '{command}': "
-                       f"it needs the {role} role")
+        assert err == (
+            f"appliance: error: key '{lower}-key' (role {lower}) may not run '{command}': it needs the {role} role"
+        )
     assert cli.main(argv + ["--key-file", str(key_file(home, role, name=f"{role}-ok"))]) == 0, capsys.readouterr()
     assert len(ran) == 1  # the right role got past the check, to the command itself
 
@@ -249,8 +309,11 @@ def test_every_command_refuses_a_key_one_role_too_low(command: str, home: Home, 
 def test_every_engine_method_refuses_a_key_one_role_too_low(method: str, home: Home):
     role = COMMAND_ROLES[method]
     lower = one_lower(role)
-    params = [p for p in inspect.signature(getattr(LocalEngine, method)).parameters.values()
-              if p.name != "self" and p.default is inspect.Parameter.empty]
+    params = [
+        p
+        for p in inspect.signature(getattr(LocalEngine, method)).parameters.values()
+        if p.name != "self" and p.default is inspect.Parameter.empty
+    ]
     if lower is None:  # open to every role: then a key for another collection is what is refused
         if method in HOME_WIDE:
             pytest.skip(f"{method} is open to every key (it checks no collection, or the one it is asked for)")
@@ -293,8 +356,9 @@ def test_require_and_authorize():
     require(bob, "chat", "legal/matter-17")
     require(bob, "contributor")
     authorize("ingest", bob, "legal/matter-17")
-    with pytest.raises(AccessError, match="^key 'bob' \\(role contributor\\) may not run 'promote': it needs the "
-                                          "approver role$"):
+    with pytest.raises(
+        AccessError, match="^key 'bob' \\(role contributor\\) may not run 'promote': it needs the approver role$"
+    ):
         authorize("promote", bob, "legal/matter-17")
     assert all(Key("root", "admin").can(r) for r in ROLES)
     assert not Key("c", "chat").can("contributor")
@@ -326,8 +390,9 @@ def test_a_collection_key_is_refused_elsewhere_without_a_hint(home: Home, capsys
     with pytest.raises(AccessError, match="^no collection 'legal/matter-18'$"):
         authorize("status", key, "legal/matter-18")
     assert KeyStore(home).add("front-desk", "chat", [""])  # the engine API's form of "shared"
-    assert cli.main(["keys", "add", "nobody", "--role", "chat", "--collections", "legal,",
-                     "--home", str(home.root)]) == 1
+    assert (
+        cli.main(["keys", "add", "nobody", "--role", "chat", "--collections", "legal,", "--home", str(home.root)]) == 1
+    )
     assert "an empty name; write 'shared'" in capsys.readouterr().err
     lawyer = home.root.parent / "lawyer.key"
     lawyer.write_text(secret)
@@ -352,8 +417,10 @@ def test_authenticate_reads_the_file_only_when_it_changed(home: Home, monkeypatc
 
 
 def test_concurrent_adds_from_several_processes_all_land(home: Home):
-    script = ("import sys; from appliance.home.keys import KeyStore; s = KeyStore(sys.argv[1]); "
-              "[s.add(f'{sys.argv[2]}-{i}', 'chat') for i in range(5)]")
+    script = (
+        "import sys; from appliance.home.keys import KeyStore; s = KeyStore(sys.argv[1]); "
+        "[s.add(f'{sys.argv[2]}-{i}', 'chat') for i in range(5)]"
+    )
     procs = [subprocess.Popen([sys.executable, "-c", script, str(home.root), f"p{n}"]) for n in range(4)]
     assert [p.wait(timeout=120) for p in procs] == [0] * 4
     names = {k["name"] for k in KeyStore(home).list()}
@@ -362,9 +429,9 @@ def test_concurrent_adds_from_several_processes_all_land(home: Home):
 
 
 def test_audit_entries_name_the_key_an_engine_call_acted_for(tmp_path):
-    from appliance.home import audit
-    from appliance.engine.local import LocalEngine
     from appliance.cli.init import create_home
+    from appliance.engine.local import LocalEngine
+    from appliance.home import audit
     from appliance.home.keys import KeyStore
 
     home = create_home(tmp_path / "home", "tiny")

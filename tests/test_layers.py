@@ -42,13 +42,12 @@ def imported(path: Path, known: set[str]) -> set[str]:
             if node.level:  # relative: resolved against the importing package
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([base] if base else [])])
-            found.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
-                         for alias in node.names)
+            found.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names)
     return {name for name in found if name in known and name != module_name(path)}
 
 
 def _type_checking_only(node: ast.AST) -> bool:
-    return (isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
 
 
 def graph(allowed: set[tuple[str, str]] = KNOWN) -> dict[str, set[str]]:
@@ -76,7 +75,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()

@@ -8,15 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_settings
 
-from appliance.training import methods
 from appliance.contract.api import open_engine
-from appliance.home.config import load
 from appliance.contract.errors import ConfigError, ExportError, TrainError
+from appliance.home.config import load
 from appliance.home.fsutil import read_json
 from appliance.home.paths import Home
-
-from conftest import tiny_settings
+from appliance.training import methods
 
 
 @pytest.mark.parametrize("method", ["prefix-tuning", "prompt", "bottleneck"])
@@ -71,8 +70,10 @@ def train_and_export(home: Home, method: str) -> tuple[dict, dict]:
     return read_json(home.run(run).root / "train.json"), read_json(home.run(run).parity)
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m != "ia3" else m
-                                    for m in ("lora", "dora", "adalora", "ia3", "full")])
+@pytest.mark.parametrize(
+    "method",
+    [pytest.param(m, marks=pytest.mark.slow) if m != "ia3" else m for m in ("lora", "dora", "adalora", "ia3", "full")],
+)
 def test_method_trains_merges_converts_and_passes_parity(method: str, tiny_home: Home):
     info, parity = train_and_export(tiny_home, method)
     assert info["method"] == method and info["steps"] == 2

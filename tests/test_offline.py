@@ -15,7 +15,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import SAMPLE
 
 HOOK = textwrap.dedent("""
@@ -54,14 +53,13 @@ def test_pipeline_without_network(tmp_path: Path, tiny_base: Path):
         set -e
         ip link set lo up
         {cli} init --home {home} --base {tiny_base}
-        cp {SAMPLE / 'policies.jsonl'} {home}/inbox/
+        cp {SAMPLE / "policies.jsonl"} {home}/inbox/
         {cli} ingest --home {home} --json
         RUN=$({cli} train --home {home} --max-steps 2 --json | {sys.executable} -c 'import json,sys; print(json.load(sys.stdin)["run"])')
         {cli} export --home {home} "$RUN" --json
         {cli} promote --home {home} v1
     """
-    proc = subprocess.run(["unshare", "-n", "bash", "-c", script], env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(["unshare", "-n", "bash", "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (home / "models" / "v1" / "model.gguf").exists()
     assert not attempts.exists(), attempts.read_text()
@@ -75,7 +73,12 @@ def test_the_hook_would_see_an_attempt(tmp_path: Path):
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(HOOK)
     attempts = tmp_path / "attempts.log"
-    code = "import socket; s = socket.socket(); s.settimeout(0.01)\ntry: s.connect(('192.0.2.1', 9))\nexcept OSError: pass"
-    subprocess.run(["unshare", "-n", sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(hook_dir),
-                                                      "NET_ATTEMPTS_LOG": str(attempts)}, check=True)
+    code = (
+        "import socket; s = socket.socket(); s.settimeout(0.01)\ntry: s.connect(('192.0.2.1', 9))\nexcept OSError: pass"
+    )
+    subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(hook_dir), "NET_ATTEMPTS_LOG": str(attempts)},
+        check=True,
+    )
     assert "192.0.2.1" in attempts.read_text()

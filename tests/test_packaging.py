@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, SAMPLE
 
 PACKAGING = REPO / "packaging"
@@ -40,8 +39,9 @@ import verify_manifest  # noqa: E402  (packaging/ is scripts, not a package)
 THRESHOLD = {"appliance.service": 1.0, "appliance-server.service": 2.0}
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
-needs_systemd_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed "
-                                           "(Debian package: systemd)")
+needs_systemd_analyze = pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (Debian package: systemd)"
+)
 
 
 def read_unit(path: Path) -> dict[str, dict[str, list[str]]]:
@@ -85,8 +85,7 @@ def test_both_units_exist():
 @needs_systemd_analyze
 def test_units_pass_systemd_analyze_verify(tmp_path: Path):
     units = staged_units(tmp_path)
-    result = subprocess.run([SYSTEMD_ANALYZE, "verify", *map(str, units)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run([SYSTEMD_ANALYZE, "verify", *map(str, units)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     # verify reports unknown keys and bad values as warnings with exit 0: none allowed.
     assert result.stderr.strip() == "", result.stderr
@@ -96,8 +95,12 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path):
 def test_security_exposure_under_threshold(tmp_path: Path):
     scores = {}
     for unit in staged_units(tmp_path):
-        result = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", str(unit)],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", str(unit)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
         assert match, result.stdout + result.stderr
         scores[unit.name] = float(match.group(1))
@@ -107,10 +110,20 @@ def test_security_exposure_under_threshold(tmp_path: Path):
 
 
 COMMON = {
-    "ProtectSystem": "strict", "ProtectHome": "yes", "NoNewPrivileges": "yes", "CapabilityBoundingSet": "",
-    "DevicePolicy": "closed", "ReadWritePaths": "/var/lib/appliance", "Restart": "on-failure",
-    "User": "appliance", "PrivateTmp": "yes", "UMask": "0077", "ProtectKernelTunables": "yes",
-    "ProtectKernelModules": "yes", "ProtectControlGroups": "yes", "RestrictNamespaces": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "NoNewPrivileges": "yes",
+    "CapabilityBoundingSet": "",
+    "DevicePolicy": "closed",
+    "ReadWritePaths": "/var/lib/appliance",
+    "Restart": "on-failure",
+    "User": "appliance",
+    "PrivateTmp": "yes",
+    "UMask": "0077",
+    "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectControlGroups": "yes",
+    "RestrictNamespaces": "yes",
     "LockPersonality": "yes",
 }
 
@@ -127,8 +140,12 @@ def test_unit_hardening(name: str):
     for node in ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia0", "char-nvidia-frontend"):
         assert node in devices, f"{name}: DeviceAllow lacks {node}"
     env = " ".join(service["Environment"]).split()
-    for pair in ("HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "HF_DATASETS_OFFLINE=1",
-                 "APPLIANCE_HOME=/var/lib/appliance"):
+    for pair in (
+        "HF_HUB_OFFLINE=1",
+        "TRANSFORMERS_OFFLINE=1",
+        "HF_DATASETS_OFFLINE=1",
+        "APPLIANCE_HOME=/var/lib/appliance",
+    ):
         assert pair in env, f"{name}: Environment lacks {pair}"
     assert read_unit(UNITS / name)["Install"]["WantedBy"] == ["multi-user.target"]
 
@@ -161,14 +178,23 @@ def fake_bundle(root: Path) -> Path:
     (root / "wheels" / "demo-1.0-py3-none-any.whl").write_bytes(bytes(range(256)) * 40)
     (root / "llama.cpp").mkdir()
     (root / "llama.cpp" / "convert_hf_to_gguf.py").write_text("print('converter')\n")
-    (root / "BUNDLE_INFO").write_text("appliance=0.1.0\npython=%d.%d\n" % sys.version_info[:2])
+    (root / "BUNDLE_INFO").write_text(f"appliance=0.1.0\npython={sys.version_info[0]}.{sys.version_info[1]}\n")
     verify_manifest.write(root)
     return root
 
 
 def run_install(bundle: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = ["bash", str(bundle / "install.sh"), "--prefix", str(tmp_path / "opt"), "--data", str(tmp_path / "data"),
-            "--no-systemd", "--no-user", *extra]
+    args = [
+        "bash",
+        str(bundle / "install.sh"),
+        "--prefix",
+        str(tmp_path / "opt"),
+        "--data",
+        str(tmp_path / "data"),
+        "--no-systemd",
+        "--no-user",
+        *extra,
+    ]
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
 
 
@@ -176,12 +202,17 @@ def test_manifest_lists_every_file_with_its_sha256(tmp_path: Path):
     bundle = fake_bundle(tmp_path / "bundle")
     lines = (bundle / "MANIFEST.sha256").read_text().splitlines()
     assert {line.split("  ", 1)[1] for line in lines} == {
-        "install.sh", "verify_manifest.py", "BUNDLE_INFO", "wheels/demo-1.0-py3-none-any.whl",
-        "llama.cpp/convert_hf_to_gguf.py"}
+        "install.sh",
+        "verify_manifest.py",
+        "BUNDLE_INFO",
+        "wheels/demo-1.0-py3-none-any.whl",
+        "llama.cpp/convert_hf_to_gguf.py",
+    }
     assert verify_manifest.verify(bundle) == []
     # The format is sha256sum's: the standard tool agrees.
-    check = subprocess.run(["sha256sum", "--check", "--quiet", "MANIFEST.sha256"], cwd=bundle,
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        ["sha256sum", "--check", "--quiet", "MANIFEST.sha256"], cwd=bundle, capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -241,8 +272,12 @@ def test_uninstall_leaves_a_foreign_folder_alone(tmp_path: Path):
 
 
 def test_build_bundle_rejects_an_unknown_target(tmp_path: Path):
-    result = subprocess.run(["bash", str(PACKAGING / "build_bundle.sh"), "--target", "rocm6", "--out",
-                             str(tmp_path / "b")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(PACKAGING / "build_bundle.sh"), "--target", "rocm6", "--out", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "--target must be cpu or cuXYZ" in result.stderr
     assert not (tmp_path / "b").exists()
@@ -252,20 +287,28 @@ def test_build_bundle_rejects_an_unknown_target(tmp_path: Path):
 
 
 def _unshare_works() -> bool:
-    return bool(shutil.which("unshare")) and subprocess.run(["unshare", "-n", "true"],
-                                                            capture_output=True).returncode == 0
+    return (
+        bool(shutil.which("unshare")) and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+    )
 
 
 def offline(script: str, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
     """bash -c SCRIPT in a new network namespace whose only interface is loopback."""
-    return subprocess.run(["unshare", "-n", "bash", "-c", "set -euo pipefail\nip link set lo up\n" + script],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        ["unshare", "-n", "bash", "-c", "set -euo pipefail\nip link set lo up\n" + script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -n (root or user namespaces)")
-@pytest.mark.skipif(not (Path(sys.prefix) / "share/appliance/llama.cpp-0.3.36/llama_cpp_python-0.3.36.tar.gz")
-                    .is_file(), reason="the llama-cpp-python sdist is not unpacked: run packaging/fetch_converter.sh")
+@pytest.mark.skipif(
+    not (Path(sys.prefix) / "share/appliance/llama.cpp-0.3.36/llama_cpp_python-0.3.36.tar.gz").is_file(),
+    reason="the llama-cpp-python sdist is not unpacked: run packaging/fetch_converter.sh",
+)
 def test_bundle_installs_and_runs_offline(tmp_path: Path, tiny_base: Path):
     from test_offline import HOOK  # the audit hook that records every non-loopback attempt
 
@@ -274,9 +317,25 @@ def test_bundle_installs_and_runs_offline(tmp_path: Path, tiny_base: Path):
     # right for a test on this machine, wrong for shipping (docs/install.md).
     bundle = tmp_path / "bundle"
     started = time.monotonic()
-    built = subprocess.run(["bash", str(PACKAGING / "build_bundle.sh"), "--target", "cpu", "--out", str(bundle),
-                            "--wheels-from", sys.executable, "--llama-wheel", "reuse", "--llama-server", "reuse"],
-                           capture_output=True, text=True, timeout=900)
+    built = subprocess.run(
+        [
+            "bash",
+            str(PACKAGING / "build_bundle.sh"),
+            "--target",
+            "cpu",
+            "--out",
+            str(bundle),
+            "--wheels-from",
+            sys.executable,
+            "--llama-wheel",
+            "reuse",
+            "--llama-server",
+            "reuse",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     print(f"bundle: {size / 2**20:.0f} MiB, built in {time.monotonic() - started:.0f} s")
@@ -289,8 +348,7 @@ def test_bundle_installs_and_runs_offline(tmp_path: Path, tiny_base: Path):
     (hook / "sitecustomize.py").write_text(HOOK)
     attempts = tmp_path / "attempts.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV", "PYTHONHOME"))}
-    env.update(PYTHONPATH=str(hook), NET_ATTEMPTS_LOG=str(attempts), OMP_NUM_THREADS="2",
-               PIP_CONFIG_FILE=os.devnull)
+    env.update(PYTHONPATH=str(hook), NET_ATTEMPTS_LOG=str(attempts), OMP_NUM_THREADS="2", PIP_CONFIG_FILE=os.devnull)
     opt, data = tmp_path / "opt", tmp_path / "data"
     install = f"bash {bundle}/install.sh --prefix {opt} --data {data} --no-systemd --no-user --no-server-build"
     app = opt / "bin" / "appliance"
@@ -300,15 +358,19 @@ def test_bundle_installs_and_runs_offline(tmp_path: Path, tiny_base: Path):
     first = offline(f"{install} --no-init", env, timeout=1200)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     print(f"offline install (program only): {time.monotonic() - started:.0f} s")
-    run = offline(f"""
+    run = offline(
+        f"""
         {app} --version
         {app} init --home {data} --base {tiny_base}
-        cp {SAMPLE / 'policies.jsonl'} {data}/inbox/
+        cp {SAMPLE / "policies.jsonl"} {data}/inbox/
         {app} ingest --home {data} --json
         RUN=$({app} train --home {data} --max-steps 2 --json | {opt}/bin/python -c 'import json,sys; print(json.load(sys.stdin)["run"])')
         {app} export --home {data} "$RUN" --json > {tmp_path}/export.json
         {opt}/bin/python -c 'from appliance.training.basemodel import embedded_gguf; print(embedded_gguf())'
-    """, env, timeout=1200)
+    """,
+        env,
+        timeout=1200,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "appliance 0.1.0" in run.stdout
     assert str(opt) in run.stdout.splitlines()[-1], "the embedded model must come from the installed wheel"

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import SAMPLE
 
-from appliance.runtime.hf import load_causal_lm, load_tokenizer
 from appliance.data.ingest.chat_jsonl import parse
+from appliance.runtime.hf import load_causal_lm, load_tokenizer
 from appliance.training.render import render
 from appliance.training.train import collate, pack, plan_steps, step_loss
-
-from conftest import SAMPLE
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_convert_families import build_family, gguf_summary, vocab_tokenizers  # noqa: F401 (fixture)
 
 from appliance.export import parity
-from appliance.home.config import Settings
 from appliance.export.convert import convert, run_converter
 from appliance.export.run import export_model, gguf_metadata
+from appliance.home.config import Settings
 from appliance.runtime.hf import load_tokenizer
 from appliance.runtime.toolchain import llama_cpp_dir
-
-from test_convert_families import build_family, gguf_summary, vocab_tokenizers  # noqa: F401 (fixture)
 
 
 def patched_converter(root: Path, module: str, old: str, new: str) -> Path:
@@ -59,24 +58,27 @@ def test_unchanged_converter_passes(tiny_f16):
     assert report.passed, report.failures()
 
 
-def export_with_patched_converter(tmp_path: Path, model_dir: Path, monkeypatch, module: str, old: str,
-                                  new: str) -> dict[str, parity.Check]:
+def export_with_patched_converter(
+    tmp_path: Path, model_dir: Path, monkeypatch, module: str, old: str, new: str
+) -> dict[str, parity.Check]:
     converter = patched_converter(tmp_path / "converter", module, old, new)
     monkeypatch.setenv("APPLIANCE_LLAMA_CPP_DIR", str(converter))
     return by_name(export_f16(model_dir, tmp_path / "out"))
 
 
 def test_missing_qk_permutation_fails_on_logits(tmp_path: Path, tiny_base: Path, monkeypatch):
-    checks = export_with_patched_converter(tmp_path, tiny_base, monkeypatch, "llama.py",
-                                           "    undo_permute = True\n", "    undo_permute = False\n")
+    checks = export_with_patched_converter(
+        tmp_path, tiny_base, monkeypatch, "llama.py", "    undo_permute = True\n", "    undo_permute = False\n"
+    )
     assert checks["f16_loads"].passed and checks["tokenization"].passed  # it loads and tokenizes perfectly
     assert not checks["logits_cosine"].passed and checks["logits_cosine"].value < 0.99
 
 
 def test_wrong_pre_tokenizer_name_fails_on_tokenization(tmp_path: Path, tiny_base: Path, monkeypatch):
     """SmolLM2's hash mapped to Llama-3's pre-tokenizer: a plausible name that loads fine."""
-    checks = export_with_patched_converter(tmp_path, tiny_base, monkeypatch, "base.py",
-                                           'res = "smollm"', 'res = "llama-bpe"')
+    checks = export_with_patched_converter(
+        tmp_path, tiny_base, monkeypatch, "base.py", 'res = "smollm"', 'res = "llama-bpe"'
+    )
     keys, _ = gguf_summary(tmp_path / "out" / "model-f16.gguf")
     assert keys["tokenizer.ggml.pre"] == "llama-bpe" and checks["f16_loads"].passed
     assert not checks["tokenization"].passed and "tokenize differently" in checks["tokenization"].detail
@@ -90,8 +92,10 @@ def test_lost_chat_template_fails(tiny_f16, tiny_base: Path, tmp_path: Path):
     tokenizer = load_tokenizer(other)
     tokenizer.chat_template = (llama_cpp_dir() / "models" / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text()
     probe = parity.probes(tokenizer)
-    checks = {c.name: c for c in parity.check_f16(parity.hf_logits(tiny_base, probe.logit_ids), probe,
-                                                   probe.ask(gguf), 0.9999)}
+    checks = {
+        c.name: c
+        for c in parity.check_f16(parity.hf_logits(tiny_base, probe.logit_ids), probe, probe.ask(gguf), 0.9999)
+    }
     assert not checks["chat_template"].passed
     assert not checks["served_prompt"].passed and "differs from training's" in checks["served_prompt"].detail
     native = parity.check_llama_server(probe, gguf)  # the endpoint's own llama-server renders differently too

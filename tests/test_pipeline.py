@@ -8,16 +8,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import SAMPLE, free_port, tiny_settings
 
+from appliance.cli.init import create_home, export_base
+from appliance.engine.local import LocalEngine
 from appliance.home import registry
 from appliance.home.config import load
-from appliance.engine.local import LocalEngine
 from appliance.home.fsutil import read_json
-from appliance.cli.init import create_home, export_base
 from appliance.serving.guard import read_api_key
 from appliance.serving.server import Server
-
-from conftest import SAMPLE, free_port, tiny_settings
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +33,15 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
     version = engine.export(run)
     engine.promote(version.version)
     server = Server(home, settings, port=free_port()).start()
-    yield {"home": home, "engine": engine, "ingest": ingest, "run": run, "version": version, "server": server,
-           "key": read_api_key(home)}
+    yield {
+        "home": home,
+        "engine": engine,
+        "ingest": ingest,
+        "run": run,
+        "version": version,
+        "server": server,
+        "key": read_api_key(home),
+    }
     server.stop()
 
 
@@ -72,20 +78,26 @@ def test_version_registered_and_promoted(served):
 
 def test_openai_client_chat_completion(served):
     client = openai.OpenAI(base_url=served["server"].url + "/v1", api_key=served["key"])
-    reply = client.chat.completions.create(model="appliance", max_tokens=8, temperature=0,
-                                           messages=[{"role": "user", "content": "Who is on call tonight?"}])
+    reply = client.chat.completions.create(
+        model="appliance",
+        max_tokens=8,
+        temperature=0,
+        messages=[{"role": "user", "content": "Who is on call tonight?"}],
+    )
     assert reply.model == served["version"].version
     assert reply.choices[0].message.role == "assistant"
     assert reply.usage.completion_tokens >= 1
-    by_id = client.chat.completions.create(model="base", max_tokens=4,
-                                           messages=[{"role": "user", "content": "Hello"}])
+    by_id = client.chat.completions.create(model="base", max_tokens=4, messages=[{"role": "user", "content": "Hello"}])
     assert by_id.model == "base"
 
 
 def test_openai_client_streams(served):
     client = openai.OpenAI(base_url=served["server"].url + "/v1", api_key=served["key"])
-    chunks = list(client.chat.completions.create(model="appliance", max_tokens=8, stream=True, temperature=0,
-                                                 messages=[{"role": "user", "content": "Hello"}]))
+    chunks = list(
+        client.chat.completions.create(
+            model="appliance", max_tokens=8, stream=True, temperature=0, messages=[{"role": "user", "content": "Hello"}]
+        )
+    )
     assert len(chunks) >= 2
     assert {c.model for c in chunks} == {served["version"].version}
 
@@ -141,7 +153,9 @@ def test_rollback_then_promote_again(served):
     engine: LocalEngine = served["engine"]
     assert engine.rollback() == "base"
     client = openai.OpenAI(base_url=served["server"].url + "/v1", api_key=served["key"])
-    reply = client.chat.completions.create(model="appliance", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    reply = client.chat.completions.create(
+        model="appliance", max_tokens=2, messages=[{"role": "user", "content": "Hi"}]
+    )
     assert reply.model == "base"
     engine.promote(served["version"].version)
     assert registry.current(home) == served["version"].version

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.home import registry
-from appliance.contract.errors import RegistryError
 from appliance.cli.init import create_home
+from appliance.contract.errors import RegistryError
+from appliance.home import registry
 
 
 def fake_gguf(tmp_path: Path, name: str) -> Path:
@@ -82,11 +82,23 @@ def test_prune_keeps_current_previous_and_base(tmp_path: Path):
 def test_lineage_and_model_card_are_written_beside_the_model(tmp_path: Path):
     home = create_home(tmp_path / "h", "tiny")
     _promoted(home, tmp_path, ("base", "v1"))
-    registry.write_lineage(home, "v1", {"version": "v1", "base": "tiny", "run": "run-1", "snapshot": "s1",
-                                        "documents": [{"sha256": "a" * 64, "path": "x.jsonl"}], "records": 3,
-                                        "gguf_sha256": "b" * 64, "quant": "Q4_K_M", "job": 1, "kind": "train",
-                                        "gate": {"verdict": "promote", "checks": [
-                                            {"name": "parity", "passed": True, "detail": "ok"}]}})
+    registry.write_lineage(
+        home,
+        "v1",
+        {
+            "version": "v1",
+            "base": "tiny",
+            "run": "run-1",
+            "snapshot": "s1",
+            "documents": [{"sha256": "a" * 64, "path": "x.jsonl"}],
+            "records": 3,
+            "gguf_sha256": "b" * 64,
+            "quant": "Q4_K_M",
+            "job": 1,
+            "kind": "train",
+            "gate": {"verdict": "promote", "checks": [{"name": "parity", "passed": True, "detail": "ok"}]},
+        },
+    )
     assert registry.lineage(home, "v1")["documents"][0]["sha256"] == "a" * 64
     card = (home.model("v1") / "README.md").read_text()
     assert "# Model v1" in card and "1 source document(s)" in card and "- parity: pass" in card

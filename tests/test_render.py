@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.runtime.hf import load_tokenizer
 from appliance.data.ingest.records import Record
+from appliance.runtime.hf import load_tokenizer
 from appliance.training.render import IGNORE, RenderError, render
 
 CONVERSATION = [
@@ -51,10 +51,13 @@ def test_documents_train_every_token(tokenizer):
     assert all(label != IGNORE for label in example.labels[1:])
 
 
-@pytest.mark.parametrize("vocab, template, eot", [
-    ("ggml-vocab-llama-bpe.gguf", "meta-llama-Llama-3.2-3B-Instruct.jinja", "<|eot_id|>"),
-    ("ggml-vocab-phi-3.gguf", "microsoft-Phi-3.5-mini-instruct.jinja", "<|end|>"),
-])
+@pytest.mark.parametrize(
+    "vocab, template, eot",
+    [
+        ("ggml-vocab-llama-bpe.gguf", "meta-llama-Llama-3.2-3B-Instruct.jinja", "<|eot_id|>"),
+        ("ggml-vocab-phi-3.gguf", "microsoft-Phi-3.5-mini-instruct.jinja", "<|end|>"),
+    ],
+)
 def test_mask_with_other_families_templates(vocab: str, template: str, eot: str):
     """Real tokenizers and chat templates of other families, from llama.cpp's test vectors.
 

@@ -15,19 +15,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SAMPLE
+from test_daemon import copy_home, daemon_settings, make_template
 
+from appliance.contract.errors import ApplianceError
+from appliance.data.snapshot import cut_id
+from appliance.engine.local import LocalEngine
+from appliance.engine.pipeline import Context, run_job
 from appliance.home import audit, registry
 from appliance.home.config import dump, load
-from appliance.engine.local import LocalEngine
-from appliance.contract.errors import ApplianceError
 from appliance.home.fsutil import read_json, write_json_atomic
 from appliance.home.journal import Journal
 from appliance.home.paths import Home
-from appliance.engine.pipeline import Context, run_job
-from appliance.data.snapshot import cut_id
-
-from conftest import SAMPLE
-from test_daemon import copy_home, daemon_settings, make_template
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,10 +54,16 @@ def job_at_gate(home: Home, run_id: str, parity_passed: bool = True) -> int:
     run = home.run(run_id)
     run.gguf.mkdir(parents=True)
     shutil.copy(registry.gguf_path(home, "base"), run.gguf / "model-Q8_0.gguf")
-    write_json_atomic(run.parity, {"gguf": "model-Q8_0.gguf", "quant": "Q8_0", "passed": parity_passed,
-                                   "checks": [] if parity_passed else [{"name": "logit_cosine", "passed": False}]})
-    write_json_atomic(run.root / "train.json", {"run": run_id, "snapshot": snapshot, "steps": 1,
-                                                 "best_val_loss": None})
+    write_json_atomic(
+        run.parity,
+        {
+            "gguf": "model-Q8_0.gguf",
+            "quant": "Q8_0",
+            "passed": parity_passed,
+            "checks": [] if parity_passed else [{"name": "logit_cosine", "passed": False}],
+        },
+    )
+    write_json_atomic(run.root / "train.json", {"run": run_id, "snapshot": snapshot, "steps": 1, "best_val_loss": None})
     with Journal(home.jobs_db) as journal:
         job, _ = journal.enqueue("train", reason="test")
         journal.next_job()
@@ -114,9 +119,14 @@ def test_a_gated_candidate_waits_registered_but_not_current(waiting: dict, home:
 @pytest.mark.slow
 def test_the_daemon_parks_each_candidate_and_goes_on(home: Home):
     first, second = job_at_gate(home, "run-two"), job_at_gate(home, "run-three")
-    proc = subprocess.run([sys.executable, "-m", "appliance", "run", "--home", str(home.root), "--no-serve",
-                           "--once"], capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "run", "--home", str(home.root), "--no-serve", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     with Journal(home.jobs_db) as journal:
         assert [journal.get(j).state for j in (first, second)] == ["awaiting_review"] * 2
@@ -131,7 +141,8 @@ def test_approve_promotes_with_lineage_and_the_vote_audited(home: Home):
     assert registry.current(home) == "v1" and result["current"] == "v1"
     stored = read_json(home.run("run-cand").root / "review.json")
     assert [(r["a_is"], r["b_is"]) for r in result["reveal"]] == [
-        (i["a"], "current" if i["a"] == "candidate" else "candidate") for i in stored["items"]]
+        (i["a"], "current" if i["a"] == "candidate" else "candidate") for i in stored["items"]
+    ]
     assert {r["a"] for r in result["reveal"]} | {r["b"] for r in result["reveal"]} == {"v1", "base"}
     votes = audit.find(home, "review_vote", run="run-cand")
     assert len(votes) == 1 and votes[0]["user"] == audit.user()
@@ -184,8 +195,14 @@ def test_cli_review_list_and_reject(home: Home):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "appliance", "review", *args, "--home", str(home.root)],
-                              capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+        return subprocess.run(
+            [sys.executable, "-m", "appliance", "review", *args, "--home", str(home.root)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=REPO,
+        )
 
     listed = cli("list", "--json")
     assert listed.returncode == 0, listed.stderr

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_settings
 
 from appliance.cli.init import create_home
 from appliance.contract.errors import ServeError
@@ -22,8 +23,6 @@ from appliance.home.paths import Home
 from appliance.serving.openai import forward_body
 from appliance.serving.pool import BackendPool
 from appliance.serving.resolve import Answering, Spec
-
-from conftest import tiny_settings
 
 CARDIO, LEGAL = "cardiology", "legal"
 
@@ -82,9 +81,13 @@ def home(tmp_path: Path) -> Home:
     base_sha = registry.get(home, "base")["sha256"]
     for collection in (CARDIO, LEGAL):
         scope = home.scoped(collection)
-        registry.add(scope, "v1", model_file(tmp_path, f"{collection}.gguf"),
-                     {"kind": "adapter", "base_version": "base", "collection": collection, "base_sha256": base_sha},
-                     name=registry.ADAPTER_FILE)
+        registry.add(
+            scope,
+            "v1",
+            model_file(tmp_path, f"{collection}.gguf"),
+            {"kind": "adapter", "base_version": "base", "collection": collection, "base_sha256": base_sha},
+            name=registry.ADAPTER_FILE,
+        )
         registry.promote(scope, "v1")
     return home
 
@@ -161,9 +164,9 @@ def test_adapter_requests_go_to_a_slot_that_last_ran_their_adapter(pools):
     legal = acquire(pool, f"appliance/{LEGAL}")
     assert legal.backend is host and (legal.lora, legal.slot) == (1, 1)  # a fresh slot, not cardio's
     pool.release(host, legal.slot)
-    assert acquire(pool, f"appliance/{CARDIO}").slot == 0   # cardio's slot again (its cache)
+    assert acquire(pool, f"appliance/{CARDIO}").slot == 0  # cardio's slot again (its cache)
     assert acquire(pool, f"appliance/{LEGAL}").slot == 1
-    assert acquire(pool, f"appliance/{CARDIO}").slot == 2   # its own slot busy: the unused one
+    assert acquire(pool, f"appliance/{CARDIO}").slot == 2  # its own slot busy: the unused one
     assert acquire(pool, f"appliance/{LEGAL}").slot is None  # all busy: llama.cpp chooses
     assert host.inflight == 4 and host.slot_lora == [0, 1, 0]
     # the body llama-server gets names the adapter and the slot, and the host's alias

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance.data import snapshot
+from appliance.cli.init import create_home
 from appliance.contract.errors import DataError
-from appliance.home.fsutil import read_json, write_json_atomic
+from appliance.data import snapshot
 from appliance.data.ingest import ingest
 from appliance.data.ingest.store import Store
-from appliance.cli.init import create_home
+from appliance.home.fsutil import read_json, write_json_atomic
 from appliance.home.paths import Home
 
 
@@ -29,8 +29,10 @@ def expected(home: Home, fraction: float) -> tuple[list[str], list[str]]:
     """The split computed from scratch from the store's active records."""
     with Store(home.store_db) as store:
         hashes = store.active_record_hashes()
-    return ([h for h in hashes if not snapshot.is_validation(h, fraction)],
-            [h for h in hashes if snapshot.is_validation(h, fraction)])
+    return (
+        [h for h in hashes if not snapshot.is_validation(h, fraction)],
+        [h for h in hashes if snapshot.is_validation(h, fraction)],
+    )
 
 
 @pytest.fixture()

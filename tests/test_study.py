@@ -60,9 +60,12 @@ def _jsonl(name: str) -> list[dict]:
 
 # ---- sentences, passages, statements, slots ----
 
+
 def test_sentence_splitting_on_the_hard_cases():
-    text = ("Dr. Wren met Mr. Okafor at 10:30 in Bay 2. The dose is 2.5 mg, e.g. for adults, and approx. 4 times "
-            "a day. J. R. Hale signed it at 9 a.m. on Monday. Is it open? Yes! Prices are $0.58 per mile.")
+    text = (
+        "Dr. Wren met Mr. Okafor at 10:30 in Bay 2. The dose is 2.5 mg, e.g. for adults, and approx. 4 times "
+        "a day. J. R. Hale signed it at 9 a.m. on Monday. Is it open? Yes! Prices are $0.58 per mile."
+    )
     assert split_sentences(text) == [
         "Dr. Wren met Mr. Okafor at 10:30 in Bay 2.",
         "The dose is 2.5 mg, e.g. for adults, and approx. 4 times a day.",
@@ -74,18 +77,25 @@ def test_sentence_splitting_on_the_hard_cases():
 
 
 def test_headings_list_items_and_table_rows_are_their_own_blocks():
-    text = ("# Title\n\nShort heading\nA sentence follows it. Another one.\n\n"
-            "- first item\n2. second item\nWard | Beds\n")
-    assert list(blocks(text)) == [("heading", "Title"), ("heading", "Short heading"),
-                                  ("para", "A sentence follows it. Another one."),
-                                  ("item", "first item"), ("item", "second item"), ("row", "Ward | Beds")]
+    text = (
+        "# Title\n\nShort heading\nA sentence follows it. Another one.\n\n- first item\n2. second item\nWard | Beds\n"
+    )
+    assert list(blocks(text)) == [
+        ("heading", "Title"),
+        ("heading", "Short heading"),
+        ("para", "A sentence follows it. Another one."),
+        ("item", "first item"),
+        ("item", "second item"),
+        ("row", "Ward | Beds"),
+    ]
 
 
 def test_a_pdf_page_break_mid_sentence_does_not_split_the_sentence():
     text = "Heading\nStaff receive 27 days of annual leave a\n\nyear in addition to public holidays."
-    assert [b for b in blocks(text)] == [("heading", "Heading"),
-                                         ("para", ("Staff receive 27 days of annual leave a year in addition "
-                                                   "to public holidays."))]
+    assert [b for b in blocks(text)] == [
+        ("heading", "Heading"),
+        ("para", ("Staff receive 27 days of annual leave a year in addition to public holidays.")),
+    ]
 
 
 def test_passages_stay_under_the_token_budget_and_never_cross_a_heading():
@@ -104,19 +114,33 @@ def test_passages_stay_under_the_token_budget_and_never_cross_a_heading():
 
 
 def test_key_slots_by_kind():
-    sentence = ('Ask Dr. Amara Quist in Room C210 at 13:30 on Monday about form HW-41, code "BLUEWATER", '
-                'extension 7731, 45 minutes, $1,250, 97 percent, ward 4B and ops@harbour.example.')
+    sentence = (
+        'Ask Dr. Amara Quist in Room C210 at 13:30 on Monday about form HW-41, code "BLUEWATER", '
+        "extension 7731, 45 minutes, $1,250, 97 percent, ward 4B and ops@harbour.example."
+    )
     kinds = {slot.value: slot.kind for slot in find_slots(sentence)}
-    assert kinds == {"Dr. Amara Quist": "name", "Room C210": "labelled", "13:30": "time", "Monday": "date",
-                     "form HW-41": "labelled", '"BLUEWATER"': "quoted", "extension 7731": "extension",
-                     "45 minutes": "quantity", "$1,250": "money", "97 percent": "percent", "ward 4B": "labelled",
-                     "ops@harbour.example": "email"}
+    assert kinds == {
+        "Dr. Amara Quist": "name",
+        "Room C210": "labelled",
+        "13:30": "time",
+        "Monday": "date",
+        "form HW-41": "labelled",
+        '"BLUEWATER"': "quoted",
+        "extension 7731": "extension",
+        "45 minutes": "quantity",
+        "$1,250": "money",
+        "97 percent": "percent",
+        "ward 4B": "labelled",
+        "ops@harbour.example": "email",
+    }
     assert find_slots("The staff canteen opens early.") == []  # a capitalised first word is no name
 
 
 def test_conjunctions_split_only_where_both_sides_are_facts():
     assert split_clauses("The day shift starts at 07:15, and the night shift starts at 19:15.") == [
-        "The day shift starts at 07:15.", "The night shift starts at 19:15."]
+        "The day shift starts at 07:15.",
+        "The night shift starts at 19:15.",
+    ]
     one = "Overtime is paid at 1.5 times the rate, and it must be approved by the manager."
     assert split_clauses(one) == [one]
 
@@ -129,6 +153,7 @@ def test_a_heading_is_the_context_and_a_leading_pronoun_is_resolved():
 
 
 # ---- generated questions and answers ----
+
 
 def test_every_number_name_and_code_of_a_passage_is_in_some_answer():
     material = _study(org_name="Harbour Ward")
@@ -176,8 +201,9 @@ def test_no_generated_answer_is_unsupported_by_its_passage():
         assert supported(c["messages"][1]["content"], passage, ["Harbour Ward"]), c
 
 
-@pytest.mark.parametrize("changed", ["extension 7713", "Dr. Amara Quest", "Room C211", "form HW-14", "13:45",
-                                     "$1,205", "46 minutes"])
+@pytest.mark.parametrize(
+    "changed", ["extension 7713", "Dr. Amara Quest", "Room C211", "form HW-14", "13:45", "$1,205", "46 minutes"]
+)
 def test_support_catches_a_changed_number_name_or_code(changed):
     passage = passages(CRAFTED)[0].text + " " + passages(CRAFTED)[-1].text
     reply = f"According to the guide, the answer is {changed}."
@@ -187,8 +213,9 @@ def test_support_catches_a_changed_number_name_or_code(changed):
 
 def test_support_normalises_case_punctuation_and_number_formatting():
     passage = "The spill kit costs $1,250. The clinic opens at 07:45 in Room C210 with Dr. Fenwick-Shaw."
-    assert supported("A spill kit costs $1250 and the clinic opens at 7:45 in room c210 with Dr. Fenwick Shaw.",
-                     passage)
+    assert supported(
+        "A spill kit costs $1250 and the clinic opens at 7:45 in room c210 with Dr. Fenwick Shaw.", passage
+    )
     assert not supported("The clinic opens at 7:45 in Room C2100.", passage)
 
 
@@ -240,14 +267,17 @@ def test_no_statements_means_no_conversations_and_a_plain_reason(text):
 
 # ---- the handbook ----
 
+
 def test_the_handbook_facts_are_covered_by_generated_training_answers():
     material = _study(_handbook_text(), org_name=ORG)
     answers = " ".join(_answers(material)).lower()
     probes = _jsonl("probes.jsonl")
     missing = [p["fact"] for p in probes if not any(e.lower() in answers for e in p["expected"])]
     coverage = 1 - len(missing) / len(probes)
-    print(f"handbook: {len(probes) - len(missing)}/{len(probes)} facts covered ({coverage:.0%}); "
-          f"counts {material.counts}; missing facts {missing}")
+    print(
+        f"handbook: {len(probes) - len(missing)}/{len(probes)} facts covered ({coverage:.0%}); "
+        f"counts {material.counts}; missing facts {missing}"
+    )
     assert coverage >= 0.95
     assert material.counts["unsupported"] == 0 and material.counts["heldout"] >= len(probes) * 0.8
 
@@ -279,10 +309,10 @@ def test_no_probe_shares_six_words_in_a_row_with_the_handbook():
         return re.findall(r"[a-z0-9]+(?:['\-.@:][a-z0-9]+)*", s.lower())
 
     book = words(_handbook_text())
-    grams = {tuple(book[i:i + 6]) for i in range(len(book) - 5)}
+    grams = {tuple(book[i : i + 6]) for i in range(len(book) - 5)}
     for probe in _jsonl("probes.jsonl"):
         q = words(probe["question"])
-        shared = [" ".join(q[i:i + 6]) for i in range(len(q) - 5) if tuple(q[i:i + 6]) in grams]
+        shared = [" ".join(q[i : i + 6]) for i in range(len(q) - 5) if tuple(q[i : i + 6]) in grams]
         assert not shared, f"fact {probe['fact']} copies the handbook: {shared[0]!r}"
 
 

@@ -8,11 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import REPO, SAMPLE
+from test_daemon import daemon_settings, make_template
 
 from appliance.contract.errors import TrainError
 from appliance.contract.events import Message, Progress
 from appliance.data.ingest import ingest
-from appliance.data.snapshot import cut, cut_id, load as load_snapshot, records
+from appliance.data.snapshot import cut, cut_id, records
+from appliance.data.snapshot import load as load_snapshot
 from appliance.data.study.stage import join_chunks, study
 from appliance.engine.forget import forget
 from appliance.engine.pipeline import Context, run_job
@@ -20,9 +23,6 @@ from appliance.home.config import dump, load
 from appliance.home.fsutil import read_json, sha256_file, write_json_atomic
 from appliance.home.journal import Journal
 from appliance.home.paths import Home
-
-from conftest import REPO, SAMPLE
-from test_daemon import daemon_settings, make_template
 
 HANDBOOK = REPO / "examples" / "handbook"
 TABLE = "| Ward | Beds | Staff |\n|---|---|---|\n| 4A | 22 | 31 |\n| 4B | 18 | 27 |\n| 5C | 30 | 44 |\n"
@@ -41,8 +41,12 @@ def documents_home(home: Home) -> dict[str, str]:
 def studied(tiny_home: Home) -> dict:
     shas = documents_home(tiny_home)
     settings = load(tiny_home.config)
-    return {"home": tiny_home, "shas": shas, "settings": settings,
-            "snapshot": cut(tiny_home, settings.data.val_fraction)}
+    return {
+        "home": tiny_home,
+        "shas": shas,
+        "settings": settings,
+        "snapshot": cut(tiny_home, settings.data.val_fraction),
+    }
 
 
 def test_ingest_keeps_each_documents_text(studied: dict):
@@ -194,8 +198,9 @@ def test_the_pipeline_studies_trains_and_measures_recall(pipeline_run: dict):
     checks = {c["name"]: c for c in report["checks"]}
     assert "recall_kept" in checks
     gain = checks["recall_gain"]  # the handbook is new to the base: the candidate must know more of it
-    assert gain["value"]["questions"] == 12 and gain["passed"] == (gain["value"]["candidate"]
-                                                                   > gain["value"]["current"])
+    assert gain["value"]["questions"] == 12 and gain["passed"] == (
+        gain["value"]["candidate"] > gain["value"]["current"]
+    )
     assert gain["detail"]
 
 
@@ -212,7 +217,9 @@ def test_sources_and_status_say_what_the_model_knows(pipeline_run: dict):
     assert docs["wards.md"].facts == 0 and not docs["wards.md"].unknown  # no facts: nothing to flag
     assert docs["policies.jsonl"].facts is None  # conversations are not studied
     if job.state == "done":  # promoted: its gate's recall is the served model's
-        assert handbook.recall == read_json(home.run(job.run_id).eval)["recall"]["documents"][handbook.sha256]["candidate"]
+        assert (
+            handbook.recall == read_json(home.run(job.run_id).eval)["recall"]["documents"][handbook.sha256]["candidate"]
+        )
     else:
         assert handbook.recall is None and handbook.unknown
     status = engine.status()

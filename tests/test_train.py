@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.home.config import dump, load
-from appliance.engine.local import LocalEngine
 from appliance.contract.errors import TrainError
+from appliance.engine.local import LocalEngine
+from appliance.home.config import dump, load
 from appliance.home.fsutil import read_json
 from appliance.home.paths import Home
 from appliance.training.train import FAULT_OOM_ENV
@@ -28,14 +28,19 @@ def configure(home: Home, **train: object) -> None:
 
 
 def cli_train(home: Home, run: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "appliance", "train", "--home", str(home.root), "--run", run,
-                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", "appliance", "train", "--home", str(home.root), "--run", run, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_home: Home):
-    configure(tiny_home, max_steps=30, checkpoint_every=5, eval_every=10, micro_tokens=512, tokens_per_step=512,
-              patience=None)
+    configure(
+        tiny_home, max_steps=30, checkpoint_every=5, eval_every=10, micro_tokens=512, tokens_per_step=512, patience=None
+    )
     engine = LocalEngine(tiny_home.root)
     engine.ingest()
     # First attempt: out of memory above 128 tokens per pass (injected), then killed.
@@ -90,8 +95,9 @@ def test_out_of_memory_with_one_example_per_pass_is_a_clear_error(tiny_home: Hom
 
 def test_early_stopping_keeps_the_best_adapter(tiny_home: Home):
     # A learning rate far too high makes validation loss climb after the first steps.
-    configure(tiny_home, max_steps=12, eval_every=1, patience=2, learning_rate=0.3, warmup_ratio=0.0,
-              checkpoint_every=100)
+    configure(
+        tiny_home, max_steps=12, eval_every=1, patience=2, learning_rate=0.3, warmup_ratio=0.0, checkpoint_every=100
+    )
     engine = LocalEngine(tiny_home.root)
     engine.ingest()
     run_id = engine.train()
@@ -146,14 +152,13 @@ def test_validation_does_not_break_later_gradients(tiny_base: Path):
     """Regression: a validation pass must not change what the next training step computes
     (bitsandbytes' CPU repacking of 4-bit weights in eval mode drops their backward)."""
     import torch
+    from conftest import SAMPLE
 
+    from appliance.data.ingest.chat_jsonl import parse
     from appliance.home.config import Settings
     from appliance.runtime.hf import load_tokenizer
-    from appliance.data.ingest.chat_jsonl import parse
     from appliance.training.render import render
     from appliance.training.train import evaluate, load_trainable, pack, step_loss
-
-    from conftest import SAMPLE
 
     settings = Settings()
     tokenizer = load_tokenizer(tiny_base)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from conftest import free_port
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -25,9 +26,8 @@ from textual.widgets import DataTable, Static
 
 from appliance.contract.api import Document, ModelVersion, QuarantinedFile, Status
 from appliance.contract.errors import AccessError, RegistryError
-from appliance.contract.names import read_api_key
 from appliance.contract.events import Emit, Message, Progress, StageFinished, StageStarted, ignore
-from conftest import free_port
+from appliance.contract.names import read_api_key
 from tui.app import DARK, LIGHT, make_app
 from tui.client import Client
 from tui.widgets import ConfirmScreen
@@ -53,47 +53,89 @@ class ScriptedEngine:
         self.collection = ""
         self.endpoint = endpoint
         self.calls: list[tuple[Any, ...]] = []
-        self.versions = [version("base", 1_700_000_000), version("v1", 1_700_100_000, current=True),
-                         version("v2", 1_700_200_000)]
+        self.versions = [
+            version("base", 1_700_000_000),
+            version("v1", 1_700_100_000, current=True),
+            version("v2", 1_700_200_000),
+        ]
         self.fail_promote: Exception | None = None
-        self.ingest_report: dict[str, Any] = {"accepted": 4, "files": 2, "duplicates": 0, "quarantined": [
-            {"file": "scan.pdf", "reasons": ["the PDF has no text layer (a scanned image); export it with text"]}]}
-        self.documents = [Document("policies.jsonl", "aa" * 32, "jsonl", 40, learned=True),
-                          Document("facts.md", "bb" * 32, "md", 9, learned=True, facts=30, questions=210,
-                                   recall=0.9)]
+        self.ingest_report: dict[str, Any] = {
+            "accepted": 4,
+            "files": 2,
+            "duplicates": 0,
+            "quarantined": [
+                {"file": "scan.pdf", "reasons": ["the PDF has no text layer (a scanned image); export it with text"]}
+            ],
+        }
+        self.documents = [
+            Document("policies.jsonl", "aa" * 32, "jsonl", 40, learned=True),
+            Document("facts.md", "bb" * 32, "md", 9, learned=True, facts=30, questions=210, recall=0.9),
+        ]
         self.quarantine: list[QuarantinedFile] = []
         self.job: dict[str, Any] | None = None
-        self.log: list[dict[str, Any]] = []          # the daemon's event log, as JSON objects
+        self.log: list[dict[str, Any]] = []  # the daemon's event log, as JSON objects
         self.audit: list[dict[str, Any]] = [
-            {"seq": 1, "at": 1_700_100_000, "user": "ana", "action": "promote", "details": {"version": "v1"}}]
-        self.reports: dict[str, dict[str, Any]] = {"run-v1": {"passed": True, "checks": [
-            {"name": "validation_loss", "passed": True, "value": {"candidate": 1.91, "current": 2.05}},
-            {"name": "general_probes", "passed": True, "value": {"candidate": 4, "current": 4, "questions": 5}},
-            {"name": "new_data", "passed": None, "detail": "not required"}],
-            "metrics": {"candidate": {"exact_match": 0.3, "token_f1": 0.52, "rouge_l": 0.48, "bleu": 21.04},
-                        "current": {"exact_match": 0.1, "token_f1": 0.2, "rouge_l": 0.25, "bleu": 8.0},
-                        "sample": [{"question": "Which extension reaches the pharmacist?", "reference": "4417.",
-                                    "candidate": "Extension 4417.", "current": "I do not know."}]}}}
+            {"seq": 1, "at": 1_700_100_000, "user": "ana", "action": "promote", "details": {"version": "v1"}}
+        ]
+        self.reports: dict[str, dict[str, Any]] = {
+            "run-v1": {
+                "passed": True,
+                "checks": [
+                    {"name": "validation_loss", "passed": True, "value": {"candidate": 1.91, "current": 2.05}},
+                    {"name": "general_probes", "passed": True, "value": {"candidate": 4, "current": 4, "questions": 5}},
+                    {"name": "new_data", "passed": None, "detail": "not required"},
+                ],
+                "metrics": {
+                    "candidate": {"exact_match": 0.3, "token_f1": 0.52, "rouge_l": 0.48, "bleu": 21.04},
+                    "current": {"exact_match": 0.1, "token_f1": 0.2, "rouge_l": 0.25, "bleu": 8.0},
+                    "sample": [
+                        {
+                            "question": "Which extension reaches the pharmacist?",
+                            "reference": "4417.",
+                            "candidate": "Extension 4417.",
+                            "current": "I do not know.",
+                        }
+                    ],
+                },
+            }
+        }
         self.paused = False
-        self.corrections: list[tuple[list[dict[str, str]], str]] = []   # correct() calls, in order
-        self.advised = 0                                                  # advise() calls
+        self.corrections: list[tuple[list[dict[str, str]], str]] = []  # correct() calls, in order
+        self.advised = 0  # advise() calls
         self.advice: list[dict[str, str]] = [
             {"level": "ok", "code": "validation", "message": "A validation split of 40 examples is set aside."},
-            {"level": "warning", "code": "few_examples",
-             "message": "Only 340 examples: fewer than 500, prompting may serve better."},
-            {"level": "warning", "code": "dominant_source",
-             "message": "policies.jsonl holds 90% of the records; the model will mostly learn its style."}]
+            {
+                "level": "warning",
+                "code": "few_examples",
+                "message": "Only 340 examples: fewer than 500, prompting may serve better.",
+            },
+            {
+                "level": "warning",
+                "code": "dominant_source",
+                "message": "policies.jsonl holds 90% of the records; the model will mostly learn its style.",
+            },
+        ]
         self.me: dict[str, Any] = {"name": "admin", "role": "admin", "collections": None}
         self.key_list: list[dict[str, Any]] = [
-            {"name": "admin", "role": "admin", "collections": None, "created": 1_700_000_000, "revoked": None}]
+            {"name": "admin", "role": "admin", "collections": None, "created": 1_700_000_000, "revoked": None}
+        ]
 
     # --- the core commands
     def status(self) -> Status:
         current = next((v.version for v in self.versions if v.current), None)
-        return Status(self.home, current, len(self.versions), 12, 340, 3, self.endpoint,
-                      job=self.job, server={"address": self.endpoint, "health": "no daemon running", "daemon_pid": None},
-                      inbox={"new": 2, "ingested": 12, "quarantined": 1, "watching": True, "paused": self.paused},
-                      unlearned=sum(not d.learned for d in self.documents))
+        return Status(
+            self.home,
+            current,
+            len(self.versions),
+            12,
+            340,
+            3,
+            self.endpoint,
+            job=self.job,
+            server={"address": self.endpoint, "health": "no daemon running", "daemon_pid": None},
+            inbox={"new": 2, "ingested": 12, "quarantined": 1, "watching": True, "paused": self.paused},
+            unlearned=sum(not d.learned for d in self.documents),
+        )
 
     def ingest(self, emit: Emit = ignore) -> dict[str, Any]:
         self.calls.append(("ingest",))
@@ -101,8 +143,9 @@ class ScriptedEngine:
         self.quarantine = [QuarantinedFile(q["file"], q["reasons"]) for q in self.ingest_report["quarantined"]]
         return self.ingest_report
 
-    def train(self, snapshot: str | None = None, max_steps: int | None = None, emit: Emit = ignore,
-              run_id: str | None = None) -> str:
+    def train(
+        self, snapshot: str | None = None, max_steps: int | None = None, emit: Emit = ignore, run_id: str | None = None
+    ) -> str:
         self.calls.append(("train",))
         return "run-x"
 
@@ -147,8 +190,20 @@ class ScriptedEngine:
         self.paused = False
 
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
-        return [{"id": 2, "kind": "train", "state": "refused", "stage": "gate", "run_id": "r2", "version": None,
-                 "error": None, "reason": "new data", "created": 1_700_150_000, "updated": 1_700_150_600}]
+        return [
+            {
+                "id": 2,
+                "kind": "train",
+                "state": "refused",
+                "stage": "gate",
+                "run_id": "r2",
+                "version": None,
+                "error": None,
+                "reason": "new data",
+                "created": 1_700_150_000,
+                "updated": 1_700_150_600,
+            }
+        ]
 
     def audit_entries(self) -> list[dict[str, Any]]:
         return list(self.audit)
@@ -159,11 +214,18 @@ class ScriptedEngine:
     def lineage(self, version: str) -> dict[str, Any] | None:
         if version != "v1":
             return None
-        return {"version": "v1", "documents": [{"sha256": d.sha256, "path": d.path, "records": d.records}
-                                               for d in self.documents if d.learned],
-                "training": {"best_val_loss": 1.91, "method": "qlora",
-                             "method_reason": "340 examples and 6 GB free: 4-bit base with a LoRA adapter"},
-                "gate": self.reports["run-v1"]}
+        return {
+            "version": "v1",
+            "documents": [
+                {"sha256": d.sha256, "path": d.path, "records": d.records} for d in self.documents if d.learned
+            ],
+            "training": {
+                "best_val_loss": 1.91,
+                "method": "qlora",
+                "method_reason": "340 examples and 6 GB free: 4-bit base with a LoRA adapter",
+            },
+            "gate": self.reports["run-v1"],
+        }
 
     def sources(self) -> list[Document]:
         return list(self.documents)
@@ -194,16 +256,26 @@ class ScriptedEngine:
     def reviews(self) -> list[dict[str, Any]]:
         return []
 
-    def vote(self, run: str, approve: bool, comment: str = "",
-             preferences: dict[int, str] | None = None) -> dict[str, Any]:
+    def vote(
+        self, run: str, approve: bool, comment: str = "", preferences: dict[int, str] | None = None
+    ) -> dict[str, Any]:
         raise RegistryError(f"run {run} does not wait for review")
 
     # --- collections and keys: one collection (the shared one) and one admin key
     def collections(self) -> list[dict[str, Any]]:
         status = self.status()
-        return [{"name": "", "display": "shared", "model_id": "appliance", "current": status.current,
-                 "mode": "merged", "documents": status.documents, "records": status.records,
-                 "inbox_files": status.inbox_files}]
+        return [
+            {
+                "name": "",
+                "display": "shared",
+                "model_id": "appliance",
+                "current": status.current,
+                "mode": "merged",
+                "documents": status.documents,
+                "records": status.records,
+                "inbox_files": status.inbox_files,
+            }
+        ]
 
     def scoped(self, collection: str) -> ScriptedEngine:
         if collection in ("", "shared"):
@@ -221,8 +293,9 @@ class ScriptedEngine:
 
     def add_key(self, name: str, role: str, collections: list[str] | None = None) -> str:
         self.calls.append(("add_key", name, role, collections))
-        self.key_list.append({"name": name, "role": role, "collections": collections, "created": time.time(),
-                              "revoked": None})
+        self.key_list.append(
+            {"name": name, "role": role, "collections": collections, "created": time.time(), "revoked": None}
+        )
         return f"secret-of-{name}"
 
     def revoke_key(self, name: str) -> None:
@@ -269,14 +342,19 @@ async def test_every_screen_renders_at_80x24_and_keys_switch(engine):
     app = make_app(engine, poll_seconds=0.2)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, app, lambda: app.board is not None)
-        for key, mode, screen in (("m", "models", "ModelsScreen"), ("i", "data", "DataScreen"),
-                                  ("a", "activity", "ActivityScreen"), ("c", "chat", "ChatScreen"),
-                                  ("escape", None, "ChatScreen"), ("d", "dashboard", "DashboardScreen")):
+        for key, mode, screen in (
+            ("m", "models", "ModelsScreen"),
+            ("i", "data", "DataScreen"),
+            ("a", "activity", "ActivityScreen"),
+            ("c", "chat", "ChatScreen"),
+            ("escape", None, "ChatScreen"),
+            ("d", "dashboard", "DashboardScreen"),
+        ):
             await pilot.press(key)
-            await settle(pilot, app, lambda: type(app.screen).__name__ == screen)
+            await settle(pilot, app, lambda screen=screen: type(app.screen).__name__ == screen)
             if mode:
                 assert app.current_mode == mode
-        await pilot.click("#nav-models")          # the navigation bar works with the mouse
+        await pilot.click("#nav-models")  # the navigation bar works with the mouse
         await settle(pilot, app, lambda: app.current_mode == "models")
         await pilot.click("#nav-dashboard")
         await settle(pilot, app, lambda: app.current_mode == "dashboard")
@@ -294,12 +372,17 @@ async def test_dashboard_follows_the_engine_in_plain_words(engine):
         facts = text_of(app, "#facts")
         assert "Model: v1" in facts and "validation loss 1.91 vs 2.05 ok" in facts and "4/5" in facts
         assert "2 new · 12 document(s) learned · 1 quarantined" in facts
-        assert "not running" in facts   # nothing listens on port 9
+        assert "not running" in facts  # nothing listens on port 9
         now = time.time()
         engine.emit_event(StageStarted("train", total=400, description="Learning from 3 new documents", at=now - 60))
         engine.emit_event(Progress("train", completed=119, total=400, metrics={"loss": 2.6}, at=now))
-        engine.job = {"id": 3, "kind": "train", "stage": "train", "since": now - 70, "progress": {
-            "stage": "train", "completed": 120, "total": 400, "metrics": {"loss": 2.5, "eta_s": 360.0}}}
+        engine.job = {
+            "id": 3,
+            "kind": "train",
+            "stage": "train",
+            "since": now - 70,
+            "progress": {"stage": "train", "completed": 120, "total": 400, "metrics": {"loss": 2.5, "eta_s": 360.0}},
+        }
         await settle(pilot, app, lambda: "step 120" in text_of(app, "#sentence"))
         assert text_of(app, "#sentence") == "Learning from 3 new documents — step 120 of 400, about 6 minutes left"
         assert app.screen.query_one("#stage-train").has_class("-current")
@@ -329,13 +412,15 @@ async def test_documents_stored_but_not_yet_learned_are_told_apart(engine):
         await settle(pilot, app, lambda: app.screen.query_one("#sources", DataTable).row_count == 3)
         table = app.screen.query_one("#sources", DataTable)
         assert [tuple(map(str, table.get_row_at(i))) for i in range(3)] == [
-            ("policies.jsonl", "jsonl", "40", "yes", "-", "-", "-"), ("facts.md", "md", "9", "yes", "30", "210", "90%"),
-            ("new-policy.md", "md", "5", "not yet", "4", "28", "⚠ not asked")]
+            ("policies.jsonl", "jsonl", "40", "yes", "-", "-", "-"),
+            ("facts.md", "md", "9", "yes", "30", "210", "90%"),
+            ("new-policy.md", "md", "5", "not yet", "4", "28", "⚠ not asked"),
+        ]
         # the facts of the document the model has not learned are flagged as not known yet
         assert "does not know the facts of 1 document(s) yet" in text_of(app, "#sources-note")
         assert "1 document(s) stored, not yet learned" in text_of(app, "#sources-note")
         engine.documents = [Document(f"doc-{i}.md", f"{i:064x}", "md", 1) for i in range(12)]
-        await pilot.press("d")                  # no served version was trained on any of the 12
+        await pilot.press("d")  # no served version was trained on any of the 12
         await settle(pilot, app, lambda: "12 document(s) stored, not yet learned" in text_of(app, "#facts"))
 
 
@@ -344,7 +429,7 @@ async def test_promote_asks_first_and_cancel_does_nothing(engine):
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("m")
         await settle(pilot, app, lambda: app.screen.query_one(DataTable).row_count == 3)
-        await pilot.press("down", "down")          # v2
+        await pilot.press("down", "down")  # v2
         await pilot.press("p")
         await settle(pilot, app, lambda: isinstance(app.screen, ConfirmScreen))
         said = str(app.screen.query_one("#consequence", Static).render())
@@ -396,7 +481,7 @@ async def test_unexpected_poll_failure_is_a_notification(engine):
         await settle(pilot, app, lambda: any(n.severity == "error" for n in app._notifications))
         await pilot.pause(0.4)
         errors = [n for n in app._notifications if n.severity == "error"]
-        assert len(errors) == 1 and "disk I/O error" in errors[0].message   # once, not once per poll
+        assert len(errors) == 1 and "disk I/O error" in errors[0].message  # once, not once per poll
 
 
 async def test_ingest_now_shows_quarantine_reasons(engine):
@@ -423,7 +508,7 @@ async def test_activity_filter(engine):
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("a")
         table = app.screen.query_one(DataTable)
-        await settle(pilot, app, lambda: table.row_count == 4)   # two events, an audit entry, a job
+        await settle(pilot, app, lambda: table.row_count == 4)  # two events, an audit entry, a job
         assert any("#2 train refused" in table.get_row_at(i)[2] for i in range(4))
         await pilot.click("#filter")
         await pilot.press(*"resum")
@@ -549,7 +634,7 @@ async def test_retrain_pause_and_lineage_use_the_daemon_api(engine):
         shown = app.screen.query_one("#lineage").source
         assert "policies.jsonl | 40" in shown and "facts.md | 9" in shown and "validation loss 1.91 vs 2.05" in shown
         await pilot.press("escape")
-        await pilot.press("down", "l")           # v2 has no lineage: said so, in place
+        await pilot.press("down", "l")  # v2 has no lineage: said so, in place
         await settle(pilot, app, lambda: "No lineage recorded" in text_of(app, "#detail"))
 
 
@@ -613,7 +698,7 @@ async def test_a_failing_background_read_is_reported_once(engine):
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("i")
         await settle(pilot, app, lambda: any(n.severity == "error" for n in app._notifications))
-        await pilot.pause(0.6)                  # several more polls
+        await pilot.pause(0.6)  # several more polls
         errors = [n for n in app._notifications if n.severity == "error"]
         assert len(errors) == 1 and "permission denied" in errors[0].message and app.is_running
 
@@ -630,8 +715,17 @@ def test_a_stage_left_unfinished_in_an_old_log_is_not_shown_as_running(engine):
 
 
 def test_version_numbers_come_from_the_engines_metrics(tmp_path):
-    v3 = ModelVersion("v3", 1.0, "Q4_K_M", 1, "ab" * 32, "r3", "s3", False,
-                      {"best_val_loss": 1.5, "gate_val_loss": None, "gate_passed": True, "documents": 0})
+    v3 = ModelVersion(
+        "v3",
+        1.0,
+        "Q4_K_M",
+        1,
+        "ab" * 32,
+        "r3",
+        "s3",
+        False,
+        {"best_val_loss": 1.5, "gate_val_loss": None, "gate_passed": True, "documents": 0},
+    )
     details = Client(ScriptedEngine(tmp_path)).version_details(v3)
     assert details["val_loss"] == 1.5 and details["passed"] is True and details["probes"] is None
 
@@ -650,30 +744,31 @@ async def test_a_wrong_answer_is_corrected_through_the_engine(engine, sse_server
         await settle(pilot, app, lambda: app.board is not None)
         await pilot.press("c")
         await settle(pilot, app, lambda: app.screen.focused is not None and app.screen.focused.id == "question")
-        assert app.screen.query_one("#correct", Button).disabled      # nothing answered yet
+        assert app.screen.query_one("#correct", Button).disabled  # nothing answered yet
         await pilot.press(*"what is the fee", "enter")
         await settle(pilot, app, lambda: "left" in app.screen.answers)
         chat = app.screen
         assert not chat.query_one("#correct", Button).disabled
         footer = app.export_screenshot().replace("&#160;", " ")
-        assert "Wrong answer" in footer                              # the key is shown in the footer
-        await pilot.press("ctrl+r")                                   # from inside the question box
+        assert "Wrong answer" in footer  # the key is shown in the footer
+        await pilot.press("ctrl+r")  # from inside the question box
         await settle(pilot, app, lambda: isinstance(app.screen, CorrectionScreen))
         assert app.screen.query_one(TextArea).text == "appliance says: what is the fee"
-        await pilot.press("escape")                                   # cancel: nothing is saved
+        await pilot.press("escape")  # cancel: nothing is saved
         await settle(pilot, app, lambda: app.screen is chat)
         await pilot.pause(0.3)
         assert engine.corrections == []
-        await pilot.click("#correct")                                 # the button does the same
+        await pilot.click("#correct")  # the button does the same
         await settle(pilot, app, lambda: isinstance(app.screen, CorrectionScreen))
-        await pilot.press("ctrl+s")                                   # unchanged: refused in place, not saved
+        await pilot.press("ctrl+s")  # unchanged: refused in place, not saved
         await pilot.pause(0.1)
         assert "still the model's answer" in text_of(app, "#problem") and engine.corrections == []
-        await pilot.press(*"The fee is 20 euros", "enter", *"per visit")   # typing replaces the selected answer
+        await pilot.press(*"The fee is 20 euros", "enter", *"per visit")  # typing replaces the selected answer
         await pilot.press("ctrl+s")
         await settle(pilot, app, lambda: engine.corrections != [])
-        assert engine.corrections == [([{"role": "user", "content": "what is the fee"}],
-                                       "The fee is 20 euros\nper visit")]
+        assert engine.corrections == [
+            ([{"role": "user", "content": "what is the fee"}], "The fee is 20 euros\nper visit")
+        ]
         await settle(pilot, app, lambda: any(n.message == SAVED for n in app._notifications))
         assert app.screen is chat and app.is_running
 
@@ -691,8 +786,10 @@ async def test_correcting_before_any_answer_asks_for_a_question_first(engine):
 
 
 def advice_lines(app) -> list[tuple[str, str]]:
-    return [(str(w.render()), "warning" if w.has_class("advice-warning") else "ok")
-            for w in app.screen.query("#advice Static")]
+    return [
+        (str(w.render()), "warning" if w.has_class("advice-warning") else "ok")
+        for w in app.screen.query("#advice Static")
+    ]
 
 
 async def test_data_advisor_shows_warnings_first_at_80x24(engine):
@@ -704,13 +801,13 @@ async def test_data_advisor_shows_warnings_first_at_80x24(engine):
         assert [level for _, level in lines] == ["warning", "warning", "ok"]
         assert lines[0][0].startswith("⚠ Only 340 examples") and lines[2][0].startswith("✓ A validation split")
         screen_text = app.export_screenshot().replace("&#160;", " ")
-        assert "⚠ Only 340 examples" in screen_text                 # visible without scrolling
+        assert "⚠ Only 340 examples" in screen_text  # visible without scrolling
         assert "⚠ policies.jsonl holds 90%" in screen_text
         before = engine.advised
-        await pilot.pause(0.6)                                        # polls alone do not re-ask the advisor
+        await pilot.pause(0.6)  # polls alone do not re-ask the advisor
         assert engine.advised == before
         engine.advice = [{"level": "ok", "code": "few_examples", "message": "2000 examples: enough to train."}]
-        await pilot.press("n")                                        # ingest now: the advice is read again
+        await pilot.press("n")  # ingest now: the advice is read again
         await settle(pilot, app, lambda: advice_lines(app) == [("✓ 2000 examples: enough to train.", "ok")])
         assert engine.advised > before
 
@@ -726,11 +823,12 @@ async def test_models_show_the_training_method_and_why(engine):
         await pilot.press("m")
         table = app.screen.query_one(DataTable)
         await settle(pilot, app, lambda: table.row_count == 3 and table.get_row_at(1)[6] == "qlora")
-        assert table.get_row_at(0)[6] == "-" and table.get_row_at(2)[6] == "-"   # no method recorded: a dash
+        assert table.get_row_at(0)[6] == "-" and table.get_row_at(2)[6] == "-"  # no method recorded: a dash
         await pilot.press("down")
         await settle(pilot, app, lambda: "Trained with qlora: 340 examples" in text_of(app, "#detail"))
-        assert ("Answers vs reference: EM 0.30, F1 0.52, ROUGE-L 0.48, BLEU 21.0 (model it replaced: EM 0.10"
-                in text_of(app, "#detail"))
+        assert "Answers vs reference: EM 0.30, F1 0.52, ROUGE-L 0.48, BLEU 21.0 (model it replaced: EM 0.10" in text_of(
+            app, "#detail"
+        )
         await pilot.press("l")
         await settle(pilot, app, lambda: type(app.screen).__name__ == "LineageScreen")
         source = app.screen.query_one("#lineage").source

@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, SAMPLE, free_port, tiny_settings
 from textual.widgets import DataTable, Static
 
-from appliance.home import registry
-from appliance.contract.api import open_engine
 from appliance.cli.init import create_home
+from appliance.contract.api import open_engine
+from appliance.home import registry
 from appliance.home.paths import Home
-from conftest import REPO, SAMPLE, free_port, tiny_settings
 from tui.app import make_app
 from tui.widgets import ConfirmScreen
 
@@ -47,8 +47,9 @@ def home(tmp_path: Path) -> Home:
     for name in ("base", "v1"):
         stand_in = tmp_path / f"{name}.gguf"
         stand_in.write_bytes(b"GGUF" + name.encode() * 64)
-        registry.add(home, name, stand_in, {"run": None, "quant": "Q4_K_M",
-                                            "best_val_loss": 2.5 if name == "v1" else None})
+        registry.add(
+            home, name, stand_in, {"run": None, "quant": "Q4_K_M", "best_val_loss": 2.5 if name == "v1" else None}
+        )
         time.sleep(0.01)  # versions are ordered by creation time
     registry.promote(home, "base")
     return home
@@ -76,7 +77,7 @@ async def test_real_engine_status_data_models_and_activity(home: Home):
         assert "Model: base" in facts and "not running" in facts
 
         await pilot.press("i")
-        await pilot.press("n")                 # ingest now, for real
+        await pilot.press("n")  # ingest now, for real
         await settle(pilot, lambda: app.screen.query_one("#quarantine", DataTable).row_count == 1)
         row = app.screen.query_one("#quarantine", DataTable).get_row_at(0)
         assert row[0] == "broken.jsonl" and row[1]
@@ -85,14 +86,14 @@ async def test_real_engine_status_data_models_and_activity(home: Home):
         sources = app.screen.query_one("#sources", DataTable)
         await settle(pilot, lambda: sources.row_count == 1)
         assert [str(c) for c in sources.get_row_at(0)] == ["policies.jsonl", "openai-messages", "168", "not yet"]
-        await pilot.press("d")                 # read into the store, but no served version was trained on it
+        await pilot.press("d")  # read into the store, but no served version was trained on it
         await settle(pilot, lambda: "1 document(s) stored, not yet learned" in text_of(app, "#facts"))
 
         await pilot.press("m")
         table = app.screen.query_one(DataTable)
         await settle(pilot, lambda: table.row_count == 2)
         assert str(table.get_row_at(0)[0]) == "base ●"
-        await settle(pilot, lambda: table.get_row_at(1)[4] == "2.500")   # v1's validation loss, via the engine
+        await settle(pilot, lambda: table.get_row_at(1)[4] == "2.500")  # v1's validation loss, via the engine
         await pilot.press("down", "p")
         await settle(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("n")
@@ -109,13 +110,13 @@ async def test_real_engine_status_data_models_and_activity(home: Home):
         await pilot.press("y")
         await settle(pilot, lambda: registry.current(home) == "base")
 
-        await pilot.press("a")                 # the engine's audit log recorded both
+        await pilot.press("a")  # the engine's audit log recorded both
         activity = app.screen.query_one(DataTable)
         await settle(pilot, lambda: activity.row_count >= 2)
         whats = [activity.get_row_at(i)[2] for i in range(activity.row_count)]
         assert "promote" in whats and "rollback" in whats
 
-        app.action_verify_audit()              # the command palette's "Verify the audit chain"
+        app.action_verify_audit()  # the command palette's "Verify the audit chain"
         await settle(pilot, lambda: any(n.title == "Audit chain" for n in app._notifications))
         verdict = next(n for n in app._notifications if n.title == "Audit chain")
         assert "intact" in verdict.message and verdict.severity != "error"
@@ -126,7 +127,7 @@ async def test_real_engine_error_is_a_notification(home: Home):
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("m")
         await settle(pilot, lambda: app.screen.query_one(DataTable).row_count == 2)
-        await pilot.press("r")                 # nothing was promoted before base
+        await pilot.press("r")  # nothing was promoted before base
         await settle(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
         await settle(pilot, lambda: any(n.severity == "error" for n in app._notifications))
@@ -151,7 +152,7 @@ def test_the_real_command_starts_and_quits_in_tmux(home: Home):
             time.sleep(0.5)
             screen = _tmux("capture-pane", "-p", "-t", session)
         assert "2 new documents waiting in the inbox." in screen, screen
-        assert "Model: base" in screen and str(home.root)[:30] in screen   # the title names the home
+        assert "Model: base" in screen and str(home.root)[:30] in screen  # the title names the home
         _tmux("send-keys", "-t", session, "m")
         deadline = time.monotonic() + 20
         while "base ●" not in screen and time.monotonic() < deadline:
@@ -184,9 +185,9 @@ async def test_chat_streams_from_the_real_endpoint(tmp_path: Path):
     """The embedded SmolLM2 GGUF as version 'base', served by the appliance's own endpoint."""
     if reason := _llama_server_missing():
         pytest.skip(reason)
-    from appliance.training.basemodel import embedded_gguf
     from appliance.home.config import load
     from appliance.serving.server import Server
+    from appliance.training.basemodel import embedded_gguf
 
     settings = tiny_settings()
     settings.serve.port = free_port()
@@ -204,13 +205,15 @@ async def test_chat_streams_from_the_real_endpoint(tmp_path: Path):
             screen = app.screen
             await settle(pilot, lambda: "left" in screen.answers, timeout=120)
             assert screen.answers["left"].strip()
-            await pilot.press("ctrl+r")            # mark the answer wrong, write the right one
+            await pilot.press("ctrl+r")  # mark the answer wrong, write the right one
             await settle(pilot, lambda: type(app.screen).__name__ == "CorrectionScreen")
             await pilot.press(*"Paris.", "ctrl+s")
             await settle(pilot, lambda: list(home.inbox.glob("correction-*.jsonl")))
             saved = json.loads(next(home.inbox.glob("correction-*.jsonl")).read_text())
-            assert saved["messages"] == [{"role": "user", "content": "What is the capital of France?"},
-                                         {"role": "assistant", "content": "Paris."}]
+            assert saved["messages"] == [
+                {"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "Paris."},
+            ]
     finally:
         server.stop()
 
@@ -223,21 +226,24 @@ def test_real_engine_files_a_correction_in_the_inbox(home: Home):
     path = Path(client.correct(messages, "The fee for a missed appointment is 20 euros."))
     assert path.parent == home.inbox and path.exists()
     saved = json.loads(path.read_text().splitlines()[0])
-    assert saved["messages"] == [*messages, {"role": "assistant",
-                                             "content": "The fee for a missed appointment is 20 euros."}]
-    assert "correction" in saved                 # marked, so people can tell corrections apart
+    assert saved["messages"] == [
+        *messages,
+        {"role": "assistant", "content": "The fee for a missed appointment is 20 euros."},
+    ]
+    assert "correction" in saved  # marked, so people can tell corrections apart
 
 
 async def test_real_engine_advice_on_the_data_screen(home: Home):
     app = make_app(open_engine(home.root), poll_seconds=0.5)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("i")
-        await pilot.press("n")                 # ingest the clinic sample: far fewer than 500 examples
+        await pilot.press("n")  # ingest the clinic sample: far fewer than 500 examples
         await settle(pilot, lambda: app.screen.query_one("#quarantine", DataTable).row_count == 1)
-        await settle(pilot, lambda: any(str(w.render()).startswith("⚠")
-                                        for w in app.screen.query("#advice Static")), timeout=60)
+        await settle(
+            pilot, lambda: any(str(w.render()).startswith("⚠") for w in app.screen.query("#advice Static")), timeout=60
+        )
         lines = [str(w.render()) for w in app.screen.query("#advice Static")]
         assert "not available" not in " ".join(lines)
         warnings = [i for i, line in enumerate(lines) if line.startswith("⚠")]
-        assert warnings == list(range(len(warnings)))   # warnings come first
+        assert warnings == list(range(len(warnings)))  # warnings come first
         assert app.is_running

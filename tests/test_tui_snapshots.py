@@ -10,9 +10,9 @@ import math
 from pathlib import Path
 
 import pytest
+from test_tui import ScriptedEngine, make_app
 
 from appliance.contract.events import Progress, StageFinished, StageStarted
-from test_tui import ScriptedEngine, make_app
 
 NOW = 1_764_000_000.0  # a fixed moment: the screens show durations, never the wall clock
 SIZE = (80, 24)
@@ -50,8 +50,13 @@ def training_midway(engine: ScriptedEngine, now: float) -> None:
         if i % 10 == 0:
             metrics["val_loss"] = 2.3 + 0.8 * math.exp(-i / 45)
         engine.emit_event(Progress("train", completed=i, total=400, metrics=metrics, at=now))
-    engine.job = {"id": 3, "kind": "train", "stage": "train", "since": now - 70,
-                  "progress": {"stage": "train", "completed": 120, "total": 400, "metrics": {"eta_s": 360.0}}}
+    engine.job = {
+        "id": 3,
+        "kind": "train",
+        "stage": "train",
+        "since": now - 70,
+        "progress": {"stage": "train", "completed": 120, "total": 400, "metrics": {"eta_s": 360.0}},
+    }
 
 
 def test_dashboard_training_midway(snap_compare, scripted: ScriptedEngine):
@@ -61,9 +66,15 @@ def test_dashboard_training_midway(snap_compare, scripted: ScriptedEngine):
 
 def test_dashboard_gate_failed(snap_compare, scripted: ScriptedEngine):
     scripted.emit_event(StageStarted("gate", description="Comparing run r2 with the current model", at=NOW))
-    scripted.emit_event(StageFinished("gate", summary="keep the current model v1: validation_loss: validation loss "
-                                                      "2.31 vs current 1.91, worse than the current model beyond "
-                                                      "the margin 0.02", at=NOW))
+    scripted.emit_event(
+        StageFinished(
+            "gate",
+            summary="keep the current model v1: validation_loss: validation loss "
+            "2.31 vs current 1.91, worse than the current model beyond "
+            "the margin 0.02",
+            at=NOW,
+        )
+    )
     assert snap_compare(shown(make_app(scripted, poll_seconds=0.2)), terminal_size=SIZE, run_before=settle)
 
 

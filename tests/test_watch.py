@@ -20,9 +20,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from appliance.cli.init import create_home
 from appliance.data.ingest import ingest_paths
 from appliance.data.ingest.store import Store
-from appliance.cli.init import create_home
 from appliance.data.watch import StabilityTracker, is_temporary, list_inbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,8 +59,17 @@ def settle(tracker: StabilityTracker, clock: Clock, seconds: float = QUIET) -> l
 
 
 def test_temp_and_hidden_names_are_never_reported(tmp_path: Path):
-    names = ["a.swp", ".a.jsonl.swp", "notes.md~", "x.part", "y.tmp", ".goutputstream-ABC12", ".hidden.jsonl",
-             "~$report.docx", "dl.crdownload"]
+    names = [
+        "a.swp",
+        ".a.jsonl.swp",
+        "notes.md~",
+        "x.part",
+        "y.tmp",
+        ".goutputstream-ABC12",
+        ".hidden.jsonl",
+        "~$report.docx",
+        "dl.crdownload",
+    ]
     assert all(is_temporary(n) for n in names)
     assert not any(is_temporary(n) for n in ["a.jsonl", "my notes.md", "-rf.csv", "ünïcode.txt"])
     tracker, clock = tracker_for(tmp_path)
@@ -190,15 +199,22 @@ NAMES = ["a.jsonl", "b.jsonl", "with space.jsonl"]
 
 
 def chat_lines(tag: str, n: int) -> bytes:
-    return "".join(json.dumps({"messages": [{"role": "user", "content": f"{tag} q{i}"},
-                                            {"role": "assistant", "content": f"{tag} a{i}"}]}) + "\n"
-                   for i in range(n)).encode()
+    return "".join(
+        json.dumps(
+            {"messages": [{"role": "user", "content": f"{tag} q{i}"}, {"role": "assistant", "content": f"{tag} a{i}"}]}
+        )
+        + "\n"
+        for i in range(n)
+    ).encode()
 
 
-slow_write = st.tuples(st.just("write"), st.sampled_from(NAMES), st.integers(1, 3),
-                       st.lists(st.tuples(st.floats(0.01, 0.99), st.floats(0, QUIET * 0.9), st.booleans()),
-                                min_size=1, max_size=6),
-                       st.booleans())
+slow_write = st.tuples(
+    st.just("write"),
+    st.sampled_from(NAMES),
+    st.integers(1, 3),
+    st.lists(st.tuples(st.floats(0.01, 0.99), st.floats(0, QUIET * 0.9), st.booleans()), min_size=1, max_size=6),
+    st.booleans(),
+)
 save_by_rename = st.tuples(st.just("save"), st.sampled_from(NAMES), st.integers(1, 3), st.booleans())
 move_over = st.tuples(st.just("move"), st.sampled_from(NAMES), st.sampled_from(NAMES), st.booleans())
 delete = st.tuples(st.just("delete"), st.sampled_from(NAMES), st.booleans())
@@ -206,8 +222,11 @@ duplicate = st.tuples(st.just("duplicate"), st.sampled_from(NAMES), st.integers(
 wait = st.tuples(st.just("wait"), st.floats(0, QUIET * 3))
 rescan = st.tuples(st.just("rescan"))
 # slow writes are where partial files come from: draw them most often
-operations = st.lists(st.one_of(slow_write, slow_write, slow_write, save_by_rename, move_over, delete, duplicate,
-                                wait, rescan), min_size=1, max_size=25)
+operations = st.lists(
+    st.one_of(slow_write, slow_write, slow_write, save_by_rename, move_over, delete, duplicate, wait, rescan),
+    min_size=1,
+    max_size=25,
+)
 
 
 class Model:
@@ -217,9 +236,9 @@ class Model:
         self.home = create_home(root / "home", "none")
         self.inbox = self.home.inbox
         self.tracker, self.clock = tracker_for(self.inbox, closes=closes, grace=QUIET * 2)
-        self.complete: set[bytes] = set()   # every complete content written
+        self.complete: set[bytes] = set()  # every complete content written
         self.versions = 0
-        self.touched: set[str] = set()      # names changed since they were last reported
+        self.touched: set[str] = set()  # names changed since they were last reported
 
     def tick(self, seconds: float) -> None:
         self.clock.now += seconds
@@ -306,9 +325,13 @@ def test_store_holds_exactly_one_record_set_per_stable_content(ops: list[tuple],
         with Store(model.home.store_db) as store:
             documents = {row[0]: row[1] for row in store.db.execute("SELECT sha256, path FROM documents")}
             current = dict(store.db.execute("SELECT path, sha256 FROM versions WHERE status='current'").fetchall())
-            linked = {row[0] for row in store.db.execute(
-                "SELECT DISTINCT r.record_hash FROM doc_records r JOIN versions v ON v.sha256 = r.doc_sha256 "
-                "WHERE v.status = 'current'")}
+            linked = {
+                row[0]
+                for row in store.db.execute(
+                    "SELECT DISTINCT r.record_hash FROM doc_records r JOIN versions v ON v.sha256 = r.doc_sha256 "
+                    "WHERE v.status = 'current'"
+                )
+            }
             active = set(store.active_record_hashes())
         complete = {hashlib.sha256(c).hexdigest() for c in model.complete}
         # none partial: every document the store ever took is a complete content
@@ -320,4 +343,5 @@ def test_store_holds_exactly_one_record_set_per_stable_content(ops: list[tuple],
         # the active records are exactly those of the current versions (deleted files keep theirs)
         assert active == linked
         assert not (model.inbox.parent / "quarantine").exists() or not any(
-            (model.inbox.parent / "quarantine").iterdir())
+            (model.inbox.parent / "quarantine").iterdir()
+        )

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance.home.config import WatchSection
-from appliance.home.catalog import names
+from appliance.cli.init import create_home
 from appliance.data.ingest import Ingestors, IngestReport
 from appliance.data.ingest.store import Store
-from appliance.cli.init import create_home
-from appliance.home.paths import Home
 from appliance.data.watch import InboxWatcher
+from appliance.home.catalog import names
+from appliance.home.config import WatchSection
+from appliance.home.paths import Home
 
 FAST = WatchSection(quiet_seconds=0.3, open_grace_seconds=5.0, rescan_seconds=60.0, poll_seconds=0.1)
 
@@ -55,7 +55,7 @@ class Inbox:
         self.lock = threading.Lock()
         self.watcher = InboxWatcher(home.inbox, self.on_stable, settings, on_error=self.errors.append)
 
-    def __enter__(self) -> "Inbox":
+    def __enter__(self) -> Inbox:
         self.watcher.start()
         return self
 
@@ -78,15 +78,22 @@ class Inbox:
 
     def stores(self) -> list[tuple[str, Path]]:
         """Each collection's folder prefix and store (files in sub-folders are their collections')."""
-        return [(f"{c}/" if c else "", self.home.scoped(c).store_db) for c in names(self.home)
-                if self.home.scoped(c).store_db.exists()]
+        return [
+            (f"{c}/" if c else "", self.home.scoped(c).store_db)
+            for c in names(self.home)
+            if self.home.scoped(c).store_db.exists()
+        ]
 
     def current(self) -> dict[str, str]:
         found = {}
         for prefix, db in self.stores():
             with Store(db) as store:
-                found.update((prefix + path, sha) for path, sha in store.db.execute(
-                    "SELECT path, sha256 FROM versions WHERE status='current'").fetchall())
+                found.update(
+                    (prefix + path, sha)
+                    for path, sha in store.db.execute(
+                        "SELECT path, sha256 FROM versions WHERE status='current'"
+                    ).fetchall()
+                )
         return found
 
     def documents(self) -> int:
@@ -160,7 +167,7 @@ def test_save_by_temp_then_rename_and_rename_over_supersede(home: Home):
             temp = home.inbox / ".goutputstream-7QX2"
             temp.write_text(chat(f"{version} q", f"{version} a"))
             os.replace(temp, target)
-            assert wait_for(lambda: len(inbox.seen()) == (1 if version == "one" else 2))
+            assert wait_for(lambda version=version: len(inbox.seen()) == (1 if version == "one" else 2))
         stray = home.inbox / "incoming.jsonl.part"  # a download that is renamed when done
         stray.write_text(chat("three q", "three a"))
         os.replace(stray, target)

@@ -20,7 +20,6 @@ from textual.screen import Screen
 
 from appliance.contract.api import Engine
 from appliance.contract.errors import ApplianceError
-
 from tui.board import Board
 from tui.client import Client
 from tui.screens import ActivityScreen, ChatScreen, DashboardScreen, DataScreen, ModelsScreen
@@ -35,8 +34,15 @@ DARK, LIGHT = "textual-dark", "textual-light"
 
 class ApplianceApp(App[None]):
     TITLE = "Appliance"
-    MODES = {"dashboard": DashboardScreen, "models": ModelsScreen, "data": DataScreen,
-             "chat": ChatScreen, "activity": ActivityScreen, "review": ReviewScreen, "keys": KeysScreen}
+    MODES = {
+        "dashboard": DashboardScreen,
+        "models": ModelsScreen,
+        "data": DataScreen,
+        "chat": ChatScreen,
+        "activity": ActivityScreen,
+        "review": ReviewScreen,
+        "keys": KeysScreen,
+    }
     BINDINGS = [
         Binding("d", "switch_mode('dashboard')", "Dashboard", show=False),
         Binding("m", "switch_mode('models')", "Models", show=False),
@@ -50,8 +56,8 @@ class ApplianceApp(App[None]):
         Binding("q", "quit", "Quit"),
     ]
 
-    is_admin: reactive[bool] = reactive(False)         # the window's key is an admin key: Keys is offered
-    chosen_collection: reactive[str] = reactive("")    # the collection the Data and Models screens show
+    is_admin: reactive[bool] = reactive(False)  # the window's key is an admin key: Keys is offered
+    chosen_collection: reactive[str] = reactive("")  # the collection the Data and Models screens show
 
     def __init__(self, client: Client, poll_seconds: float = 1.0, theme: str | None = None):
         super().__init__()
@@ -100,8 +106,9 @@ class ApplianceApp(App[None]):
             self.report(exc, "reading the appliance's state")
 
     # --- acting ------------------------------------------------------------------------
-    def act(self, what: str, fn: Callable[[], Any], done: Callable[[Any], None] | None = None,
-            quiet: bool = False) -> None:
+    def act(
+        self, what: str, fn: Callable[[], Any], done: Callable[[Any], None] | None = None, quiet: bool = False
+    ) -> None:
         """Run an engine call off the UI thread; hand the result to ``done`` on the UI thread."""
 
         def run() -> None:
@@ -131,18 +138,25 @@ class ApplianceApp(App[None]):
             self.notify(str(exc), title=exc.title, severity="error", timeout=10)
         else:
             log.exception("unexpected error while %s", what, exc_info=exc)
-            self.notify(f"Something unexpected went wrong while {what}: {exc}. Try again; if it keeps "
-                        f"happening, run the same step with the 'appliance' command to see the full message.",
-                        title="Unexpected problem", severity="error", timeout=15)
+            self.notify(
+                f"Something unexpected went wrong while {what}: {exc}. Try again; if it keeps "
+                f"happening, run the same step with the 'appliance' command to see the full message.",
+                title="Unexpected problem",
+                severity="error",
+                timeout=15,
+            )
 
     def action_ingest(self) -> None:
         self.act("reading the inbox", self.client.ingest, self._ingested)
 
     def _ingested(self, report: dict[str, Any]) -> None:
         quarantined = len(report.get("quarantined", []))
-        self.notify(f"Learned {report.get('accepted', 0)} new record(s) from {report.get('files', 0)} file(s); "
-                    f"{report.get('duplicates', 0)} duplicate(s); {quarantined} file(s) quarantined"
-                    + (" — see Data (i) for why." if quarantined else "."), title="Inbox read")
+        self.notify(
+            f"Learned {report.get('accepted', 0)} new record(s) from {report.get('files', 0)} file(s); "
+            f"{report.get('duplicates', 0)} duplicate(s); {quarantined} file(s) quarantined"
+            + (" — see Data (i) for why." if quarantined else "."),
+            title="Inbox read",
+        )
 
     def action_retrain(self) -> None:
         self.act("retraining", self.client.retrain, lambda text: self.notify(str(text), title="Retrain"))
@@ -154,29 +168,41 @@ class ApplianceApp(App[None]):
 
     def action_toggle_watching(self) -> None:
         resume = bool(self.board and self.board.paused)
-        self.act("resuming watching" if resume else "pausing watching", lambda: self.client.set_watching(resume),
-                 lambda _: self.notify("Watching the inbox again." if resume else
-                                       "Watching paused: new documents wait in the inbox until you resume (w).",
-                                       title="Watching"))
+        self.act(
+            "resuming watching" if resume else "pausing watching",
+            lambda: self.client.set_watching(resume),
+            lambda _: self.notify(
+                "Watching the inbox again."
+                if resume
+                else "Watching paused: new documents wait in the inbox until you resume (w).",
+                title="Watching",
+            ),
+        )
 
     def action_verify_audit(self) -> None:
         self.act("checking the audit chain", self.client.verify_audit, self._audit_verdict)
 
     def _audit_verdict(self, verdict: dict[str, Any]) -> None:
         if verdict.get("ok"):
-            self.notify(f"The audit chain is intact: {verdict.get('entries', '?')} entries, none edited, removed "
-                        f"or reordered.", title="Audit chain")
+            self.notify(
+                f"The audit chain is intact: {verdict.get('entries', '?')} entries, none edited, removed or reordered.",
+                title="Audit chain",
+            )
         else:
-            self.notify(f"The audit chain is broken at line {verdict.get('bad_line')}: {verdict.get('reason')}. "
-                        f"Keep a copy of audit.log and tell whoever looks after this machine.",
-                        title="Audit chain", severity="error", timeout=30)
+            self.notify(
+                f"The audit chain is broken at line {verdict.get('bad_line')}: {verdict.get('reason')}. "
+                f"Keep a copy of audit.log and tell whoever looks after this machine.",
+                title="Audit chain",
+                severity="error",
+                timeout=30,
+            )
 
     def action_keys(self) -> None:
         """Open Keys for an admin key; anyone else is told why not (asked afresh: keys change)."""
         self.act("checking this window's key", self.client.whoami, self._keys_for, quiet=True)
 
     def _keys_for(self, identity: dict[str, Any] | None) -> None:
-        self.is_admin = bool(identity) and identity.get("role") == "admin"
+        self.is_admin = identity is not None and identity.get("role") == "admin"
         if self.is_admin:
             self.switch_mode("keys")
         else:
@@ -190,21 +216,31 @@ class ApplianceApp(App[None]):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        for mode, text in (("dashboard", "what the appliance is doing now"), ("models", "versions, promote, roll back"),
-                           ("data", "documents and quarantined files"), ("chat", "ask the model"),
-                           ("activity", "audit log and events"),
-                           ("review", "vote on candidates waiting for promotion")):
+        for mode, text in (
+            ("dashboard", "what the appliance is doing now"),
+            ("models", "versions, promote, roll back"),
+            ("data", "documents and quarantined files"),
+            ("chat", "ask the model"),
+            ("activity", "audit log and events"),
+            ("review", "vote on candidates waiting for promotion"),
+        ):
             yield SystemCommand(f"Go to {mode.title()}", text, lambda m=mode: self.switch_mode(m))
         if self.is_admin:
             yield SystemCommand("Go to Keys", "add and revoke API keys (admin)", self.action_keys)
         yield SystemCommand("Ingest now", "read the inbox once", self.action_ingest)
         yield SystemCommand("Retrain now", "train on the current data and build a new version", self.action_retrain)
         yield SystemCommand("Roll back", "serve the previously promoted version again", self.action_rollback)
-        yield SystemCommand("Pause or resume watching", "stop or restart reading new inbox files",
-                            self.action_toggle_watching)
-        yield SystemCommand("Verify the audit chain", "check that no audit entry was edited, removed or reordered",
-                            self.action_verify_audit)
-        yield SystemCommand("Toggle light/dark", "switch between the light and the dark theme", self.action_toggle_theme)
+        yield SystemCommand(
+            "Pause or resume watching", "stop or restart reading new inbox files", self.action_toggle_watching
+        )
+        yield SystemCommand(
+            "Verify the audit chain",
+            "check that no audit entry was edited, removed or reordered",
+            self.action_verify_audit,
+        )
+        yield SystemCommand(
+            "Toggle light/dark", "switch between the light and the dark theme", self.action_toggle_theme
+        )
         yield SystemCommand("Help", "keys and what they do", self.action_help)
 
 

@@ -18,9 +18,23 @@ from appliance.contract.names import parse
 STAGES = ("watch", "ingest", "snapshot", "train", "export", "gate", "serve")
 
 # Engine stage names -> the row's stage. Export is several engine steps.
-STAGE_OF = {"watch": "watch", "ingest": "ingest", "snapshot": "snapshot", "train": "train",
-            "merge": "export", "convert": "export", "quantize": "export", "parity": "export", "export": "export",
-            "gate": "gate", "eval": "gate", "study": "train", "promote": "serve", "serve": "serve", "registry": "serve"}
+STAGE_OF = {
+    "watch": "watch",
+    "ingest": "ingest",
+    "snapshot": "snapshot",
+    "train": "train",
+    "merge": "export",
+    "convert": "export",
+    "quantize": "export",
+    "parity": "export",
+    "export": "export",
+    "gate": "gate",
+    "eval": "gate",
+    "study": "train",
+    "promote": "serve",
+    "serve": "serve",
+    "registry": "serve",
+}
 
 STALE_SECONDS = 120.0  # a stage silent this long, with no job in the journal, is not shown as running
 EVENT_TYPES: dict[str, type[Event]] = {cls.__name__: cls for cls in (StageStarted, Progress, Message, StageFinished)}
@@ -42,8 +56,8 @@ def to_event(data: dict[str, Any]) -> Event | None:
 class StageProgress:
     """The running stage as the event stream describes it."""
 
-    stage: str                    # one of STAGES
-    engine_stage: str             # the engine's own name (quantize, parity, ...)
+    stage: str  # one of STAGES
+    engine_stage: str  # the engine's own name (quantize, parity, ...)
     description: str = ""
     completed: float = 0.0
     total: float | None = None
@@ -71,8 +85,8 @@ class Tracker:
         self._progress: StageProgress | None = None
         self._train_loss: list[float] = []
         self._val_loss: list[float] = []
-        self._last_gate: str | None = None    # the gate's last verdict, in its own words
-        self._last_error: str | None = None   # the last stage failure the engine reported
+        self._last_gate: str | None = None  # the gate's last verdict, in its own words
+        self._last_error: str | None = None  # the last stage failure the engine reported
 
     def record(self, event: Event) -> None:
         """The ``emit`` callback for stages the TUI runs, and the sink for pulled events."""
@@ -86,8 +100,9 @@ class Tracker:
             if isinstance(event, StageStarted):
                 if stage == "train" and (self._progress is None or self._progress.stage != "train"):
                     self._train_loss, self._val_loss = [], []
-                self._progress = StageProgress(stage, event.stage, event.description, 0.0, event.total, event.at,
-                                               last=event.at)
+                self._progress = StageProgress(
+                    stage, event.stage, event.description, 0.0, event.total, event.at, last=event.at
+                )
             elif isinstance(event, Progress):
                 self._progressed(stage, event)
             elif isinstance(event, StageFinished):
@@ -142,14 +157,21 @@ def job_progress(job: dict[str, Any] | None) -> StageProgress | None:
     if not isinstance(job, dict) or STAGE_OF.get(str(job.get("stage"))) is None:
         return None
     stage = str(job["stage"])
-    info = job.get("progress") if isinstance(job.get("progress"), dict) else {}
+    progress = job.get("progress")
+    info: dict[str, Any] = progress if isinstance(progress, dict) else {}
     if info.get("stage") and info["stage"] != stage and STAGE_OF.get(info["stage"]) != STAGE_OF[stage]:
         info = {}
     total = info.get("total")
     words = "Retraining without the forgotten document" if job.get("kind") == "forget" and stage == "train" else ""
-    return StageProgress(STAGE_OF[stage], stage, words, float(info.get("completed") or 0),
-                         float(total) if total else None, float(job.get("since") or time.time()),
-                         dict(info.get("metrics") or {}))
+    return StageProgress(
+        STAGE_OF[stage],
+        stage,
+        words,
+        float(info.get("completed") or 0),
+        float(total) if total else None,
+        float(job.get("since") or time.time()),
+        dict(info.get("metrics") or {}),
+    )
 
 
 @dataclass
@@ -161,18 +183,18 @@ class Board:
     progress: StageProgress | None
     train_loss: list[float]
     val_loss: list[float]
-    inbox: dict[str, Any]            # new, ingested, quarantined, paused, files, unlearned
-    gate: dict[str, Any] | None      # the current version's gate numbers, when the engine reports them
+    inbox: dict[str, Any]  # new, ingested, quarantined, paused, files, unlearned
+    gate: dict[str, Any] | None  # the current version's gate numbers, when the engine reports them
     endpoint: str
     health: str
     paused: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    collections: list[dict[str, Any]] | None = None   # None: the engine refused to list them (the key)
-    identity: dict[str, Any] | None = None            # whoami(): name, role, collections; None: refused
+    collections: list[dict[str, Any]] | None = None  # None: the engine refused to list them (the key)
+    identity: dict[str, Any] | None = None  # whoami(): name, role, collections; None: refused
 
     @property
     def is_admin(self) -> bool:
-        return bool(self.identity) and self.identity.get("role") == "admin"
+        return self.identity is not None and self.identity.get("role") == "admin"
 
     def visible_collections(self) -> list[dict[str, Any]] | None:
         """The collections the caller's key may use (all when its key names none)."""
@@ -204,9 +226,14 @@ class Board:
             if p.total:
                 return f"{subject} — step {int(p.completed)} of {int(p.total)}{', ' + left if left else ''}"
             return subject
-        what = {"watch": "Watching the inbox", "ingest": "Reading new documents", "snapshot": "Preparing the data",
-                "export": "Packing the new model for serving", "gate": "Checking the new model against the current one",
-                "serve": "Switching the endpoint to the new model"}[p.stage]
+        what = {
+            "watch": "Watching the inbox",
+            "ingest": "Reading new documents",
+            "snapshot": "Preparing the data",
+            "export": "Packing the new model for serving",
+            "gate": "Checking the new model against the current one",
+            "serve": "Switching the endpoint to the new model",
+        }[p.stage]
         detail = p.description or what
         if p.total:
             detail += f" — {int(p.completed)} of {int(p.total)}"
@@ -267,10 +294,14 @@ def training_method(metrics: dict[str, Any], lineage: dict[str, Any] | None) -> 
     """How a version was trained (qlora, lora, dora, full, ...) and why, from the first place that says:
     the version's metrics, its lineage, or the lineage's training section (train.json's method/method_reason)."""
     lineage = lineage or {}
-    training = lineage.get("training") if isinstance(lineage.get("training"), dict) else {}
-    settings = training.get("settings") if isinstance(training.get("settings"), dict) else {}
+    raw = lineage.get("training")
+    training: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    raw = training.get("settings")
+    settings: dict[str, Any] = raw if isinstance(raw, dict) else {}
     for where in (metrics, lineage, training, settings):
-        method = where.get("method") if isinstance(where, dict) else None
+        if not isinstance(where, dict):
+            continue
+        method = where.get("method")
         if isinstance(method, str) and method and method != "auto":
             reason = where.get("method_reason")
             return method, str(reason) if reason else None

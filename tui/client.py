@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 from appliance.contract.api import Document, Engine, ModelVersion, QuarantinedFile, Status
 from appliance.contract.errors import ApplianceError
 from appliance.contract.names import KEY_ENV, KEY_FILE, parse
-
 from tui import endpoint
 from tui.board import Board, Tracker, answered, to_event, training_method
 from tui.endpoint import EndpointError
@@ -34,9 +33,9 @@ class Client:
         self.engine = engine
         self.health_timeout = health_timeout
         self.tracker = Tracker(max_events)
-        self._offset = 0   # where the next read of the engine's event log starts
+        self._offset = 0  # where the next read of the engine's event log starts
         self.last_ingest: dict[str, Any] | None = None
-        self.ingests = 0   # ingests this window ran: the Data screen re-reads the advice after each
+        self.ingests = 0  # ingests this window ran: the Data screen re-reads the advice after each
         self.collection = engine.collection
         self._scoped: dict[str, Client] = {}  # one client per collection: its ingest report and counters stay
 
@@ -62,11 +61,27 @@ class Client:
         models = self.engine.models()
         train, val = self.tracker.losses()
         current = next((m for m in models if m.current), None)
-        inbox = {"ingested": status.documents, **status.inbox, "files": status.inbox_files,
-                 "unlearned": status.unlearned}
-        return Board(status, models, self.tracker.running(status.job), train, val, inbox, self.gate(current, status),
-                     status.endpoint, self.health(status), bool(inbox.get("paused")) or None, self.tracker.notes(),
-                     _optional(self.collections), _optional(self.whoami))
+        inbox = {
+            "ingested": status.documents,
+            **status.inbox,
+            "files": status.inbox_files,
+            "unlearned": status.unlearned,
+        }
+        return Board(
+            status,
+            models,
+            self.tracker.running(status.job),
+            train,
+            val,
+            inbox,
+            self.gate(current, status),
+            status.endpoint,
+            self.health(status),
+            bool(inbox.get("paused")) or None,
+            self.tracker.notes(),
+            _optional(self.collections),
+            _optional(self.whoami),
+        )
 
     def models(self) -> list[ModelVersion]:
         return self.engine.models()
@@ -103,18 +118,36 @@ class Client:
         checks = {c.get("name"): c for c in gate.get("checks", []) if isinstance(c, dict)}
         val = (checks.get("validation_loss") or {}).get("value")
         known = version.metrics  # the engine's own summary
-        loss = next((x for x in (val.get("candidate") if isinstance(val, dict) else None,
-                                 known.get("gate_val_loss"), known.get("best_val_loss"),
-                                 (lineage.get("training") or {}).get("best_val_loss"))
-                     if isinstance(x, (int, float))), None)
+        loss = next(
+            (
+                x
+                for x in (
+                    val.get("candidate") if isinstance(val, dict) else None,
+                    known.get("gate_val_loss"),
+                    known.get("best_val_loss"),
+                    (lineage.get("training") or {}).get("best_val_loss"),
+                )
+                if isinstance(x, (int, float))
+            ),
+            None,
+        )
         probes = (checks.get("general_probes") or {}).get("value")
-        score = f"{answered(probes['candidate'], probes['questions'])}/{probes['questions']}" if isinstance(probes, dict) and \
-            "candidate" in probes and "questions" in probes else None
+        score = (
+            f"{answered(probes['candidate'], probes['questions'])}/{probes['questions']}"
+            if isinstance(probes, dict) and "candidate" in probes and "questions" in probes
+            else None
+        )
         docs = lineage.get("documents")
         method, reason = training_method(known, lineage)
-        return {"val_loss": loss, "probes": score, "documents": len(docs) if isinstance(docs, list) else None,
-                "passed": gate.get("passed", known.get("gate_passed")), "method": method, "method_reason": reason,
-                "answers": gate.get("metrics") if isinstance(gate.get("metrics"), dict) else None}
+        return {
+            "val_loss": loss,
+            "probes": score,
+            "documents": len(docs) if isinstance(docs, list) else None,
+            "passed": gate.get("passed", known.get("gate_passed")),
+            "method": method,
+            "method_reason": reason,
+            "answers": gate.get("metrics") if isinstance(gate.get("metrics"), dict) else None,
+        }
 
     def advise(self) -> list[dict[str, str]]:
         """The data advisor's findings, warnings first (stable: the engine's order within a level)."""
@@ -184,8 +217,9 @@ class Client:
         """Candidates waiting for human review."""
         return self.engine.reviews()
 
-    def vote(self, run: str, approve: bool, comment: str = "",
-             preferences: dict[int, str] | None = None) -> dict[str, Any]:
+    def vote(
+        self, run: str, approve: bool, comment: str = "", preferences: dict[int, str] | None = None
+    ) -> dict[str, Any]:
         """This OS user's vote on a candidate; the engine's answer says which answer was which."""
         return self.engine.vote(run, approve, comment, dict(preferences or {}))
 
@@ -208,7 +242,7 @@ class Client:
         try:
             allowed = self.whoami().get("collections")
         except ApplianceError:
-            return self   # the first poll says what is wrong with the key
+            return self  # the first poll says what is wrong with the key
         if not allowed or "" in allowed or self.collection in allowed:
             return self
         return self.scoped(allowed[0])
@@ -218,8 +252,11 @@ class Client:
         me = self.engine.whoami()
         allowed = me.get("collections")
         # The engine names collections for people ("shared" for the top level); the TUI's rows use "".
-        return {"name": str(me.get("name", "?")), "role": str(me.get("role", "")),
-                "collections": None if allowed is None else [parse(str(c)) for c in allowed]}
+        return {
+            "name": str(me.get("name", "?")),
+            "role": str(me.get("role", "")),
+            "collections": None if allowed is None else [parse(str(c)) for c in allowed],
+        }
 
     def keys(self) -> list[dict[str, Any]]:
         """Every key (never secrets or hashes): name, role, collections, created, revoked."""
@@ -238,13 +275,16 @@ class Client:
         own = os.environ.get(KEY_ENV, "").strip()
         return own or _optional(self.engine.api_key)
 
-    def stream_chat(self, messages: list[dict[str, str]], model: str = "appliance", max_tokens: int = 256,
-                    timeout: float = 120.0) -> Iterator[str]:
+    def stream_chat(
+        self, messages: list[dict[str, str]], model: str = "appliance", max_tokens: int = 256, timeout: float = 120.0
+    ) -> Iterator[str]:
         """Yield the answer's text pieces as the endpoint streams them (SSE)."""
         key = self.api_key()
         if not key:
-            raise EndpointError(f"no API key: set {KEY_ENV} to your key, or run 'appliance init' to write "
-                                f"{Path(self.engine.home) / KEY_FILE}")
+            raise EndpointError(
+                f"no API key: set {KEY_ENV} to your key, or run 'appliance init' to write "
+                f"{Path(self.engine.home) / KEY_FILE}"
+            )
         yield from endpoint.stream_chat(self.endpoint(), key, messages, model, max_tokens, timeout)
 
 

@@ -16,18 +16,25 @@ class EndpointError(ApplianceError):
     title = "Endpoint"
 
 
-def stream_chat(url: str, key: str, messages: list[dict[str, str]], model: str, max_tokens: int = 256,
-                timeout: float = 120.0) -> Iterator[str]:
+def stream_chat(
+    url: str, key: str, messages: list[dict[str, str]], model: str, max_tokens: int = 256, timeout: float = 120.0
+) -> Iterator[str]:
     """Yield the answer's text pieces as the endpoint at ``url`` (…/v1) streams them."""
     url = url.rstrip("/") + "/chat/completions"
     body = {"model": model, "messages": messages, "stream": True, "max_tokens": max_tokens}
     try:
-        with httpx.stream("POST", url, json=body, headers={"Authorization": f"Bearer {key}"},
-                          timeout=httpx.Timeout(timeout, connect=3.0)) as response:
+        with httpx.stream(
+            "POST",
+            url,
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=httpx.Timeout(timeout, connect=3.0),
+        ) as response:
             if response.status_code != 200:
                 response.read()
-                raise EndpointError(f"the endpoint refused the question (HTTP {response.status_code}): "
-                                    f"{error_text(response)}")
+                raise EndpointError(
+                    f"the endpoint refused the question (HTTP {response.status_code}): {error_text(response)}"
+                )
             yield from sse_text(response.iter_lines())
     except httpx.ConnectError:
         raise EndpointError(f"nothing answers at {url}; start it with 'appliance serve' or 'appliance run'") from None

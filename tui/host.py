@@ -10,15 +10,23 @@ from tui.client import Client
 
 
 class Host(Protocol):
-    client: Client                 # the window's client (its own collection's)
-    board: Board | None            # the last poll's board; None before the first
-    chosen_collection: str         # the collection the Data and Models screens show ("" the shared one)
-    is_admin: bool                 # the window's key is an admin key: Keys is offered
+    client: Client  # the window's client (its own collection's)
+    board: Board | None  # the last poll's board; None before the first
+    chosen_collection: str  # the collection the Data and Models screens show ("" the shared one)
+    is_admin: bool  # the window's key is an admin key: Keys is offered
 
-    def act(self, what: str, fn: Callable[[], Any], done: Callable[[Any], Any] | None = None,
-            quiet: bool = False) -> None:
+    def act(
+        self, what: str, fn: Callable[[], Any], done: Callable[[Any], Any] | None = None, quiet: bool = False
+    ) -> None:
         """Run an engine call off the UI thread, hand its result to ``done`` on the UI thread; a failure
         becomes a notification (once, for a ``quiet`` background read)."""
 
-    def notify(self, message: str, *, title: str = "", severity: str = "information",
-               timeout: float | None = None, markup: bool = True) -> None: ...
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: str = "information",
+        timeout: float | None = None,
+        markup: bool = True,
+    ) -> None: ...

@@ -10,15 +10,22 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Label, Markdown, Select, Sparkline, Static
+from textual.widgets.button import ButtonVariant
 
 from tui.board import STAGES
 
 T = TypeVar("T")
 
 
-SCREENS = (("d", "dashboard", "Dashboard"), ("m", "models", "Models"), ("i", "data", "Data"),
-           ("c", "chat", "Chat"), ("a", "activity", "Activity"), ("v", "review", "Review"),
-           ("k", "keys", "Keys"))
+SCREENS = (
+    ("d", "dashboard", "Dashboard"),
+    ("m", "models", "Models"),
+    ("i", "data", "Data"),
+    ("c", "chat", "Chat"),
+    ("a", "activity", "Activity"),
+    ("v", "review", "Review"),
+    ("k", "keys", "Keys"),
+)
 ADMIN_ONLY = {"keys"}  # shown only while the window's key is an admin key
 
 
@@ -90,12 +97,17 @@ class CollectionBar(Horizontal):
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[dict[str, Any]] = []
-        self.chosen: str | None = None   # what the screen last asked to show; None until it first did
+        self.chosen: str | None = None  # what the screen last asked to show; None until it first did
 
     def compose(self) -> ComposeResult:
         yield Label("Collection")
-        yield Select([("shared", "")], allow_blank=False, compact=True, id="collection",
-                     tooltip="Which collection this screen shows (g: the next one)")
+        yield Select(
+            [("shared", "")],
+            allow_blank=False,
+            compact=True,
+            id="collection",
+            tooltip="Which collection this screen shows (g: the next one)",
+        )
         yield Label("", id="collection-about")
 
     def show(self, rows: list[dict[str, Any]] | None, chosen: str) -> None:
@@ -103,11 +115,11 @@ class CollectionBar(Horizontal):
         if rows is None:
             return
         select = self.query_one("#collection", Select)
-        if not select.is_mounted:   # its own mount would reset the value chosen here: show it once mounted
+        if not select.is_mounted:  # its own mount would reset the value chosen here: show it once mounted
             self.call_after_refresh(self.show, rows, chosen)
             return
         if [(r["name"], r["display"]) for r in rows] != [(r["name"], r["display"]) for r in self.rows]:
-            with select.prevent(Select.Changed):   # filling the list is not the person choosing
+            with select.prevent(Select.Changed):  # filling the list is not the person choosing
                 select.set_options([(r["display"], r["name"]) for r in rows])
         self.rows = list(rows)
         self.chosen = chosen
@@ -260,7 +272,7 @@ class HelpScreen(MarkdownScreen):
         super().__init__(HELP)
 
 
-def form_end(save: str, variant: str = "primary") -> ComposeResult:
+def form_end(save: str, variant: ButtonVariant = "primary") -> ComposeResult:
     """What every form ends with: a line for its problem, then Save (ctrl+s) and Cancel (esc)."""
     yield Static("", id="problem")
     with Horizontal():

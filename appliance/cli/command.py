@@ -14,8 +14,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -59,41 +60,68 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def help_exit(parser: argparse.ArgumentParser) -> int:
+    """A command group run without its action: its help, and the usage-error exit code."""
+    parser.print_help()
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="A private fine-tuning appliance. Offline.")
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND")
 
-    def command(name: str, func: Callable[[argparse.Namespace], int | None], help: str,
-                json_flag: bool = False, within: Any = None, group: str = "") -> argparse.ArgumentParser:
+    def command(
+        name: str,
+        func: Callable[[argparse.Namespace], int | None],
+        help: str,
+        json_flag: bool = False,
+        within: Any = None,
+        group: str = "",
+    ) -> argparse.ArgumentParser:
         p = (within or sub).add_parser(name, help=help, description=help)
         p.add_argument("--home", help="the appliance home (default: $APPLIANCE_HOME or the user's data folder)")
-        p.add_argument("--key-file", metavar="PATH",
-                       help="a file holding your API key (default: $APPLIANCE_API_KEY, else the home's api_key file)")
+        p.add_argument(
+            "--key-file",
+            metavar="PATH",
+            help="a file holding your API key (default: $APPLIANCE_API_KEY, else the home's api_key file)",
+        )
         if json_flag:
             p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         p.set_defaults(func=func, role_command=f"{group} {name}" if group else name)
         return p
 
     p = command("init", cmd_init, "create a home and config; import a base model (HF folder or .gguf)")
-    p.add_argument("--base", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), a .gguf file or an HF folder")
+    p.add_argument(
+        "--base", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), a .gguf file or an HF folder"
+    )
     command("ingest", cmd_ingest, "scan the inbox once; report accepted / duplicate / quarantined", json_flag=True)
     p = command("train", cmd_train, "train an adapter on a snapshot of the data", json_flag=True)
     p.add_argument("--snapshot", help="snapshot id (default: cut one from the current data)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--run", help="run id: resume this run from its last checkpoint (default: a new run)")
     _collection_flag(p)
-    p = command("export", cmd_export, "merge + convert + quantize + parity check; register a new version", json_flag=True)
+    p = command(
+        "export", cmd_export, "merge + convert + quantize + parity check; register a new version", json_flag=True
+    )
     p.add_argument("run", help="run id printed by 'appliance train'")
-    p.add_argument("--quant", choices=["auto", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"],
-                   help="auto (default from config): the smallest type that keeps quality against f16")
-    p.add_argument("--adapter", action="store_true",
-                   help="also write the adapter as a GGUF LoRA (runs/RUN/gguf/adapter-f16.gguf), checked against "
-                        "the merged model")
+    p.add_argument(
+        "--quant",
+        choices=["auto", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"],
+        help="auto (default from config): the smallest type that keeps quality against f16",
+    )
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="also write the adapter as a GGUF LoRA (runs/RUN/gguf/adapter-f16.gguf), checked against the merged model",
+    )
     _collection_flag(p)
     _collection_flag(command("models", cmd_models, "list model versions", json_flag=True))
-    p = command("promote", cmd_promote, "make a version the one the endpoint serves as 'appliance' "
-                "(or as 'appliance/COLLECTION')")
+    p = command(
+        "promote",
+        cmd_promote,
+        "make a version the one the endpoint serves as 'appliance' (or as 'appliance/COLLECTION')",
+    )
     p.add_argument("version")
     _collection_flag(p)
     _collection_flag(command("rollback", cmd_rollback, "serve the previously promoted version again"))
@@ -101,10 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     _collection_flag(command("status", cmd_status, "current model, data and endpoint", json_flag=True))
-    command("collections", cmd_collections, "collections (inbox sub-folders): model id, current version, how it "
-            "is served, data", json_flag=True)
-    p = command("demo", cmd_demo, "the whole loop on the embedded default model and the bundled sample data",
-                json_flag=True)
+    command(
+        "collections",
+        cmd_collections,
+        "collections (inbox sub-folders): model id, current version, how it is served, data",
+        json_flag=True,
+    )
+    p = command(
+        "demo", cmd_demo, "the whole loop on the embedded default model and the bundled sample data", json_flag=True
+    )
     p.add_argument("--port", type=int, help="endpoint port (default 8088)")
     p.add_argument("--no-wait", action="store_true", help="stop the endpoint and exit after the comparison")
     p = command("eval", cmd_eval, "the promotion gate: a run's candidate against the current model", json_flag=True)
@@ -119,37 +152,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("document", help="an inbox path, a file, or a document sha256")
     p = command("audit", cmd_audit, "the audit chain: 'verify' checks it, 'show' prints it", json_flag=True)
     p.add_argument("action", choices=["verify", "show"])
-    p = command("retrain", cmd_retrain, "queue a training run on the current data (the daemon runs it)",
-                json_flag=True)
+    p = command("retrain", cmd_retrain, "queue a training run on the current data (the daemon runs it)", json_flag=True)
     _collection_flag(p)
     p = command("jobs", cmd_jobs, "the job journal: recent jobs and their stages", json_flag=True)
-    _collection_flag(command("advise", cmd_advise, "the data advisor: warnings about the data and the latest "
-                                                   "run, in plain words", json_flag=True))
-    p = command("review", cmd_review, "human review before promotion: list waiting candidates, approve or reject "
-                "one (as this OS user; audited)", json_flag=True)
+    _collection_flag(
+        command(
+            "advise",
+            cmd_advise,
+            "the data advisor: warnings about the data and the latest run, in plain words",
+            json_flag=True,
+        )
+    )
+    p = command(
+        "review",
+        cmd_review,
+        "human review before promotion: list waiting candidates, approve or reject one (as this OS user; audited)",
+        json_flag=True,
+    )
     p.add_argument("action", nargs="?", default="list", choices=["list", "approve", "reject"])
     p.add_argument("run", nargs="?", help="the candidate's run id (approve, reject)")
     p.add_argument("--comment", default="", help="why (recorded in the audit log)")
-    p.add_argument("--prefer", action="append", default=[], metavar="ITEM=a|b",
-                   help="the answer preferred on an item, e.g. --prefer 0=a (repeatable)")
-    keys = sub.add_parser("keys", help="API keys with roles: add, list, revoke, whoami",
-                          description="API keys with roles (chat < contributor < approver < admin), optionally "
-                                      "limited to collections; stored hashed")
-    keys.set_defaults(func=lambda _: keys.print_help() or 2, role_command=None)
+    p.add_argument(
+        "--prefer",
+        action="append",
+        default=[],
+        metavar="ITEM=a|b",
+        help="the answer preferred on an item, e.g. --prefer 0=a (repeatable)",
+    )
+    keys = sub.add_parser(
+        "keys",
+        help="API keys with roles: add, list, revoke, whoami",
+        description="API keys with roles (chat < contributor < approver < admin), optionally "
+        "limited to collections; stored hashed",
+    )
+    keys.set_defaults(func=lambda _: help_exit(keys), role_command=None)
     actions = keys.add_subparsers(metavar="ACTION")
-    p = command("add", cmd_keys_add, "create a key and print its secret (once: it is stored only hashed)",
-                json_flag=True, within=actions, group="keys")
+    p = command(
+        "add",
+        cmd_keys_add,
+        "create a key and print its secret (once: it is stored only hashed)",
+        json_flag=True,
+        within=actions,
+        group="keys",
+    )
     p.add_argument("name", help="who holds it: letters, digits, '.', '_', '@', '-' (never reused)")
     p.add_argument("--role", required=True, choices=["chat", "contributor", "approver", "admin"])
-    p.add_argument("--collections", metavar="A,B", help="only these collections ('shared' = the top level of "
-                   "the inbox); default: every collection")
-    command("list", cmd_keys_list, "every key: name, role, collections, created, revoked (never secrets)",
-            json_flag=True, within=actions, group="keys")
-    p = command("revoke", cmd_keys_revoke, "revoke a key: refused from the next command or request on",
-                within=actions, group="keys")
+    p.add_argument(
+        "--collections",
+        metavar="A,B",
+        help="only these collections ('shared' = the top level of the inbox); default: every collection",
+    )
+    command(
+        "list",
+        cmd_keys_list,
+        "every key: name, role, collections, created, revoked (never secrets)",
+        json_flag=True,
+        within=actions,
+        group="keys",
+    )
+    p = command(
+        "revoke",
+        cmd_keys_revoke,
+        "revoke a key: refused from the next command or request on",
+        within=actions,
+        group="keys",
+    )
     p.add_argument("name")
-    command("whoami", cmd_keys_whoami, "the key this command runs with: name, role, collections", json_flag=True,
-            within=actions, group="keys")
+    command(
+        "whoami",
+        cmd_keys_whoami,
+        "the key this command runs with: name, role, collections",
+        json_flag=True,
+        within=actions,
+        group="keys",
+    )
     p = command("tui", cmd_tui, "the terminal app: dashboard, models, data, chat, activity")
     p.add_argument("--light", action="store_true", help="start in the light theme (ctrl+t switches)")
     for name, what in NOT_YET.items():
@@ -163,8 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _collection_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--collection", metavar="NAME", help="the collection (an inbox sub-folder, e.g. cardiology or "
-                   "legal/matter-17); default: shared, the top of the inbox")
+    p.add_argument(
+        "--collection",
+        metavar="NAME",
+        help="the collection (an inbox sub-folder, e.g. cardiology or "
+        "legal/matter-17); default: shared, the top of the inbox",
+    )
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -190,8 +270,9 @@ def authorize_command(args: argparse.Namespace) -> None:
 
 
 def _engine(args: argparse.Namespace) -> Any:
-    return open_engine(_home(args), key=getattr(args, "caller", None),
-                       collection=parse(getattr(args, "collection", None) or ""))
+    return open_engine(
+        _home(args), key=getattr(args, "caller", None), collection=parse(getattr(args, "collection", None) or "")
+    )
 
 
 def _emit(args: argparse.Namespace):
@@ -222,8 +303,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report)
     else:
-        print(f"accepted {report['accepted']} records from {report['files']} file(s); "
-              f"{report['duplicates']} duplicate(s); {report['unchanged']} unchanged; {report['ignored']} ignored")
+        print(
+            f"accepted {report['accepted']} records from {report['files']} file(s); "
+            f"{report['duplicates']} duplicate(s); {report['unchanged']} unchanged; {report['ignored']} ignored"
+        )
         if report["skipped"]:
             print(f"skipped {report['skipped']} invalid line(s) in kept files, e.g. {report['skipped_lines'][0]}")
         for name in report["superseded"]:
@@ -253,8 +336,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(version)
     else:
-        print(f"registered version {version.version} ({version.quant}, {version.size / 1e6:.0f} MB); "
-              f"next: appliance promote {version.version}")
+        print(
+            f"registered version {version.version} ({version.quant}, {version.size / 1e6:.0f} MB); "
+            f"next: appliance promote {version.version}"
+        )
         if args.adapter:
             print(f"adapter: runs/{args.run}/gguf/adapter-f16.gguf (apply it to the base's f16 GGUF)")
     return 0
@@ -268,9 +353,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     table = Table("version", "current", "quant", "size", "val loss", "docs", "run", "snapshot")
     for v in versions:
         loss = v.metrics.get("gate_val_loss") or v.metrics.get("best_val_loss")
-        table.add_row(v.version, "*" if v.current else "", v.quant, f"{v.size / 1e6:.0f} MB",
-                      f"{loss:.3f}" if loss is not None else "-", str(v.metrics.get("documents") or "-"),
-                      v.run or "-", v.snapshot or "-")
+        table.add_row(
+            v.version,
+            "*" if v.current else "",
+            v.quant,
+            f"{v.size / 1e6:.0f} MB",
+            f"{loss:.3f}" if loss is not None else "-",
+            str(v.metrics.get("documents") or "-"),
+            v.run or "-",
+            v.snapshot or "-",
+        )
     Console().print(table)
     return 0
 
@@ -294,8 +386,10 @@ def cmd_collections(args: argparse.Namespace) -> int:
         return 0
     for c in found:
         served = f"{c['current']} ({c['mode']})" if c["current"] else f"no model yet (will be served {c['mode']})"
-        print(f"{c['display']:<24} {c['model_id']:<32} {served}; {c['documents']} document(s), "
-              f"{c['records']} record(s), {c['inbox_files']} file(s) in its inbox folder")
+        print(
+            f"{c['display']:<24} {c['model_id']:<32} {served}; {c['documents']} document(s), "
+            f"{c['records']} record(s), {c['inbox_files']} file(s) in its inbox folder"
+        )
     return 0
 
 
@@ -304,9 +398,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(status)
     else:
-        print(f"home {status.home}\ncurrent model {status.current or '-'} ({status.versions} version(s))\n"
-              f"data {status.documents} document(s), {status.records} record(s); {status.inbox_files} file(s) in the inbox\n"
-              f"endpoint {status.endpoint} ({status.server.get('health', '-')})")
+        print(
+            f"home {status.home}\ncurrent model {status.current or '-'} ({status.versions} version(s))\n"
+            f"data {status.documents} document(s), {status.records} record(s); {status.inbox_files} file(s) in the inbox\n"
+            f"endpoint {status.endpoint} ({status.server.get('health', '-')})"
+        )
         if status.job:
             progress = status.job.get("progress") or {}
             done = f" {progress.get('completed')}/{progress.get('total')}" if progress.get("total") else ""
@@ -362,8 +458,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     home = _home(args)
     _engine(args)  # checks the home
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    daemon = Daemon(home, serve=not args.no_serve, once=args.once, host=args.host, port=args.port,
-                    emit=_log_event)
+    daemon = Daemon(home, serve=not args.no_serve, once=args.once, host=args.host, port=args.port, emit=_log_event)
     return daemon.run()
 
 
@@ -379,12 +474,16 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report)
     else:
-        print(f"forgot document {report['document'][:16]}: {report['records_removed']} record(s) deleted, "
-              f"{report['files_removed']} file(s), {len(report['runs_removed'])} run(s) removed, "
-              f"versions retired: {', '.join(report['versions_retired']) or 'none'}")
+        print(
+            f"forgot document {report['document'][:16]}: {report['records_removed']} record(s) deleted, "
+            f"{report['files_removed']} file(s), {len(report['runs_removed'])} run(s) removed, "
+            f"versions retired: {', '.join(report['versions_retired']) or 'none'}"
+        )
         if report["job"]:
-            print(f"queued forget job {report['job']}: retrain without it, gate, promote, retire the rest "
-                  "('appliance run' runs it)")
+            print(
+                f"queued forget job {report['job']}: retrain without it, gate, promote, retire the rest "
+                "('appliance run' runs it)"
+            )
     return 0
 
 
@@ -396,8 +495,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
             _print_json({"entries": entries})
         else:
             for e in entries:
-                print(f"{e.get('seq')} {e.get('at', 0):.0f} {e.get('user')} {e.get('action')} "
-                      f"{json.dumps(e.get('details'), sort_keys=True)}")
+                print(
+                    f"{e.get('seq')} {e.get('at', 0):.0f} {e.get('user')} {e.get('action')} "
+                    f"{json.dumps(e.get('details'), sort_keys=True)}"
+                )
         return 0
     verdict = engine.verify_audit()
     if args.json:
@@ -405,8 +506,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     elif verdict["ok"]:
         print(f"audit chain intact: {verdict['entries']} entries")
     else:
-        print(f"appliance: error: audit chain broken at line {verdict['bad_line']}: {verdict['reason']}",
-              file=sys.stderr)
+        print(
+            f"appliance: error: audit chain broken at line {verdict['bad_line']}: {verdict['reason']}", file=sys.stderr
+        )
     return 0 if verdict["ok"] else 4
 
 
@@ -425,8 +527,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         _print_json({"jobs": jobs})
     else:
         for j in jobs:
-            print(f"{j['id']:>4} {j['kind']:<7} {j['state']:<8} stage {j['stage'] or '-':<9} "
-                  f"run {j['run_id'] or '-'} version {j['version'] or '-'} {j['error'] or ''}")
+            print(
+                f"{j['id']:>4} {j['kind']:<7} {j['state']:<8} stage {j['stage'] or '-':<9} "
+                f"run {j['run_id'] or '-'} version {j['version'] or '-'} {j['error'] or ''}"
+            )
     return 0
 
 
@@ -448,11 +552,15 @@ def cmd_review(args: argparse.Namespace) -> int:
             _print_json({"reviews": reviews})
             return 0
         for r in reviews:
-            print(f"run {r['run']} (job {r['job']}): {r['approvals']}/{r['approvals_needed']} approvals"
-                  f"{', you voted' if r['voted'] else ''}")
+            print(
+                f"run {r['run']} (job {r['job']}): {r['approvals']}/{r['approvals_needed']} approvals"
+                f"{', you voted' if r['voted'] else ''}"
+            )
             for item in r["items"]:
-                print(f"  [{item['index']}] Q: {item['question']}\n      A: {item['answer_a']}\n"
-                      f"      B: {item['answer_b']}")
+                print(
+                    f"  [{item['index']}] Q: {item['question']}\n      A: {item['answer_a']}\n"
+                    f"      B: {item['answer_b']}"
+                )
         if not reviews:
             print("no candidate is waiting for review")
         return 0
@@ -468,8 +576,10 @@ def cmd_review(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
-        print(f"run {result['run']}: {result['state']} ({result['approvals']}/{result['approvals_needed']} "
-              f"approvals); job {result['job']} {result['job_state']}; current model {result['current'] or '-'}")
+        print(
+            f"run {result['run']}: {result['state']} ({result['approvals']}/{result['approvals_needed']} "
+            f"approvals); job {result['job']} {result['job_state']}; current model {result['current'] or '-'}"
+        )
         for r in result["reveal"]:
             print(f"  [{r['index']}] A was {r['a']} ({r['a_is']}), B was {r['b']} ({r['b_is']})")
     return 0
@@ -498,8 +608,7 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
     shown = "every collection" if collections is None else ", ".join(collections)
     note = "this secret is shown once and stored only hashed; hand it to its holder now"
     if args.json:
-        _print_json({"name": args.name, "role": args.role, "collections": collections, "secret": secret,
-                     "note": note})
+        _print_json({"name": args.name, "role": args.role, "collections": collections, "secret": secret, "note": note})
     else:
         print(f"key '{args.name}' (role {args.role}, {shown}); {note}:", file=sys.stderr)
         print(secret)  # alone on stdout, so '> file' keeps just the secret

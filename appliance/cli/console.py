@@ -6,8 +6,15 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, SpinnerColumn, TextColumn, \
-    TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as Bar
 
 from appliance.contract.events import Event, Message, Progress, StageFinished, StageStarted
 
@@ -18,13 +25,22 @@ class ProgressDisplay:
     def __init__(self, console: Console | None = None, enabled: bool = True):
         self.console = console or Console(stderr=True)
         self.enabled = enabled
-        self.bar = Bar(SpinnerColumn(), TextColumn("[bold]{task.fields[stage]:<9}"), TextColumn("{task.description}"),
-                       BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
-                       TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
-                       disable=not enabled)
+        self.bar = Bar(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.fields[stage]:<9}"),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+            disable=not enabled,
+        )
         self.tasks: dict[str, Any] = {}
 
-    def __enter__(self) -> "ProgressDisplay":
+    def __enter__(self) -> ProgressDisplay:
         self.bar.start()
         return self
 
@@ -41,8 +57,9 @@ class ProgressDisplay:
         if isinstance(event, StageStarted):
             task = self.tasks.get(event.stage)
             if task is None:
-                self.tasks[event.stage] = self.bar.add_task(event.description, total=event.total, stage=event.stage,
-                                                            metrics="")
+                self.tasks[event.stage] = self.bar.add_task(
+                    event.description, total=event.total, stage=event.stage, metrics=""
+                )
             else:
                 self.bar.update(task, description=event.description, total=event.total, completed=0)
         elif isinstance(event, Progress):

@@ -16,14 +16,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from appliance.quality import probes
+from appliance.cli.console import ProgressDisplay
+from appliance.cli.init import init
+from appliance.contract.errors import HomeError
+from appliance.engine.local import LocalEngine
 from appliance.home import registry
 from appliance.home.config import Settings
-from appliance.cli.console import ProgressDisplay
-from appliance.engine.local import LocalEngine
-from appliance.contract.errors import HomeError
-from appliance.cli.init import init
 from appliance.home.paths import Home
+from appliance.quality import probes
 from appliance.serving.guard import check_bind, read_api_key
 from appliance.serving.server import Server
 
@@ -32,8 +32,10 @@ MARKER = ".appliance-demo"
 
 def sample_data() -> Path:
     """examples/clinic in a source checkout, or where the wheel installs it."""
-    for folder in (Path(__file__).resolve().parents[2] / "examples" / "clinic",
-                   Path(sys.prefix) / "share" / "appliance" / "examples" / "clinic"):
+    for folder in (
+        Path(__file__).resolve().parents[2] / "examples" / "clinic",
+        Path(sys.prefix) / "share" / "appliance" / "examples" / "clinic",
+    ):
         if (folder / "policies.jsonl").exists():
             return folder
     raise HomeError("the sample data (examples/clinic) is missing from this installation")
@@ -69,8 +71,7 @@ def run_demo(root: Path, port: int | None = None, wait: bool = True, quiet: bool
     server = Server(home, settings, port=port).start()
     try:
         results = compare(home, server.url, version)
-        summary = _report(console, results, version, root, server.url, trained_at - started,
-                          time.monotonic() - started)
+        summary = _report(console, results, version, root, server.url, trained_at - started, time.monotonic() - started)
         if wait:
             console.print("The endpoint keeps running; press Ctrl-C to stop.")
             try:
@@ -90,13 +91,28 @@ def compare(home: Home, url: str, version: str) -> list[dict[str, Any]]:
         for probe in questions:
             before = probes.ask(client, "base", probe.question)
             after = probes.ask(client, version, probe.question)
-            out.append({"question": probe.question, "expected": probe.expected, "base": before, "tuned": after,
-                        "base_hit": probe.hit(before), "tuned_hit": probe.hit(after)})
+            out.append(
+                {
+                    "question": probe.question,
+                    "expected": probe.expected,
+                    "base": before,
+                    "tuned": after,
+                    "base_hit": probe.hit(before),
+                    "tuned_hit": probe.hit(after),
+                }
+            )
     return out
 
 
-def _report(console: Console, results: list[dict[str, Any]], version: str, root: Path, url: str,
-            pipeline_s: float, total_s: float) -> dict[str, Any]:
+def _report(
+    console: Console,
+    results: list[dict[str, Any]],
+    version: str,
+    root: Path,
+    url: str,
+    pipeline_s: float,
+    total_s: float,
+) -> dict[str, Any]:
     table = Table(title="Probe questions (not in the training data word for word)", show_lines=True)
     table.add_column("question", ratio=3)
     table.add_column("expected", ratio=1)
@@ -104,23 +120,39 @@ def _report(console: Console, results: list[dict[str, Any]], version: str, root:
     table.add_column(version, ratio=3)
     for r in results:
         mark = lambda hit: "[green]✓[/] " if hit else "[red]✗[/] "  # noqa: E731
-        table.add_row(r["question"], ", ".join(r["expected"]), mark(r["base_hit"]) + _clip(r["base"]),
-                      mark(r["tuned_hit"]) + _clip(r["tuned"]))
+        table.add_row(
+            r["question"],
+            ", ".join(r["expected"]),
+            mark(r["base_hit"]) + _clip(r["base"]),
+            mark(r["tuned_hit"]) + _clip(r["tuned"]),
+        )
     console.print(table)
     base_score = sum(r["base_hit"] for r in results)
     tuned_score = sum(r["tuned_hit"] for r in results)
-    console.print(f"[bold]Expected phrase found:[/] base {base_score}/{len(results)}, "
-                  f"{version} {tuned_score}/{len(results)}")
+    console.print(
+        f"[bold]Expected phrase found:[/] base {base_score}/{len(results)}, {version} {tuned_score}/{len(results)}"
+    )
     console.print(f"Pipeline time {pipeline_s / 60:.1f} min; total {total_s / 60:.1f} min.")
     key_file = Home(root).api_key
-    console.print("Try it:\n"
-                  f"  curl -s {url}/v1/chat/completions -H \"Authorization: Bearer $(cat {key_file})\" "
-                  "-H 'Content-Type: application/json' "
-                  "-d '{\"model\": \"appliance\", \"messages\": [{\"role\": \"user\", "
-                  "\"content\": \"What is the extension for the on-call pharmacist?\"}]}'", soft_wrap=True)
-    return {"version": version, "base_score": base_score, "tuned_score": tuned_score, "probes": len(results),
-            "pipeline_seconds": pipeline_s, "total_seconds": total_s, "endpoint": url,
-            "current": registry.current(Home(root)), "results": results}
+    console.print(
+        "Try it:\n"
+        f'  curl -s {url}/v1/chat/completions -H "Authorization: Bearer $(cat {key_file})" '
+        "-H 'Content-Type: application/json' "
+        '-d \'{"model": "appliance", "messages": [{"role": "user", '
+        '"content": "What is the extension for the on-call pharmacist?"}]}\'',
+        soft_wrap=True,
+    )
+    return {
+        "version": version,
+        "base_score": base_score,
+        "tuned_score": tuned_score,
+        "probes": len(results),
+        "pipeline_seconds": pipeline_s,
+        "total_seconds": total_s,
+        "endpoint": url,
+        "current": registry.current(Home(root)),
+        "results": results,
+    }
 
 
 def _clip(text: str, n: int = 160) -> str:

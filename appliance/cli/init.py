@@ -65,19 +65,42 @@ def init(root: Path, base: str = "embedded", emit: Emit = ignore, settings: Sett
     if audit.find(home, "home_created") and not audit.find(home, "base_import", base=settings.base.name):
         meta = read_json(home.base_meta(settings.base.name))
         record = registry.get(home, "base")
-        audit.append(home, "base_import", base=settings.base.name, source=meta.get("source"),
-                     source_sha256=meta.get("source_sha256"), version="base", sha256=record["sha256"])
+        audit.append(
+            home,
+            "base_import",
+            base=settings.base.name,
+            source=meta.get("source"),
+            source_sha256=meta.get("source_sha256"),
+            version="base",
+            sha256=record["sha256"],
+        )
     return home
 
 
 def export_base(home: Home, settings: Settings, emit: Emit = ignore) -> None:
     """The base model through the same converter and parity check as every version."""
     out = home.run("base").gguf
-    result = export_model(home.base(settings.base.name), out, settings.export.quant,
-                          gguf_metadata(settings.base.name, "base", None), settings, emit)
+    result = export_model(
+        home.base(settings.base.name),
+        out,
+        settings.export.quant,
+        gguf_metadata(settings.base.name, "base", None),
+        settings,
+        emit,
+    )
     require_parity(result)
     if not home.version_json("base").exists():
-        registry.add(home, "base", result.gguf, {"run": None, "snapshot": None, "quant": result.qtype,
-                                                 "base": settings.base.name, "parity": result.parity.to_dict(),
-                                                 "registered_at": time.time()})
+        registry.add(
+            home,
+            "base",
+            result.gguf,
+            {
+                "run": None,
+                "snapshot": None,
+                "quant": result.qtype,
+                "base": settings.base.name,
+                "parity": result.parity.to_dict(),
+                "registered_at": time.time(),
+            },
+        )
     registry.promote(home, "base")

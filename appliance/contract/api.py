@@ -38,11 +38,11 @@ class Status:
     endpoint: str
     runs: list[str] = field(default_factory=list)
     # the daemon's view (appliance run): all optional, empty when no daemon has run
-    job: dict[str, Any] | None = None              # the running job: id, kind, stage, progress
+    job: dict[str, Any] | None = None  # the running job: id, kind, stage, progress
     queue: list[dict[str, Any]] = field(default_factory=list)
-    current_metrics: dict[str, Any] = field(default_factory=dict)   # validation loss, gate numbers
-    server: dict[str, Any] = field(default_factory=dict)            # address, health, daemon pid
-    inbox: dict[str, Any] = field(default_factory=dict)             # new, ingested, quarantined, watching
+    current_metrics: dict[str, Any] = field(default_factory=dict)  # validation loss, gate numbers
+    server: dict[str, Any] = field(default_factory=dict)  # address, health, daemon pid
+    inbox: dict[str, Any] = field(default_factory=dict)  # new, ingested, quarantined, watching
     # stored documents the current version was not trained on: read, not yet learned (None: unknown)
     unlearned: int | None = None
     # per studied document: path, sha256, facts, questions (study questions written), recall (current model)
@@ -56,12 +56,12 @@ KNOWN_RECALL = 0.5  # a document's facts count as known once the model answers h
 class Document:
     """A source document in a collection's store."""
 
-    path: str                  # relative to the collection's inbox folder, where it was first seen
+    path: str  # relative to the collection's inbox folder, where it was first seen
     sha256: str
     format: str
     records: int
     collection: str = ""
-    learned: bool = False      # the current version was trained on it
+    learned: bool = False  # the current version was trained on it
     # what the study stage found in it and wrote from it (None: not studied, e.g. a conversation file)
     facts: int | None = None
     questions: int | None = None
@@ -77,26 +77,27 @@ class Document:
 class QuarantinedFile:
     """A file the ingest refused, moved to the quarantine folder beside its reasons."""
 
-    file: str                  # its path in the inbox, as it was
+    file: str  # its path in the inbox, as it was
     reasons: list[str]
     collection: str = ""
     quarantined_at: float | None = None
-    moved_to: str | None = None    # its name in the quarantine folder; None: it could not be moved
+    moved_to: str | None = None  # its name in the quarantine folder; None: it could not be moved
 
 
 class Engine(Protocol):
     """Every operation a person can ask for. Errors are ``appliance.contract.errors.ApplianceError``."""
 
     home: Path
-    collection: str    # the collection this engine acts on ("" the shared one; appliance/contract/names.py)
+    collection: str  # the collection this engine acts on ("" the shared one; appliance/contract/names.py)
 
     def status(self) -> Status: ...
 
     def ingest(self, emit: Emit = ignore) -> dict[str, Any]:
         """Scan the inbox once; report accepted, duplicates, quarantined."""
 
-    def train(self, snapshot: str | None = None, max_steps: int | None = None, emit: Emit = ignore,
-              run_id: str | None = None) -> str:
+    def train(
+        self, snapshot: str | None = None, max_steps: int | None = None, emit: Emit = ignore, run_id: str | None = None
+    ) -> str:
         """Cut (or reuse) a snapshot and train an adapter; return the run id. With the
         id of an interrupted run, resume it from its last checkpoint."""
 
@@ -166,8 +167,9 @@ class Engine(Protocol):
         approvals_needed, voted, and items (index, question, context, answer_a, answer_b). Which
         answer is the candidate's is given ("reveal") only to a reviewer who has voted."""
 
-    def vote(self, run: str, approve: bool, comment: str = "",
-             preferences: dict[int, str] | None = None) -> dict[str, Any]:
+    def vote(
+        self, run: str, approve: bool, comment: str = "", preferences: dict[int, str] | None = None
+    ) -> dict[str, Any]:
         """This OS user's vote on a candidate (once each; audited), with optional per-item
         preferences ("a"/"b"); returns state, job_state, approvals and "reveal" (which was which).
         Enough approvals promote it; a rejection refuses the job and keeps the current model."""
@@ -180,7 +182,7 @@ class Engine(Protocol):
         """Every collection the caller's key sees, the shared one first: name, display, model_id,
         current (version or None), mode ("merged" or "adapter"), documents, records, inbox_files."""
 
-    def scoped(self, collection: str) -> "Engine":
+    def scoped(self, collection: str) -> Engine:
         """The same engine, for the same key, on another collection ("" or "shared": the shared one)."""
 
     def api_key(self) -> str | None:

@@ -8,8 +8,9 @@ Plain dataclasses, no third-party imports, so any front end can use them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,10 @@ def problem(name: str) -> str | None:
         return f"'{SHARED_NAME}' is the name of the top of the inbox"
     for part in parts:
         if not SEGMENT.match(part):
-            return (f"folder name {part!r} cannot name a collection: use letters, digits, spaces, '.', '_' "
-                    "and '-', starting with a letter or digit, at most 64 characters")
+            return (
+                f"folder name {part!r} cannot name a collection: use letters, digits, spaces, '.', '_' "
+                "and '-', starting with a letter or digit, at most 64 characters"
+            )
     return None
 
 
@@ -70,7 +72,7 @@ def parse_model_id(model: str) -> tuple[str, str | None]:
     if model == "base" or VERSION.match(model):
         return SHARED, model
     if model.startswith(PREFIX + "/"):
-        name, _, version = model[len(PREFIX) + 1:].partition("@")
+        name, _, version = model[len(PREFIX) + 1 :].partition("@")
         if name == SHARED_NAME:
             name = SHARED
         if problem(name) is None and name and (not version or VERSION.match(version)):

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance.contract.errors import DataError
-from appliance.home.fsutil import write_text_atomic
 from appliance.data.ingest.records import InvalidRecord, validate_messages
+from appliance.home.fsutil import write_text_atomic
 from appliance.home.paths import Home
 
 
@@ -33,8 +33,9 @@ def write_correction(home: Home, messages: list[dict[str, Any]], answer: str) ->
         cleaned = validate_messages([*conversation, {"role": "assistant", "content": answer.strip()}])
     except InvalidRecord as exc:
         raise DataError(f"the correction cannot be used: {exc}") from None
-    line = json.dumps({"messages": cleaned, "correction": {"by": getpass.getuser(), "time": time.time()}},
-                      ensure_ascii=False)
+    line = json.dumps(
+        {"messages": cleaned, "correction": {"by": getpass.getuser(), "time": time.time()}}, ensure_ascii=False
+    )
     digest = hashlib.sha256(line.encode()).hexdigest()[:12]
     path = home.inbox / f"correction-{time.strftime('%Y%m%d-%H%M%S')}-{digest}.jsonl"
     write_text_atomic(path, line + "\n")

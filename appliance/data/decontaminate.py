@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from appliance.data.ingest.records import Record
 from appliance.home.paths import Home
@@ -48,7 +48,7 @@ def _trigrams(text: str) -> set[tuple[str, ...]]:
     words = _words(text)
     if len(words) < 3:
         return {tuple(words)} if words else set()
-    return {tuple(words[i: i + 3]) for i in range(len(words) - 2)}
+    return {tuple(words[i : i + 3]) for i in range(len(words) - 2)}
 
 
 def record_texts(record: Record) -> list[str]:

@@ -74,12 +74,14 @@ SCHEMA = (
 MAX_QUERY_CHARS = 4_000
 MAX_TERMS = 64
 WORD = re.compile(r"[^\W_]+")  # runs of letters and digits, as unicode61 splits text
-STOP_WORDS = frozenset("""
+STOP_WORDS = frozenset(
+    """
 a about after all also am an and any are as at be been before but by can could did do does
 for from had has have how i if in into is it its me my no not of on or our shall should so
 than that the their them then there these they this to was we were what when where which
 who whom why will with would you your
-""".split())
+""".split()
+)
 SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
 PASSAGE_WORDS = 200  # longest passage split_passages makes: a few sentences of context
 CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT (and its extended codes), SQLITE_NOTADB
@@ -137,8 +139,8 @@ def split_passages(text: str, sentences: int = 3) -> list[str]:
             continue
         parts = SENTENCE_END.split(block.strip())
         for i in range(0, len(parts), sentences):
-            words = " ".join(parts[i:i + sentences]).split()
-            out.extend(" ".join(words[j:j + PASSAGE_WORDS]) for j in range(0, len(words), PASSAGE_WORDS))
+            words = " ".join(parts[i : i + sentences]).split()
+            out.extend(" ".join(words[j : j + PASSAGE_WORDS]) for j in range(0, len(words), PASSAGE_WORDS))
     return out + ([carry] if carry else [])
 
 
@@ -162,8 +164,12 @@ class Index:
         if not create and not path.exists():
             raise IndexCorrupt(path, "missing")
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30,  # explicit transactions below
-                                  check_same_thread=not any_thread)
+        self.db = sqlite3.connect(
+            path,
+            isolation_level=None,
+            timeout=30,  # explicit transactions below
+            check_same_thread=not any_thread,
+        )
         try:
             with _guarded(path):
                 self.db.execute("PRAGMA journal_mode=WAL")
@@ -176,7 +182,7 @@ class Index:
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> "Index":
+    def __enter__(self) -> Index:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -201,8 +207,9 @@ class Index:
             return
         tables = self.db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
         if version or tables or not create:
-            raise IndexCorrupt(self.path, f"schema version {version}, not {SCHEMA_VERSION}"
-                               if version else "not a passage index")
+            raise IndexCorrupt(
+                self.path, f"schema version {version}, not {SCHEMA_VERSION}" if version else "not a passage index"
+            )
         with self.transaction():  # (executescript would commit: it cannot run inside one)
             for statement in SCHEMA:
                 self.db.execute(statement)
@@ -220,8 +227,10 @@ class Index:
         """A new version of the file at ``path``: earlier versions' passages go, this one's come,
         in one transaction. Returns how many passages were removed."""
         with self.transaction():
-            old = [row[0] for row in self.db.execute(
-                "SELECT sha256 FROM documents WHERE path=? AND sha256 != ?", (path, sha256))]
+            old = [
+                row[0]
+                for row in self.db.execute("SELECT sha256 FROM documents WHERE path=? AND sha256 != ?", (path, sha256))
+            ]
             removed = sum(self._remove(sha) for sha in old)
             self._remove(sha256)
             self._insert(sha256, path, passages)
@@ -240,7 +249,8 @@ class Index:
     def _insert(self, sha256: str, path: str, passages: list[str]) -> None:
         self.db.executemany(
             "INSERT INTO passages(sha256, path, ordinal, text, tokens) VALUES (?,?,?,?,?)",
-            ((sha256, path, i, text, len(WORD.findall(text))) for i, text in enumerate(passages)))
+            ((sha256, path, i, text, len(WORD.findall(text))) for i, text in enumerate(passages)),
+        )
         self.db.execute("INSERT INTO documents VALUES (?,?,?,?)", (sha256, path, len(passages), time.time()))
 
     # --- reading ---------------------------------------------------------------------------
@@ -250,8 +260,10 @@ class Index:
         expression = match_expression(query)
         if not expression or limit <= 0 or (documents is not None and not documents):
             return []
-        sql = ("SELECT p.sha256, p.path, p.ordinal, p.text, bm25(passages_fts) AS rank "
-               "FROM passages_fts JOIN passages p ON p.id = passages_fts.rowid WHERE passages_fts MATCH ?")
+        sql = (
+            "SELECT p.sha256, p.path, p.ordinal, p.text, bm25(passages_fts) AS rank "
+            "FROM passages_fts JOIN passages p ON p.id = passages_fts.rowid WHERE passages_fts MATCH ?"
+        )
         params: list[object] = [expression]
         if documents is not None:  # one JSON parameter: no limit on bound variables
             sql += " AND p.sha256 IN (SELECT value FROM json_each(?))"
@@ -282,8 +294,7 @@ class Index:
 
     # --- rebuilding from the store -------------------------------------------------------------
     @classmethod
-    def rebuild(cls, path: Path, documents: Iterable[tuple[str, str, list[str]]],
-                any_thread: bool = False) -> "Index":
+    def rebuild(cls, path: Path, documents: Iterable[tuple[str, str, list[str]]], any_thread: bool = False) -> Index:
         """Write a fresh index from (sha256, path, passages) triples and put it in place of
         whatever is at ``path`` in one rename. Close every other connection to it first."""
         tmp = path.with_name(f".{path.name}.rebuild-{os.getpid()}")

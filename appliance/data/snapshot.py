@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from appliance.contract.errors import DataError
-from appliance.home.fsutil import read_json, write_json_atomic
 from appliance.data.ingest.records import Record
 from appliance.data.ingest.store import Store
+from appliance.home.fsutil import read_json, write_json_atomic
 from appliance.home.paths import Home, RunDir
 
 CHAIN_LIMIT = 50
@@ -62,8 +62,15 @@ def cut_id(home: Home, val_fraction: float) -> str:
         path = home.manifest(manifest["id"])
         if not path.exists():
             write_json_atomic(path, manifest)
-        store.remember_snapshot(manifest["id"], manifest["parent"], manifest["store_seq"], manifest["depth"],
-                                val_fraction, manifest["setsum"], manifest["stats"])
+        store.remember_snapshot(
+            manifest["id"],
+            manifest["parent"],
+            manifest["store_seq"],
+            manifest["depth"],
+            val_fraction,
+            manifest["setsum"],
+            manifest["stats"],
+        )
     return manifest["id"]
 
 
@@ -75,8 +82,10 @@ def load(home: Home, snapshot_id: str) -> Snapshot:
         return Snapshot(top["id"], top["train"], top["val"], home.snapshot(snapshot_id), home.manifest(snapshot_id))
     members = _replay(chain, "records", "added", "retired", key=None)
     if f"{_setsum(members):064x}" != top["setsum"]:
-        raise DataError(f"snapshot {snapshot_id}: its manifests do not add up to its record set; "
-                        f"a file under {home.snapshots} was edited or lost")
+        raise DataError(
+            f"snapshot {snapshot_id}: its manifests do not add up to its record set; "
+            f"a file under {home.snapshots} was edited or lost"
+        )
     ordered = sorted(members)
     fraction = top["val_fraction"]
     val = [h for h in ordered if is_validation(h, fraction)]
@@ -101,8 +110,12 @@ def records(home: Home, hashes: list[str]) -> list[Record]:
 
 def _extends(home: Home, head: dict[str, Any] | None, val_fraction: float) -> bool:
     """Whether the next manifest can be a delta on ``head``."""
-    return (head is not None and head["depth"] < CHAIN_LIMIT and head["val_fraction"] == val_fraction
-            and home.manifest(head["id"]).exists())
+    return (
+        head is not None
+        and head["depth"] < CHAIN_LIMIT
+        and head["val_fraction"] == val_fraction
+        and home.manifest(head["id"]).exists()
+    )
 
 
 def _full_manifest(store: Store, val_fraction: float) -> dict[str, Any]:
@@ -111,8 +124,11 @@ def _full_manifest(store: Store, val_fraction: float) -> dict[str, Any]:
     documents = store.active_documents()
     counted = _count(Counter(), store.record_facts(hashes), +1, val_fraction)
     setsum = _setsum(hashes)
-    return {**_header(setsum, counted, len(documents), val_fraction, seq, parent=None, depth=0),
-            "records": hashes, "sources": store.document_facts(documents)}
+    return {
+        **_header(setsum, counted, len(documents), val_fraction, seq, parent=None, depth=0),
+        "records": hashes,
+        "sources": store.document_facts(documents),
+    }
 
 
 def _delta_manifest(store: Store, head: dict[str, Any], val_fraction: float) -> dict[str, Any]:
@@ -122,22 +138,38 @@ def _delta_manifest(store: Store, head: dict[str, Any], val_fraction: float) -> 
     counted = _count(counted, store.record_facts(delta.retired), -1, val_fraction)
     setsum = (int(head["setsum"], 16) + _setsum(delta.added) - _setsum(delta.retired)) % SETSUM_MOD
     documents = head["stats"]["documents"] + len(delta.documents_added) - len(delta.documents_retired)
-    return {**_header(setsum, counted, documents, val_fraction, delta.seq, parent=head["id"], depth=head["depth"] + 1),
-            "added": delta.added, "retired": delta.retired,
-            "sources_added": store.document_facts(delta.documents_added), "sources_retired": delta.documents_retired}
+    return {
+        **_header(setsum, counted, documents, val_fraction, delta.seq, parent=head["id"], depth=head["depth"] + 1),
+        "added": delta.added,
+        "retired": delta.retired,
+        "sources_added": store.document_facts(delta.documents_added),
+        "sources_retired": delta.documents_retired,
+    }
 
 
-def _header(setsum: int, counted: Counter, documents: int, val_fraction: float, seq: int, parent: str | None,
-            depth: int) -> dict[str, Any]:
+def _header(
+    setsum: int, counted: Counter, documents: int, val_fraction: float, seq: int, parent: str | None, depth: int
+) -> dict[str, Any]:
     records = counted["records"]
     snapshot_id = hashlib.sha256(f"{setsum:064x}/{records}/{val_fraction!r}".encode()).hexdigest()[:16]
-    by_format = {key[len("format:"):]: n for key, n in sorted(counted.items()) if key.startswith("format:") and n}
+    by_format = {key[len("format:") :]: n for key, n in sorted(counted.items()) if key.startswith("format:") and n}
     return {
-        "id": snapshot_id, "created": time.time(), "parent": parent, "depth": depth, "store_seq": seq,
-        "val_fraction": val_fraction, "setsum": f"{setsum:064x}",
-        "stats": {"records": records, "train": records - counted["val"], "val": counted["val"],
-                  "tokens": counted["tokens"], "untokenized": counted["untokenized"], "documents": documents,
-                  "by_format": by_format},
+        "id": snapshot_id,
+        "created": time.time(),
+        "parent": parent,
+        "depth": depth,
+        "store_seq": seq,
+        "val_fraction": val_fraction,
+        "setsum": f"{setsum:064x}",
+        "stats": {
+            "records": records,
+            "train": records - counted["val"],
+            "val": counted["val"],
+            "tokens": counted["tokens"],
+            "untokenized": counted["untokenized"],
+            "documents": documents,
+            "by_format": by_format,
+        },
     }
 
 

@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from watchdog import events as ev
+from watchdog.events import FileSystemEventHandler
+
 from appliance.home.config import WatchSection
 
 log = logging.getLogger(__name__)
@@ -85,16 +88,24 @@ def list_inbox(root: Path) -> tuple[list[Path], int]:
 @dataclass
 class _Pending:
     seen: Signature | None  # state at the last look; None until first looked at
-    since: float            # when that state was first seen
-    writing: bool = False   # a write was reported and no close-after-write since
+    since: float  # when that state was first seen
+    writing: bool = False  # a write was reported and no close-after-write since
 
 
 class StabilityTracker:
     """The watcher's rules, free of threads, real time and watchdog."""
 
-    def __init__(self, root: Path, quiet: float, *, closes_reported: bool = False, open_grace: float = 60.0,
-                 clock: Clock = time.monotonic, stat: Stat = signature,
-                 lister: Callable[[Path], tuple[list[Path], int]] = list_inbox):
+    def __init__(
+        self,
+        root: Path,
+        quiet: float,
+        *,
+        closes_reported: bool = False,
+        open_grace: float = 60.0,
+        clock: Clock = time.monotonic,
+        stat: Stat = signature,
+        lister: Callable[[Path], tuple[list[Path], int]] = list_inbox,
+    ):
         self.root = root
         self.quiet = quiet
         self.closes_reported = closes_reported
@@ -210,8 +221,14 @@ class InboxWatcher:
     offered again at the next rescan; the watcher keeps running.
     """
 
-    def __init__(self, inbox: Path, on_stable: OnStable, settings: WatchSection | None = None,
-                 on_error: OnError = _log_error, tick_seconds: float | None = None):
+    def __init__(
+        self,
+        inbox: Path,
+        on_stable: OnStable,
+        settings: WatchSection | None = None,
+        on_error: OnError = _log_error,
+        tick_seconds: float | None = None,
+    ):
         self.inbox = inbox
         self.settings = settings or WatchSection()
         self.on_stable = on_stable
@@ -225,9 +242,10 @@ class InboxWatcher:
         self._thread: threading.Thread | None = None
         self._next_rescan = 0.0
 
-    def start(self) -> "InboxWatcher":
-        self.tracker = StabilityTracker(self.inbox, self.settings.quiet_seconds,
-                                        open_grace=self.settings.open_grace_seconds)
+    def start(self) -> InboxWatcher:
+        self.tracker = StabilityTracker(
+            self.inbox, self.settings.quiet_seconds, open_grace=self.settings.open_grace_seconds
+        )
         self._observer = self._start_observer()
         self.tracker.closes_reported = _reports_closes(self._observer)
         self._thread = threading.Thread(target=self._run, name="inbox-watcher", daemon=True)
@@ -242,7 +260,7 @@ class InboxWatcher:
             self._observer.stop()
             self._observer.join()
 
-    def __enter__(self) -> "InboxWatcher":
+    def __enter__(self) -> InboxWatcher:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -314,10 +332,17 @@ class InboxWatcher:
 
 def _event_filter() -> list[type]:
     """What the inotify observer is asked for: not open/close-without-write (our own reads)."""
-    from watchdog import events as ev
-
-    return [ev.FileCreatedEvent, ev.FileModifiedEvent, ev.FileAttribEvent, ev.FileClosedEvent,
-            ev.FileMovedEvent, ev.FileDeletedEvent, ev.DirCreatedEvent, ev.DirMovedEvent, ev.DirDeletedEvent]
+    return [
+        ev.FileCreatedEvent,
+        ev.FileModifiedEvent,
+        ev.FileAttribEvent,
+        ev.FileClosedEvent,
+        ev.FileMovedEvent,
+        ev.FileDeletedEvent,
+        ev.DirCreatedEvent,
+        ev.DirMovedEvent,
+        ev.DirDeletedEvent,
+    ]
 
 
 def _reports_closes(observer: Any) -> bool:
@@ -328,13 +353,13 @@ def _reports_closes(observer: Any) -> bool:
     return isinstance(observer, InotifyObserver)
 
 
-class _Handler:
-    """watchdog's handler protocol (``dispatch``), forwarding to :meth:`InboxWatcher.event`."""
+class _Handler(FileSystemEventHandler):
+    """watchdog's handler (``dispatch``), forwarding every event to :meth:`InboxWatcher.event`."""
 
     def __init__(self, watcher: InboxWatcher):
         self.watcher = watcher
 
     def dispatch(self, event: Any) -> None:
-        self.watcher.event(event.event_type, os.fsdecode(event.src_path), os.fsdecode(event.dest_path or ""),
-                           event.is_directory)
-
+        self.watcher.event(
+            event.event_type, os.fsdecode(event.src_path), os.fsdecode(event.dest_path or ""), event.is_directory
+        )

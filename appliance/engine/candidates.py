@@ -35,9 +35,18 @@ def register_candidate(home: Home, settings: Settings, journal: Journal, job: Jo
             raise ApplianceError(f"run {run_id}: the gated file is missing; cannot promote it")
         parity = read_json(run.parity)
         info = read_json(run.train_json)
-        fields = {"run": run_id, "snapshot": job.snapshot, "quant": parity.get("quant"), "base": settings.base.name,
-                  "best_val_loss": info.get("best_val_loss"), "parity": {"passed": parity.get("passed")},
-                  "job": job.id, "kind": job.kind, "collection": home.collection, "registered_at": time.time()}
+        fields = {
+            "run": run_id,
+            "snapshot": job.snapshot,
+            "quant": parity.get("quant"),
+            "base": settings.base.name,
+            "best_val_loss": info.get("best_val_loss"),
+            "parity": {"passed": parity.get("passed")},
+            "job": job.id,
+            "kind": job.kind,
+            "collection": home.collection,
+            "registered_at": time.time(),
+        }
         if adapter_mode(home, settings):
             record = register_adapter(home, run.gguf / parity["adapter"], fields)
         else:
@@ -51,8 +60,14 @@ def register_adapter(home: Home, adapter: Path, fields: dict[str, Any]) -> dict[
     base_version, base_file = base_model(home)
     base_record = registry.get(home.top, base_version)
     fields = {**fields, "quant": "adapter", "base_version": base_version, "base_sha256": base_record["sha256"]}
-    return registry.add(home, registry.next_version(home), adapter, fields, name=registry.ADAPTER_FILE,
-                        check=lambda path: adapter_problem(base_file, path))
+    return registry.add(
+        home,
+        registry.next_version(home),
+        adapter,
+        fields,
+        name=registry.ADAPTER_FILE,
+        check=lambda path: adapter_problem(base_file, path),
+    )
 
 
 def clean_intermediates(home: Home, run_id: str) -> None:

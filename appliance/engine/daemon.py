@@ -70,7 +70,7 @@ class HomeLock:
         self.path = home.lock
         self.fd: int | None = None
 
-    def acquire(self) -> "HomeLock":
+    def acquire(self) -> HomeLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -78,8 +78,10 @@ class HomeLock:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise HomeError(f"{self.path.parent.parent}: another appliance engine is running on this home "
-                            f"(pid {holder}); stop it first") from None
+            raise HomeError(
+                f"{self.path.parent.parent}: another appliance engine is running on this home "
+                f"(pid {holder}); stop it first"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -142,8 +144,15 @@ def read_events(home: Home, offset: int = 0) -> tuple[list[dict[str, Any]], int]
 
 
 class Daemon:
-    def __init__(self, root: Path, serve: bool = True, once: bool = False, host: str | None = None,
-                 port: int | None = None, emit: Emit | None = None):
+    def __init__(
+        self,
+        root: Path,
+        serve: bool = True,
+        once: bool = False,
+        host: str | None = None,
+        port: int | None = None,
+        emit: Emit | None = None,
+    ):
         self.home = Home(root)
         if not self.home.is_initialised():
             raise HomeError(f"{root}: not an appliance home; run 'appliance init --home {root}' first")
@@ -152,9 +161,13 @@ class Daemon:
         self.stop = threading.Event()
         self.events = EventLog(self.home.events_log)
         self.extra_emit = emit
-        self.state: dict[str, Any] = {"pid": os.getpid(), "started": time.time(), "endpoint": None,
-                                      "watching": False, "inbox": {"batches": 0, "accepted": 0, "files": 0,
-                                                                   "quarantined": 0, "duplicates": 0}}
+        self.state: dict[str, Any] = {
+            "pid": os.getpid(),
+            "started": time.time(),
+            "endpoint": None,
+            "watching": False,
+            "inbox": {"batches": 0, "accepted": 0, "files": 0, "quarantined": 0, "duplicates": 0},
+        }
         self._watcher: Any = None
         self._ingestor: Any = None
         self._server: Any = None
@@ -232,8 +245,12 @@ class Daemon:
             job = ctx.journal.get(job.id)
             if job.state == AWAITING_REVIEW:  # not promoted by a voter meanwhile
                 done = run_job(ctx, job)
-                self.emit(Message("daemon", f"job {done.id} {done.state} after its review"
-                                            + (f": {done.error}" if done.error else "")))
+                self.emit(
+                    Message(
+                        "daemon",
+                        f"job {done.id} {done.state} after its review" + (f": {done.error}" if done.error else ""),
+                    )
+                )
 
     def _queue_unsnapshotted(self, journal: Journal) -> None:
         """Data ingested but never snapshotted (a kill between an ingest and its enqueue) gets its job,
@@ -249,8 +266,11 @@ class Daemon:
                 pending = store.last_seq() > (head["seq"] if head else 0) and store.counts()["records"] > 0
             if pending:
                 job, _ = journal.enqueue("train", reason="data ingested since the last snapshot", collection=collection)
-                self.emit(Message("daemon", f"queued job {job.id} ({display(collection)}): data ingested since "
-                                            "the last snapshot"))
+                self.emit(
+                    Message(
+                        "daemon", f"queued job {job.id} ({display(collection)}): data ingested since the last snapshot"
+                    )
+                )
 
     # --- the endpoint -----------------------------------------------------------------------
     def _start_server(self) -> None:
@@ -269,8 +289,9 @@ class Daemon:
             self._stop_watching()
             self._save_state()
         elif not paused and self._watcher is None:
-            self._watcher = InboxWatcher(self.home.inbox, self._on_stable, self.settings.watch,
-                                         on_error=self._on_error).start()  # starts with a full rescan
+            self._watcher = InboxWatcher(
+                self.home.inbox, self._on_stable, self.settings.watch, on_error=self._on_error
+            ).start()  # starts with a full rescan
             self.state["watching"] = True
             self._save_state()
 
@@ -308,8 +329,13 @@ class Daemon:
                 continue
             with Journal(self.home.jobs_db) as journal:
                 job, new = journal.enqueue("train", reason=f"{count} new record(s)", collection=collection)
-            self.emit(Message("daemon", f"{'queued' if new else 'added to queued'} job {job.id} "
-                                        f"({display(collection)}): {count} new record(s)"))
+            self.emit(
+                Message(
+                    "daemon",
+                    f"{'queued' if new else 'added to queued'} job {job.id} "
+                    f"({display(collection)}): {count} new record(s)",
+                )
+            )
 
     def _save_state(self) -> None:
         write_json_atomic(self.home.daemon_state, {**self.state, "saved": time.time()})

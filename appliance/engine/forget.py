@@ -55,8 +55,9 @@ def resolve(home: Home, document: str) -> str:
     with Store(home.store_db) as store:
         rel = _inbox_rel(home, document)
         if rel is not None:
-            rows = store.db.execute("SELECT sha256 FROM versions WHERE path=? ORDER BY status='current' DESC, "
-                                    "seen_at DESC", (rel,)).fetchall()
+            rows = store.db.execute(
+                "SELECT sha256 FROM versions WHERE path=? ORDER BY status='current' DESC, seen_at DESC", (rel,)
+            ).fetchall()
             if rows:
                 return rows[0][0]
     path = Path(document).expanduser()
@@ -116,9 +117,17 @@ def forget(home: Home, document: str, queue: bool = True) -> dict[str, Any]:
         if queue and removed["known"]:
             job, _ = journal.enqueue("forget", reason=f"forget {sha[:12]}", document=sha, collection=home.collection)
             job_id = job.id
-    report = {"document": sha, "known": removed["known"], "records_removed": removed["records"],
-              "records_kept_shared": removed["shared"], "files_removed": len(files),
-              "study_files_removed": len(studied), "runs_removed": runs, "versions_retired": retired, "job": job_id}
+    report = {
+        "document": sha,
+        "known": removed["known"],
+        "records_removed": removed["records"],
+        "records_kept_shared": removed["shared"],
+        "files_removed": len(files),
+        "study_files_removed": len(studied),
+        "runs_removed": runs,
+        "versions_retired": retired,
+        "job": job_id,
+    }
     if not (removed["known"] or files or studied or runs or retired):
         raise DataError(f"{document}: the store holds no such document and no copy of it was found")
     audit.append(home, "forget", **report)
@@ -151,9 +160,17 @@ def _remove_from_store(home: Home, sha: str) -> dict[str, Any]:
             paths = [r[0] for r in store.db.execute("SELECT path FROM versions WHERE sha256=?", (sha,))]
             mine = [r[0] for r in store.db.execute("SELECT record_hash FROM doc_records WHERE doc_sha256=?", (sha,))]
             store.db.execute("DELETE FROM doc_records WHERE doc_sha256=?", (sha,))
-            shared = {r[0] for r in store.db.execute(
-                f"SELECT DISTINCT record_hash FROM doc_records WHERE record_hash IN ({','.join('?' * len(mine))})",
-                mine)} if mine else set()
+            shared = (
+                {
+                    r[0]
+                    for r in store.db.execute(
+                        f"SELECT DISTINCT record_hash FROM doc_records WHERE record_hash IN ({','.join('?' * len(mine))})",
+                        mine,
+                    )
+                }
+                if mine
+                else set()
+            )
             only = [h for h in mine if h not in shared]
             # the row stays as a tombstone with its hash, format and token count (the next snapshot's
             # statistics subtract them); its content is gone

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from appliance.contract.errors import DataError
 from appliance.data.snapshot import run_snapshot, stats
@@ -29,8 +30,12 @@ def base_hash(home: Home, settings: Settings, journal: Journal) -> str:
     """sha256 over the base's weight files (cached in the journal by name, size and mtime)."""
     folder = home.base(settings.base.name)
     files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".gguf"))
-    key = "base:" + hashlib.sha256(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                         for p in files]).encode()).hexdigest()[:16]
+    key = (
+        "base:"
+        + hashlib.sha256(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode()).hexdigest()[
+            :16
+        ]
+    )
     cached = journal.get_meta(key)
     if cached:
         return cached
@@ -41,8 +46,9 @@ def base_hash(home: Home, settings: Settings, journal: Journal) -> str:
     return digest.hexdigest()
 
 
-def build_lineage(home: Home, settings: Settings, journal: Journal, job: Job, record: dict[str, Any],
-                  review: dict[str, Any] | None) -> dict[str, Any]:
+def build_lineage(
+    home: Home, settings: Settings, journal: Journal, job: Job, record: dict[str, Any], review: dict[str, Any] | None
+) -> dict[str, Any]:
     """Everything that made this version, taken from the journal and the stages' outputs
     (``review``: the human review's outcome, if the version went through one)."""
     run_id = job.run_id or ""
@@ -52,19 +58,37 @@ def build_lineage(home: Home, settings: Settings, journal: Journal, job: Job, re
     eval_report = read_json(run.eval) if run.eval.exists() else None
     times = {t["stage"] + ":" + t["state"]: t["at"] for t in journal.transitions(job.id) if t["stage"]}
     return {
-        "version": record["version"], "job": job.id, "kind": job.kind, "run": run_id, "snapshot": job.snapshot,
-        "collection": home.collection, "served_as": "adapter" if record.get("file") == registry.ADAPTER_FILE
-        else "merged", "base_version": record.get("base_version"),
-        "documents": [{"sha256": s["sha256"], "path": s["path"], "records": s.get("records")}
-                      for s in info["by_source"]],
-        "records": info["records"], "base": settings.base.name,
+        "version": record["version"],
+        "job": job.id,
+        "kind": job.kind,
+        "run": run_id,
+        "snapshot": job.snapshot,
+        "collection": home.collection,
+        "served_as": "adapter" if record.get("file") == registry.ADAPTER_FILE else "merged",
+        "base_version": record.get("base_version"),
+        "documents": [
+            {"sha256": s["sha256"], "path": s["path"], "records": s.get("records")} for s in info["by_source"]
+        ],
+        "records": info["records"],
+        "base": settings.base.name,
         "base_sha256": base_hash(home, settings, journal),
-        "training": {"settings": train_info.get("settings"), "steps": train_info.get("steps"),
-                     "best_val_loss": train_info.get("best_val_loss"), "seconds": train_info.get("seconds"),
-                     "method": train_info.get("method"), "method_reason": train_info.get("method_reason")},
-        "adapter_sha256": adapter_hash(home, run_id), "gguf_sha256": record["sha256"], "quant": record.get("quant"),
-        "gate": eval_report, "audit_head": audit.head(home), "times": times, "created": job.created,
-        "promoted_at": time.time(), "review": review,
+        "training": {
+            "settings": train_info.get("settings"),
+            "steps": train_info.get("steps"),
+            "best_val_loss": train_info.get("best_val_loss"),
+            "seconds": train_info.get("seconds"),
+            "method": train_info.get("method"),
+            "method_reason": train_info.get("method_reason"),
+        },
+        "adapter_sha256": adapter_hash(home, run_id),
+        "gguf_sha256": record["sha256"],
+        "quant": record.get("quant"),
+        "gate": eval_report,
+        "audit_head": audit.head(home),
+        "times": times,
+        "created": job.created,
+        "promoted_at": time.time(),
+        "review": review,
     }
 
 
@@ -79,6 +103,7 @@ def snapshot_documents(home: Home) -> Callable[[str], set[str]]:
             except (DataError, OSError, KeyError):
                 cache[snapshot_id] = set()
         return cache[snapshot_id]
+
     return docs
 
 

@@ -8,13 +8,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.home import registry
-from appliance.data import snapshot as snapshots
 from appliance.contract.api import Document, ModelVersion, QuarantinedFile, Status
-from appliance.contract.names import read_api_key
-from appliance.home.config import Settings, load
 from appliance.contract.errors import HomeError
 from appliance.contract.events import Emit, ignore
+from appliance.contract.names import read_api_key
+from appliance.data import snapshot as snapshots
+from appliance.home import registry
+from appliance.home.config import Settings, load
 from appliance.home.keys import Key, KeyStore, caller_key, guarded
 from appliance.home.paths import Home
 
@@ -35,7 +35,7 @@ class LocalEngine:
         self.key = key or caller_key(self.paths)
 
     # --- collections ----------------------------------------------------------------------------
-    def scoped(self, collection: str) -> "LocalEngine":
+    def scoped(self, collection: str) -> LocalEngine:
         """The same engine bound to another collection ("" or "shared": the shared one)."""
         from appliance.home.catalog import parse
 
@@ -43,9 +43,9 @@ class LocalEngine:
 
     def collections(self) -> list[dict[str, Any]]:
         """Every collection with its model and data counts."""
-        from appliance.home.catalog import display, model_id, names, served
         from appliance.data.ingest import inbox_files
         from appliance.data.ingest.store import Store
+        from appliance.home.catalog import display, model_id, names, served
 
         out = []
         for name in filter(self.key.sees, names(self.paths)):  # never a hint of the others
@@ -55,11 +55,18 @@ class LocalEngine:
                 with Store(scope.store_db) as store:
                     counts = store.counts()
             now = served(scope, name)
-            out.append({"name": name, "display": display(name), "model_id": model_id(name),
-                        "current": now.version if now else None,
-                        "mode": now.mode if now else ("merged" if not name else self.settings.collection(name).serve),
-                        "documents": counts["documents"], "records": counts["records"],
-                        "inbox_files": len(inbox_files(scope))})
+            out.append(
+                {
+                    "name": name,
+                    "display": display(name),
+                    "model_id": model_id(name),
+                    "current": now.version if now else None,
+                    "mode": now.mode if now else ("merged" if not name else self.settings.collection(name).serve),
+                    "documents": counts["documents"],
+                    "records": counts["records"],
+                    "inbox_files": len(inbox_files(scope)),
+                }
+            )
         return out
 
     @property
@@ -81,29 +88,47 @@ class LocalEngine:
         endpoint = (daemon or {}).get("endpoint") or f"http://{s.serve.host}:{s.serve.port}/v1"
         inbox = inbox_files(self.paths)
         job, queue = self._journal_view()
-        return Status(self.home, registry.current(self.paths), len(registry.versions(self.paths)),
-                      counts["documents"], counts["records"], len(inbox), endpoint, runs,
-                      job=job, queue=queue, current_metrics=self._current_metrics(),
-                      server={"address": endpoint, "health": _health(endpoint) if daemon else "no daemon running",
-                              "daemon_pid": (daemon or {}).get("pid")},
-                      inbox={"new": self._unread(inbox), "ingested": counts["documents"],
-                             "quarantined": _quarantined(self.paths.quarantine),
-                             "watching": bool(daemon and daemon.get("watching")),
-                             "paused": paused(self.paths) if self.paths.jobs_db.exists() else False,
-                             "since_start": (daemon or {}).get("inbox", {})},
-                      unlearned=unlearned, knowledge=self._knowledge())
+        return Status(
+            self.home,
+            registry.current(self.paths),
+            len(registry.versions(self.paths)),
+            counts["documents"],
+            counts["records"],
+            len(inbox),
+            endpoint,
+            runs,
+            job=job,
+            queue=queue,
+            current_metrics=self._current_metrics(),
+            server={
+                "address": endpoint,
+                "health": _health(endpoint) if daemon else "no daemon running",
+                "daemon_pid": (daemon or {}).get("pid"),
+            },
+            inbox={
+                "new": self._unread(inbox),
+                "ingested": counts["documents"],
+                "quarantined": _quarantined(self.paths.quarantine),
+                "watching": bool(daemon and daemon.get("watching")),
+                "paused": paused(self.paths) if self.paths.jobs_db.exists() else False,
+                "since_start": (daemon or {}).get("inbox", {}),
+            },
+            unlearned=unlearned,
+            knowledge=self._knowledge(),
+        )
 
     def ingest(self, emit: Emit = ignore) -> dict[str, Any]:
-        from appliance.engine.daemon import record_ingest, store_seqs
         from appliance.data.ingest import ingest
+        from appliance.engine.daemon import record_ingest, store_seqs
 
         before = store_seqs(self.paths)
         report = ingest(self.paths, emit)
         record_ingest(self.paths, before, report)
         return report.to_dict()
 
-    def train(self, snapshot: str | None = None, max_steps: int | None = None, emit: Emit = ignore,
-              run_id: str | None = None) -> str:
+    def train(
+        self, snapshot: str | None = None, max_steps: int | None = None, emit: Emit = ignore, run_id: str | None = None
+    ) -> str:
         from appliance.training.train import run_snapshot, train
 
         s = self.settings
@@ -128,10 +153,17 @@ class LocalEngine:
         if existing:
             return self._version(existing[-1])  # the model was registered before; this added the adapter
         train_info = read_json(self.paths.run(run).root / "train.json")
-        fields = {"run": run, "snapshot": train_info.get("snapshot"), "quant": result.qtype, "base": s.base.name,
-                  "best_val_loss": train_info.get("best_val_loss"), "parity": result.parity.to_dict(),
-                  "adapter": result.adapter.name if result.adapter else None, "collection": self.collection,
-                  "registered_at": time.time()}
+        fields = {
+            "run": run,
+            "snapshot": train_info.get("snapshot"),
+            "quant": result.qtype,
+            "base": s.base.name,
+            "best_val_loss": train_info.get("best_val_loss"),
+            "parity": result.parity.to_dict(),
+            "adapter": result.adapter.name if result.adapter else None,
+            "collection": self.collection,
+            "registered_at": time.time(),
+        }
         if served_as_adapter and result.adapter is not None:
             from appliance.engine.candidates import register_adapter
 
@@ -143,13 +175,15 @@ class LocalEngine:
         return [self._version(v) for v in registry.versions(self.paths)]
 
     def promote(self, version: str) -> None:
-        from appliance.home import audit
         from appliance.engine.review import ReviewError, waiting_version
+        from appliance.home import audit
 
         record = registry.get(self.paths, version)
         if (run := waiting_version(self.paths, version)) is not None:  # a person's promote must not skip the vote
-            raise ReviewError(f"{version} waits for review; approve it with 'appliance review approve {run}' "
-                              "or in the TUI's Review screen")
+            raise ReviewError(
+                f"{version} waits for review; approve it with 'appliance review approve {run}' "
+                "or in the TUI's Review screen"
+            )
         registry.promote(self.paths, version)
         audit.append(self.paths, "promote", version=version, sha256=record["sha256"], by="command")
 
@@ -219,8 +253,18 @@ class LocalEngine:
         with Store(self.paths.store_db) as store:
             facts = store.document_facts(store.active_documents())
         recall = self._current_recall().get("documents", {})
-        return [Document(f["path"], f["sha256"], f["format"], f["records"], self.collection, f["sha256"] in learned,
-                         **self._studied(f["sha256"], recall.get(f["sha256"]))) for f in facts]
+        return [
+            Document(
+                f["path"],
+                f["sha256"],
+                f["format"],
+                f["records"],
+                self.collection,
+                f["sha256"] in learned,
+                **self._studied(f["sha256"], recall.get(f["sha256"])),
+            )
+            for f in facts
+        ]
 
     def _studied(self, sha: str, recall: dict[str, Any] | None) -> dict[str, Any]:
         """Facts found in a document and study questions written from it (its study cache), and
@@ -232,8 +276,11 @@ class LocalEngine:
         except (OSError, ValueError):
             return {}
         asked = recall is not None and recall.get("questions")
-        return {"facts": len(cache.get("statements", [])), "questions": len(cache.get("conversations", [])),
-                "recall": recall.get("candidate") if recall is not None and asked else None}
+        return {
+            "facts": len(cache.get("statements", [])),
+            "questions": len(cache.get("conversations", [])),
+            "recall": recall.get("candidate") if recall is not None and asked else None,
+        }
 
     def _current_recall(self) -> dict[str, Any]:
         """eval.json's recall from the gate that promoted the current version ({} when none)."""
@@ -255,9 +302,15 @@ class LocalEngine:
             moved_to = data.get("moved_to")
             if moved_to and not os.path.lexists(folder / moved_to):
                 continue  # taken out of quarantine (fixed, or deleted): its reasons no longer apply
-            found.append(QuarantinedFile(str(data.get("file", sidecar.name.removesuffix(".reason.json"))),
-                                         [str(r) for r in data.get("reasons", [])], self.collection,
-                                         data.get("quarantined_at"), moved_to))
+            found.append(
+                QuarantinedFile(
+                    str(data.get("file", sidecar.name.removesuffix(".reason.json"))),
+                    [str(r) for r in data.get("reasons", [])],
+                    self.collection,
+                    data.get("quarantined_at"),
+                    moved_to,
+                )
+            )
         return sorted(found, key=lambda q: q.quarantined_at or 0.0, reverse=True)
 
     def eval_report(self, run: str) -> dict[str, Any] | None:
@@ -271,9 +324,9 @@ class LocalEngine:
         return evaluate(self.paths, run, self.settings, emit=emit).to_dict()
 
     def advise(self) -> list[dict[str, str]]:
-        from appliance.quality.advise import advise_data, advise_run
-        from appliance.home.fsutil import read_json
         from appliance.data.snapshot import cut_id
+        from appliance.home.fsutil import read_json
+        from appliance.quality.advise import advise_data, advise_run
 
         advice = advise_data(self.paths, cut_id(self.paths, self.settings.data.val_fraction))
         runs = sorted((r for r in self.paths.runs.glob("*/train.json")), key=lambda p: p.stat().st_mtime)
@@ -296,8 +349,8 @@ class LocalEngine:
         return checked.train.method
 
     def correct(self, messages: list[dict[str, str]], answer: str) -> str:
-        from appliance.home import audit
         from appliance.data.corrections import write_correction
+        from appliance.home import audit
         from appliance.home.fsutil import sha256_file
 
         path = write_correction(self.paths, messages, answer)
@@ -309,8 +362,9 @@ class LocalEngine:
 
         return pending(self.paths, self.settings)
 
-    def vote(self, run: str, approve: bool, comment: str = "",
-             preferences: dict[int, str] | None = None) -> dict[str, Any]:
+    def vote(
+        self, run: str, approve: bool, comment: str = "", preferences: dict[int, str] | None = None
+    ) -> dict[str, Any]:
         from appliance.engine.pipeline import vote
 
         return vote(self.paths, self.settings, run, approve, comment, preferences)
@@ -341,24 +395,36 @@ class LocalEngine:
             queue = [j.to_dict() for j in journal.queue()]
         if active is None:
             return None, queue
-        return {"id": active.id, "kind": active.kind, "stage": active.current or active.next_stage(),
-                "completed_stages": active.stage, "run": active.run_id, "progress": active.progress,
-                "since": active.created}, queue
+        return {
+            "id": active.id,
+            "kind": active.kind,
+            "stage": active.current or active.next_stage(),
+            "completed_stages": active.stage,
+            "run": active.run_id,
+            "progress": active.progress,
+            "since": active.created,
+        }, queue
 
     def _current_metrics(self) -> dict[str, Any]:
         version = registry.current(self.paths)
         if not version:
             return {}
         record = registry.get(self.paths, version)
-        out: dict[str, Any] = {"version": version, "best_val_loss": record.get("best_val_loss"),
-                               "quant": record.get("quant")}
+        out: dict[str, Any] = {
+            "version": version,
+            "best_val_loss": record.get("best_val_loss"),
+            "quant": record.get("quant"),
+        }
         report = self.eval_report(record["run"]) if record.get("run") else None
         if report:
             out["gate"] = {c["name"]: c["value"] for c in report["checks"]}
             known = (report.get("recall") or {}).get("facts_known")
             if known:  # "knows 27 of 30 facts": facts with a held-out question answered, of those asked
-                out["recall"] = {"facts_known": known["candidate"], "facts_asked": report["recall"]["facts_asked"],
-                                 "share": report["recall"]["candidate"]}
+                out["recall"] = {
+                    "facts_known": known["candidate"],
+                    "facts_asked": report["recall"]["facts_asked"],
+                    "share": report["recall"]["candidate"],
+                }
         return out
 
     def _knowledge(self) -> list[dict[str, Any]]:
@@ -368,8 +434,18 @@ class LocalEngine:
 
         if not self.key.can(COMMAND_ROLES["sources"]):
             return []
-        return [{"path": d.path, "sha256": d.sha256, "facts": d.facts, "questions": d.questions, "recall": d.recall,
-                 "known": not d.unknown} for d in self.sources() if d.facts is not None]
+        return [
+            {
+                "path": d.path,
+                "sha256": d.sha256,
+                "facts": d.facts,
+                "questions": d.questions,
+                "recall": d.recall,
+                "known": not d.unknown,
+            }
+            for d in self.sources()
+            if d.facts is not None
+        ]
 
     def _learned(self) -> set[str]:
         """sha256 of the documents the current version was trained on (its lineage, else its snapshot)."""
@@ -400,12 +476,23 @@ class LocalEngine:
         lineage = registry.lineage(self.paths, record["version"]) or {}
         gate = lineage.get("gate") or {}
         loss = next((c["value"] for c in gate.get("checks", []) if c["name"] == "validation_loss"), None)
-        metrics = {"best_val_loss": record.get("best_val_loss"),
-                   "gate_val_loss": loss.get("candidate") if isinstance(loss, dict) else None,
-                   "gate_passed": gate.get("passed"), "documents": len(lineage.get("documents", []))}
-        return ModelVersion(record["version"], record["created"], record.get("quant", "?"), record.get("size", 0),
-                            record["sha256"], record.get("run"), record.get("snapshot"),
-                            record["version"] == registry.current(self.paths), metrics)
+        metrics = {
+            "best_val_loss": record.get("best_val_loss"),
+            "gate_val_loss": loss.get("candidate") if isinstance(loss, dict) else None,
+            "gate_passed": gate.get("passed"),
+            "documents": len(lineage.get("documents", [])),
+        }
+        return ModelVersion(
+            record["version"],
+            record["created"],
+            record.get("quant", "?"),
+            record.get("size", 0),
+            record["sha256"],
+            record.get("run"),
+            record.get("snapshot"),
+            record["version"] == registry.current(self.paths),
+            metrics,
+        )
 
 
 if TYPE_CHECKING:  # mypy confirms the in-process engine keeps the whole contract (tests/test_boundaries.py)
@@ -426,8 +513,11 @@ def _health(endpoint: str) -> str:
 
 def _quarantined(folder: Path) -> int:
     # sub-folders are other collections' quarantines
-    return sum(1 for p in folder.iterdir() if p.is_file() and not p.name.endswith(".reason.json")) \
-        if folder.is_dir() else 0
+    return (
+        sum(1 for p in folder.iterdir() if p.is_file() and not p.name.endswith(".reason.json"))
+        if folder.is_dir()
+        else 0
+    )
 
 
 def as_dict(obj: Any) -> Any:

@@ -15,14 +15,16 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from appliance.contract.errors import ApplianceError
 from appliance.contract.events import Emit, Event, Message, Progress, ignore
 from appliance.data import snapshot as snapshots
 from appliance.data.study.stage import study
 from appliance.engine import review
+
 # register_adapter is named here for LocalEngine.export
 from appliance.engine.candidates import clean_intermediates, register_adapter, register_candidate  # noqa: F401
 from appliance.engine.forget import fall_back, remove_runs, retire_versions_with
@@ -59,9 +61,11 @@ def check_disk(home: Home, settings: Settings, stage: str) -> None:
     free = shutil.disk_usage(home.root).free
     need = settings.disk.min_free_gb * 1e9
     if free < need:
-        raise DiskError(f"{home.root}: only {free / 1e9:.1f} GB free, the {stage} stage needs at least "
-                        f"{settings.disk.min_free_gb:g} GB (disk.min_free_gb); free some space or lower the "
-                        f"threshold; the job resumes where it stopped")
+        raise DiskError(
+            f"{home.root}: only {free / 1e9:.1f} GB free, the {stage} stage needs at least "
+            f"{settings.disk.min_free_gb:g} GB (disk.min_free_gb); free some space or lower the "
+            f"threshold; the job resumes where it stopped"
+        )
 
 
 def run_job(ctx: Context, job: Job) -> Job:
@@ -83,19 +87,22 @@ def run_job(ctx: Context, job: Job) -> Job:
             return _fail(ctx, job, stage, str(exc))
         except OSError as exc:
             if exc.errno == errno.ENOSPC:  # the disk filled up mid-stage: pause, do not fail
-                raise DiskError(f"{ctx.home.root}: the disk filled up during the {stage} stage; free some "
-                                "space; the job resumes where it stopped") from None
+                raise DiskError(
+                    f"{ctx.home.root}: the disk filled up during the {stage} stage; free some "
+                    "space; the job resumes where it stopped"
+                ) from None
             log.exception("job %s: %s failed", job.id, stage)
             return _fail(ctx, job, stage, f"unexpected error: {exc}")
         except Exception as exc:  # a bug must not crash-loop the daemon on the same job
             log.exception("job %s: %s failed", job.id, stage)
             return _fail(ctx, job, stage, f"unexpected error: {type(exc).__name__}: {exc}")
         job = ctx.journal.stage_complete(job.id, stage, **fields)
-        if stage == "gate" and not (job.result or {}).get("passed"):
-            audit.append(ctx.home, "job_refused", job=job.id, run=job.run_id, failed=job.result.get("failed"))
+        result = job.result or {}
+        if stage == "gate" and not result.get("passed"):
+            audit.append(ctx.home, "job_refused", job=job.id, run=job.run_id, failed=result.get("failed"))
             if job.kind == "forget" and job.document:
                 fall_back(ctx.home, job.document, job.id)  # the forgotten document must leave the served model
-            return ctx.journal.finish(job.id, "refused", job.result.get("verdict"))
+            return ctx.journal.finish(job.id, "refused", result.get("verdict"))
     return ctx.journal.finish(job.id, "done")
 
 
@@ -110,10 +117,17 @@ def _open_review(ctx: Context, job: Job) -> Job:
         return _fail(ctx, job, "review", str(exc))
 
 
-def vote(home: Home, settings: Settings, run_id: str, approve: bool, comment: str = "",
-         preferences: dict[int, str] | None = None) -> dict[str, Any]:
+def vote(
+    home: Home,
+    settings: Settings,
+    run_id: str,
+    approve: bool,
+    comment: str = "",
+    preferences: dict[int, str] | None = None,
+) -> dict[str, Any]:
     """A reviewer's vote; the approval that completes a review promotes its candidate here,
     through the promote stage (registry swap, lineage, audit, pruning)."""
+
     def promote(data: dict[str, Any]) -> None:
         with Journal(home.jobs_db) as journal:
             job = run_job(Context(home, journal, settings), journal.get(data["job"]))
@@ -131,13 +145,16 @@ def _fail(ctx: Context, job: Job, stage: str, error: str) -> Job:
 
 def _job_emit(ctx: Context, job_id: int, stage: str) -> Emit:
     """Forward events, keep the journal's progress current, and stop at the next step when asked."""
+
     def emit(event: Event) -> None:
         ctx.emit(event)
         if isinstance(event, Progress):
-            ctx.journal.progress(job_id, {"stage": stage, "completed": event.completed, "total": event.total,
-                                          "metrics": event.metrics})
+            ctx.journal.progress(
+                job_id, {"stage": stage, "completed": event.completed, "total": event.total, "metrics": event.metrics}
+            )
             if ctx.stop.is_set() and stage == "train":
                 raise Stopped(stage)  # training resumes from its last checkpoint
+
     return emit
 
 
@@ -147,8 +164,14 @@ def _job_emit(ctx: Context, job_id: int, stage: str) -> Emit:
 def stage_snapshot(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
     snapshot_id = snapshots.cut_id(ctx.home, ctx.settings.data.val_fraction)  # no usable data: DataError fails it
     info = snapshots.stats(ctx.home, snapshot_id)
-    audit.append(ctx.home, "snapshot", job=job.id, snapshot=snapshot_id, records=info["records"],
-                 documents=[s["sha256"] for s in info["by_source"]])
+    audit.append(
+        ctx.home,
+        "snapshot",
+        job=job.id,
+        snapshot=snapshot_id,
+        records=info["records"],
+        documents=[s["sha256"] for s in info["by_source"]],
+    )
     return {"snapshot": snapshot_id}
 
 
@@ -173,8 +196,15 @@ def stage_train(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
         result = train(ctx.home, snap, ctx.settings, run_id=run_id, emit=emit, stop=ctx.stop.is_set)
     except TrainInterrupted:
         raise Stopped("train") from None  # the checkpoint just written is where it resumes
-    audit.append(ctx.home, "train", job=job.id, run=run_id, snapshot=snap.id, steps=result.steps,
-                 adapter_sha256=adapter_hash(ctx.home, run_id))
+    audit.append(
+        ctx.home,
+        "train",
+        job=job.id,
+        run=run_id,
+        snapshot=snap.id,
+        steps=result.steps,
+        adapter_sha256=adapter_hash(ctx.home, run_id),
+    )
     return {"run_id": run_id}
 
 
@@ -194,8 +224,16 @@ def stage_export(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
 def stage_gate(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
     report = evaluate(ctx.home, job.run_id or "", ctx.settings, kind=job.kind, emit=emit)
     data = report.to_dict()
-    audit.append(ctx.home, "gate", job=job.id, run=job.run_id, passed=report.passed, failed=data["failed"],
-                 candidate_sha256=data["candidate"]["sha256"], current=data["current"]["version"])
+    audit.append(
+        ctx.home,
+        "gate",
+        job=job.id,
+        run=job.run_id,
+        passed=report.passed,
+        failed=data["failed"],
+        candidate_sha256=data["candidate"]["sha256"],
+        current=data["current"]["version"],
+    )
     if not report.passed:
         clean_intermediates(ctx.home, job.run_id or "")
     return {"result": {"passed": report.passed, "verdict": report.verdict(), "failed": data["failed"]}}
@@ -206,8 +244,13 @@ def stage_promote(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
     record = register_candidate(home, ctx.settings, ctx.journal, job)
     version = record["version"]
     if registry.lineage(home, version) is None:
-        registry.write_lineage(home, version, build_lineage(home, ctx.settings, ctx.journal, ctx.journal.get(job.id),
-                                                            record, review.summary(home, run_id)))
+        registry.write_lineage(
+            home,
+            version,
+            build_lineage(
+                home, ctx.settings, ctx.journal, ctx.journal.get(job.id), record, review.summary(home, run_id)
+            ),
+        )
     if not any(e.get("job") == job.id for e in registry.history(home)):
         registry.promote(home, version, job=job.id)
     if not audit.find(home, "promote", job=job.id):
@@ -222,5 +265,10 @@ def stage_promote(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
 
 
 STAGES: dict[str, Callable[[Context, Job, Emit], dict[str, Any]]] = {
-    "snapshot": stage_snapshot, "study": stage_study, "train": stage_train, "export": stage_export, "gate": stage_gate,
-    "promote": stage_promote}
+    "snapshot": stage_snapshot,
+    "study": stage_study,
+    "train": stage_train,
+    "export": stage_export,
+    "gate": stage_gate,
+    "promote": stage_promote,
+}

@@ -26,9 +26,10 @@ import fcntl
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from appliance.contract.errors import ApplianceError
 from appliance.data.snapshot import load as load_snapshot
@@ -69,8 +70,11 @@ def summary(home: Home, run_id: str) -> dict[str, Any] | None:
     data = load(home, run_id)
     if data is None:
         return None
-    return {"state": data["state"], "approvals_needed": data["approvals_needed"],
-            "votes": [{k: v[k] for k in ("user", "approve", "comment", "at")} for v in data["votes"]]}
+    return {
+        "state": data["state"],
+        "approvals_needed": data["approvals_needed"],
+        "votes": [{k: v[k] for k in ("user", "approve", "comment", "at")} for v in data["votes"]],
+    }
 
 
 # --- building the review ---------------------------------------------------------------------
@@ -83,12 +87,30 @@ def open_review(home: Home, settings: Settings, journal: Journal, job: Job) -> J
     if load(home, run_id) is None:
         current = registry.current(home)
         items = build_items(home, settings, job, record["version"], current)
-        write_json_atomic(home.run(run_id).review, {
-            "run": run_id, "job": job.id, "candidate": record["version"], "current": current,
-            "created": time.time(), "approvals_needed": settings.gate.approvals, "state": PENDING,
-            "items": items, "votes": []})
-        audit.append(home, "review_opened", job=job.id, run=run_id, version=record["version"], current=current,
-                     questions=len(items), approvals_needed=settings.gate.approvals)
+        write_json_atomic(
+            home.run(run_id).review,
+            {
+                "run": run_id,
+                "job": job.id,
+                "candidate": record["version"],
+                "current": current,
+                "created": time.time(),
+                "approvals_needed": settings.gate.approvals,
+                "state": PENDING,
+                "items": items,
+                "votes": [],
+            },
+        )
+        audit.append(
+            home,
+            "review_opened",
+            job=job.id,
+            run=run_id,
+            version=record["version"],
+            current=current,
+            questions=len(items),
+            approvals_needed=settings.gate.approvals,
+        )
     clean_intermediates(home, run_id)  # checkpoints and merged weights need not wait days for a vote
     return journal.await_review(job.id, f"candidate {record['version']} waits for review")
 
@@ -106,8 +128,10 @@ def questions(home: Home, snapshot_id: str | None, count: int) -> list[list[dict
     if not found:
         found = [[{"role": "user", "content": p.question}] for p in user_probes(home)[:count]]
     if not found:
-        raise ReviewError("nothing to ask the reviewers: the snapshot has no validation conversations and the "
-                          f"home's {home.probes} has no probe questions; add a probes/*.jsonl file")
+        raise ReviewError(
+            "nothing to ask the reviewers: the snapshot has no validation conversations and the "
+            f"home's {home.probes} has no probe questions; add a probes/*.jsonl file"
+        )
     return found
 
 
@@ -130,16 +154,25 @@ def build_items(home: Home, settings: Settings, job: Job, candidate: str, curren
     tokenizer = load_tokenizer(home.base(settings.base.name))
     cand = _answers(cand_model, prompts, settings, tokenizer)
     _, _, cur_model = models(home, job.run_id or "", settings, against=current)  # a new collection: the base
-    cur = (_answers(cur_model, prompts, settings, tokenizer) if cur_model
-           else ["(there is no current model)"] * len(prompts))
+    cur = (
+        _answers(cur_model, prompts, settings, tokenizer)
+        if cur_model
+        else ["(there is no current model)"] * len(prompts)
+    )
     chooser = random.SystemRandom()  # reviewers must not be able to predict the order
     items = []
     for index, (conversation, answer_cand, answer_cur) in enumerate(zip(asked, cand, cur)):
         a_is_candidate = chooser.random() < 0.5
-        items.append({"index": index, "question": conversation[-1]["content"], "context": conversation[:-1],
-                      "answer_a": answer_cand if a_is_candidate else answer_cur,
-                      "answer_b": answer_cur if a_is_candidate else answer_cand,
-                      "a": "candidate" if a_is_candidate else "current"})
+        items.append(
+            {
+                "index": index,
+                "question": conversation[-1]["content"],
+                "context": conversation[:-1],
+                "answer_a": answer_cand if a_is_candidate else answer_cur,
+                "answer_b": answer_cur if a_is_candidate else answer_cand,
+                "a": "candidate" if a_is_candidate else "current",
+            }
+        )
     return items
 
 
@@ -151,14 +184,21 @@ def _chat_ids(model: Path, conversations: list[list[dict[str, str]]], settings: 
     return result.chat
 
 
-def _answers(model: tuple[Path, Path | None], prompts: list[list[int]], settings: Settings,
-             tokenizer: Any) -> list[str]:
+def _answers(
+    model: tuple[Path, Path | None], prompts: list[list[int]], settings: Settings, tokenizer: Any
+) -> list[str]:
     """Greedy answers of a model file (with the LoRA adapter it is served with, if any)."""
-    result = llamacpp_child.run(model[0], generate=[(ids, settings.gate.review_tokens) for ids in prompts],
-                                lora=model[1], threads=settings.train.threads, timeout=1800)
+    result = llamacpp_child.run(
+        model[0],
+        generate=[(ids, settings.gate.review_tokens) for ids in prompts],
+        lora=model[1],
+        threads=settings.train.threads,
+        timeout=1800,
+    )
     if not result.ok:
-        raise ReviewError(f"llama.cpp could not answer the review questions with {model[1] or model[0]}: "
-                          f"{result.error}")
+        raise ReviewError(
+            f"llama.cpp could not answer the review questions with {model[1] or model[0]}: {result.error}"
+        )
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result.generated]
 
 
@@ -180,21 +220,42 @@ def pending(home: Home, settings: Settings, user: str | None = None) -> list[dic
         if data is None:
             continue
         voted = next((v for v in data["votes"] if v["user"] == user), None)
-        entry = {"run": data["run"], "job": data["job"], "created": data["created"], "state": data["state"],
-                 "stale": registry.current(home) != data["current"],  # another version was promoted since
-                 "approvals": _approvals(data), "approvals_needed": needed,
-                 "voters": [v["user"] for v in data["votes"]], "voted": voted is not None,
-                 "items": [{"index": i["index"], "question": i["question"], "context": i["context"],
-                            "answer_a": i["answer_a"], "answer_b": i["answer_b"]} for i in data["items"]]}
+        entry = {
+            "run": data["run"],
+            "job": data["job"],
+            "created": data["created"],
+            "state": data["state"],
+            "stale": registry.current(home) != data["current"],  # another version was promoted since
+            "approvals": _approvals(data),
+            "approvals_needed": needed,
+            "voters": [v["user"] for v in data["votes"]],
+            "voted": voted is not None,
+            "items": [
+                {
+                    "index": i["index"],
+                    "question": i["question"],
+                    "context": i["context"],
+                    "answer_a": i["answer_a"],
+                    "answer_b": i["answer_b"],
+                }
+                for i in data["items"]
+            ],
+        }
         if voted is not None:
             entry.update(_reveal(data))
         out.append(entry)
     return out
 
 
-def record_vote(home: Home, settings: Settings, run_id: str, approve: bool, comment: str = "",
-                preferences: dict[int, str] | None = None,
-                on_approved: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def record_vote(
+    home: Home,
+    settings: Settings,
+    run_id: str,
+    approve: bool,
+    comment: str = "",
+    preferences: dict[int, str] | None = None,
+    on_approved: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Record this OS user's vote and report the outcome: a rejection refuses the job here; on
     enough approvals the state is "approved" and ``on_approved`` (the engine's promotion) runs
     with the review, still under the review's lock, so two last votes cannot promote twice."""
@@ -202,8 +263,10 @@ def record_vote(home: Home, settings: Settings, run_id: str, approve: bool, comm
     with locked(home, run_id):
         data = load(home, run_id)
         if data is None:
-            raise ReviewError(f"run {run_id}: no review (only candidates waiting with [gate] promotion = "
-                              "\"review\" have one); see 'appliance review list'")
+            raise ReviewError(
+                f"run {run_id}: no review (only candidates waiting with [gate] promotion = "
+                "\"review\" have one); see 'appliance review list'"
+            )
         job = _job(home, data["job"])
         if data["state"] == APPROVED and job.state == AWAITING_REVIEW:  # a promotion interrupted after its last vote
             return _approved(home, data, on_approved)
@@ -212,21 +275,33 @@ def record_vote(home: Home, settings: Settings, run_id: str, approve: bool, comm
         if any(v["user"] == user for v in data["votes"]):
             raise ReviewError(f"run {run_id}: {user} has already voted on this candidate; each reviewer votes once")
         if approve and registry.current(home) != data["current"]:
-            raise ReviewError(f"run {run_id}: the current model changed from {data['current']} to "
-                              f"{registry.current(home)} since this review was built; its answers no longer "
-                              "compare with what is served, so reject it")
+            raise ReviewError(
+                f"run {run_id}: the current model changed from {data['current']} to "
+                f"{registry.current(home)} since this review was built; its answers no longer "
+                "compare with what is served, so reject it"
+            )
         prefs = _preferences(preferences, len(data["items"]))
         data["approvals_needed"] = settings.gate.approvals  # as configured now: an admin may raise it
-        data["votes"].append({"user": user, "approve": bool(approve), "comment": comment, "preferences": prefs,
-                              "at": time.time()})
+        data["votes"].append(
+            {"user": user, "approve": bool(approve), "comment": comment, "preferences": prefs, "at": time.time()}
+        )
         if not approve:
             data["state"] = REJECTED
         elif _approvals(data) >= data["approvals_needed"]:
             data["state"] = APPROVED
         write_json_atomic(home.run(run_id).review, data)  # the vote is durable before its audit line
-        audit.append(home, "review_vote", job=data["job"], run=run_id, version=data["candidate"],
-                     approve=bool(approve), comment=comment, preferences={str(k): v for k, v in prefs.items()},
-                     approvals=_approvals(data), approvals_needed=data["approvals_needed"])
+        audit.append(
+            home,
+            "review_vote",
+            job=data["job"],
+            run=run_id,
+            version=data["candidate"],
+            approve=bool(approve),
+            comment=comment,
+            preferences={str(k): v for k, v in prefs.items()},
+            approvals=_approvals(data),
+            approvals_needed=data["approvals_needed"],
+        )
         if data["state"] == REJECTED:
             return _finish_rejected(home, data, user, comment)
         if data["state"] == APPROVED:
@@ -241,8 +316,11 @@ def approved_waiting(home: Home) -> list[Job]:
         return []
     with Journal(home.jobs_db) as journal:
         jobs = journal.awaiting_review()
-    return [job for job in jobs
-            if (data := load(home.top.scoped(job.collection), job.run_id or "")) and data["state"] == APPROVED]
+    return [
+        job
+        for job in jobs
+        if (data := load(home.top.scoped(job.collection), job.run_id or "")) and data["state"] == APPROVED
+    ]
 
 
 def waiting_version(home: Home, version: str) -> str | None:
@@ -264,25 +342,44 @@ def _finish_rejected(home: Home, data: dict[str, Any], user: str, comment: str) 
     reason = f"rejected in review by {user}" + (f": {comment}" if comment else "")
     with Journal(home.jobs_db) as journal:
         journal.finish(data["job"], "refused", reason)
-    audit.append(home, "job_refused", job=data["job"], run=data["run"], failed=["review"], reviewer=user,
-                 comment=comment)
+    audit.append(
+        home, "job_refused", job=data["job"], run=data["run"], failed=["review"], reviewer=user, comment=comment
+    )
     return outcome(home, data)
 
 
 def outcome(home: Home, data: dict[str, Any]) -> dict[str, Any]:
     """What a reviewer sees after voting: the tally, the job's state and which answer was which."""
     job = _job(home, data["job"])
-    return {"run": data["run"], "job": data["job"], "state": data["state"], "job_state": job.state,
-            "approvals": _approvals(data), "approvals_needed": data["approvals_needed"],
-            "current": registry.current(home), **_reveal(data)}
+    return {
+        "run": data["run"],
+        "job": data["job"],
+        "state": data["state"],
+        "job_state": job.state,
+        "approvals": _approvals(data),
+        "approvals_needed": data["approvals_needed"],
+        "current": registry.current(home),
+        **_reveal(data),
+    }
 
 
 def _reveal(data: dict[str, Any]) -> dict[str, Any]:
     """Which answer was which, by version, for a reviewer who has voted."""
     names = {"candidate": data["candidate"], "current": data["current"] or "-"}
-    return {"candidate": data["candidate"], "compared_with": data["current"],
-            "reveal": [{"index": i["index"], "a": names[i["a"]], "b": names[_other(i["a"])],
-                        "a_is": i["a"], "b_is": _other(i["a"])} for i in data["items"]]}
+    return {
+        "candidate": data["candidate"],
+        "compared_with": data["current"],
+        "reveal": [
+            {
+                "index": i["index"],
+                "a": names[i["a"]],
+                "b": names[_other(i["a"])],
+                "a_is": i["a"],
+                "b_is": _other(i["a"]),
+            }
+            for i in data["items"]
+        ],
+    }
 
 
 def _other(side: str) -> str:

@@ -19,8 +19,8 @@ from typing import Any
 
 from appliance.contract.errors import ExportError
 from appliance.contract.events import Emit, StageFinished, StageStarted, ignore
-from appliance.training.methods import adapter_kind
 from appliance.runtime.toolchain import converter_env, llama_cpp_dir
+from appliance.training.methods import adapter_kind
 
 STAGE = "convert"
 # Each is converted, loaded and parity-checked by tests/test_convert_families.py on a
@@ -36,13 +36,14 @@ SUPPORTED_ARCHITECTURES = {
 # Why an architecture the converter handles is still refused here.
 NOT_SUPPORTED_BECAUSE = {
     "Gemma2ForCausalLM": "transformers runs Gemma 2 only with eager attention (logit soft-capping), "
-                         "and training and the parity check here use SDPA",
+    "and training and the parity check here use SDPA",
 }
 # The converter's own words for failures a person can act on, and what to tell them.
 KNOWN_FAILURES = {
     "BPE pre-tokenizer was not recognized": (
         "the tokenizer's BPE pre-tokenizer is not one llama.cpp's converter recognises; refusing to guess one "
-        "(a wrong guess loads and then tokenizes some text differently)"),
+        "(a wrong guess loads and then tokenizes some text differently)"
+    ),
     "absmax": "the checkpoint still holds 4-bit bitsandbytes tensors; merge into the dequantized base instead",
     "tokenizer.model": "this architecture needs the SentencePiece tokenizer.model next to the weights",
 }
@@ -63,13 +64,16 @@ def require_supported(model_dir: Path) -> str:
     arch = architecture(model_dir)
     if arch not in SUPPORTED_ARCHITECTURES:
         why = f": {NOT_SUPPORTED_BECAUSE[arch]}" if arch in NOT_SUPPORTED_BECAUSE else ""
-        raise ExportError(f"{model_dir}: architecture {arch} is not supported for export{why} "
-                          f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+        raise ExportError(
+            f"{model_dir}: architecture {arch} is not supported for export{why} "
+            f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
+        )
     return arch
 
 
-def convert(model_dir: Path, out_file: Path, outtype: str = "f16", metadata: dict[str, Any] | None = None,
-            emit: Emit = ignore) -> Path:
+def convert(
+    model_dir: Path, out_file: Path, outtype: str = "f16", metadata: dict[str, Any] | None = None, emit: Emit = ignore
+) -> Path:
     """Write ``out_file`` (complete or absent). Skips work if it already exists."""
     if out_file.exists():
         return out_file
@@ -83,30 +87,46 @@ def convert(model_dir: Path, out_file: Path, outtype: str = "f16", metadata: dic
         meta_file.write_text(json.dumps(_named_for_llama_cpp(metadata, arch)))
         args += ["--metadata", str(meta_file)]
     run_converter("convert_hf_to_gguf.py", args, out_file, model_dir)
-    emit(StageFinished(STAGE, summary=f"{out_file.name} ({out_file.stat().st_size / 1e6:.0f} MB)",
-                       seconds=time.monotonic() - started))
+    emit(
+        StageFinished(
+            STAGE,
+            summary=f"{out_file.name} ({out_file.stat().st_size / 1e6:.0f} MB)",
+            seconds=time.monotonic() - started,
+        )
+    )
     return out_file
 
 
-def convert_lora(base_dir: Path, adapter_dir: Path, out_file: Path, outtype: str = "f16",
-                 emit: Emit = ignore) -> Path:
+def convert_lora(base_dir: Path, adapter_dir: Path, out_file: Path, outtype: str = "f16", emit: Emit = ignore) -> Path:
     """The PEFT adapter as a GGUF LoRA (llama.cpp's convert_lora_to_gguf.py)."""
     if out_file.exists():
         return out_file
     if not (adapter_dir / "adapter_config.json").exists():
-        raise ExportError(f"{adapter_dir}: no trained adapter here (a fully fine-tuned run has no adapter to "
-                          "serve separately); export it without --adapter")
+        raise ExportError(
+            f"{adapter_dir}: no trained adapter here (a fully fine-tuned run has no adapter to "
+            "serve separately); export it without --adapter"
+        )
     kind = adapter_kind(adapter_dir)
     if kind != "LORA":  # llama.cpp's LoRA format holds plain A/B pairs (no DoRA magnitudes, AdaLoRA's E, IA3)
-        raise ExportError(f"{adapter_dir}: a {kind} adapter cannot be served as a llama.cpp LoRA; "
-                          "export it merged, without --adapter")
+        raise ExportError(
+            f"{adapter_dir}: a {kind} adapter cannot be served as a llama.cpp LoRA; export it merged, without --adapter"
+        )
     require_supported(base_dir)
     started = time.monotonic()
     emit(StageStarted(STAGE, description="Converting the adapter to a GGUF LoRA"))
-    run_converter("convert_lora_to_gguf.py", ["--base", str(base_dir), "--outtype", outtype, str(adapter_dir)],
-                  out_file, adapter_dir)
-    emit(StageFinished(STAGE, summary=f"{out_file.name} ({out_file.stat().st_size / 1e6:.1f} MB)",
-                       seconds=time.monotonic() - started))
+    run_converter(
+        "convert_lora_to_gguf.py",
+        ["--base", str(base_dir), "--outtype", outtype, str(adapter_dir)],
+        out_file,
+        adapter_dir,
+    )
+    emit(
+        StageFinished(
+            STAGE,
+            summary=f"{out_file.name} ({out_file.stat().st_size / 1e6:.1f} MB)",
+            seconds=time.monotonic() - started,
+        )
+    )
     return out_file
 
 

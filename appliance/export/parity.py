@@ -17,9 +17,10 @@ The result is written to the run's ``parity.json``; the promotion gate reads it.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import httpx
 import numpy as np
@@ -47,11 +48,15 @@ HARD_STRINGS = [
 ]
 # A template may refuse one of these (some reject a system turn); it must render at least one.
 CONVERSATIONS = [
-    [{"role": "system", "content": "You answer questions about the clinic's policies."},
-     {"role": "user", "content": "Which extension reaches the on-call pharmacist after 10 pm?"}],
-    [{"role": "user", "content": "Who signs visitor badges?"},
-     {"role": "assistant", "content": "The front desk, from 8 am to 8 pm."},
-     {"role": "user", "content": "And  after 8 pm? Ünïcode too."}],
+    [
+        {"role": "system", "content": "You answer questions about the clinic's policies."},
+        {"role": "user", "content": "Which extension reaches the on-call pharmacist after 10 pm?"},
+    ],
+    [
+        {"role": "user", "content": "Who signs visitor badges?"},
+        {"role": "assistant", "content": "The front desk, from 8 am to 8 pm."},
+        {"role": "user", "content": "And  after 8 pm? Ünïcode too."},
+    ],
 ]
 LOGIT_PROMPTS = [
     "The patient was admitted on Tuesday with",
@@ -119,18 +124,24 @@ class Probes:
     def strings(self) -> list[str]:
         return HARD_STRINGS + self.prompts
 
-    def ask(self, gguf: Path, threads: int | None = None, lora: Path | None = None, vocab: bool = True,
-            answers: bool = True) -> ChildResult:
+    def ask(
+        self, gguf: Path, threads: int | None = None, lora: Path | None = None, vocab: bool = True, answers: bool = True
+    ) -> ChildResult:
         """One child process: load ``gguf`` and collect what the checks compare: always
         the logits of the fixed prompts; with ``vocab`` tokenization and the served chat
         prompts; with ``answers`` the validation conversations (top-1 and greedy answers)."""
         asked = self.answers if answers else []
         splits = [answer_split(a) for a in asked]
-        return llamacpp_child.run(gguf, tokenize=self.strings if vocab else None,
-                                  chat=self.conversations if vocab else None, logits=self.logit_ids,
-                                  argmax=[a.input_ids for a in asked],
-                                  generate=[(prompt, len(reference)) for prompt, reference in splits],
-                                  lora=lora, threads=threads)
+        return llamacpp_child.run(
+            gguf,
+            tokenize=self.strings if vocab else None,
+            chat=self.conversations if vocab else None,
+            logits=self.logit_ids,
+            argmax=[a.input_ids for a in asked],
+            generate=[(prompt, len(reference)) for prompt, reference in splits],
+            lora=lora,
+            threads=threads,
+        )
 
 
 def probes(tokenizer: Any, answers: Sequence[Example] = ()) -> Probes:
@@ -143,8 +154,15 @@ def probes(tokenizer: Any, answers: Sequence[Example] = ()) -> Probes:
             refused.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompt_ids = [encode(p) for p in prompts]
-    return Probes(tokenizer, conversations, prompts, prompt_ids, prompt_ids[:1] + [encode(p) for p in LOGIT_PROMPTS],
-                  list(answers), refused)
+    return Probes(
+        tokenizer,
+        conversations,
+        prompts,
+        prompt_ids,
+        prompt_ids[:1] + [encode(p) for p in LOGIT_PROMPTS],
+        list(answers),
+        refused,
+    )
 
 
 # --- the f16 file against the trained model ----------------------------------------------
@@ -153,8 +171,12 @@ def probes(tokenizer: Any, answers: Sequence[Example] = ()) -> Probes:
 def check_f16(hf_logits: list[np.ndarray], probe: Probes, run: ChildResult, min_cosine: float) -> list[Check]:
     checks = [Check("f16_loads", run.ok, run.ok, True, run.error)]
     if run.ok:
-        checks += [tokenization_check(probe, run.tokens), _template(probe, run.metadata), _served(probe, run.chat),
-                   _cosine("logits_cosine", hf_logits, run.logits, min_cosine)]
+        checks += [
+            tokenization_check(probe, run.tokens),
+            _template(probe, run.metadata),
+            _served(probe, run.chat),
+            _cosine("logits_cosine", hf_logits, run.logits, min_cosine),
+        ]
     return checks
 
 
@@ -167,10 +189,14 @@ def hf_logits(hf_dir: Path, sequences: list[list[int]]) -> list[np.ndarray]:
 
 def tokenization_check(probe: Probes, llama_tokens: list[list[int]]) -> Check:
     strings = probe.strings
-    mismatched = [s for s, ids in zip(strings, llama_tokens)
-                  if probe.tokenizer(s, add_special_tokens=False)["input_ids"] != ids]
-    detail = (f"{len(mismatched)} of {len(strings)} strings tokenize differently, e.g. {mismatched[0]!r}"
-              if mismatched else "")
+    mismatched = [
+        s for s, ids in zip(strings, llama_tokens) if probe.tokenizer(s, add_special_tokens=False)["input_ids"] != ids
+    ]
+    detail = (
+        f"{len(mismatched)} of {len(strings)} strings tokenize differently, e.g. {mismatched[0]!r}"
+        if mismatched
+        else ""
+    )
     return Check("tokenization", not mismatched, len(strings) - len(mismatched), len(strings), detail)
 
 
@@ -179,23 +205,33 @@ def _template(probe: Probes, metadata: dict[str, str]) -> Check:
     if isinstance(ours, dict):  # several named templates: llama.cpp's default is the "default" one
         ours = ours.get("default")
     same = metadata.get("tokenizer.chat_template") == ours
-    return Check("chat_template", same, same, True,
-                 "" if same else "the GGUF's chat template differs from the tokenizer's")
+    return Check(
+        "chat_template", same, same, True, "" if same else "the GGUF's chat template differs from the tokenizer's"
+    )
 
 
 def _served(probe: Probes, served: list[list[int]]) -> Check:
     """The serving path's prompt ids against training's, conversation by conversation."""
     if not probe.conversations:
-        return Check("served_prompt", False, 0, 1, "the chat template renders none of the probe conversations: "
-                     + "; ".join(probe.refused))
+        return Check(
+            "served_prompt",
+            False,
+            0,
+            1,
+            "the chat template renders none of the probe conversations: " + "; ".join(probe.refused),
+        )
     differ = [i for i, (ours, theirs) in enumerate(zip(probe.prompt_ids, served)) if ours != theirs]
     detail = ""
     if differ:
         i = differ[0]
-        at = next((k for k, (a, b) in enumerate(zip(probe.prompt_ids[i], served[i])) if a != b),
-                  min(len(probe.prompt_ids[i]), len(served[i])))
-        detail = (f"the served prompt differs from training's at token {at} of conversation {i + 1} "
-                  f"(training {probe.prompt_ids[i][at:at + 4]}, served {served[i][at:at + 4]})")
+        at = next(
+            (k for k, (a, b) in enumerate(zip(probe.prompt_ids[i], served[i])) if a != b),
+            min(len(probe.prompt_ids[i]), len(served[i])),
+        )
+        detail = (
+            f"the served prompt differs from training's at token {at} of conversation {i + 1} "
+            f"(training {probe.prompt_ids[i][at : at + 4]}, served {served[i][at : at + 4]})"
+        )
     return Check("served_prompt", not differ, len(served) - len(differ), len(served), detail)
 
 
@@ -204,17 +240,28 @@ def check_llama_server(probe: Probes, gguf: Path, threads: int | None = None) ->
     rendering, tokenized as its completion path does: special tokens parsed, BOS added
     when the vocabulary asks) against training's, conversation by conversation."""
     longest = max((len(ids) for ids in probe.prompt_ids), default=0)
-    backend = Backend("parity", gguf, slots=1, context=max(512, longest + 64),
-                      threads=threads or max(1, len(os.sched_getaffinity(0)) // 2))
+    backend = Backend(
+        "parity",
+        gguf,
+        slots=1,
+        context=max(512, longest + 64),
+        threads=threads or max(1, len(os.sched_getaffinity(0)) // 2),
+    )
     try:
         start_async(backend, timeout=300).result()
         served = []
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(backend.socket)), base_url="http://llama",
-                          timeout=60) as client:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(backend.socket)), base_url="http://llama", timeout=60
+        ) as client:
             for messages in probe.conversations:
                 prompt = client.post("/apply-template", json={"messages": messages}).raise_for_status().json()
-                tokens = client.post("/tokenize", json={"content": prompt["prompt"], "add_special": True,
-                                                        "parse_special": True}).raise_for_status().json()
+                tokens = (
+                    client.post(
+                        "/tokenize", json={"content": prompt["prompt"], "add_special": True, "parse_special": True}
+                    )
+                    .raise_for_status()
+                    .json()
+                )
                 served.append(tokens["tokens"])
     except (ServeError, httpx.HTTPError) as exc:
         return Check("served_prompt_llama_server", False, 0, 1, f"llama-server could not render the prompts: {exc}")
@@ -223,8 +270,10 @@ def check_llama_server(probe: Probes, gguf: Path, threads: int | None = None) ->
     check = _served(probe, served)
     detail = check.detail
     if not check.passed and _drops_system_turn(probe):
-        detail += ("; the model's chat template drops system messages, and llama-server merges them into the "
-                   "first user turn instead, so served prompts would differ from training's")
+        detail += (
+            "; the model's chat template drops system messages, and llama-server merges them into the "
+            "first user turn instead, so served prompts would differ from training's"
+        )
     return Check("served_prompt_llama_server", check.passed, check.value, check.threshold, detail)
 
 
@@ -233,15 +282,22 @@ def _drops_system_turn(probe: Probes) -> bool:
     with_system = next((c for c in probe.conversations if c and c[0]["role"] == "system"), None)
     if with_system is None:
         return False
-    render = lambda conv: probe.tokenizer.apply_chat_template(conv, tokenize=False,  # noqa: E731
-                                                              add_generation_prompt=True)
+
+    def render(conv: list[dict[str, str]]) -> str:
+        return probe.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+
     return render(with_system) == render(with_system[1:])
 
 
 def _cosine(name: str, ours: list[np.ndarray], theirs: list[np.ndarray], minimum: float) -> Check:
     worst = min(float(_row_cosines(a, b).min()) for a, b in zip(ours, theirs))
-    return Check(name, worst >= minimum, round(worst, 6), minimum,
-                 "" if worst >= minimum else f"llama.cpp logits differ from the trained model (cosine {worst:.4f})")
+    return Check(
+        name,
+        worst >= minimum,
+        round(worst, 6),
+        minimum,
+        "" if worst >= minimum else f"llama.cpp logits differ from the trained model (cosine {worst:.4f})",
+    )
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -251,8 +307,13 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # --- a quantized file against the f16 file -----------------------------------------------
 
 
-def check_quantized(reference: ChildResult, run: ChildResult, qtype: str, probe: Probes,
-                    thresholds: dict[str, dict[str, float]] | None = None) -> list[Check]:
+def check_quantized(
+    reference: ChildResult,
+    run: ChildResult,
+    qtype: str,
+    probe: Probes,
+    thresholds: dict[str, dict[str, float]] | None = None,
+) -> list[Check]:
     limits = (thresholds or QUANT_THRESHOLDS)[qtype]
     checks = [Check(f"{qtype}_loads", run.ok, run.ok, True, run.error)]
     if not run.ok:
@@ -261,13 +322,28 @@ def check_quantized(reference: ChildResult, run: ChildResult, qtype: str, probe:
     same_top1 += [np.asarray(a) == np.asarray(b) for a, b in zip(reference.argmax, run.argmax)]
     top1 = float(np.mean(np.concatenate(same_top1)))
     kl = float(np.mean(np.concatenate([_kl(a, b) for a, b in zip(reference.logits, run.logits)])))
-    checks += [Check(f"{qtype}_top1_agreement", top1 >= limits["top1"], round(top1, 4), limits["top1"],
-                     "" if top1 >= limits["top1"] else f"top-1 agrees with f16 on {top1:.1%} of positions"),
-               Check(f"{qtype}_kl_divergence", kl <= limits["kl"], round(kl, 5), limits["kl"],
-                     "" if kl <= limits["kl"] else f"mean KL from f16 is {kl:.3f}")]
+    checks += [
+        Check(
+            f"{qtype}_top1_agreement",
+            top1 >= limits["top1"],
+            round(top1, 4),
+            limits["top1"],
+            "" if top1 >= limits["top1"] else f"top-1 agrees with f16 on {top1:.1%} of positions",
+        ),
+        Check(
+            f"{qtype}_kl_divergence",
+            kl <= limits["kl"],
+            round(kl, 5),
+            limits["kl"],
+            "" if kl <= limits["kl"] else f"mean KL from f16 is {kl:.3f}",
+        ),
+    ]
     if probe.answers:
-        checks.append(_recall(qtype, answer_recall(probe.answers, reference.generated),
-                              answer_recall(probe.answers, run.generated)))
+        checks.append(
+            _recall(
+                qtype, answer_recall(probe.answers, reference.generated), answer_recall(probe.answers, run.generated)
+            )
+        )
     return checks
 
 
@@ -295,8 +371,13 @@ def _overlap_f1(reference: list[int], said: list[int]) -> float:
 def _recall(qtype: str, reference: float, candidate: float) -> Check:
     floor = reference - max(reference * (1 - RECALL_KEPT), RECALL_NOISE)
     ok = candidate >= floor
-    return Check(f"{qtype}_answer_recall", ok, round(candidate, 4), round(floor, 4),
-                 "" if ok else f"validation answer recall {candidate:.3f} against f16's {reference:.3f}")
+    return Check(
+        f"{qtype}_answer_recall",
+        ok,
+        round(candidate, 4),
+        round(floor, 4),
+        "" if ok else f"validation answer recall {candidate:.3f} against f16's {reference:.3f}",
+    )
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:

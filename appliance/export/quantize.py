@@ -11,9 +11,10 @@ import ctypes
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import llama_cpp
 
@@ -73,8 +74,11 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int | None = None, emit:
     with open(partial, "rb") as handle:
         os.fsync(handle.fileno())
     partial.replace(dst)
-    emit(StageFinished(STAGE, summary=f"{dst.name} ({dst.stat().st_size / 1e6:.0f} MB)",
-                       seconds=time.monotonic() - started))
+    emit(
+        StageFinished(
+            STAGE, summary=f"{dst.name} ({dst.stat().st_size / 1e6:.0f} MB)", seconds=time.monotonic() - started
+        )
+    )
     return dst
 
 
@@ -87,8 +91,9 @@ def ladder(quant: str) -> tuple[str, ...]:
     return (quant,)
 
 
-def choose(f16: Path, out_dir: Path, quant: str, judge: Judge, threads: int | None = None,
-           emit: Emit = ignore) -> list[Attempt]:
+def choose(
+    f16: Path, out_dir: Path, quant: str, judge: Judge, threads: int | None = None, emit: Emit = ignore
+) -> list[Attempt]:
     """Quantize and judge each type in turn until one passes; the last attempt is the
     result (passed or not). Files of rejected types are removed, except the last."""
     tries = ladder(quant)
@@ -100,8 +105,18 @@ def choose(f16: Path, out_dir: Path, quant: str, judge: Judge, threads: int | No
         quantized = time.monotonic()
         checks = judge(qtype, path)
         failed = [c for c in checks if not c.passed]
-        attempts.append(Attempt(qtype, path.name, not failed, _why(failed), path.stat().st_size,
-                                round(quantized - started, 3), round(time.monotonic() - quantized, 3), checks))
+        attempts.append(
+            Attempt(
+                qtype,
+                path.name,
+                not failed,
+                _why(failed),
+                path.stat().st_size,
+                round(quantized - started, 3),
+                round(time.monotonic() - quantized, 3),
+                checks,
+            )
+        )
         if not failed:
             break
         if i + 1 < len(tries):

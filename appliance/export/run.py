@@ -8,25 +8,26 @@ resumes where it stopped. The quantized file is only worth registering if
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from appliance import __version__
-from appliance.export import parity
-from appliance.home.config import Settings
-from appliance.export.convert import convert, convert_lora
 from appliance.contract.errors import ExportError, ParityError
 from appliance.contract.events import Emit, StageFinished, StageStarted, ignore
+from appliance.data.snapshot import load, records
+from appliance.export import parity
+from appliance.export.convert import convert, convert_lora
+from appliance.export.parity import ParityReport
+from appliance.export.quantize import Attempt, Judge, choose
+from appliance.home.config import Settings
 from appliance.home.fsutil import read_json, write_json_atomic
+from appliance.home.paths import Home, RunDir
+from appliance.runtime.hf import load_tokenizer
 from appliance.runtime.llamacpp_child import ChildResult
 from appliance.training.merge import merge
-from appliance.export.parity import ParityReport
-from appliance.home.paths import Home, RunDir
-from appliance.export.quantize import Attempt, Judge, choose
 from appliance.training.render import Example, RenderError, render
-from appliance.data.snapshot import load, records
-from appliance.runtime.hf import load_tokenizer
 
 F16_NAME = "model-f16.gguf"
 ADAPTER_NAME = "adapter-f16.gguf"
@@ -61,14 +62,27 @@ def gguf_metadata(base: str, run_id: str, snapshot_id: str | None) -> dict[str, 
         "general.datasets": [{"name": f"snapshot {snapshot_id}"}] if snapshot_id else [],
         "general.quantized_by": f"appliance {__version__}",
         "general.description": f"base {base}; run {run_id}; snapshot {snapshot_id or '-'}; appliance {__version__}",
-        "general.tags": ["appliance", f"base:{base}", f"run:{run_id}", f"snapshot:{snapshot_id or '-'}",
-                         f"appliance:{__version__}"],
+        "general.tags": [
+            "appliance",
+            f"base:{base}",
+            f"run:{run_id}",
+            f"snapshot:{snapshot_id or '-'}",
+            f"appliance:{__version__}",
+        ],
     }
 
 
-def export_model(hf_dir: Path, out: Path, qtype: str, metadata: dict[str, Any], settings: Settings,
-                 emit: Emit = ignore, answers: Sequence[Example] = (), lora: Lora | None = None,
-                 thresholds: dict[str, dict[str, float]] | None = None) -> ExportResult:
+def export_model(
+    hf_dir: Path,
+    out: Path,
+    qtype: str,
+    metadata: dict[str, Any],
+    settings: Settings,
+    emit: Emit = ignore,
+    answers: Sequence[Example] = (),
+    lora: Lora | None = None,
+    thresholds: dict[str, dict[str, float]] | None = None,
+) -> ExportResult:
     """Convert + parity + quantize for a ready HF checkpoint (a merged run or the base).
 
     ``qtype`` is ``auto`` (the smallest type that keeps quality), a forced type, or F16.
@@ -84,9 +98,11 @@ def export_model(hf_dir: Path, out: Path, qtype: str, metadata: dict[str, Any], 
     times["parity"] = time.monotonic() - t
     result = ExportResult(out.name, f16, "F16", report, times)
     if qtype != "F16" and report.passed:  # a broken f16 file is not worth quantizing
+
         def judge(q: str, path: Path) -> list[parity.Check]:
-            return parity.check_quantized(reference, probe.ask(path, settings.train.threads, vocab=False), q, probe,
-                                          thresholds)
+            return parity.check_quantized(
+                reference, probe.ask(path, settings.train.threads, vocab=False), q, probe, thresholds
+            )
 
         _quantize(result, out, qtype, judge, settings.train.threads, emit)
     report.seconds = times["parity"]
@@ -95,8 +111,9 @@ def export_model(hf_dir: Path, out: Path, qtype: str, metadata: dict[str, Any], 
     return result
 
 
-def _check_f16(hf_dir: Path, f16: Path, answers: Sequence[Example], lora: Lora | None,
-               settings: Settings) -> tuple[ParityReport, parity.Probes, ChildResult]:
+def _check_f16(
+    hf_dir: Path, f16: Path, answers: Sequence[Example], lora: Lora | None, settings: Settings
+) -> tuple[ParityReport, parity.Probes, ChildResult]:
     """The f16 file (and the GGUF LoRA, if any) against the HF model; the f16 child's
     answers are kept as the reference quantized files are judged against."""
     threads = settings.train.threads
@@ -120,8 +137,9 @@ def _quantize(result: ExportResult, out: Path, qtype: str, judge: Judge, threads
     result.seconds["parity"] += sum(a.check_seconds for a in result.attempts)
 
 
-def export_run(home: Home, run_id: str, settings: Settings, qtype: str | None = None, emit: Emit = ignore,
-               adapter: bool = False) -> ExportResult:
+def export_run(
+    home: Home, run_id: str, settings: Settings, qtype: str | None = None, emit: Emit = ignore, adapter: bool = False
+) -> ExportResult:
     run = home.run(run_id)
     if not run.root.is_dir():
         raise ExportError(f"{run.root}: no such run; 'appliance train' prints the run id")
@@ -135,11 +153,20 @@ def export_run(home: Home, run_id: str, settings: Settings, qtype: str | None = 
     lora, adapter_s = None, {}
     if adapter:
         t = time.monotonic()
-        lora = Lora(convert_lora(base_dir, run.adapter, run.gguf / ADAPTER_NAME, emit=emit),
-                    base_f16(home, settings, emit))
+        lora = Lora(
+            convert_lora(base_dir, run.adapter, run.gguf / ADAPTER_NAME, emit=emit), base_f16(home, settings, emit)
+        )
         adapter_s = {"adapter": time.monotonic() - t}
-    result = export_model(run.merged, run.gguf, qtype, gguf_metadata(settings.base.name, run.id, snapshot_id),
-                          settings, emit, validation_answers(home, snapshot_id, run.merged, settings), lora)
+    result = export_model(
+        run.merged,
+        run.gguf,
+        qtype,
+        gguf_metadata(settings.base.name, run.id, snapshot_id),
+        settings,
+        emit,
+        validation_answers(home, snapshot_id, run.merged, settings),
+        lora,
+    )
     result.run_id = run.id
     result.adapter = lora.adapter if lora else None
     result.seconds = {"merge": merge_s, **adapter_s, **result.seconds}
@@ -150,7 +177,9 @@ def export_run(home: Home, run_id: str, settings: Settings, qtype: str | None = 
 def base_f16(home: Home, settings: Settings, emit: Emit = ignore) -> Path:
     """The base's own f16 GGUF (written when the home was created; rebuilt if missing)."""
     name = settings.base.name
-    return convert(home.base(name), home.top.run("base").gguf / F16_NAME, "f16", gguf_metadata(name, "base", None), emit)
+    return convert(
+        home.base(name), home.top.run("base").gguf / F16_NAME, "f16", gguf_metadata(name, "base", None), emit
+    )
 
 
 def validation_answers(home: Home, snapshot_id: str | None, hf_dir: Path, settings: Settings) -> list[Example]:
@@ -170,19 +199,32 @@ def validation_answers(home: Home, snapshot_id: str | None, hf_dir: Path, settin
 
 
 def _record(run: RunDir, result: ExportResult, requested: str) -> None:
-    write_json_atomic(run.parity, {
-        "gguf": result.gguf.name, "quant": result.qtype, **result.parity.to_dict(),
-        "quantization": {"requested": requested, "attempts": [a.to_dict() for a in result.attempts]},
-        "adapter": result.adapter.name if result.adapter else None})
+    write_json_atomic(
+        run.parity,
+        {
+            "gguf": result.gguf.name,
+            "quant": result.qtype,
+            **result.parity.to_dict(),
+            "quantization": {"requested": requested, "attempts": [a.to_dict() for a in result.attempts]},
+            "adapter": result.adapter.name if result.adapter else None,
+        },
+    )
     meta = read_json(run.meta) if run.meta.exists() else {}
-    meta["export"] = {"gguf": result.gguf.name, "quant": result.qtype, "requested": requested,
-                      "tried": [a.qtype for a in result.attempts], "seconds": result.seconds,
-                      "parity_passed": result.parity.passed, "adapter": result.adapter.name if result.adapter else None,
-                      "appliance": __version__}
+    meta["export"] = {
+        "gguf": result.gguf.name,
+        "quant": result.qtype,
+        "requested": requested,
+        "tried": [a.qtype for a in result.attempts],
+        "seconds": result.seconds,
+        "parity_passed": result.parity.passed,
+        "adapter": result.adapter.name if result.adapter else None,
+        "appliance": __version__,
+    }
     write_json_atomic(run.meta, meta)
 
 
 def require_parity(result: ExportResult) -> None:
     if not result.parity.passed:
-        raise ParityError(f"{result.gguf}: parity check failed ({'; '.join(result.parity.failures())}); "
-                          "the model was not registered")
+        raise ParityError(
+            f"{result.gguf}: parity check failed ({'; '.join(result.parity.failures())}); the model was not registered"
+        )

@@ -58,8 +58,14 @@ def append(home: Home, action: str, **details: Any) -> dict[str, Any]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         last = _last_entry(fd)
-        entry: dict[str, Any] = {"seq": (last["seq"] + 1) if last else 1, "at": time.time(), "user": user(),
-                                 "action": action, "details": details, "prev": last["hash"] if last else GENESIS}
+        entry: dict[str, Any] = {
+            "seq": (last["seq"] + 1) if last else 1,
+            "at": time.time(),
+            "user": user(),
+            "action": action,
+            "details": details,
+            "prev": last["hash"] if last else GENESIS,
+        }
         entry["hash"] = entry_hash(entry)
         size = os.fstat(fd).st_size
         torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"  # keep a torn line on its own line
@@ -94,8 +100,11 @@ def entries(home: Home) -> list[dict[str, Any]]:
 
 def find(home: Home, action: str, **match: Any) -> list[dict[str, Any]]:
     """Entries of ``action`` whose details contain every ``match`` item."""
-    return [e for e in entries(home) if e.get("action") == action
-            and all(e.get("details", {}).get(k) == v for k, v in match.items())]
+    return [
+        e
+        for e in entries(home)
+        if e.get("action") == action and all(e.get("details", {}).get(k) == v for k, v in match.items())
+    ]
 
 
 @dataclass(frozen=True)
@@ -120,24 +129,42 @@ def verify(home: Home) -> Verdict:
         except (json.JSONDecodeError, KeyError, TypeError):
             return Verdict(False, number - 1, number, f"line {number} is not an audit entry")
         if entry_hash(entry) != claimed:
-            return Verdict(False, number - 1, number, f"line {number} (seq {entry.get('seq')}) was edited: "
-                                                      "its hash does not match its content")
+            return Verdict(
+                False,
+                number - 1,
+                number,
+                f"line {number} (seq {entry.get('seq')}) was edited: its hash does not match its content",
+            )
         if entry.get("prev") != prev:
-            return Verdict(False, number - 1, number, f"line {number} (seq {entry.get('seq')}) does not follow the "
-                                                      "line before it: a line was removed, inserted or reordered")
+            return Verdict(
+                False,
+                number - 1,
+                number,
+                f"line {number} (seq {entry.get('seq')}) does not follow the "
+                "line before it: a line was removed, inserted or reordered",
+            )
         if entry.get("seq") != seq + 1:
-            return Verdict(False, number - 1, number, f"line {number} has seq {entry.get('seq')}, expected "
-                                                      f"{seq + 1}: lines were removed or reordered")
+            return Verdict(
+                False,
+                number - 1,
+                number,
+                f"line {number} has seq {entry.get('seq')}, expected {seq + 1}: lines were removed or reordered",
+            )
         prev, seq = claimed, entry["seq"]
     known = head(home)
     if known:
         head_seq, head_hash = known.split(":", 1)
         if seq < int(head_seq):
-            return Verdict(False, seq, seq + 1, f"the log ends at seq {seq} but the journal recorded seq "
-                                                f"{head_seq}: entries were cut off the end")
+            return Verdict(
+                False,
+                seq,
+                seq + 1,
+                f"the log ends at seq {seq} but the journal recorded seq {head_seq}: entries were cut off the end",
+            )
         if seq == int(head_seq) and prev != head_hash:
-            return Verdict(False, seq, seq, f"line {seq}: the last entry's hash differs from the one the journal "
-                                            "recorded")
+            return Verdict(
+                False, seq, seq, f"line {seq}: the last entry's hash differs from the one the journal recorded"
+            )
     return Verdict(True, seq)
 
 

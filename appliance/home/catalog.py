@@ -13,20 +13,32 @@ adapters on the one loaded base model (model id ``appliance/<name>``).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 # The names themselves (shared, model ids, what may name a collection) are the contract's, since the
 # TUI needs them too; they are re-exported here for the engine's callers (catalog.model_id, …).
-from appliance.contract.names import (MAX_DEPTH, PREFIX, SEGMENT, SHARED, SHARED_NAME, VERSION, display, model_id,
-                                      parse, parse_model_id, problem)
+from appliance.contract.names import (
+    MAX_DEPTH,
+    PREFIX,
+    SEGMENT,
+    SHARED,
+    SHARED_NAME,
+    VERSION,
+    display,
+    model_id,
+    parse,
+    parse_model_id,
+    problem,
+)
 from appliance.home.fsutil import read_json
 from appliance.home.paths import Home
 
 if TYPE_CHECKING:
     from appliance.home.config import Settings
+
 
 def of_path(home: Home, path: Path) -> str:
     """The collection of an inbox path (its parent folder relative to the inbox)."""
@@ -46,8 +58,11 @@ def names(home: Home) -> list[str]:
 
 def with_data(home: Home) -> list[str]:
     """Collections (not the shared one) that have a store or models under ``collections/``."""
-    return [name for name, folders, _ in _folders(home.top.collections_dir, skip=DATA_FOLDERS)
-            if "store" in folders or "models" in folders]
+    return [
+        name
+        for name, folders, _ in _folders(home.top.collections_dir, skip=DATA_FOLDERS)
+        if "store" in folders or "models" in folders
+    ]
 
 
 def stores(home: Home) -> list[tuple[str, Home]]:
@@ -77,7 +92,7 @@ def _folders(root: Path, skip: frozenset[str] = frozenset()) -> Iterator[tuple[s
 # --- adapters ---------------------------------------------------------------------------------------
 
 
-def adapter_mode(home: Home, settings: "Settings") -> bool:
+def adapter_mode(home: Home, settings: Settings) -> bool:
     """Whether ``home``'s collection is trained and served as a LoRA adapter on the base."""
     return bool(home.collection) and settings.collection(home.collection).serve == "adapter"
 
@@ -96,10 +111,10 @@ def base_model(home: Home) -> tuple[str, Path]:
 class Served:
     collection: str
     version: str
-    mode: str                 # "merged" or "adapter"
-    gguf: Path                # the model file llama.cpp loads (the base version's for an adapter)
-    adapter: Path | None      # the LoRA applied on it (adapter mode)
-    sha256: str               # of the version's own file (model or adapter)
+    mode: str  # "merged" or "adapter"
+    gguf: Path  # the model file llama.cpp loads (the base version's for an adapter)
+    adapter: Path | None  # the LoRA applied on it (adapter mode)
+    sha256: str  # of the version's own file (model or adapter)
 
 
 def served(home: Home, collection: str, version: str | None = None) -> Served | None:
@@ -113,10 +128,35 @@ def served(home: Home, collection: str, version: str | None = None) -> Served | 
     record = read_json(scope.model(version) / "version.json")
     if registry.gguf_path(scope, version).name == registry.ADAPTER_FILE:
         base = record.get("base_version", "base")
-        return Served(collection, version, "adapter", registry.gguf_path(home.top, base),
-                      registry.gguf_path(scope, version), record["sha256"])
+        return Served(
+            collection,
+            version,
+            "adapter",
+            registry.gguf_path(home.top, base),
+            registry.gguf_path(scope, version),
+            record["sha256"],
+        )
     return Served(collection, version, "merged", registry.gguf_path(scope, version), None, record["sha256"])
 
 
-__all__ = ["MAX_DEPTH", "PREFIX", "SEGMENT", "SHARED", "SHARED_NAME", "VERSION", "Served", "adapter_mode", "base_model", "display", "model_id", "names", "of_path", "parse",
-           "parse_model_id", "problem", "served", "stores", "with_data"]
+__all__ = [
+    "MAX_DEPTH",
+    "PREFIX",
+    "SEGMENT",
+    "SHARED",
+    "SHARED_NAME",
+    "VERSION",
+    "Served",
+    "adapter_mode",
+    "base_model",
+    "display",
+    "model_id",
+    "names",
+    "of_path",
+    "parse",
+    "parse_model_id",
+    "problem",
+    "served",
+    "stores",
+    "with_data",
+]

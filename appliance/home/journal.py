@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 STAGES = ("snapshot", "study", "train", "export", "gate", "promote")
 KINDS = ("train", "forget")
@@ -83,8 +84,24 @@ class Job:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-COLUMNS = ("id", "kind", "state", "stage", "current", "snapshot", "run_id", "version", "document", "reason",
-           "created", "updated", "error", "result", "progress", "collection")
+COLUMNS = (
+    "id",
+    "kind",
+    "state",
+    "stage",
+    "current",
+    "snapshot",
+    "run_id",
+    "version",
+    "document",
+    "reason",
+    "created",
+    "updated",
+    "error",
+    "result",
+    "progress",
+    "collection",
+)
 
 
 class Journal:
@@ -112,19 +129,20 @@ class Journal:
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     # --- transactions -----------------------------------------------------------------
-    def _tx(self) -> "_Tx":
+    def _tx(self) -> _Tx:
         return _Tx(self.db)
 
     # --- jobs ---------------------------------------------------------------------------
-    def enqueue(self, kind: str, reason: str = "", document: str | None = None,
-                collection: str = "") -> tuple[Job, bool]:
+    def enqueue(
+        self, kind: str, reason: str = "", document: str | None = None, collection: str = ""
+    ) -> tuple[Job, bool]:
         """Queue a job; return it and whether it is new.
 
         Bursts coalesce: while a train job for a collection is queued (not yet started),
@@ -135,13 +153,18 @@ class Journal:
             raise ValueError(f"unknown job kind {kind!r}")
         with self._tx():
             if kind == "train":
-                row = self.db.execute("SELECT id FROM jobs WHERE kind='train' AND state='queued' "
-                                      "AND collection=? ORDER BY id LIMIT 1", (collection,)).fetchone()
+                row = self.db.execute(
+                    "SELECT id FROM jobs WHERE kind='train' AND state='queued' AND collection=? ORDER BY id LIMIT 1",
+                    (collection,),
+                ).fetchone()
                 if row:
                     return self.get(row[0]), False
             now = time.time()
-            cur = self.db.execute("INSERT INTO jobs(kind, state, reason, document, collection, created, updated) "
-                                  "VALUES (?, 'queued', ?, ?, ?, ?, ?)", (kind, reason, document, collection, now, now))
+            cur = self.db.execute(
+                "INSERT INTO jobs(kind, state, reason, document, collection, created, updated) "
+                "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
+                (kind, reason, document, collection, now, now),
+            )
             job_id = int(cur.lastrowid or 0)
             self._transition(job_id, "", "job:queued", reason)
         return self.get(job_id), True
@@ -158,8 +181,9 @@ class Journal:
 
     def active(self) -> Job | None:
         """The job that was running (interrupted if no daemon holds the lock)."""
-        row = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE state='running' "
-                              "ORDER BY id LIMIT 1").fetchone()
+        row = self.db.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE state='running' ORDER BY id LIMIT 1"
+        ).fetchone()
         return _job(row) if row else None
 
     def queue(self) -> list[Job]:
@@ -183,8 +207,9 @@ class Journal:
 
     def stage_started(self, job_id: int, stage: str) -> None:
         with self._tx():
-            self.db.execute("UPDATE jobs SET current=?, progress=NULL, updated=? WHERE id=?",
-                            (stage, time.time(), job_id))
+            self.db.execute(
+                "UPDATE jobs SET current=?, progress=NULL, updated=? WHERE id=?", (stage, time.time(), job_id)
+            )
             self._transition(job_id, stage, "started")
 
     def stage_complete(self, job_id: int, stage: str, **fields: Any) -> Job:
@@ -198,8 +223,10 @@ class Journal:
         sets = ", ".join(f"{k}=?" for k in fields)
         values = [json.dumps(v) if k == "result" else v for k, v in fields.items()]
         with self._tx():
-            self.db.execute(f"UPDATE jobs SET stage=?, current='', updated=?{', ' + sets if sets else ''} "
-                            "WHERE id=?", (stage, time.time(), *values, job_id))
+            self.db.execute(
+                f"UPDATE jobs SET stage=?, current='', updated=?{', ' + sets if sets else ''} WHERE id=?",
+                (stage, time.time(), *values, job_id),
+            )
             self._transition(job_id, stage, "complete", json.dumps(fields, default=str) if fields else "")
         return self.get(job_id)
 
@@ -209,31 +236,33 @@ class Journal:
         allowed = {"snapshot", "run_id", "version"}
         assert set(fields) <= allowed, fields
         with self._tx():
-            self.db.execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in fields)}, updated=? WHERE id=?",
-                            (*fields.values(), time.time(), job_id))
+            self.db.execute(
+                f"UPDATE jobs SET {', '.join(f'{k}=?' for k in fields)}, updated=? WHERE id=?",
+                (*fields.values(), time.time(), job_id),
+            )
         return self.get(job_id)
 
-    def finish(self, job_id: int, state: str, error: str | None = None,
-               result: dict[str, Any] | None = None) -> Job:
+    def finish(self, job_id: int, state: str, error: str | None = None, result: dict[str, Any] | None = None) -> Job:
         assert state in ("done", "refused", "failed"), state
         with self._tx():
-            self.db.execute("UPDATE jobs SET state=?, current='', error=?, result=COALESCE(?, result), updated=? "
-                            "WHERE id=?", (state, error, json.dumps(result) if result is not None else None,
-                                           time.time(), job_id))
+            self.db.execute(
+                "UPDATE jobs SET state=?, current='', error=?, result=COALESCE(?, result), updated=? WHERE id=?",
+                (state, error, json.dumps(result) if result is not None else None, time.time(), job_id),
+            )
             self._transition(job_id, "", f"job:{state}", error or "")
         return self.get(job_id)
 
     def await_review(self, job_id: int, detail: str = "") -> Job:
         """Park a gated job until reviewers decide; :meth:`next_job` never picks it up."""
         with self._tx():
-            self.db.execute("UPDATE jobs SET state=?, current='', updated=? WHERE id=?",
-                            (AWAITING_REVIEW, time.time(), job_id))
+            self.db.execute(
+                "UPDATE jobs SET state=?, current='', updated=? WHERE id=?", (AWAITING_REVIEW, time.time(), job_id)
+            )
             self._transition(job_id, "", f"job:{AWAITING_REVIEW}", detail)
         return self.get(job_id)
 
     def awaiting_review(self) -> list[Job]:
-        rows = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE state=? ORDER BY id",
-                               (AWAITING_REVIEW,))
+        rows = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE state=? ORDER BY id", (AWAITING_REVIEW,))
         return [_job(r) for r in rows]
 
     def progress(self, job_id: int, info: dict[str, Any], every: float = 1.0) -> None:
@@ -246,13 +275,17 @@ class Journal:
 
     def transitions(self, job_id: int | None = None) -> list[dict[str, Any]]:
         query = "SELECT seq, job, stage, state, at, detail FROM transitions"
-        rows = self.db.execute(query + (" WHERE job=? ORDER BY seq" if job_id is not None else " ORDER BY seq"),
-                               (job_id,) if job_id is not None else ())
+        rows = self.db.execute(
+            query + (" WHERE job=? ORDER BY seq" if job_id is not None else " ORDER BY seq"),
+            (job_id,) if job_id is not None else (),
+        )
         return [dict(zip(("seq", "job", "stage", "state", "at", "detail"), r)) for r in rows]
 
     def _transition(self, job_id: int, stage: str, state: str, detail: str = "") -> None:
-        self.db.execute("INSERT INTO transitions(job, stage, state, at, detail) VALUES (?,?,?,?,?)",
-                        (job_id, stage, state, time.time(), detail))
+        self.db.execute(
+            "INSERT INTO transitions(job, stage, state, at, detail) VALUES (?,?,?,?,?)",
+            (job_id, stage, state, time.time(), detail),
+        )
 
     # --- small key/value facts (audit head, watcher paused) -------------------------------
     def get_meta(self, key: str, default: str | None = None) -> str | None:

@@ -21,6 +21,7 @@ that on first use.
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import hashlib
 import hmac
@@ -29,18 +30,19 @@ import os
 import re
 import secrets
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import wraps
-from typing import Any, Callable, Iterator, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
+from appliance.contract.errors import AccessError, ApplianceError
 from appliance.contract.names import ROLES
 from appliance.contract.names import display as _display
 from appliance.contract.names import parse as _parse_collection
 from appliance.contract.names import problem as _collection_problem
-from appliance.contract.errors import AccessError, ApplianceError
 from appliance.home.fsutil import write_text_atomic
 from appliance.home.paths import Home
 
@@ -62,12 +64,12 @@ FORMAT = 1
 #:   audit, keys, the training method, pausing the watcher).
 COMMAND_ROLES: dict[str, str] = {
     # --- CLI commands
-    "init": "admin",          # exempt while the home does not exist yet (it creates it)
-    "demo": "admin",          # likewise, when it creates its home
+    "init": "admin",  # exempt while the home does not exist yet (it creates it)
+    "demo": "admin",  # likewise, when it creates its home
     "status": "chat",
     "models": "chat",
     "jobs": "chat",
-    "tui": "chat",            # the TUI's engine checks each action it offers
+    "tui": "chat",  # the TUI's engine checks each action it offers
     "ingest": "contributor",
     "retrain": "contributor",
     "advise": "contributor",
@@ -93,7 +95,7 @@ COMMAND_ROLES: dict[str, str] = {
     "collections": "chat",
     "scoped": "chat",
     "events": "chat",
-    "eval_report": "chat",     # the gate numbers status shows anyway
+    "eval_report": "chat",  # the gate numbers status shows anyway
     "lineage": "contributor",  # names the documents a version learnt from
     "sources": "contributor",  # names the documents in the store
     "quarantined": "contributor",  # names the refused files and why
@@ -109,7 +111,7 @@ COMMAND_ROLES: dict[str, str] = {
     "keys": "admin",
     "add_key": "admin",
     "revoke_key": "admin",
-    "api_key": "admin",        # the home's admin key file, for the TUI's chat when the caller has no own key
+    "api_key": "admin",  # the home's admin key file, for the TUI's chat when the caller has no own key
 }
 
 
@@ -117,11 +119,32 @@ COMMAND_ROLES: dict[str, str] = {
 #: key's role is checked. Every other command acts on one collection (the CLI's --collection,
 #: else the shared one; the engine's own), which the key must see; ``scoped`` checks the
 #: collection it is asked for.
-HOME_WIDE = frozenset({
-    "init", "demo", "serve", "run", "tui", "audit verify", "audit show",
-    "keys add", "keys list", "keys revoke", "keys whoami",
-    "whoami", "collections", "scoped", "keys", "add_key", "revoke_key", "audit_entries", "verify_audit",
-    "pause_watching", "resume_watching", "set_method"})
+HOME_WIDE = frozenset(
+    {
+        "init",
+        "demo",
+        "serve",
+        "run",
+        "tui",
+        "audit verify",
+        "audit show",
+        "keys add",
+        "keys list",
+        "keys revoke",
+        "keys whoami",
+        "whoami",
+        "collections",
+        "scoped",
+        "keys",
+        "add_key",
+        "revoke_key",
+        "audit_entries",
+        "verify_audit",
+        "pause_watching",
+        "resume_watching",
+        "set_method",
+    }
+)
 
 
 class KeysError(ApplianceError):
@@ -149,8 +172,11 @@ class Key:
         return self.collections is None or collection in self.collections
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "role": self.role,
-                "collections": None if self.collections is None else [_display(c) for c in self.collections]}
+        return {
+            "name": self.name,
+            "role": self.role,
+            "collections": None if self.collections is None else [_display(c) for c in self.collections],
+        }
 
 
 def require(key: Key, role: str, collection: str | None = None, action: str | None = None) -> None:
@@ -215,10 +241,10 @@ def _checked(method: Callable[..., Any], role: str) -> Callable[..., Any]:
     return call
 
 
-_stores: dict[Path, "KeyStore"] = {}
+_stores: dict[Path, KeyStore] = {}
 
 
-def _store(home: Home) -> "KeyStore":
+def _store(home: Home) -> KeyStore:
     """One KeyStore per home in this process, so engine calls share its stat-checked cache."""
     if (store := _stores.get(home.root)) is None:
         store = _stores[home.root] = KeyStore(home)
@@ -327,15 +353,23 @@ class KeyStore:
 
     def list(self) -> list[dict[str, Any]]:
         """name, role, collections (display names; None = all), created, revoked. Never secrets or hashes."""
-        return [{"name": e["name"], "role": e["role"],
-                 "collections": None if e.get("collections") is None else [_display(c) for c in e["collections"]],
-                 "created": e.get("created"), "revoked": e.get("revoked")} for e in self._load()]
+        return [
+            {
+                "name": e["name"],
+                "role": e["role"],
+                "collections": None if e.get("collections") is None else [_display(c) for c in e["collections"]],
+                "created": e.get("created"),
+                "revoked": e.get("revoked"),
+            }
+            for e in self._load()
+        ]
 
-    def add(self, name: str, role: str, collections: list[str] | None = None) -> str:
+    def add(self, name: str, role: str, collections: builtins.list[str] | None = None) -> str:
         """Create a key; returns its secret, which is stored nowhere (show it once)."""
         if not NAME.fullmatch(name or ""):
-            raise KeysError(f"key name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', "
-                            "starting with a letter or digit")
+            raise KeysError(
+                f"key name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
+            )
         if role not in ROLES:
             raise KeysError(f"role {role!r}: expected one of {', '.join(ROLES)}")
         stored = _collections(collections)
@@ -350,8 +384,13 @@ class KeyStore:
             self._write(entries)
         from appliance.home import audit
 
-        audit.append(self.home, "key_add", key=name, role=role,
-                     collections=None if stored is None else [_display(c) for c in stored])
+        audit.append(
+            self.home,
+            "key_add",
+            key=name,
+            role=role,
+            collections=None if stored is None else [_display(c) for c in stored],
+        )
         return secret
 
     def revoke(self, name: str) -> None:
@@ -373,8 +412,14 @@ class KeyStore:
 
 
 def _entry(name: str, role: str, collections: list[str] | None, sha256: str) -> dict[str, Any]:
-    return {"name": name, "role": role, "collections": collections, "sha256": sha256,
-            "created": time.time(), "revoked": None}
+    return {
+        "name": name,
+        "role": role,
+        "collections": collections,
+        "sha256": sha256,
+        "created": time.time(),
+        "revoked": None,
+    }
 
 
 def _collections(names: list[str] | None) -> list[str] | None:

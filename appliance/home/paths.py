@@ -54,12 +54,12 @@ class Home:
     root: Path
     collection: str = ""
 
-    def scoped(self, collection: str) -> "Home":
+    def scoped(self, collection: str) -> Home:
         """The same home seen from ``collection`` ("" is the shared collection)."""
         return Home(self.root, collection)
 
     @property
-    def top(self) -> "Home":
+    def top(self) -> Home:
         return Home(self.root)
 
     @property
@@ -140,8 +140,18 @@ class Home:
         return self.root / "run"
 
     def folders(self) -> list[Path]:
-        return [self.inbox, self.probes, self.quarantine, self.store, self.snapshots,
-                self.bases, self.runs, self.models, self.logs, self.rundir]
+        return [
+            self.inbox,
+            self.probes,
+            self.quarantine,
+            self.store,
+            self.snapshots,
+            self.bases,
+            self.runs,
+            self.models,
+            self.logs,
+            self.rundir,
+        ]
 
     # --- per-item paths --------------------------------------------------------
     @property
@@ -176,7 +186,7 @@ class Home:
     def manifest(self, snapshot_id: str) -> Path:
         return self.snapshot(snapshot_id) / "manifest.json"
 
-    def run(self, run_id: str) -> "RunDir":
+    def run(self, run_id: str) -> RunDir:
         return RunDir(self.runs / run_id)
 
     def model(self, version: str) -> Path:

@@ -13,8 +13,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from appliance.contract.errors import RegistryError
 from appliance.home.fsutil import fsync_dir, read_json, sha256_file, staging_dir, write_json_atomic, write_text_atomic
@@ -46,8 +47,9 @@ def next_version(home: Home) -> str:
 Check = Callable[[Path], "str | None"]
 
 
-def add(home: Home, version: str, gguf: Path, info: dict[str, Any], check: Check | None = None,
-        name: str = MODEL_FILE) -> dict[str, Any]:
+def add(
+    home: Home, version: str, gguf: Path, info: dict[str, Any], check: Check | None = None, name: str = MODEL_FILE
+) -> dict[str, Any]:
     """Register a built GGUF as ``version`` (complete or absent).
 
     With ``check``, the exact file about to be registered is validated first; a corrupt
@@ -66,8 +68,14 @@ def add(home: Home, version: str, gguf: Path, info: dict[str, Any], check: Check
             shutil.copy2(gguf, tmp / name)
         if check is not None and (reason := check(tmp / name)):
             raise RegistryError(f"{gguf}: not registering a file llama.cpp cannot use safely: {reason}")
-        record = {"version": version, "created": time.time(), "sha256": sha256_file(tmp / name),
-                  "size": (tmp / name).stat().st_size, **({"file": name} if name != MODEL_FILE else {}), **info}
+        record = {
+            "version": version,
+            "created": time.time(),
+            "sha256": sha256_file(tmp / name),
+            "size": (tmp / name).stat().st_size,
+            **({"file": name} if name != MODEL_FILE else {}),
+            **info,
+        }
         write_json_atomic(tmp / home.version_json(version).name, record)  # renamed into place with the folder
     return record
 
@@ -172,19 +180,23 @@ def write_lineage(home: Home, version: str, data: dict[str, Any]) -> None:
 
 def model_card(version: str, data: dict[str, Any]) -> str:
     gate = data.get("gate") or {}
-    checks = "\n".join(f"- {c['name']}: {'pass' if c['passed'] else 'n/a' if c['passed'] is None else 'FAIL'}"
-                       f" - {c['detail']}" for c in gate.get("checks", []))
+    checks = "\n".join(
+        f"- {c['name']}: {'pass' if c['passed'] else 'n/a' if c['passed'] is None else 'FAIL'} - {c['detail']}"
+        for c in gate.get("checks", [])
+    )
     docs = data.get("documents", [])
-    return (f"# Model {version}\n\n"
-            f"- Base: {data.get('base')} (sha256 {str(data.get('base_sha256') or '-')[:16]})\n"
-            f"- Trained: run {data.get('run')} on snapshot {data.get('snapshot')}, "
-            f"{len(docs)} source document(s), {data.get('records', '?')} record(s)\n"
-            f"- File: model.gguf ({data.get('quant')}), sha256 {data.get('gguf_sha256')}\n"
-            f"- Job: {data.get('job')} ({data.get('kind')}), promoted {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(data.get('promoted_at', time.time())))}\n\n"
-            f"## Intended use\n\nAnswering in the style and with the facts of the documents listed in "
-            f"lineage.json, on this appliance's local endpoint. A small model fine-tuned on a small private "
-            f"data set: check important answers against the sources.\n\n"
-            f"## Gate\n\n{gate.get('verdict', '-')}\n\n{checks}\n")
+    return (
+        f"# Model {version}\n\n"
+        f"- Base: {data.get('base')} (sha256 {str(data.get('base_sha256') or '-')[:16]})\n"
+        f"- Trained: run {data.get('run')} on snapshot {data.get('snapshot')}, "
+        f"{len(docs)} source document(s), {data.get('records', '?')} record(s)\n"
+        f"- File: model.gguf ({data.get('quant')}), sha256 {data.get('gguf_sha256')}\n"
+        f"- Job: {data.get('job')} ({data.get('kind')}), promoted {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(data.get('promoted_at', time.time())))}\n\n"
+        f"## Intended use\n\nAnswering in the style and with the facts of the documents listed in "
+        f"lineage.json, on this appliance's local endpoint. A small model fine-tuned on a small private "
+        f"data set: check important answers against the sources.\n\n"
+        f"## Gate\n\n{gate.get('verdict', '-')}\n\n{checks}\n"
+    )
 
 
 def retired(home: Home) -> list[dict[str, Any]]:

@@ -8,8 +8,9 @@ source dominating, probe questions leaking into training, found by
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from appliance.data.decontaminate import Leak, find_leaks, probe_questions
 from appliance.data.snapshot import load, records, stats
@@ -43,17 +44,23 @@ def advise_data(home: Home, snapshot_id: str) -> list[Advice]:
 
 def _size(n: int) -> Advice:
     if n < MIN_EXAMPLES:
-        return Advice("warning", "few_examples",
-                      f"Only {n} training examples: with fewer than {MIN_EXAMPLES}, giving the base model these "
-                      "documents in its prompt may serve better than fine-tuning.")
+        return Advice(
+            "warning",
+            "few_examples",
+            f"Only {n} training examples: with fewer than {MIN_EXAMPLES}, giving the base model these "
+            "documents in its prompt may serve better than fine-tuning.",
+        )
     return Advice("ok", "few_examples", f"{n} training examples.")
 
 
 def _validation(n: int) -> Advice:
     if n == 0:
-        return Advice("warning", "no_validation",
-                      "No validation examples: nothing can tell whether the model is learning or memorising. "
-                      "Add data, or raise [data] val_fraction.")
+        return Advice(
+            "warning",
+            "no_validation",
+            "No validation examples: nothing can tell whether the model is learning or memorising. "
+            "Add data, or raise [data] val_fraction.",
+        )
     return Advice("ok", "no_validation", f"{n} validation examples held out.")
 
 
@@ -64,9 +71,12 @@ def _dominance(sources: Iterable[dict[str, Any]]) -> Advice:
         return Advice("ok", "dominant_source", f"{len(counts)} source document(s).")
     path, top = max(counts, key=lambda c: c[1])
     if top / total > DOMINANT_SHARE:
-        return Advice("warning", "dominant_source",
-                      f"One source dominates: {path} holds {top / total:.0%} of the records; the model will mostly "
-                      "learn its style and topics. Add data from other sources or split it.")
+        return Advice(
+            "warning",
+            "dominant_source",
+            f"One source dominates: {path} holds {top / total:.0%} of the records; the model will mostly "
+            "learn its style and topics. Add data from other sources or split it.",
+        )
     return Advice("ok", "dominant_source", f"{len(counts)} sources; the largest holds {top / total:.0%}.")
 
 
@@ -75,10 +85,13 @@ def _leaks(leaks: list[Leak]) -> Advice:
         return Advice("ok", "probe_leak", "No probe question appears in the training data.")
     records = len({leak.record for leak in leaks})
     example = leaks[0]
-    return Advice("warning", "probe_leak",
-                  f"{len({leak.probe for leak in leaks})} probe question(s) appear in {records} training example(s) "
-                  f"(e.g. {example.probe!r} from {example.source}); those examples are removed from training so "
-                  "the probe still measures learning.")
+    return Advice(
+        "warning",
+        "probe_leak",
+        f"{len({leak.probe for leak in leaks})} probe question(s) appear in {records} training example(s) "
+        f"(e.g. {example.probe!r} from {example.source}); those examples are removed from training so "
+        "the probe still measures learning.",
+    )
 
 
 # --- advice on a finished run --------------------------------------------------------------
@@ -94,17 +107,27 @@ def advise_run(curve: Sequence[dict[str, Any]]) -> list[Advice]:
         return [Advice("ok", "fit", "Too few validation checks to judge the fit.")]
     best_step, best = min(val, key=lambda v: v[1])
     last_step, last = val[-1]
-    head, tail = _mean(train[: max(1, len(train) // 4)]), _mean(train[-max(1, len(train) // 4):])
+    head, tail = _mean(train[: max(1, len(train) // 4)]), _mean(train[-max(1, len(train) // 4) :])
     if last > best * 1.05 and tail < head and best_step < last_step:
-        return [Advice("warning", "overfitting",
-                       f"Overfitting: training loss kept falling ({head:.2f} → {tail:.2f}) while validation loss "
-                       f"rose from {best:.2f} at step {best_step} to {last:.2f}. Try fewer epochs or a lower LoRA "
-                       "rank ([train] epochs, lora_r); the best checkpoint was kept.")]
+        return [
+            Advice(
+                "warning",
+                "overfitting",
+                f"Overfitting: training loss kept falling ({head:.2f} → {tail:.2f}) while validation loss "
+                f"rose from {best:.2f} at step {best_step} to {last:.2f}. Try fewer epochs or a lower LoRA "
+                "rank ([train] epochs, lora_r); the best checkpoint was kept.",
+            )
+        ]
     if tail > HIGH_LOSS and best > HIGH_LOSS and tail > 0.9 * head:
-        return [Advice("warning", "underfitting",
-                       f"Underfitting: training loss ({head:.2f} → {tail:.2f}) and validation loss ({best:.2f}) "
-                       "both stay high. More data, more epochs, a higher learning rate or rank, or a larger base "
-                       "model may help.")]
+        return [
+            Advice(
+                "warning",
+                "underfitting",
+                f"Underfitting: training loss ({head:.2f} → {tail:.2f}) and validation loss ({best:.2f}) "
+                "both stay high. More data, more epochs, a higher learning rate or rank, or a larger base "
+                "model may help.",
+            )
+        ]
     return [Advice("ok", "fit", f"Training and validation loss fell together (best validation {best:.2f}).")]
 
 

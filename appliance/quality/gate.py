@@ -41,9 +41,9 @@ from appliance.home.catalog import adapter_mode, base_model, served
 from appliance.home.config import Settings
 from appliance.home.fsutil import read_json, sha256_file, write_json_atomic
 from appliance.home.paths import Home
-from appliance.quality.probes import load as load_probes
 from appliance.quality import recall
 from appliance.quality.metrics import answer_metrics, perplexity
+from appliance.quality.probes import load as load_probes
 from appliance.runtime import llamacpp_child
 from appliance.training.render import RenderError, last_answer, render
 
@@ -58,7 +58,7 @@ class GateError(ApplianceError):
 @dataclass
 class Check:
     name: str
-    passed: bool | None          # None: not applicable here (said why in ``detail``)
+    passed: bool | None  # None: not applicable here (said why in ``detail``)
     value: Any = None
     threshold: Any = None
     detail: str = ""
@@ -87,15 +87,25 @@ class Report:
 
     def verdict(self) -> str:
         if self.passed:
-            return (f"promote: run {self.run} passed every check against {self.current.get('version') or 'nothing'}")
+            return f"promote: run {self.run} passed every check against {self.current.get('version') or 'nothing'}"
         reasons = "; ".join(f"{c.name}: {c.detail}" for c in self.failed)
         return f"keep the current model {self.current.get('version') or '-'}: {reasons}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run": self.run, "kind": self.kind, "passed": self.passed, "verdict": self.verdict(),
-                "failed": [c.name for c in self.failed], "candidate": self.candidate, "current": self.current,
-                "checks": [asdict(c) for c in self.checks], "metrics": self.metrics, "recall": self.recall,
-                "seconds": self.seconds, "at": time.time()}
+        return {
+            "run": self.run,
+            "kind": self.kind,
+            "passed": self.passed,
+            "verdict": self.verdict(),
+            "failed": [c.name for c in self.failed],
+            "candidate": self.candidate,
+            "current": self.current,
+            "checks": [asdict(c) for c in self.checks],
+            "metrics": self.metrics,
+            "recall": self.recall,
+            "seconds": self.seconds,
+            "at": time.time(),
+        }
 
 
 # --- the gate ----------------------------------------------------------------------------------
@@ -115,8 +125,9 @@ def candidate_gguf(home: Home, run_id: str) -> Path | None:
     return None
 
 
-def evaluate(home: Home, run_id: str, settings: Settings, kind: str = "train", emit: Emit = ignore,
-             against: str | None = None) -> Report:
+def evaluate(
+    home: Home, run_id: str, settings: Settings, kind: str = "train", emit: Emit = ignore, against: str | None = None
+) -> Report:
     """Judge run ``run_id`` against the current version (or ``against``); write eval.json."""
     started = time.monotonic()
     emit(StageStarted(STAGE, description=f"Comparing run {run_id} with the current model"))
@@ -125,9 +136,16 @@ def evaluate(home: Home, run_id: str, settings: Settings, kind: str = "train", e
         raise GateError(f"{run.root}: no such run")
     cand, current_version, cur = models(home, run_id, settings, against)
     cand_path = cand[0] if cand else None
-    report = Report(run_id, kind, _describe((cand[1] or cand[0]) if cand else None, run_id),
-                    {"version": current_version, "path": str(cur[0]) if cur else None,
-                     **({"adapter": str(cur[1])} if cur and cur[1] else {})})
+    report = Report(
+        run_id,
+        kind,
+        _describe((cand[1] or cand[0]) if cand else None, run_id),
+        {
+            "version": current_version,
+            "path": str(cur[0]) if cur else None,
+            **({"adapter": str(cur[1])} if cur and cur[1] else {}),
+        },
+    )
     report.checks.append(_parity_check(run.parity, cand_path))
     if report.checks[0].passed and cand is not None and cur is not None and cur[0].exists():
         _model_checks(home, report, run_id, cand, cur, current_version, settings, kind)
@@ -142,8 +160,9 @@ def evaluate(home: Home, run_id: str, settings: Settings, kind: str = "train", e
 Model = tuple[Path, "Path | None"]  # a GGUF file and the LoRA adapter applied to it (or None)
 
 
-def models(home: Home, run_id: str, settings: Settings,
-           against: str | None = None) -> tuple[Model | None, str | None, Model | None]:
+def models(
+    home: Home, run_id: str, settings: Settings, against: str | None = None
+) -> tuple[Model | None, str | None, Model | None]:
     """(candidate, current version, current model) as llama.cpp will serve them.
 
     In a collection served as adapters, the candidate is the base model with the run's
@@ -168,8 +187,11 @@ def models(home: Home, run_id: str, settings: Settings,
 
 
 def _describe(path: Path | None, run_id: str) -> dict[str, Any]:
-    return {"run": run_id, "path": str(path) if path else None,
-            "sha256": sha256_file(path) if path and path.exists() else None}
+    return {
+        "run": run_id,
+        "path": str(path) if path else None,
+        "sha256": sha256_file(path) if path and path.exists() else None,
+    }
 
 
 def _parity_check(parity: Path, gguf: Path | None) -> Check:
@@ -178,15 +200,28 @@ def _parity_check(parity: Path, gguf: Path | None) -> Check:
     data = read_json(parity)
     if not data.get("passed"):
         failures = [f"{c['name']}" for c in data.get("checks", []) if not c.get("passed")]
-        return Check("parity", False, False, True, f"the exported file does not match the trained model "
-                                                   f"({', '.join(failures) or 'see parity.json'})")
+        return Check(
+            "parity",
+            False,
+            False,
+            True,
+            f"the exported file does not match the trained model ({', '.join(failures) or 'see parity.json'})",
+        )
     if gguf is None:
         return Check("parity", False, True, True, "the quantized file the export chose is missing")
     return Check("parity", True, True, True, f"{data.get('gguf')} ({data.get('quant')}) matches the trained model")
 
 
-def _model_checks(home: Home, report: Report, run_id: str, cand: Model, cur: Model, cur_version: str | None,
-                  settings: Settings, kind: str) -> None:
+def _model_checks(
+    home: Home,
+    report: Report,
+    run_id: str,
+    cand: Model,
+    cur: Model,
+    cur_version: str | None,
+    settings: Settings,
+    kind: str,
+) -> None:
     from appliance.runtime.hf import load_tokenizer  # transformers: only a gate that runs loads it
 
     tokenizer = load_tokenizer(home.base(settings.base.name))
@@ -198,15 +233,17 @@ def _model_checks(home: Home, report: Report, run_id: str, cand: Model, cur: Mod
     asked = recall.sample(held, settings.gate.recall_questions)
     probes = [p.question for p in general + user]
     prompts = _prompt_ids(cand[0], probes + [a.question for a in asked], settings)
-    prompts, recall_prompts = prompts[:len(probes)], prompts[len(probes):]
+    prompts, recall_prompts = prompts[: len(probes)], prompts[len(probes) :]
     sample = _answer_sample(examples, questions)
     extra = [q.prompt for q in sample] + recall_prompts  # one child per model asks everything
     cand_out = _ask(cand, examples, text, prompts + extra, settings)
     cur_out = _ask(cur, examples, text, prompts + extra, settings)
     report.metrics = _metrics(tokenizer, sample, cand_out, cur_out, len(prompts))
     at = len(prompts) + len(sample)
-    hits = [[a.hit(tokenizer.decode(ids, skip_special_tokens=True)) for a, ids in zip(asked, out["answers"][at:])]
-            for out in (cand_out, cur_out)]
+    hits = [
+        [a.hit(tokenizer.decode(ids, skip_special_tokens=True)) for a, ids in zip(asked, out["answers"][at:])]
+        for out in (cand_out, cur_out)
+    ]
     report.recall = recall.summary(held, asked, hits[0], hits[1])
     new_docs = set(held) - recall.documents_of(home, cur_version)
     report.checks += [Check(**c) for c in recall.checks(asked, hits[0], hits[1], new_docs, settings, kind)]
@@ -219,8 +256,9 @@ def _model_checks(home: Home, report: Report, run_id: str, cand: Model, cur: Mod
 # --- inputs -------------------------------------------------------------------------------------
 
 
-def _validation(home: Home, run_id: str, cur_version: str | None, tokenizer: Any,
-                settings: Settings) -> tuple[list[tuple[list[int], list[int]]], list[bool], list[str]]:
+def _validation(
+    home: Home, run_id: str, cur_version: str | None, tokenizer: Any, settings: Settings
+) -> tuple[list[tuple[list[int], list[int]]], list[bool], list[str]]:
     """Rendered validation examples of the candidate's snapshot, which ones the current
     model never saw, and each one's last user question ("" for documents)."""
     info = read_json(home.run(run_id).train_json)
@@ -270,7 +308,7 @@ def user_probes(home: Home) -> list[Any]:
 def _text_sequences(tokenizer: Any) -> list[tuple[list[int], list[int]]]:
     text = (resources.files("appliance") / "data" / "general" / "text.txt").read_text(encoding="utf-8")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    chunks = [ids[i:i + TEXT_CHUNK] for i in range(0, len(ids), TEXT_CHUNK)]
+    chunks = [ids[i : i + TEXT_CHUNK] for i in range(0, len(ids), TEXT_CHUNK)]
     return [(chunk, [-100] + chunk[1:]) for chunk in chunks if len(chunk) > 1]
 
 
@@ -278,22 +316,33 @@ def _prompt_ids(model: Path, questions: list[str], settings: Settings) -> list[l
     """The ids the endpoint feeds the model for each question (its chat template, from the file)."""
     if not questions:
         return []
-    result = llamacpp_child.run(model, chat=[[{"role": "user", "content": q}] for q in questions],
-                                threads=settings.train.threads)
+    result = llamacpp_child.run(
+        model, chat=[[{"role": "user", "content": q}] for q in questions], threads=settings.train.threads
+    )
     if not result.ok:
         raise GateError(f"cannot prepare the probe prompts: {result.error}")
     return result.chat
 
 
-def _ask(model: Model, examples: list[tuple[list[int], list[int]]], text: list[tuple[list[int], list[int]]],
-         prompts: list[list[int]], settings: Settings) -> dict[str, Any]:
+def _ask(
+    model: Model,
+    examples: list[tuple[list[int], list[int]]],
+    text: list[tuple[list[int], list[int]]],
+    prompts: list[list[int]],
+    settings: Settings,
+) -> dict[str, Any]:
     """One llama.cpp child per model: losses on validation and text, greedy probe answers."""
-    result = llamacpp_child.run(model[0], nll=examples + text,
-                                generate=[(ids, settings.gate.probe_tokens) for ids in prompts], lora=model[1],
-                                threads=settings.train.threads, timeout=1800)
+    result = llamacpp_child.run(
+        model[0],
+        nll=examples + text,
+        generate=[(ids, settings.gate.probe_tokens) for ids in prompts],
+        lora=model[1],
+        threads=settings.train.threads,
+        timeout=1800,
+    )
     if not result.ok:
         raise GateError(f"llama.cpp could not evaluate {model[1] or model[0]}: {result.error}")
-    return {"val": result.nll[: len(examples)], "text": result.nll[len(examples):], "answers": result.generated}
+    return {"val": result.nll[: len(examples)], "text": result.nll[len(examples) :], "answers": result.generated}
 
 
 # --- checks --------------------------------------------------------------------------------------
@@ -312,8 +361,9 @@ def _per_example(nll: list[list[float]]) -> list[float]:
     return [s / n if n else 0.0 for s, n in nll]
 
 
-def _loss_checks(cand: list[list[float]], cur: list[list[float]], new_mask: list[bool], settings: Settings,
-                 kind: str) -> list[Check]:
+def _loss_checks(
+    cand: list[list[float]], cur: list[list[float]], new_mask: list[bool], settings: Settings, kind: str
+) -> list[Check]:
     g = settings.gate
     if not cand:
         return [Check("validation_loss", None, detail="the snapshot has no validation examples to compare on")]
@@ -322,13 +372,28 @@ def _loss_checks(cand: list[list[float]], cur: list[list[float]], new_mask: list
     low, high = bootstrap(diffs, g.bootstrap_samples, g.confidence)
     mean_cand = sum(s for s, _ in cand) / max(1, sum(n for _, n in cand))
     mean_cur = sum(s for s, _ in cur) / max(1, sum(n for _, n in cur))
-    value = {"candidate": mean_cand, "current": mean_cur, "mean_difference": sum(diffs) / len(diffs),
-             "interval": [low, high], "confidence": g.confidence, "examples": len(diffs)}
+    value = {
+        "candidate": mean_cand,
+        "current": mean_cur,
+        "mean_difference": sum(diffs) / len(diffs),
+        "interval": [low, high],
+        "confidence": g.confidence,
+        "examples": len(diffs),
+    }
     ok = low <= g.loss_margin
-    words = (f"validation loss {mean_cand:.4f} vs current {mean_cur:.4f} on {len(diffs)} examples; the "
-             f"{g.confidence:.0%} interval of the difference is {low:+.4f}..{high:+.4f}")
-    checks = [Check("validation_loss", ok, value, {"interval_low_at_most": g.loss_margin},
-                    words + ("" if ok else f", worse than the current model beyond the margin {g.loss_margin}"))]
+    words = (
+        f"validation loss {mean_cand:.4f} vs current {mean_cur:.4f} on {len(diffs)} examples; the "
+        f"{g.confidence:.0%} interval of the difference is {low:+.4f}..{high:+.4f}"
+    )
+    checks = [
+        Check(
+            "validation_loss",
+            ok,
+            value,
+            {"interval_low_at_most": g.loss_margin},
+            words + ("" if ok else f", worse than the current model beyond the margin {g.loss_margin}"),
+        )
+    ]
     new = [d for d, is_new in zip(diffs, new_mask) if is_new]
     if kind != "train" or not g.require_better_on_new:
         checks.append(Check("new_data", None, detail=f"not required for a {kind} run"))
@@ -337,9 +402,16 @@ def _loss_checks(cand: list[list[float]], cur: list[list[float]], new_mask: list
     else:
         mean_new = sum(new) / len(new)
         ok = mean_new < 0
-        checks.append(Check("new_data", ok, {"mean_difference": mean_new, "examples": len(new)}, {"below": 0.0},
-                            f"on {len(new)} validation examples the current model never saw, the loss changes by "
-                            f"{mean_new:+.4f}" + ("" if ok else ": the candidate did not learn the new data better")))
+        checks.append(
+            Check(
+                "new_data",
+                ok,
+                {"mean_difference": mean_new, "examples": len(new)},
+                {"below": 0.0},
+                f"on {len(new)} validation examples the current model never saw, the loss changes by "
+                f"{mean_new:+.4f}" + ("" if ok else ": the candidate did not learn the new data better"),
+            )
+        )
     return checks
 
 
@@ -369,8 +441,9 @@ def _answer_sample(examples: list[tuple[list[int], list[int]]], questions: list[
     return sample
 
 
-def _metrics(tokenizer: Any, sample: list[Question], cand: dict[str, Any], cur: dict[str, Any],
-             skip: int) -> dict[str, Any]:
+def _metrics(
+    tokenizer: Any, sample: list[Question], cand: dict[str, Any], cur: dict[str, Any], skip: int
+) -> dict[str, Any]:
     """Validation loss and perplexity of both models, and on the sampled questions exact
     match, token F1, ROUGE-L and BLEU of their greedy answers against the reference."""
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
@@ -378,11 +451,15 @@ def _metrics(tokenizer: Any, sample: list[Question], cand: dict[str, Any], cur: 
     out: dict[str, Any] = {"sample": []}
     answers = {}
     for name, result in (("candidate", cand), ("current", cur)):
-        said = [decode(ids) for ids in result["answers"][skip: skip + len(sample)]]
+        said = [decode(ids) for ids in result["answers"][skip : skip + len(sample)]]
         answers[name] = said
         loss = sum(s for s, _ in result["val"]) / max(1, sum(n for _, n in result["val"]))
-        out[name] = {"validation_loss": loss, "validation_perplexity": perplexity(loss),
-                     "general_text_perplexity": _perplexity(result["text"]), **answer_metrics(said, references)}
+        out[name] = {
+            "validation_loss": loss,
+            "validation_perplexity": perplexity(loss),
+            "general_text_perplexity": _perplexity(result["text"]),
+            **answer_metrics(said, references),
+        }
     for q, reference, a, b in zip(sample, references, answers["candidate"], answers["current"]):
         out["sample"].append({"question": q.text, "reference": reference, "candidate": a, "current": b})
     return out
@@ -392,23 +469,32 @@ def _hits(tokenizer: Any, probes: list[Any], answers: list[list[int]]) -> list[b
     return [p.hit(tokenizer.decode(ids, skip_special_tokens=True)) for p, ids in zip(probes, answers)]
 
 
-def _general_checks(tokenizer: Any, general: list[Any], cand: dict[str, Any], cur: dict[str, Any], n: int,
-                    settings: Settings) -> list[Check]:
+def _general_checks(
+    tokenizer: Any, general: list[Any], cand: dict[str, Any], cur: dict[str, Any], n: int, settings: Settings
+) -> list[Check]:
     g = settings.gate
     hits_cand = sum(_hits(tokenizer, general, cand["answers"][:n])) / max(1, n)
     hits_cur = sum(_hits(tokenizer, general, cur["answers"][:n])) / max(1, n)
     ok = hits_cand >= hits_cur - g.general_max_drop
-    probes = Check("general_probes", ok, {"candidate": hits_cand, "current": hits_cur, "questions": n},
-                   {"max_drop": g.general_max_drop},
-                   f"general questions answered {hits_cand:.0%} vs current {hits_cur:.0%}"
-                   + ("" if ok else f": fell by more than {g.general_max_drop:.0%}"))
+    probes = Check(
+        "general_probes",
+        ok,
+        {"candidate": hits_cand, "current": hits_cur, "questions": n},
+        {"max_drop": g.general_max_drop},
+        f"general questions answered {hits_cand:.0%} vs current {hits_cur:.0%}"
+        + ("" if ok else f": fell by more than {g.general_max_drop:.0%}"),
+    )
     ppl_cand, ppl_cur = _perplexity(cand["text"]), _perplexity(cur["text"])
     ratio = ppl_cand / ppl_cur if ppl_cur > 0 else math.inf
     ok = ratio <= g.general_max_ppl_ratio
-    ppl = Check("general_perplexity", ok, {"candidate": ppl_cand, "current": ppl_cur, "ratio": ratio},
-                {"max_ratio": g.general_max_ppl_ratio},
-                f"perplexity on general text {ppl_cand:.2f} vs current {ppl_cur:.2f} (x{ratio:.3f})"
-                + ("" if ok else f": rose more than x{g.general_max_ppl_ratio}"))
+    ppl = Check(
+        "general_perplexity",
+        ok,
+        {"candidate": ppl_cand, "current": ppl_cur, "ratio": ratio},
+        {"max_ratio": g.general_max_ppl_ratio},
+        f"perplexity on general text {ppl_cand:.2f} vs current {ppl_cur:.2f} (x{ratio:.3f})"
+        + ("" if ok else f": rose more than x{g.general_max_ppl_ratio}"),
+    )
     return [probes, ppl]
 
 
@@ -417,16 +503,21 @@ def _perplexity(nll: list[list[float]]) -> float:
     return math.exp(total / count) if count else math.nan
 
 
-def _user_check(tokenizer: Any, user: list[Any], cand: list[list[int]], cur: list[list[int]],
-                settings: Settings) -> Check:
+def _user_check(
+    tokenizer: Any, user: list[Any], cand: list[list[int]], cur: list[list[int]], settings: Settings
+) -> Check:
     if not user:
         return Check("user_probes", None, detail="no questions in the home's probes/ folder")
     a = sum(_hits(tokenizer, user, cand)) / len(user)
     b = sum(_hits(tokenizer, user, cur)) / len(user)
     ok = a >= b - settings.gate.user_max_drop
-    return Check("user_probes", ok, {"candidate": a, "current": b, "questions": len(user)},
-                 {"max_drop": settings.gate.user_max_drop},
-                 f"your probe questions answered {a:.0%} vs current {b:.0%}" + ("" if ok else ": the score dropped"))
+    return Check(
+        "user_probes",
+        ok,
+        {"candidate": a, "current": b, "questions": len(user)},
+        {"max_drop": settings.gate.user_max_drop},
+        f"your probe questions answered {a:.0%} vs current {b:.0%}" + ("" if ok else ": the score dropped"),
+    )
 
 
 def load_report(home: Home, run_id: str) -> dict[str, Any] | None:

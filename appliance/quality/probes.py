@@ -34,14 +34,21 @@ def load(path: Path) -> list[Probe]:
             obj = json.loads(line)
             probes.append(Probe(str(obj["question"]), [str(p) for p in obj["expected"]]))
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path}: line {number}: expected {{\"question\": ..., \"expected\": [...]}}") from None
+            raise DataError(f'{path}: line {number}: expected {{"question": ..., "expected": [...]}}') from None
     return probes
 
 
 def ask(client: httpx.Client, model: str, question: str, max_tokens: int = 48) -> str:
-    response = client.post("/v1/chat/completions", json={
-        "model": model, "messages": [{"role": "user", "content": question}],
-        "temperature": 0.0, "max_tokens": max_tokens, "seed": 0})
+    response = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "temperature": 0.0,
+            "max_tokens": max_tokens,
+            "seed": 0,
+        },
+    )
     response.raise_for_status()
     return response.json()["choices"][0]["message"]["content"] or ""
 

@@ -54,8 +54,14 @@ def sample(documents: dict[str, dict[str, Any]], limit: int) -> list[Asked]:
         for q in doc["questions"]:
             by_fact.setdefault(int(q["statement"]), []).append(q)
         rounds = zip_longest(*by_fact.values())  # every fact's first question, then every second ...
-        queues.append([Asked(q["question"], tuple(q["expected"]), sha, int(q["statement"]))
-                       for turn in rounds for q in turn if q is not None])
+        queues.append(
+            [
+                Asked(q["question"], tuple(q["expected"]), sha, int(q["statement"]))
+                for turn in rounds
+                for q in turn
+                if q is not None
+            ]
+        )
     chosen: list[Asked] = []
     for turn in zip_longest(*queues):
         for asked in turn:
@@ -77,68 +83,106 @@ def documents_of(home: Home, version: str | None) -> set[str]:
         return set()
 
 
-def summary(documents: dict[str, dict[str, Any]], asked: list[Asked], cand: list[bool],
-            cur: list[bool]) -> dict[str, Any]:
+def summary(
+    documents: dict[str, dict[str, Any]], asked: list[Asked], cand: list[bool], cur: list[bool]
+) -> dict[str, Any]:
     """Overall and per-document recall of both models (the share of the asked questions answered)."""
     per: dict[str, Any] = {}
     for sha, doc in sorted(documents.items()):
         rows = [(q, a, b) for q, a, b in zip(asked, cand, cur) if q.document == sha]
-        per[sha] = {"path": doc["path"], "facts": doc["facts"], "questions": len(rows),
-                    "candidate": _share([a for _, a, _ in rows]), "current": _share([b for _, _, b in rows]),
-                    "candidate_correct": sum(a for _, a, _ in rows), "current_correct": sum(b for _, _, b in rows),
-                    # facts asked about, and those with a held-out question answered ("knows 27 of 30 facts")
-                    "facts_asked": len({q.statement for q, _, _ in rows}),
-                    "facts_known": {"candidate": len({q.statement for q, a, _ in rows if a}),
-                                    "current": len({q.statement for q, _, b in rows if b})}}
-    return {"questions": len(asked), "candidate": _share(cand), "current": _share(cur),
-            "candidate_correct": sum(cand), "current_correct": sum(cur), "documents": per,
-            "facts_asked": sum(d["facts_asked"] for d in per.values()),
-            "facts_known": {side: sum(d["facts_known"][side] for d in per.values())
-                            for side in ("candidate", "current")}}
+        per[sha] = {
+            "path": doc["path"],
+            "facts": doc["facts"],
+            "questions": len(rows),
+            "candidate": _share([a for _, a, _ in rows]),
+            "current": _share([b for _, _, b in rows]),
+            "candidate_correct": sum(a for _, a, _ in rows),
+            "current_correct": sum(b for _, _, b in rows),
+            # facts asked about, and those with a held-out question answered ("knows 27 of 30 facts")
+            "facts_asked": len({q.statement for q, _, _ in rows}),
+            "facts_known": {
+                "candidate": len({q.statement for q, a, _ in rows if a}),
+                "current": len({q.statement for q, _, b in rows if b}),
+            },
+        }
+    return {
+        "questions": len(asked),
+        "candidate": _share(cand),
+        "current": _share(cur),
+        "candidate_correct": sum(cand),
+        "current_correct": sum(cur),
+        "documents": per,
+        "facts_asked": sum(d["facts_asked"] for d in per.values()),
+        "facts_known": {side: sum(d["facts_known"][side] for d in per.values()) for side in ("candidate", "current")},
+    }
 
 
 def _share(hits: list[bool]) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
 
-def _check(name: str, passed: bool | None, value: Any = None, threshold: Any = None,
-          detail: str = "") -> dict[str, Any]:
+def _check(
+    name: str, passed: bool | None, value: Any = None, threshold: Any = None, detail: str = ""
+) -> dict[str, Any]:
     """A check as the fields of the gate's ``Check`` (the gate builds its record from them)."""
     return {"name": name, "passed": passed, "value": value, "threshold": threshold, "detail": detail}
 
 
-def checks(asked: list[Asked], cand: list[bool], cur: list[bool], new_docs: set[str], settings: Settings,
-           kind: str) -> list[dict[str, Any]]:
+def checks(
+    asked: list[Asked], cand: list[bool], cur: list[bool], new_docs: set[str], settings: Settings, kind: str
+) -> list[dict[str, Any]]:
     g = settings.gate
     if not asked:
-        return [_check("recall_kept", None, detail="no held-out study questions (the run's data has no documents "
-                                                  "with facts to ask about)")]
+        return [
+            _check(
+                "recall_kept",
+                None,
+                detail="no held-out study questions (the run's data has no documents with facts to ask about)",
+            )
+        ]
     known = [a for a, b in zip(cand, cur) if b]
     if not known:
-        kept = _check("recall_kept", None, {"questions": len(asked), "current_correct": 0},
-                     detail=f"the current model answers none of the {len(asked)} held-out study questions")
+        kept = _check(
+            "recall_kept",
+            None,
+            {"questions": len(asked), "current_correct": 0},
+            detail=f"the current model answers none of the {len(asked)} held-out study questions",
+        )
     else:
         lost = 1 - sum(known) / len(known)
         ok = lost <= g.recall_max_drop
-        kept = _check("recall_kept", ok, {"lost": lost, "known_by_current": len(known),
-                                         "still_known": sum(known), "questions": len(asked)},
-                     {"max_drop": g.recall_max_drop},
-                     f"of {len(known)} held-out facts the current model answers, the candidate answers "
-                     f"{sum(known)}" + ("" if ok else f": it forgot {lost:.0%}, more than {g.recall_max_drop:.0%}"))
+        kept = _check(
+            "recall_kept",
+            ok,
+            {"lost": lost, "known_by_current": len(known), "still_known": sum(known), "questions": len(asked)},
+            {"max_drop": g.recall_max_drop},
+            f"of {len(known)} held-out facts the current model answers, the candidate answers "
+            f"{sum(known)}" + ("" if ok else f": it forgot {lost:.0%}, more than {g.recall_max_drop:.0%}"),
+        )
     return [kept, _gain(asked, cand, cur, new_docs, settings, kind)]
 
 
-def _gain(asked: list[Asked], cand: list[bool], cur: list[bool], new_docs: set[str], settings: Settings,
-          kind: str) -> dict[str, Any]:
+def _gain(
+    asked: list[Asked], cand: list[bool], cur: list[bool], new_docs: set[str], settings: Settings, kind: str
+) -> dict[str, Any]:
     if kind != "train" or not settings.gate.require_recall_gain:
-        return _check("recall_gain", None, detail=f"not required for a {kind} run" if kind != "train"
-                     else "not required (gate.require_recall_gain = false)")
+        return _check(
+            "recall_gain",
+            None,
+            detail=f"not required for a {kind} run"
+            if kind != "train"
+            else "not required (gate.require_recall_gain = false)",
+        )
     rows = [(a, b) for q, a, b in zip(asked, cand, cur) if q.document in new_docs]
     if not rows:
         return _check("recall_gain", None, detail="no held-out questions from documents new to the current model")
     a, b = sum(x for x, _ in rows), sum(y for _, y in rows)
     ok = a > b
-    return _check("recall_gain", ok, {"candidate": a / len(rows), "current": b / len(rows), "questions": len(rows)},
-                 {"more_than_current": True},
-                 f"on {len(rows)} held-out questions about new documents the candidate answers {a}, the current "
-                 f"model {b}" + ("" if ok else ": the candidate has not learnt the new documents' facts"))
+    return _check(
+        "recall_gain",
+        ok,
+        {"candidate": a / len(rows), "current": b / len(rows), "questions": len(rows)},
+        {"more_than_current": True},
+        f"on {len(rows)} held-out questions about new documents the candidate answers {a}, the current "
+        f"model {b}" + ("" if ok else ": the candidate has not learnt the new documents' facts"),
+    )

@@ -23,21 +23,28 @@ def load_tokenizer(model_dir: Path) -> Any:
     return tokenizer
 
 
-def load_causal_lm(model_dir: Path, dtype: Any = None, quantization_config: Any = None,
-                   device: str = "cpu") -> Any:
+def load_causal_lm(model_dir: Path, dtype: Any = None, quantization_config: Any = None, device: str = "cpu") -> Any:
     try:
         return AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, dtype=dtype or torch.float32,
-            quantization_config=quantization_config, device_map={"": device},
-            attn_implementation="sdpa")
+            model_dir,
+            local_files_only=True,
+            dtype=dtype or torch.float32,
+            quantization_config=quantization_config,
+            device_map={"": device},
+            attn_implementation="sdpa",
+        )
     except (OSError, ValueError) as exc:
         raise BaseModelError(f"{model_dir}: cannot load the model ({_first_line(exc)})") from None
 
 
 def nf4_config(compute_dtype: Any) -> Any:
     """QLoRA's quantization: NF4 with double quantization (Dettmers et al. 2023)."""
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def _first_line(exc: BaseException) -> str:

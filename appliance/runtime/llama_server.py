@@ -24,6 +24,7 @@ process) and is stopped by :func:`stop_all` at exit, so none outlives the applia
 from __future__ import annotations
 
 import asyncio
+import atexit
 import ctypes
 import logging
 import os
@@ -34,9 +35,9 @@ import sys
 import tempfile
 import threading
 import time
-import atexit
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -50,7 +51,7 @@ PR_SET_PDEATHSIG = 1
 # Backends are started from these long-lived threads: PR_SET_PDEATHSIG fires when the
 # *thread* that forked the child exits, so short-lived worker threads must not start them.
 LAUNCHER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="llama-server-launcher")
-_LIVE: set["Backend"] = set()
+_LIVE: set[Backend] = set()
 _LIVE_LOCK = threading.Lock()
 
 
@@ -78,8 +79,17 @@ class Backend:
     (``--lora-init-without-apply``), each request choosing its adapter by index with a
     ``"lora": [{"id": i, "scale": 1.0}]`` field (llama.cpp applies it per slot, no reload)."""
 
-    def __init__(self, version: str, gguf: Path, *, slots: int, context: int, threads: int,
-                 log_path: Path | None = None, loras: tuple[Path, ...] = ()):
+    def __init__(
+        self,
+        version: str,
+        gguf: Path,
+        *,
+        slots: int,
+        context: int,
+        threads: int,
+        log_path: Path | None = None,
+        loras: tuple[Path, ...] = (),
+    ):
         self.version = version
         self.gguf = gguf
         self.loras = loras
@@ -90,9 +100,9 @@ class Backend:
         self.folder = Path(tempfile.mkdtemp(prefix="appliance-"))  # 0700: only this user reaches the socket
         self.socket = self.folder / "llama.sock"
         self.proc: subprocess.Popen | None = None
-        self.inflight = 0          # guarded by the owning pool's lock
-        self.retired = False       # no new requests; stopped once inflight reaches 0
-        self.spec: object = None   # what the owning pool started it for (serving.resolve.Spec)
+        self.inflight = 0  # guarded by the owning pool's lock
+        self.retired = False  # no new requests; stopped once inflight reaches 0
+        self.spec: object = None  # what the owning pool started it for (serving.resolve.Spec)
         # per slot, as the front sent requests (guarded by the pool's lock): busy, the adapter
         # it last ran, when; an adapter host's requests go to a slot that ran their adapter
         self.slot_busy = [False] * slots
@@ -102,39 +112,62 @@ class Backend:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def command(self) -> list[str]:
-        return [str(binary()), "--model", str(self.gguf), "--alias", self.version,
-                "--host", str(self.socket),
-                "--parallel", str(self.slots),
-                # -c is the whole KV cache, split evenly over the slots: context per request = context
-                "--ctx-size", str(self.context * self.slots),
-                "--threads", str(self.threads), "--threads-batch", str(self.threads),
-                # The GGUF's own chat template rendered by llama.cpp's Jinja engine, the same
-                # template and tokens training used (tests/test_serve.py compares /apply-template
-                # with the tokenizer's rendering); without --jinja llama.cpp guesses a built-in
-                # format, which drops e.g. SmolLM2's default system prompt.
-                "--jinja",
-                "--n-gpu-layers", "999",   # all layers on the GPU when the build has CUDA; ignored on CPU
-                "--no-webui", *self._lora_args()]
+        return [
+            str(binary()),
+            "--model",
+            str(self.gguf),
+            "--alias",
+            self.version,
+            "--host",
+            str(self.socket),
+            "--parallel",
+            str(self.slots),
+            # -c is the whole KV cache, split evenly over the slots: context per request = context
+            "--ctx-size",
+            str(self.context * self.slots),
+            "--threads",
+            str(self.threads),
+            "--threads-batch",
+            str(self.threads),
+            # The GGUF's own chat template rendered by llama.cpp's Jinja engine, the same
+            # template and tokens training used (tests/test_serve.py compares /apply-template
+            # with the tokenizer's rendering); without --jinja llama.cpp guesses a built-in
+            # format, which drops e.g. SmolLM2's default system prompt.
+            "--jinja",
+            "--n-gpu-layers",
+            "999",  # all layers on the GPU when the build has CUDA; ignored on CPU
+            "--no-webui",
+            *self._lora_args(),
+        ]
 
     def _lora_args(self) -> list[str]:
         if not self.loras:
             return []
         for path in self.loras:
             if "," in str(path):  # llama.cpp splits --lora values at commas
-                raise ServeError(f"{path}: llama-server cannot load an adapter whose path has a comma; "
-                                 "move the home to a path without one")
+                raise ServeError(
+                    f"{path}: llama-server cannot load an adapter whose path has a comma; "
+                    "move the home to a path without one"
+                )
         # loaded once, applied per request: without a "lora" field a request would get none
         return [arg for path in self.loras for arg in ("--lora", str(path))] + ["--lora-init-without-apply"]
 
     def start(self) -> None:
         """Spawn the process; does not wait for the model to load. Called on a LAUNCHER thread
         (start_async) so that the parent-death signal is tied to a thread that lives on."""
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        out: IO[bytes] | int = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=_set_pdeathsig, close_fds=True)
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_set_pdeathsig,
+                close_fds=True,
+            )
         finally:
-            if out is not subprocess.DEVNULL:
+            if not isinstance(out, int):
                 out.close()
         with _LIVE_LOCK:
             _LIVE.add(self)
@@ -147,8 +180,10 @@ class Backend:
             while True:
                 if self.proc is None or self.proc.poll() is not None:
                     code = None if self.proc is None else self.proc.returncode
-                    raise ServeError(f"llama-server for {self.version} exited (code {code}) while loading "
-                                     f"{self.gguf}; see {self.log_path}")
+                    raise ServeError(
+                        f"llama-server for {self.version} exited (code {code}) while loading "
+                        f"{self.gguf}; see {self.log_path}"
+                    )
                 if self.socket.exists():
                     try:
                         if client.get("/health").status_code == 200:
@@ -164,9 +199,11 @@ class Backend:
         if self._client is None:
             self._loop = asyncio.get_running_loop()
             limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-            self._client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(self.socket), limits=limits),
-                                             base_url="http://backend",
-                                             timeout=httpx.Timeout(connect=10, read=900, write=60, pool=None))
+            self._client = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=str(self.socket), limits=limits),
+                base_url="http://backend",
+                timeout=httpx.Timeout(connect=10, read=900, write=60, pool=None),
+            )
         return self._client
 
     def alive(self) -> bool:
@@ -195,8 +232,9 @@ class Backend:
             _LIVE.discard(self)
 
 
-def start_async(backend: Backend, timeout: float) -> "Future[Backend]":
+def start_async(backend: Backend, timeout: float) -> Future[Backend]:
     """Start and wait for readiness on a launcher thread; the future fails with ServeError."""
+
     def run() -> Backend:
         try:
             backend.start()
@@ -205,6 +243,7 @@ def start_async(backend: Backend, timeout: float) -> "Future[Backend]":
             backend.stop()
             raise
         return backend
+
     return LAUNCHER.submit(run)
 
 

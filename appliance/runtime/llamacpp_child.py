@@ -82,26 +82,46 @@ def adapter_problem(base: Path, adapter: Path) -> str | None:
     return None if result.ok else result.error
 
 
-def run(model: Path, tokenize: list[str] | None = None, logits: list[list[int]] | None = None,
-        argmax: list[list[int]] | None = None, generate: list[tuple[list[int], int]] | None = None,
-        chat: list[list[dict[str, str]]] | None = None, lora: Path | None = None, threads: int | None = None,
-        validate: bool = False, timeout: float = 600,
-        nll: list[tuple[list[int], list[int]]] | None = None) -> ChildResult:
+def run(
+    model: Path,
+    tokenize: list[str] | None = None,
+    logits: list[list[int]] | None = None,
+    argmax: list[list[int]] | None = None,
+    generate: list[tuple[list[int], int]] | None = None,
+    chat: list[list[dict[str, str]]] | None = None,
+    lora: Path | None = None,
+    threads: int | None = None,
+    validate: bool = False,
+    timeout: float = 600,
+    nll: list[tuple[list[int], list[int]]] | None = None,
+) -> ChildResult:
     """Load ``model`` in a child process and ask it the given questions; with ``validate``
     gguf-py reads the whole file there first (seconds for a 100k-token vocabulary)."""
     if reason := header_problem(model):
         return ChildResult(False, f"{model.name}: {reason}")
     request: dict[str, Any] = {
-        "model": str(model), "lora": str(lora) if lora else None, "threads": threads, "validate": validate,
+        "model": str(model),
+        "lora": str(lora) if lora else None,
+        "threads": threads,
+        "validate": validate,
         "vocab_only": not (logits or argmax or generate or validate or nll),  # a validating load reads tensors
-        "tokenize": tokenize or [], "logits": logits or [], "argmax": argmax or [], "generate": generate or [],
-        "chat": chat or [], "nll": nll or []}
+        "tokenize": tokenize or [],
+        "logits": logits or [],
+        "argmax": argmax or [],
+        "generate": generate or [],
+        "chat": chat or [],
+        "nll": nll or [],
+    }
     with tempfile.TemporaryDirectory(prefix="appliance-llama-") as tmp:
         req = Path(tmp) / "request.json"
         req.write_text(json.dumps(request))
         try:
-            proc = subprocess.run([sys.executable, "-m", "appliance.runtime.llamacpp_worker", str(req), tmp],
-                                  capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(
+                [sys.executable, "-m", "appliance.runtime.llamacpp_worker", str(req), tmp],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
         except subprocess.TimeoutExpired:
             return ChildResult(False, f"{model.name}: llama.cpp did not finish within {timeout:.0f} s")
         result_file = Path(tmp) / "result.json"
@@ -111,9 +131,17 @@ def run(model: Path, tokenize: list[str] | None = None, logits: list[list[int]] 
             return ChildResult(False, f"{model.name}: the child process loading it {_death(proc)}")
         data = json.loads(result_file.read_text())
         arrays = [np.load(Path(tmp) / f"logits_{i}.npy") for i in range(len(logits or []))]
-        return ChildResult(True, tokens=data["tokens"], metadata=data["metadata"], logits=arrays,
-                           argmax=data["argmax"], generated=data["generated"], chat=data["chat"],
-                           structure=data["structure"], nll=data.get("nll", []))
+        return ChildResult(
+            True,
+            tokens=data["tokens"],
+            metadata=data["metadata"],
+            logits=arrays,
+            argmax=data["argmax"],
+            generated=data["generated"],
+            chat=data["chat"],
+            structure=data["structure"],
+            nll=data.get("nll", []),
+        )
 
 
 def _death(proc: subprocess.CompletedProcess[str]) -> str:

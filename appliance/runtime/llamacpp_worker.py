@@ -104,21 +104,33 @@ def load(request: dict[str, Any]) -> Any:
     # batches): llama.cpp's threads spin-wait, and on a busy machine one thread more than is
     # free made a 60-token prompt take 9.5 s instead of 0.2 s here.
     threads = request.get("threads") or max(1, len(os.sched_getaffinity(0)) // 2)
-    return llama_cpp.Llama(model_path=request["model"], vocab_only=bool(request.get("vocab_only")),
-                           lora_path=request.get("lora"), logits_all=bool(sequences), n_ctx=context, n_batch=context,
-                           n_threads=threads, n_threads_batch=threads, verbose=False)
+    return llama_cpp.Llama(
+        model_path=request["model"],
+        vocab_only=bool(request.get("vocab_only")),
+        lora_path=request.get("lora"),
+        logits_all=bool(sequences),
+        n_ctx=context,
+        n_batch=context,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
 
 
 def answer(llm: Any, request: dict[str, Any], out: Path) -> dict[str, Any]:
     for i, ids in enumerate(request.get("logits", [])):
         np.save(out / f"logits_{i}.npy", evaluate(llm, ids))
-    return {"metadata": dict(llm.metadata), "n_vocab": llm.n_vocab(),
-            "tokens": [llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-                       for text in request.get("tokenize", [])],
-            "argmax": [evaluate(llm, ids).argmax(-1).tolist() for ids in request.get("argmax", [])],
-            "generated": [greedy(llm, ids, n) for ids, n in request.get("generate", [])],
-            "nll": [nll(llm, ids, labels) for ids, labels in request.get("nll", [])],
-            "chat": [served_prompt(llm, messages) for messages in request.get("chat", [])]}
+    return {
+        "metadata": dict(llm.metadata),
+        "n_vocab": llm.n_vocab(),
+        "tokens": [
+            llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) for text in request.get("tokenize", [])
+        ],
+        "argmax": [evaluate(llm, ids).argmax(-1).tolist() for ids in request.get("argmax", [])],
+        "generated": [greedy(llm, ids, n) for ids, n in request.get("generate", [])],
+        "nll": [nll(llm, ids, labels) for ids, labels in request.get("nll", [])],
+        "chat": [served_prompt(llm, messages) for messages in request.get("chat", [])],
+    }
 
 
 def main(request_path: str, out_dir: str) -> int:

@@ -17,8 +17,9 @@ from pathlib import Path
 from appliance.contract.errors import ToolchainError
 
 PINNED = "0.3.36"
-FETCH_HINT = ("run: bash packaging/fetch_converter.sh (it needs the package registry once; "
-              "offline bundles carry the files)")
+FETCH_HINT = (
+    "run: bash packaging/fetch_converter.sh (it needs the package registry once; offline bundles carry the files)"
+)
 
 
 def llama_cpp_version() -> str:

@@ -62,7 +62,9 @@ def import_base(source: str, target: Path, emit: Emit = ignore) -> Path:
     else:
         path = Path(source).expanduser()
         if not path.exists():
-            raise BaseModelError(f"{path}: no such file or folder; pass --base embedded, a .gguf file or an HF model folder")
+            raise BaseModelError(
+                f"{path}: no such file or folder; pass --base embedded, a .gguf file or an HF model folder"
+            )
         with staging_dir(target) as tmp:
             if path.is_file() and path.suffix == ".gguf":
                 _from_gguf(path, tmp)
@@ -78,8 +80,9 @@ def import_base(source: str, target: Path, emit: Emit = ignore) -> Path:
 def _from_gguf(gguf: Path, out: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
+        )
     except Exception as exc:  # transformers raises many types for unreadable or unsupported files
         raise BaseModelError(f"{gguf}: cannot load this GGUF with transformers ({str(exc).splitlines()[0]})") from None
     if not tokenizer.chat_template:
@@ -109,8 +112,11 @@ def _from_hf_folder(src: Path, out: Path) -> None:
 
 
 def _write_meta(out: Path, source: str, source_file: Path | None) -> None:
-    write_json_atomic(base_meta_file(out), {
-        "source": source,
-        "source_sha256": sha256_file(source_file) if source_file else None,
-        "imported_at": time.time(),
-    })
+    write_json_atomic(
+        base_meta_file(out),
+        {
+            "source": source,
+            "source_sha256": sha256_file(source_file) if source_file else None,
+            "imported_at": time.time(),
+        },
+    )

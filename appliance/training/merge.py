@@ -52,7 +52,9 @@ def merged_model(base_dir: Path, adapter_dir: Path) -> Any:
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(torch.float16)
     bad = [name for name, p in merged.named_parameters() if not torch.isfinite(p).all()]
     if bad:
-        raise ExportError(f"{adapter_dir}: merged weights hold NaN/Inf (or overflow float16) in {bad[0]}"
-                          f" and {len(bad) - 1} more tensor(s)")
+        raise ExportError(
+            f"{adapter_dir}: merged weights hold NaN/Inf (or overflow float16) in {bad[0]}"
+            f" and {len(bad) - 1} more tensor(s)"
+        )
     merged.config.dtype = torch.float16
     return merged

@@ -74,20 +74,30 @@ def choose(method: str, base_dir: Path, n_examples: int, budget: int) -> Choice:
     params = count_parameters(base_dir)
     need_full = full_estimate(params)
     if method == "full" and need_full > budget:
-        raise TrainError(f"full fine-tuning of this {params / 1e6:.0f}M-parameter base needs about "
-                         f"{need_full / 2**30:.1f} GiB and the budget is {budget / 2**30:.1f} GiB; use "
-                         "method 'qlora' or 'lora', or raise [train] memory_budget_gb")
+        raise TrainError(
+            f"full fine-tuning of this {params / 1e6:.0f}M-parameter base needs about "
+            f"{need_full / 2**30:.1f} GiB and the budget is {budget / 2**30:.1f} GiB; use "
+            "method 'qlora' or 'lora', or raise [train] memory_budget_gb"
+        )
     if method != "auto":
         return Choice(method, "set in config")
     gib = f"{budget / 2**30:.1f} GiB"
     if n_examples >= FULL_MIN_EXAMPLES and need_full <= budget:
-        return Choice("full", f"{n_examples} examples are enough to update every weight, and full fine-tuning "
-                              f"({need_full / 2**30:.1f} GiB) fits in {gib}")
+        return Choice(
+            "full",
+            f"{n_examples} examples are enough to update every weight, and full fine-tuning "
+            f"({need_full / 2**30:.1f} GiB) fits in {gib}",
+        )
     if lora_estimate(params) <= budget / 2:
-        return Choice("lora", f"the {params / 1e6:.0f}M-parameter base fits comfortably in {gib} unquantized, "
-                              f"and {n_examples} examples are too few for full fine-tuning")
-    return Choice("qlora", f"the {params / 1e6:.0f}M-parameter base is large for {gib}: training LoRA on a "
-                           "4-bit copy keeps memory low")
+        return Choice(
+            "lora",
+            f"the {params / 1e6:.0f}M-parameter base fits comfortably in {gib} unquantized, "
+            f"and {n_examples} examples are too few for full fine-tuning",
+        )
+    return Choice(
+        "qlora",
+        f"the {params / 1e6:.0f}M-parameter base is large for {gib}: training LoRA on a 4-bit copy keeps memory low",
+    )
 
 
 def peft_config(method: str, train: Any, total_steps: int) -> Any:
@@ -95,16 +105,31 @@ def peft_config(method: str, train: Any, total_steps: int) -> Any:
     targets = "all-linear" if train.target_modules == "all-linear" else ["q_proj", "v_proj"]
     if method == "ia3":
         # IA3 rescales keys, values and the MLP's input to its down projection.
-        return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                         task_type="CAUSAL_LM")
+        return IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM"
+        )
     if method == "adalora":
         # Ranks start at lora_r and are pruned to half of it over the middle of the run.
-        return AdaLoraConfig(init_r=train.lora_r, target_r=max(1, train.lora_r // 2), lora_alpha=train.lora_alpha,
-                             lora_dropout=train.lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
-                             total_step=max(total_steps, 3), tinit=total_steps // 10, tfinal=total_steps // 5,
-                             deltaT=1)
-    return LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM", use_dora=method == "dora" or train.dora)
+        return AdaLoraConfig(
+            init_r=train.lora_r,
+            target_r=max(1, train.lora_r // 2),
+            lora_alpha=train.lora_alpha,
+            lora_dropout=train.lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+            total_step=max(total_steps, 3),
+            tinit=total_steps // 10,
+            tfinal=total_steps // 5,
+            deltaT=1,
+        )
+    return LoraConfig(
+        r=train.lora_r,
+        lora_alpha=train.lora_alpha,
+        lora_dropout=train.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        use_dora=method == "dora" or train.dora,
+    )
 
 
 def is_full_checkpoint(folder: Path) -> bool:

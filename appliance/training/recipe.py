@@ -19,8 +19,8 @@ from appliance.home.config import TrainSection
 # (fewer parameters than, learning rate): LoRA wants about ten times a full fine-tune's rate,
 # and larger bases want less (training.md, "Teaching facts").
 LEARNING_RATES = ((1_000_000_000, 1e-3), (4_000_000_000, 4e-4), (math.inf, 2e-4))
-TOKENS_PER_STEP = 1024        # packed tokens per update when the data is large enough
-MIN_TOKENS_PER_STEP = 256     # below this an update is too noisy to help
+TOKENS_PER_STEP = 1024  # packed tokens per update when the data is large enough
+MIN_TOKENS_PER_STEP = 256  # below this an update is too noisy to help
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,12 @@ class Recipe:
     reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"learning_rate": self.learning_rate, "epochs": self.epochs,
-                "tokens_per_step": self.tokens_per_step, "reasons": self.reasons}
+        return {
+            "learning_rate": self.learning_rate,
+            "epochs": self.epochs,
+            "tokens_per_step": self.tokens_per_step,
+            "reasons": self.reasons,
+        }
 
 
 def default_epochs(n_examples: int) -> float:
@@ -65,11 +69,12 @@ def choose(train: TrainSection, n_examples: int, tokens: int, params: int) -> Re
     if step is None:
         step = TOKENS_PER_STEP
         if updates(tokens, epochs, step) < train.min_steps:
-            step = max(MIN_TOKENS_PER_STEP, tokens * epochs // train.min_steps)
+            step = max(MIN_TOKENS_PER_STEP, int(tokens * epochs // train.min_steps))
             reasons.append(f"{step} tokens a step, so {tokens} tokens make at least {train.min_steps} updates")
     if train.epochs is None and updates(tokens, epochs, step) < train.min_steps:
         needed = math.ceil(train.min_steps * step / max(tokens, 1))
         epochs = float(min(train.max_epochs, max(epochs, needed)))
-        reasons.append(f"{epochs:g} passes, so the data makes at least {train.min_steps} updates "
-                       f"(at most {train.max_epochs:g})")
+        reasons.append(
+            f"{epochs:g} passes, so the data makes at least {train.min_steps} updates (at most {train.max_epochs:g})"
+        )
     return Recipe(lr, epochs, step, reasons)

@@ -31,7 +31,7 @@ def last_answer(input_ids: list[int], labels: list[int]) -> tuple[list[int], lis
     start = end
     while start > 0 and labels[start - 1] != IGNORE:
         start -= 1
-    return input_ids[:start], input_ids[start: end + 1]
+    return input_ids[:start], input_ids[start : end + 1]
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def chat_text_and_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not upto.startswith(before) or not full.startswith(before):
             raise RenderError("the chat template does not render a conversation's beginning as a prefix of it")
-        turn_text = _common_prefix(upto, full)[len(before):]
+        turn_text = _common_prefix(upto, full)[len(before) :]
         content = turn["content"].strip()
         at = turn_text.find(content)
         if at < 0:
@@ -90,8 +90,9 @@ def _common_prefix(a: str, b: str) -> str:
     return a[:i]
 
 
-def render(tokenizer: Any, record: Record, max_tokens: int,
-           too_long: Literal["truncate", "reject"] = "reject") -> Example:
+def render(
+    tokenizer: Any, record: Record, max_tokens: int, too_long: Literal["truncate", "reject"] = "reject"
+) -> Example:
     if record.kind == "chat":
         text, spans = chat_text_and_spans(tokenizer, record.body["messages"])
     else:

@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import random
+import re
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import (PeftModel, get_peft_model, get_peft_model_state_dict,
-                  set_peft_model_state_dict)
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import get_cosine_schedule_with_warmup
 
@@ -133,7 +133,9 @@ def pack(examples: list[Example], micro_tokens: int) -> list[list[Example]]:
 
 
 def collate(row: list[Example], device: str) -> dict[str, Any]:
-    ids, pos, labels = [], [], []
+    ids: list[int] = []
+    pos: list[int] = []
+    labels: list[int] = []
     for ex in row:
         ids.extend(ex.input_ids)
         pos.extend(range(len(ex.input_ids)))
@@ -169,8 +171,9 @@ def plan_steps(examples: list[Example], epochs: float, tokens_per_step: int, see
     return steps
 
 
-def study_records(home: Home, snapshot: Snapshot, own: list, settings: Settings, run: RunDir,
-                  emit: Emit) -> tuple[list, dict[str, int]]:
+def study_records(
+    home: Home, snapshot: Snapshot, own: list, settings: Settings, run: RunDir, emit: Emit
+) -> tuple[list, dict[str, int]]:
     """The study stage's conversations and re-told passages for the snapshot's documents (read
     from its cache), and their counts; the held-out questions go to ``heldout.json`` for the gate.
 
@@ -181,10 +184,17 @@ def study_records(home: Home, snapshot: Snapshot, own: list, settings: Settings,
     material = study(home, snapshot, settings, emit)
     leaked = material.leaked()
     if leaked:
-        raise TrainError(f"snapshot {snapshot.id}: {len(leaked)} held-out study question(s) are in the training "
-                         f"material (first: {leaked[0]!r}); delete {home.study} to write it again")
-    asked = {_norm(m["content"]) for rec in own if rec.kind == "chat" for m in rec.body.get("messages", [])
-             if m.get("role") == "user"}
+        raise TrainError(
+            f"snapshot {snapshot.id}: {len(leaked)} held-out study question(s) are in the training "
+            f"material (first: {leaked[0]!r}); delete {home.study} to write it again"
+        )
+    asked = {
+        _norm(m["content"])
+        for rec in own
+        if rec.kind == "chat"
+        for m in rec.body.get("messages", [])
+        if m.get("role") == "user"
+    }
     heldout = material.heldout()
     dropped = 0
     for doc in heldout.values():
@@ -192,8 +202,11 @@ def study_records(home: Home, snapshot: Snapshot, own: list, settings: Settings,
         dropped += len(doc["questions"]) - len(kept)
         doc["questions"] = kept
     write_json_atomic(run.heldout, {"snapshot": snapshot.id, "documents": heldout})
-    counts = {**material.counts(), "heldout": sum(len(d["questions"]) for d in heldout.values()),
-              "heldout_in_your_data": dropped}
+    counts = {
+        **material.counts(),
+        "heldout": sum(len(d["questions"]) for d in heldout.values()),
+        "heldout_in_your_data": dropped,
+    }
     return material.records(), counts
 
 
@@ -204,8 +217,9 @@ def _norm(text: str) -> str:
 # --- model -----------------------------------------------------------------------------
 
 
-def load_trainable(base_dir: Path, settings: Settings, device: str, method: str | None = None,
-                   total_steps: int = 1) -> Any:
+def load_trainable(
+    base_dir: Path, settings: Settings, device: str, method: str | None = None, total_steps: int = 1
+) -> Any:
     """The base with what ``method`` (default: the configured one; auto means qlora here)
     trains: a peft adapter on it, or (full) every weight."""
     method = method or (settings.train.method if settings.train.method != "auto" else "qlora")
@@ -215,8 +229,9 @@ def load_trainable(base_dir: Path, settings: Settings, device: str, method: str 
         model.config.use_cache = False
         return model
     if method == "qlora":
-        model = prepare_qlora(load_causal_lm(base_dir, dtype=compute, quantization_config=nf4_config(compute),
-                                             device=device), device)
+        model = prepare_qlora(
+            load_causal_lm(base_dir, dtype=compute, quantization_config=nf4_config(compute), device=device), device
+        )
     else:
         model = load_causal_lm(base_dir, dtype=compute, device=device)
     model = get_peft_model(model, methods.peft_config(method, settings.train, total_steps))
@@ -224,8 +239,9 @@ def load_trainable(base_dir: Path, settings: Settings, device: str, method: str 
     return model
 
 
-def resolve_method(run: RunDir, base_dir: Path, settings: Settings, n_examples: int, device: str,
-                   emit: Emit) -> methods.Choice:
+def resolve_method(
+    run: RunDir, base_dir: Path, settings: Settings, n_examples: int, device: str, emit: Emit
+) -> methods.Choice:
     """The run's method, decided once and kept in ``method.json`` (a resumed run must not
     switch methods because free memory changed)."""
     saved = run.method_json
@@ -274,8 +290,9 @@ class TrainInterrupted(Exception):
     """Asked to stop (the daemon got SIGTERM): the run resumes from its last checkpoint."""
 
 
-def step_loss(model: Any, rows: list[list[Example]], device: str, backward: bool,
-              stop: Callable[[], bool] | None = None) -> tuple[float, int]:
+def step_loss(
+    model: Any, rows: list[list[Example]], device: str, backward: bool, stop: Callable[[], bool] | None = None
+) -> tuple[float, int]:
     """Token-weighted loss over the rows of one step: sum of token losses / trained tokens.
 
     Logits are computed only where a trained token is predicted (``logits_to_keep``):
@@ -315,8 +332,14 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def train_step(model: Any, examples: list[Example], state: TrainState, device: str, emit: Emit,
-               stop: Callable[[], bool] | None = None) -> float:
+def train_step(
+    model: Any,
+    examples: list[Example],
+    state: TrainState,
+    device: str,
+    emit: Emit,
+    stop: Callable[[], bool] | None = None,
+) -> float:
     """Forward/backward over one step's examples. Out of memory halves the tokens per
     forward pass (more accumulation, same effective batch) and retries the step; the
     smaller setting is kept for the rest of the run, resumes included."""
@@ -333,11 +356,18 @@ def train_step(model: Any, examples: list[Example], state: TrainState, device: s
                 torch.cuda.empty_cache()
             if all(len(row) == 1 for row in rows):
                 longest = max(len(e.input_ids) for e in examples)
-                raise TrainError(f"out of memory even with one {longest}-token example per pass; "
-                                 "lower data.max_tokens or use a smaller base") from None
+                raise TrainError(
+                    f"out of memory even with one {longest}-token example per pass; "
+                    "lower data.max_tokens or use a smaller base"
+                ) from None
             state.micro_tokens = max(1, state.micro_tokens // 2)
-            emit(Message(STAGE, f"out of memory: now {state.micro_tokens} tokens per pass, "
-                                "accumulating more passes per step", level="warning"))
+            emit(
+                Message(
+                    STAGE,
+                    f"out of memory: now {state.micro_tokens} tokens per pass, accumulating more passes per step",
+                    level="warning",
+                )
+            )
 
 
 def peak_memory_bytes(device: str) -> int:
@@ -354,10 +384,15 @@ def save_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any, sta
     with staging_dir(target) as tmp:
         weights = {k: v.detach().cpu().contiguous() for k, v in _trained_state(model).items()}
         save_file(weights, run.checkpoint_weights(tmp))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   run.checkpoint_trainer(tmp))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            run.checkpoint_trainer(tmp),
+        )
         write_json_atomic(run.checkpoint_state(tmp), asdict(state))
     for old in run.checkpoint_dirs()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -401,8 +436,15 @@ def _save_adapter(model: Any, tokenizer: Any, run: RunDir) -> None:
 # --- the run -------------------------------------------------------------------------------
 
 
-def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None = None,
-          max_steps: int | None = None, emit: Emit = ignore, stop: Callable[[], bool] | None = None) -> TrainResult:
+def train(
+    home: Home,
+    snapshot: Snapshot,
+    settings: Settings,
+    run_id: str | None = None,
+    max_steps: int | None = None,
+    emit: Emit = ignore,
+    stop: Callable[[], bool] | None = None,
+) -> TrainResult:
     """Train (or resume, or report an already finished) run on ``snapshot``.
 
     ``stop`` is polled between forward passes; when it turns true the partial step is
@@ -428,8 +470,13 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
     all_train += studied
     train_records, leaks = decontaminate(home, all_train)
     if leaks:
-        emit(Message(STAGE, f"removed {len(all_train) - len(train_records)} training example(s) holding "
-                            f"{len({leak.probe for leak in leaks})} probe question(s) (decontamination)"))
+        emit(
+            Message(
+                STAGE,
+                f"removed {len(all_train) - len(train_records)} training example(s) holding "
+                f"{len({leak.probe for leak in leaks})} probe question(s) (decontamination)",
+            )
+        )
     train_ex = render_all(tokenizer, train_records, settings, emit)
     val_ex = render_all(tokenizer, records(home, snapshot.val), settings, emit)
     if not train_ex:
@@ -446,23 +493,32 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
     model = load_trainable(base_dir, settings, device, choice.method, len(steps))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(settings.train.warmup_ratio * len(steps)),
-                                                len(steps))
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(settings.train.warmup_ratio * len(steps)), len(steps)
+    )
     state = load_checkpoint(run, model, optimizer, scheduler)
     if state is None:
-        state = TrainState(run.id, snapshot.id, len(steps),
-                           micro_tokens=settings.train.micro_tokens or MICRO_TOKENS[device])
+        state = TrainState(
+            run.id, snapshot.id, len(steps), micro_tokens=settings.train.micro_tokens or MICRO_TOKENS[device]
+        )
     elif state.snapshot != snapshot.id or state.total_steps != len(steps):
-        raise TrainError(f"run {run.id}: its checkpoints belong to snapshot {state.snapshot} with "
-                         f"{state.total_steps} steps; start a new run instead of resuming this one")
+        raise TrainError(
+            f"run {run.id}: its checkpoints belong to snapshot {state.snapshot} with "
+            f"{state.total_steps} steps; start a new run instead of resuming this one"
+        )
     else:
         state.resumed_from.append(state.step)
         emit(Message(STAGE, f"resuming run {run.id} from step {state.step} of {len(steps)}"))
 
     eval_every = settings.train.eval_every or max(1, round(len(steps) / max(1, math.ceil(epochs))))
-    emit(StageStarted(STAGE, total=len(steps),
-                      description=f"Learning from {len(train_ex)} examples"
-                                  f"{f' (+{len(general)} general)' if general else ''}, {epochs:g} epochs"))
+    emit(
+        StageStarted(
+            STAGE,
+            total=len(steps),
+            description=f"Learning from {len(train_ex)} examples"
+            f"{f' (+{len(general)} general)' if general else ''}, {epochs:g} epochs",
+        )
+    )
     model.train()
     session_start, session_first = time.monotonic(), state.step
     for index in range(state.step, len(steps)):
@@ -489,9 +545,14 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
         state.step = index + 1
         tokens = sum(len(ex.input_ids) for ex in steps[index])
         state.trained_tokens += tokens
-        point = {"step": state.step, "epoch": round(epochs * state.step / len(steps), 3), "loss": loss,
-                 "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(time.monotonic() - t0, 1e-9),
-                 "peak_memory_mb": peak_memory_bytes(device) / 2**20}
+        point = {
+            "step": state.step,
+            "epoch": round(epochs * state.step / len(steps), 3),
+            "loss": loss,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens / max(time.monotonic() - t0, 1e-9),
+            "peak_memory_mb": peak_memory_bytes(device) / 2**20,
+        }
         if state.step % eval_every == 0 or state.step == len(steps):
             _evaluate_and_select(model, tokenizer, val_ex, loss, device, run, state, point, settings)
         per_step = (time.monotonic() - session_start) / max(1, state.step - session_first)
@@ -502,32 +563,65 @@ def train(home: Home, snapshot: Snapshot, settings: Settings, run_id: str | None
             save_checkpoint(run, model, optimizer, scheduler, state, settings.train.keep_checkpoints)
         emit(Progress(STAGE, completed=state.step, total=len(steps), metrics=point))
         if state.stopped_early:
-            emit(Message(STAGE, f"stopped early at step {state.step}: validation loss has not improved "
-                                f"for {state.bad_evals} checks"))
+            emit(
+                Message(
+                    STAGE,
+                    f"stopped early at step {state.step}: validation loss has not improved "
+                    f"for {state.bad_evals} checks",
+                )
+            )
             break
 
     state.seconds += time.monotonic() - started
     best_val = state.best_score if val_ex else None
-    write_json_atomic(run.train_json, {
-        "run": run.id, "snapshot": snapshot.id, "base": settings.base.name, "device": device, "threads": threads,
-        "method": choice.method, "method_reason": choice.reason, "dora": settings.train.dora, "epochs": epochs,
-        "recipe": plan.to_dict(),
-        "steps": state.step,
-        "planned_steps": len(steps), "best_step": state.best_step, "best_val_loss": best_val,
-        "stopped_early": state.stopped_early, "resumed_from": state.resumed_from,
-        "micro_tokens": state.micro_tokens, "train_examples": len(train_ex), "general_examples": len(general),
-        "val_examples": len(val_ex), "study": study_counts, "decontaminated": [asdict(leak) for leak in leaks],
-        "train_tokens": state.trained_tokens, "seconds": state.seconds,
-        "settings": settings.train.model_dump(), "curve": state.curve,
-    })
+    write_json_atomic(
+        run.train_json,
+        {
+            "run": run.id,
+            "snapshot": snapshot.id,
+            "base": settings.base.name,
+            "device": device,
+            "threads": threads,
+            "method": choice.method,
+            "method_reason": choice.reason,
+            "dora": settings.train.dora,
+            "epochs": epochs,
+            "recipe": plan.to_dict(),
+            "steps": state.step,
+            "planned_steps": len(steps),
+            "best_step": state.best_step,
+            "best_val_loss": best_val,
+            "stopped_early": state.stopped_early,
+            "resumed_from": state.resumed_from,
+            "micro_tokens": state.micro_tokens,
+            "train_examples": len(train_ex),
+            "general_examples": len(general),
+            "val_examples": len(val_ex),
+            "study": study_counts,
+            "decontaminated": [asdict(leak) for leak in leaks],
+            "train_tokens": state.trained_tokens,
+            "seconds": state.seconds,
+            "settings": settings.train.model_dump(),
+            "curve": state.curve,
+        },
+    )
     shutil.rmtree(run.checkpoints, ignore_errors=True)  # the best adapter is kept; resuming is no longer needed
     summary = f"{state.step} steps" + (f", best validation loss {best_val:.3f}" if best_val is not None else "")
     emit(StageFinished(STAGE, seconds=state.seconds, summary=summary))
     return _finished(run)
 
 
-def _evaluate_and_select(model: Any, tokenizer: Any, val_ex: list[Example], loss: float, device: str,
-                         run: RunDir, state: TrainState, point: dict[str, float], settings: Settings) -> None:
+def _evaluate_and_select(
+    model: Any,
+    tokenizer: Any,
+    val_ex: list[Example],
+    loss: float,
+    device: str,
+    run: RunDir,
+    state: TrainState,
+    point: dict[str, float],
+    settings: Settings,
+) -> None:
     """Validation loss; keep the best adapter (not the last); count checks without improvement."""
     val = evaluate(model, val_ex, device, state.micro_tokens)
     if val is not None:
@@ -544,8 +638,25 @@ def _evaluate_and_select(model: Any, tokenizer: Any, val_ex: list[Example], loss
 
 def _finished(run: RunDir) -> TrainResult:
     info = read_json(run.train_json)
-    return TrainResult(run.id, info["snapshot"], info["steps"], info["best_val_loss"], info["train_tokens"],
-                       info["seconds"], info["curve"])
+    return TrainResult(
+        run.id,
+        info["snapshot"],
+        info["steps"],
+        info["best_val_loss"],
+        info["train_tokens"],
+        info["seconds"],
+        info["curve"],
+    )
 
 
-__all__ = ["train", "TrainInterrupted", "TrainResult", "TrainState", "pack", "collate", "plan_steps", "step_loss", "IGNORE"]
+__all__ = [
+    "train",
+    "TrainInterrupted",
+    "TrainResult",
+    "TrainState",
+    "pack",
+    "collate",
+    "plan_steps",
+    "step_loss",
+    "IGNORE",
+]

@@ -10,10 +10,9 @@ from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from appliance.contract.errors import ApplianceError
 from appliance.contract.events import Progress
-
 from tui.board import Board, message_event_text
-from tui.widgets import NavBar
 from tui.screens.base import BoardScreen
+from tui.widgets import NavBar
 
 Row = tuple[str, str, str, str]
 
@@ -33,19 +32,28 @@ def _at(entry: dict[str, Any]) -> float:
 
 
 def job_row(job: dict[str, Any]) -> Row:
-    parts = [f"stage {job['stage']}" if job.get("stage") else "",
-             f"run {job['run_id']}" if job.get("run_id") else "",
-             f"version {job['version']}" if job.get("version") else "",
-             str(job.get("error") or job.get("reason") or "")]
-    return (_time(job.get("updated") or job.get("created")), "job",
-            f"#{job.get('id', '?')} {job.get('kind', '')} {job.get('state', '')}", ", ".join(p for p in parts if p))
+    parts = [
+        f"stage {job['stage']}" if job.get("stage") else "",
+        f"run {job['run_id']}" if job.get("run_id") else "",
+        f"version {job['version']}" if job.get("version") else "",
+        str(job.get("error") or job.get("reason") or ""),
+    ]
+    return (
+        _time(job.get("updated") or job.get("created")),
+        "job",
+        f"#{job.get('id', '?')} {job.get('kind', '')} {job.get('state', '')}",
+        ", ".join(p for p in parts if p),
+    )
 
 
 def audit_row(entry: dict[str, Any]) -> Row:
     what = entry.get("what") or entry.get("action") or entry.get("event") or entry.get("kind") or "?"
-    detail = {k: v for k, v in entry.items()
-              if k not in ("at", "time", "ts", "what", "action", "event", "kind", "hash", "prev", "prev_hash",
-                           "seq", "details")}
+    detail = {
+        k: v
+        for k, v in entry.items()
+        if k
+        not in ("at", "time", "ts", "what", "action", "event", "kind", "hash", "prev", "prev_hash", "seq", "details")
+    }
     if isinstance(entry.get("details"), dict):
         detail = {**entry["details"], **detail}
     text = ", ".join(f"{k} {v}" for k, v in detail.items())
@@ -88,10 +96,13 @@ class ActivityScreen(BoardScreen):
         # Progress ticks belong to the dashboard's bar and chart; here they would bury the rest.
         timed: list[tuple[float, int, Row]] = [
             (e.at, i, (_time(e.at), "engine", f"{e.stage} {e.kind}", message_event_text(e)))
-            for i, e in enumerate(client.events()) if not isinstance(e, Progress)]
+            for i, e in enumerate(client.events())
+            if not isinstance(e, Progress)
+        ]
         timed += [(_at(e), i, audit_row(e)) for i, e in enumerate(audit)]
-        timed += [(float(j.get("updated") or j.get("created") or 0), i, job_row(j))
-                  for i, j in enumerate(client.jobs())]
+        timed += [
+            (float(j.get("updated") or j.get("created") or 0), i, job_row(j)) for i, j in enumerate(client.jobs())
+        ]
         timed.sort(key=lambda t: (t[0], t[1]), reverse=True)  # newest first
         return [row for _, _, row in timed], note
 

@@ -15,10 +15,9 @@ from textual.worker import get_current_worker
 
 from appliance.contract.errors import ApplianceError
 from appliance.contract.names import SHARED, model_id
-
 from tui.board import Board
-from tui.widgets import FormScreen, NavBar, form_end
 from tui.screens.base import BoardScreen
+from tui.widgets import FormScreen, NavBar, form_end
 
 CURRENT = model_id(SHARED)  # the shared collection's served version
 SAVED = "Saved your correction; the next training run will learn from it."
@@ -62,14 +61,17 @@ class ChatScreen(BoardScreen):
     ChatScreen #ask Button { width: 16; min-width: 16; }
     """
     # ctrl+r: a plain letter would be typed into the question box, and Input binds no ctrl+r.
-    BINDINGS = [Binding("ctrl+o", "toggle_compare", "Compare"), Binding("ctrl+r", "correct", "Wrong answer"),
-                Binding("escape", "leave_input", "Leave box", show=False)]
+    BINDINGS = [
+        Binding("ctrl+o", "toggle_compare", "Compare"),
+        Binding("ctrl+r", "correct", "Wrong answer"),
+        Binding("escape", "leave_input", "Leave box", show=False),
+    ]
 
     def __init__(self) -> None:
         super().__init__()
         self.models: list[str] = []
-        self.options: list[tuple[str, str]] = []   # (label, model id) as the picker lists them
-        self.served: dict[str, str | None] = {}    # model id -> the version it answers with, when known
+        self.options: list[tuple[str, str]] = []  # (label, model id) as the picker lists them
+        self.served: dict[str, str | None] = {}  # model id -> the version it answers with, when known
         self.answers: dict[str, str] = {}
         self.asked: dict[str, list[dict[str, str]]] = {}  # pane -> the messages its answer replies to
 
@@ -87,15 +89,20 @@ class ChatScreen(BoardScreen):
             yield AnswerPane("previous", id="right")
         with Horizontal(id="ask"):
             yield Input(placeholder="Ask a question and press Enter (escape leaves the box)", id="question")
-            yield Button("Wrong answer", id="correct", variant="warning", disabled=True,
-                         tooltip="Mark the last answer wrong and write the right one (ctrl+r)")
+            yield Button(
+                "Wrong answer",
+                id="correct",
+                variant="warning",
+                disabled=True,
+                tooltip="Mark the last answer wrong and write the right one (ctrl+r)",
+            )
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#question", Input).focus()
 
     def show_board(self, board: Board) -> None:
-        if not self.query_one("#model", Select).is_mounted:   # its own mount would reset the value chosen here
+        if not self.query_one("#model", Select).is_mounted:  # its own mount would reset the value chosen here
             self.call_after_refresh(self.show_board, board)
             return
         options = picker_options(board)
@@ -189,15 +196,21 @@ class ChatScreen(BoardScreen):
         client = self.appliance.client
         answer, messages = self.answers.get("left", ""), self.asked.get("left")
         if not messages or not answer.strip():
-            self.notify("Ask a question first; once the answer is complete you can mark it wrong.",
-                        title="Corrections", severity="warning")
+            self.notify(
+                "Ask a question first; once the answer is complete you can mark it wrong.",
+                title="Corrections",
+                severity="warning",
+            )
             return
         messages = [dict(m) for m in messages]
 
         def done(corrected: str | None) -> None:
             if corrected:
-                self.appliance.act("saving your correction", lambda: client.correct(messages, corrected),
-                                   lambda _path: self.notify(SAVED, title="Correction saved"))
+                self.appliance.act(
+                    "saving your correction",
+                    lambda: client.correct(messages, corrected),
+                    lambda _path: self.notify(SAVED, title="Correction saved"),
+                )
 
         self.app.push_screen(CorrectionScreen(messages[-1]["content"], answer), done)
 
@@ -207,7 +220,7 @@ def picker_options(board: Board) -> list[tuple[str, str]]:
     then the shared collection's versions (when the key may use the shared collection)."""
     shared_versions = [(f"{m.version}{' (served now)' if m.current else ''}", m.version) for m in board.models]
     visible = board.visible_collections()
-    if visible is None:   # an engine without collections: the shared model and its versions, as always
+    if visible is None:  # an engine without collections: the shared model and its versions, as always
         return [(f"{CURRENT} (the served version)", CURRENT)] + shared_versions
     options: list[tuple[str, str]] = []
     for c in visible:
@@ -263,4 +276,3 @@ class CorrectionScreen(FormScreen[str | None]):
             problem.update("This is still the model's answer; change it to the right one (or press escape).")
         else:
             self.dismiss(text)
-

@@ -11,8 +11,8 @@ from textual.containers import VerticalScroll
 from textual.widgets import Footer, Header, ProgressBar, Static
 
 from tui.board import Board, answered, eta_words, stored_words
-from tui.widgets import LossChart, NavBar, StageRow
 from tui.screens.base import BoardScreen
+from tui.widgets import LossChart, NavBar, StageRow
 
 
 def model_line(board: Board) -> str:
@@ -42,7 +42,8 @@ def gate_summary(gate: dict) -> str:
 def check_words(check: dict) -> str:
     name = str(check.get("name", "?")).replace("_", " ")
     value = check.get("value")
-    mark = {True: " ok", False: " FAILED"}.get(check.get("passed"), "")
+    passed = check.get("passed")
+    mark = " ok" if passed is True else " FAILED" if passed is False else ""
     if isinstance(value, dict):
         cand, cur = value.get("candidate"), value.get("current")
         if "questions" in value and cand is not None:
@@ -67,8 +68,11 @@ class DashboardScreen(BoardScreen):
     DashboardScreen #facts { padding: 0 1; height: auto; margin-top: 1; }
     DashboardScreen LossChart { padding: 0 1; margin-top: 1; }
     """
-    BINDINGS = [Binding("n", "app.ingest", "Ingest now"), Binding("t", "app.retrain", "Retrain"),
-                Binding("w", "app.toggle_watching", "Pause/resume")]
+    BINDINGS = [
+        Binding("n", "app.ingest", "Ingest now"),
+        Binding("t", "app.retrain", "Retrain"),
+        Binding("w", "app.toggle_watching", "Pause/resume"),
+    ]
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -88,7 +92,7 @@ class DashboardScreen(BoardScreen):
         p = board.progress
         running = p is not None and not p.finished
         bar.display = running  # an idle appliance shows no bar (an empty one would pulse as if busy)
-        if running and p.total:
+        if p is not None and running and p.total:
             bar.update(total=p.total, progress=p.completed)
         elif running:
             bar.update(total=None)  # a stage that cannot count its work: the bar pulses
@@ -103,11 +107,13 @@ class DashboardScreen(BoardScreen):
             return "?" if value is None else str(value)
 
         inbox = board.inbox
-        lines = [f"Inbox: {n(inbox.get('new'))} new · {stored_words(inbox.get('ingested'), inbox.get('unlearned'))} · "
-                 f"{n(inbox.get('quarantined'))} quarantined" +
-                 (f" · {inbox['files']} file(s) in the folder" if inbox.get("files") is not None else ""),
-                 model_line(board),
-                 f"Endpoint: {board.endpoint} — {board.health}"]
+        lines = [
+            f"Inbox: {n(inbox.get('new'))} new · {stored_words(inbox.get('ingested'), inbox.get('unlearned'))} · "
+            f"{n(inbox.get('quarantined'))} quarantined"
+            + (f" · {inbox['files']} file(s) in the folder" if inbox.get("files") is not None else ""),
+            model_line(board),
+            f"Endpoint: {board.endpoint} — {board.health}",
+        ]
         lines = [escape(line) for line in lines]
         p = board.progress
         if p is not None and not p.finished and (left := eta_words(p.eta_seconds())):

@@ -13,14 +13,12 @@ from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import DataTable, Footer, Header, Static
 
-from appliance.contract.errors import ApplianceError
-
 from appliance.contract.api import KNOWN_RECALL, Document, QuarantinedFile
-
+from appliance.contract.errors import ApplianceError
 from tui.board import Board
 from tui.client import Client
-from tui.widgets import CollectionBar, ConfirmScreen, NavBar
 from tui.screens.base import CollectionScreen
+from tui.widgets import CollectionBar, ConfirmScreen, NavBar
 
 
 def fill(table: DataTable, rows: list[tuple[str, ...]]) -> None:
@@ -63,7 +61,7 @@ class DataScreen(CollectionScreen):
         self.advice: list[dict[str, str]] | None = None
         self._advised: tuple[Any, ...] | None = None  # the data state the advice shown was read for
         self._advice_lock = asyncio.Lock()  # two reads finishing together must not interleave their redraws
-        self._shown_collection = ""         # the collection the tables hold
+        self._shown_collection = ""  # the collection the tables hold
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -87,7 +85,7 @@ class DataScreen(CollectionScreen):
 
     def show_board(self, board: Board) -> None:
         self.show_collections(board)
-        if self._shown_collection != self.collection:   # another collection: nothing of the last one stays shown
+        if self._shown_collection != self.collection:  # another collection: nothing of the last one stays shown
             self._shown_collection = self.collection
             self.documents = []
             fill(self.query_one("#sources", DataTable), [])
@@ -100,15 +98,19 @@ class DataScreen(CollectionScreen):
             docs, records, files = ("?" if row[k] is None else row[k] for k in ("documents", "records", "inbox_files"))
             self.query_one("#summary", Static).update(
                 f"The {row['display']} model learns from {docs} document(s), {records} record(s). "
-                f"{files} file(s) in its inbox folder ({where}). Press n to read the inbox now.")
+                f"{files} file(s) in its inbox folder ({where}). Press n to read the inbox now."
+            )
         elif s is not None:
             formats = ""
             report = self.appliance.client.last_ingest
             if report and report.get("formats"):
-                formats = " Formats in the last ingest: " + ", ".join(f"{k} {v}" for k, v in report["formats"].items()) + "."
+                formats = (
+                    " Formats in the last ingest: " + ", ".join(f"{k} {v}" for k, v in report["formats"].items()) + "."
+                )
             self.query_one("#summary", Static).update(
                 f"The model learns from {s.documents} document(s), {s.records} record(s). "
-                f"{s.inbox_files} file(s) in the inbox folder ({s.home / 'inbox'}).{formats} Press n to read the inbox now.")
+                f"{s.inbox_files} file(s) in the inbox folder ({s.home / 'inbox'}).{formats} Press n to read the inbox now."
+            )
         self.read("reading the data lists", self._lists, self._show_lists)
         self.refresh_advice(board)
 
@@ -121,8 +123,21 @@ class DataScreen(CollectionScreen):
         it reads the whole snapshot."""
         s = board.status
         row = self.collection_row() or {}
-        key = (s.documents, s.records, s.versions, s.current, self.appliance.client.ingests, self.collection,
-               row.get("documents"), row.get("records"), row.get("current")) if s else None
+        key = (
+            (
+                s.documents,
+                s.records,
+                s.versions,
+                s.current,
+                self.appliance.client.ingests,
+                self.collection,
+                row.get("documents"),
+                row.get("records"),
+                row.get("current"),
+            )
+            if s
+            else None
+        )
         if key is not None and key == self._advised:
             return
         self._advised = key
@@ -155,9 +170,14 @@ class DataScreen(CollectionScreen):
             await box.mount(Static("No advice: nothing to warn about.", classes="advice-ok"))
             return
         # Warnings first (the client sorts them), each on its own line with a sign that needs no colour.
-        await box.mount_all(Static(("⚠ " if a["level"] == "warning" else "✓ ") + a["message"], markup=False,
-                                   classes="advice-warning" if a["level"] == "warning" else "advice-ok")
-                            for a in advice)
+        await box.mount_all(
+            Static(
+                ("⚠ " if a["level"] == "warning" else "✓ ") + a["message"],
+                markup=False,
+                classes="advice-warning" if a["level"] == "warning" else "advice-ok",
+            )
+            for a in advice
+        )
 
     @staticmethod
     def _lists(client: Client) -> tuple[list[Document], list[QuarantinedFile]]:
@@ -166,22 +186,39 @@ class DataScreen(CollectionScreen):
     def _show_lists(self, lists: tuple[list[Document], list[QuarantinedFile]]) -> None:
         sources, quarantined = lists
         self.documents = list(sources)
-        fill(self.query_one("#sources", DataTable),
-             [(d.path, d.format or "-", str(d.records), "yes" if d.learned else "not yet", *knowledge(d))
-              for d in sources])
+        fill(
+            self.query_one("#sources", DataTable),
+            [
+                (d.path, d.format or "-", str(d.records), "yes" if d.learned else "not yet", *knowledge(d))
+                for d in sources
+            ],
+        )
         waiting = sum(not d.learned for d in sources)
         unknown = sum(d.unknown for d in sources)
         self.query_one("#sources-note", Static).update(
-            ("No documents read yet." if not sources else
-             "The served version learned every document." if not waiting else
-             f"{waiting} document(s) stored, not yet learned: the next trained and promoted version learns them.")
-            + (f" ⚠ The model does not know the facts of {unknown} document(s) yet (recall under "
-               f"{KNOWN_RECALL:.0%} on questions it never trained on)." if unknown else ""))
-        fill(self.query_one("#quarantine", DataTable), [(q.file, "; ".join(q.reasons) or "no reason recorded")
-                                                        for q in quarantined])
+            (
+                "No documents read yet."
+                if not sources
+                else "The served version learned every document."
+                if not waiting
+                else f"{waiting} document(s) stored, not yet learned: the next trained and promoted version learns them."
+            )
+            + (
+                f" ⚠ The model does not know the facts of {unknown} document(s) yet (recall under "
+                f"{KNOWN_RECALL:.0%} on questions it never trained on)."
+                if unknown
+                else ""
+            )
+        )
+        fill(
+            self.query_one("#quarantine", DataTable),
+            [(q.file, "; ".join(q.reasons) or "no reason recorded") for q in quarantined],
+        )
         self.query_one("#quarantine-note", Static).update(
-            "Nothing quarantined." if not quarantined else
-            "Fix the file and drop it into the inbox again; the reasons say what was wrong.")
+            "Nothing quarantined."
+            if not quarantined
+            else "Fix the file and drop it into the inbox again; the reasons say what was wrong."
+        )
 
     def action_forget(self) -> None:
         client = self.appliance.client
@@ -192,16 +229,20 @@ class DataScreen(CollectionScreen):
         doc = self.documents[table.cursor_row]
         name, target = doc.path, doc.sha256
         chosen, row = self.collection, self.collection_row()
-        consequence = (f"Everything the appliance holds from {name} is deleted: its records, any quarantined copy "
-                       f"and the training files of runs that used it. The model is retrained without it, and every "
-                       f"version trained on it is retired and deleted, so no rollback can bring it back. "
-                       f"This cannot be undone.")
+        consequence = (
+            f"Everything the appliance holds from {name} is deleted: its records, any quarantined copy "
+            f"and the training files of runs that used it. The model is retrained without it, and every "
+            f"version trained on it is retired and deleted, so no rollback can bring it back. "
+            f"This cannot be undone."
+        )
 
         def done(yes: bool | None) -> None:
             if yes:
-                self.appliance.act(f"forgetting {name}", lambda: client.scoped(chosen).forget(target),
-                                   lambda _: self.notify(f"{name} is forgotten; retraining without it is queued.",
-                                                         title="Forgotten"))
+                self.appliance.act(
+                    f"forgetting {name}",
+                    lambda: client.scoped(chosen).forget(target),
+                    lambda _: self.notify(f"{name} is forgotten; retraining without it is queued.", title="Forgotten"),
+                )
 
         where = f" from the {row['display']} collection" if chosen and row else ""
         self.app.push_screen(ConfirmScreen(f"Forget {name}{where}?", consequence, "Forget"), done)

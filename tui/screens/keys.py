@@ -17,18 +17,21 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Select, Static
 
 from appliance.contract.names import ROLES, display
-
 from tui.board import Board, parse_collections
-from tui.widgets import ConfirmScreen, FormScreen, NavBar, form_end
 from tui.screens.base import BoardScreen
 from tui.screens.data import fill
+from tui.widgets import ConfirmScreen, FormScreen, NavBar, form_end
 
-ROLE_WORDS = {"chat": "chat: ask the models of its collections",
-              "contributor": "contributor: chat, and add documents",
-              "approver": "approver: contribute, and approve or promote versions",
-              "admin": "admin: everything, keys included"}
-ONCE = ("This is the only time the secret is shown: the appliance keeps only its hash and cannot show it again. "
-        "Copy it now and hand it to its holder; if it is lost, revoke the key and add a new one.")
+ROLE_WORDS = {
+    "chat": "chat: ask the models of its collections",
+    "contributor": "contributor: chat, and add documents",
+    "approver": "approver: contribute, and approve or promote versions",
+    "admin": "admin: everything, keys included",
+}
+ONCE = (
+    "This is the only time the secret is shown: the appliance keeps only its hash and cannot show it again. "
+    "Copy it now and hand it to its holder; if it is lost, revoke the key and add a new one."
+)
 
 
 def when(value: Any) -> str:
@@ -78,13 +81,24 @@ class KeysScreen(BoardScreen):
 
     def show_keys(self, keys: list[dict[str, Any]]) -> None:
         self.keys = list(keys)
-        fill(self.query_one(DataTable), [(str(k.get("name", "?")), str(k.get("role", "?")),
-                                          collections_words(k.get("collections")), when(k.get("created")),
-                                          when(k.get("revoked"))) for k in self.keys])
+        fill(
+            self.query_one(DataTable),
+            [
+                (
+                    str(k.get("name", "?")),
+                    str(k.get("role", "?")),
+                    collections_words(k.get("collections")),
+                    when(k.get("created")),
+                    when(k.get("revoked")),
+                )
+                for k in self.keys
+            ],
+        )
         active = sum(1 for k in self.keys if not k.get("revoked"))
         self.query_one("#keys-note", Static).update(
             f"{active} active key(s) of {len(self.keys)}. A key reaches only its collections' models; any other "
-            f"model id is 'not found' to it. n adds a key, x revokes the selected one.")
+            f"model id is 'not found' to it. n adds a key, x revokes the selected one."
+        )
 
     def selected(self) -> dict[str, Any] | None:
         table = self.query_one(DataTable)
@@ -98,8 +112,11 @@ class KeysScreen(BoardScreen):
                 return
             name, role, collections = form
             # The secret goes straight from the engine's answer into the dialog and is kept nowhere else.
-            self.appliance.act(f"adding the key {name}", lambda: self.appliance.client.add_key(name, role, collections),
-                               lambda secret: self.app.push_screen(SecretScreen(name, role, collections, secret)))
+            self.appliance.act(
+                f"adding the key {name}",
+                lambda: self.appliance.client.add_key(name, role, collections),
+                lambda secret: self.app.push_screen(SecretScreen(name, role, collections, secret)),
+            )
 
         self.app.push_screen(AddKeyScreen(), chosen)
 
@@ -112,24 +129,33 @@ class KeysScreen(BoardScreen):
         if key.get("revoked"):
             self.notify(f"The key {name} is already revoked.")
             return
-        consequence = (f"Every request and command with the key {name} ({key.get('role')}, collections: "
-                       f"{collections_words(key.get('collections'))}) is refused from the next one on. "
-                       f"This cannot be undone; add a new key to give access again.")
+        consequence = (
+            f"Every request and command with the key {name} ({key.get('role')}, collections: "
+            f"{collections_words(key.get('collections'))}) is refused from the next one on. "
+            f"This cannot be undone; add a new key to give access again."
+        )
 
         def done(yes: bool | None) -> None:
             if yes:
-                self.appliance.act(f"revoking the key {name}", lambda: self.appliance.client.revoke_key(name),
-                                   lambda _: self.notify(f"The key {name} is revoked.", title="Keys"))
+                self.appliance.act(
+                    f"revoking the key {name}",
+                    lambda: self.appliance.client.revoke_key(name),
+                    lambda _: self.notify(f"The key {name} is revoked.", title="Keys"),
+                )
 
         self.app.push_screen(ConfirmScreen(f"Revoke the key {name}?", consequence, "Revoke"), done)
 
 
 def not_admin_words(identity: dict[str, Any] | None) -> str:
     if identity is None:
-        return ("Managing keys needs an admin key, and this engine does not say which key this window uses. "
-                "Use 'appliance keys list' with an admin key.")
-    return (f"Managing keys needs an admin key; this window uses the key {identity.get('name')} "
-            f"({identity.get('role')}). Start it with an admin key in APPLIANCE_API_KEY, or ask an admin.")
+        return (
+            "Managing keys needs an admin key, and this engine does not say which key this window uses. "
+            "Use 'appliance keys list' with an admin key."
+        )
+    return (
+        f"Managing keys needs an admin key; this window uses the key {identity.get('name')} "
+        f"({identity.get('role')}). Start it with an admin key in APPLIANCE_API_KEY, or ask an admin."
+    )
 
 
 class AddKeyScreen(FormScreen[tuple[str, str, list[str] | None] | None]):
@@ -151,8 +177,9 @@ class AddKeyScreen(FormScreen[tuple[str, str, list[str] | None] | None]):
             yield Static("Add a key", classes="title")
             yield Input(placeholder="name (who holds it, e.g. dr-lee)", id="key-name")
             yield Select([(ROLE_WORDS[r], r) for r in ROLES], value="chat", allow_blank=False, id="key-role")
-            yield Input(placeholder="collections: a, b/c (empty: all; 'shared': the inbox's top level)",
-                        id="key-collections")
+            yield Input(
+                placeholder="collections: a, b/c (empty: all; 'shared': the inbox's top level)", id="key-collections"
+            )
             yield from form_end("Add")
         yield Footer()
 
@@ -177,7 +204,6 @@ class AddKeyScreen(FormScreen[tuple[str, str, list[str] | None] | None]):
         self.dismiss((name, role, parse_collections(self.query_one("#key-collections", Input).value)))
 
 
-
 class SecretScreen(ModalScreen[None]):
     """The new key's secret, once. Closing forgets it: nothing in the window holds it afterwards."""
 
@@ -198,8 +224,11 @@ class SecretScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(f"The key {self.key_name} is added ({self.role}; collections: "
-                        f"{collections_words(self.collections)}). Its secret:", markup=False)
+            yield Label(
+                f"The key {self.key_name} is added ({self.role}; collections: "
+                f"{collections_words(self.collections)}). Its secret:",
+                markup=False,
+            )
             yield Static(self.secret, id="secret", markup=False)
             yield Static(ONCE, id="once")
             with Horizontal():

@@ -19,12 +19,14 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Header, Input, Label, Static
 
 from tui.board import Board
-from tui.widgets import ConfirmScreen, NavBar
 from tui.screens.base import BoardScreen
+from tui.widgets import ConfirmScreen, NavBar
 
 REFRESH_SECONDS = 3.0  # the queue changes only when a job finishes its gate or someone votes
-EMPTY = ("No candidate is waiting for review. With promotion = \"review\" in the [gate] section of "
-         "config.toml, a candidate that passes the automatic gate waits here for people to approve it.")
+EMPTY = (
+    'No candidate is waiting for review. With promotion = "review" in the [gate] section of '
+    "config.toml, a candidate that passes the automatic gate waits here for people to approve it."
+)
 
 
 class ReviewScreen(BoardScreen):
@@ -36,18 +38,23 @@ class ReviewScreen(BoardScreen):
     ReviewScreen #answers > VerticalScroll.-preferred { border: double $accent; }
     ReviewScreen #hint { height: auto; padding: 0 1; color: $text-muted; }
     """
-    BINDINGS = [Binding("left", "item(-1)", "Prev question"), Binding("right", "item(1)", "Next question"),
-                Binding("1", "prefer('a')", "Prefer A"), Binding("2", "prefer('b')", "Prefer B"),
-                Binding("y", "vote(True)", "Approve"), Binding("x", "vote(False)", "Reject"),
-                Binding("n", "next_candidate", "Next candidate")]
+    BINDINGS = [
+        Binding("left", "item(-1)", "Prev question"),
+        Binding("right", "item(1)", "Next question"),
+        Binding("1", "prefer('a')", "Prefer A"),
+        Binding("2", "prefer('b')", "Prefer B"),
+        Binding("y", "vote(True)", "Approve"),
+        Binding("x", "vote(False)", "Reject"),
+        Binding("n", "next_candidate", "Next candidate"),
+    ]
 
     def __init__(self) -> None:
         super().__init__()
-        self.entries: list[dict[str, Any]] = []      # waiting candidates, as the engine lists them
-        self.position = 0                            # which candidate is shown
-        self.item = 0                                # which of its questions
-        self.preferences: dict[str, dict[int, str]] = {}   # run -> item -> "a" | "b" (this reviewer's)
-        self.results: dict[str, dict[str, Any]] = {}       # run -> the engine's answer to this reviewer's vote
+        self.entries: list[dict[str, Any]] = []  # waiting candidates, as the engine lists them
+        self.position = 0  # which candidate is shown
+        self.item = 0  # which of its questions
+        self.preferences: dict[str, dict[int, str]] = {}  # run -> item -> "a" | "b" (this reviewer's)
+        self.results: dict[str, dict[str, Any]] = {}  # run -> the engine's answer to this reviewer's vote
         self._read_at = 0.0
 
     def compose(self) -> ComposeResult:
@@ -114,13 +121,23 @@ class ReviewScreen(BoardScreen):
         items = entry.get("items") or []
         self.item = max(0, min(self.item, len(items) - 1))
         result = self.results.get(entry["run"])
-        state = (f"you voted: {result['state']} ({result['approvals']}/{result['approvals_needed']} approvals, "
-                 f"job {result['job_state']}, serving {result.get('current') or '-'})" if result else
-                 "you voted" if entry.get("voted") else "not voted yet")
-        stale = (" · another model was promoted since these answers were made: reject it" if entry.get("stale")
-                 and not result else "")
-        queue.update(f"Candidate {self.position + 1} of {len(self.entries)}: run {entry['run']} "
-                     f"(job {entry['job']}) · {entry.get('approvals', 0)}/{entry.get('approvals_needed', '?')} approvals · {state}{stale}")
+        state = (
+            f"you voted: {result['state']} ({result['approvals']}/{result['approvals_needed']} approvals, "
+            f"job {result['job_state']}, serving {result.get('current') or '-'})"
+            if result
+            else "you voted"
+            if entry.get("voted")
+            else "not voted yet"
+        )
+        stale = (
+            " · another model was promoted since these answers were made: reject it"
+            if entry.get("stale") and not result
+            else ""
+        )
+        queue.update(
+            f"Candidate {self.position + 1} of {len(self.entries)}: run {entry['run']} "
+            f"(job {entry['job']}) · {entry.get('approvals', 0)}/{entry.get('approvals_needed', '?')} approvals · {state}{stale}"
+        )
         if not items:
             question.update("This review has no questions.")
             self._answers("", "", "A", "B", None)
@@ -132,8 +149,13 @@ class ReviewScreen(BoardScreen):
         names = next((r for r in revealed or [] if r.get("index") == item["index"]), None)
         title_a = f"A = {names['a']} ({names['a_is']})" if names else "A"
         title_b = f"B = {names['b']} ({names['b_is']})" if names else "B"
-        self._answers(item["answer_a"], item["answer_b"], title_a, title_b,
-                      self.preferences.get(entry["run"], {}).get(item["index"]))
+        self._answers(
+            item["answer_a"],
+            item["answer_b"],
+            title_a,
+            title_b,
+            self.preferences.get(entry["run"], {}).get(item["index"]),
+        )
 
     def _answers(self, a: str, b: str, title_a: str, title_b: str, preferred: str | None) -> None:
         for side, text, title in (("a", a, title_a), ("b", b, title_b)):
@@ -186,30 +208,46 @@ class ReviewScreen(BoardScreen):
         def confirmed(comment: str, yes: bool | None) -> None:
             if yes:
                 prefs = dict(self.preferences.get(run, {}))
-                self.appliance.act(f"recording your vote on run {run}",
-                                   lambda: self.appliance.client.vote(run, approve, comment, prefs),
-                                   lambda result: self.voted(entry, result))
+                self.appliance.act(
+                    f"recording your vote on run {run}",
+                    lambda: self.appliance.client.vote(run, approve, comment, prefs),
+                    lambda result: self.voted(entry, result),
+                )
 
         def commented(comment: str | None) -> None:
             if comment is None:
                 return
             left = max(0, int(entry.get("approvals_needed") or 1) - int(entry.get("approvals") or 0))
-            consequence = (("This is the last approval needed: the candidate is promoted and the endpoint serves "
-                            "it instead of the current model (you can roll back from Models)." if left <= 1 else
-                            f"{left - 1} more approval(s) are needed after yours before it is promoted.")
-                           if approve else
-                           "The candidate is refused and the current model keeps serving.")
-            self.app.push_screen(ConfirmScreen(f"{verb} run {run}?", consequence + " Your vote, your user name and "
-                                               "your comment go into the audit log.", verb),
-                                 lambda yes: confirmed(comment, yes))
+            consequence = (
+                (
+                    "This is the last approval needed: the candidate is promoted and the endpoint serves "
+                    "it instead of the current model (you can roll back from Models)."
+                    if left <= 1
+                    else f"{left - 1} more approval(s) are needed after yours before it is promoted."
+                )
+                if approve
+                else "The candidate is refused and the current model keeps serving."
+            )
+            self.app.push_screen(
+                ConfirmScreen(
+                    f"{verb} run {run}?",
+                    consequence + " Your vote, your user name and your comment go into the audit log.",
+                    verb,
+                ),
+                lambda yes: confirmed(comment, yes),
+            )
 
         self.app.push_screen(CommentScreen(run, approve), commented)
 
     def voted(self, entry: dict[str, Any], result: dict[str, Any]) -> None:
         self.results[entry["run"]] = result
-        words = {"approved": "approved and promoted", "rejected": "rejected; the current model keeps serving",
-                 "pending": "recorded; more approvals are needed"}
-        self.notify(f"Run {entry['run']}: {words.get(result.get('state'), result.get('state'))}.", title="Vote")
+        words = {
+            "approved": "approved and promoted",
+            "rejected": "rejected; the current model keeps serving",
+            "pending": "recorded; more approvals are needed",
+        }
+        state = str(result.get("state"))
+        self.notify(f"Run {entry['run']}: {words.get(state, state)}.", title="Vote")
         self.render_entry()
         self.refresh_queue()
 
@@ -233,8 +271,10 @@ class CommentScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(f"{'Approve' if self.approve else 'Reject'} run {self.run}: "
-                        + ("a comment (optional)" if self.approve else "why? (required)"))
+            yield Label(
+                f"{'Approve' if self.approve else 'Reject'} run {self.run}: "
+                + ("a comment (optional)" if self.approve else "why? (required)")
+            )
             yield Input(placeholder="Enter to continue, escape to cancel", id="comment")
             yield Static("", id="problem")
             with Horizontal():

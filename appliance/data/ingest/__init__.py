@@ -18,26 +18,27 @@ import stat
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
-from appliance.home.config import DataSection, Settings, load
 from appliance.contract.events import Emit, Message, Progress, StageFinished, StageStarted, ignore
-from appliance.home.catalog import of_path, problem
-from appliance.home.fsutil import sha256_file, write_text_atomic
-from appliance.home.paths import Home
-from appliance.data.watch import is_temporary, list_inbox
 from appliance.data.ingest import chat_jsonl, csv_pairs, pdf, text, word
 from appliance.data.ingest.parsed import FileError, Parsed, first_line
 from appliance.data.ingest.quarantine import display_name, quarantine
 from appliance.data.ingest.records import Record
 from appliance.data.ingest.store import FileState, Store
 from appliance.data.ingest.tokens import BaseTokenizer, chunk_shape
+from appliance.data.watch import is_temporary, list_inbox
+from appliance.home.catalog import of_path, problem
+from appliance.home.config import DataSection, Settings, load
+from appliance.home.fsutil import sha256_file, write_text_atomic
+from appliance.home.paths import Home
 
 STAGE = "ingest"
 PARSERS: dict[str, Callable[[Path, DataSection], Parsed]] = {
-    suffix: module.parse for module in (chat_jsonl, csv_pairs, text, pdf, word) for suffix in module.SUFFIXES}
+    suffix: module.parse for module in (chat_jsonl, csv_pairs, text, pdf, word) for suffix in module.SUFFIXES
+}
 LINE_ORIENTED = {".jsonl", ".csv", ".tsv"}  # read a line at a time, so no limit on the whole file
 TEXT_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".txt", ".md", ".markdown"}
 SNIFF_BYTES = 8192
@@ -58,22 +59,22 @@ class Note:
 
 @dataclass
 class IngestReport:
-    accepted: int = 0          # new records stored
-    duplicates: int = 0        # records already in the store, or repeated within a file
-    files: int = 0             # files read and stored this time
-    unchanged: int = 0         # files skipped: same size, mtime and inode as when last read
-    duplicate_files: int = 0   # files whose exact bytes were already stored (a copy, a change undone)
-    ignored: int = 0           # editor temp files, hidden files, partial downloads
-    vanished: int = 0          # gone between being listed and being read
-    skipped: int = 0           # invalid lines dropped from files that were kept
-    truncated: int = 0         # kept examples longer than data.max_tokens; training cuts them
-    tokens: int = 0            # tokens in the records stored (counted when a base tokenizer is there)
-    formats: dict[str, int] = field(default_factory=dict)       # records per format in the files stored
-    superseded: list[str] = field(default_factory=list)         # files whose earlier version was replaced
-    skipped_lines: list[str] = field(default_factory=list)      # "file: line N: reason" (first 100 a file)
+    accepted: int = 0  # new records stored
+    duplicates: int = 0  # records already in the store, or repeated within a file
+    files: int = 0  # files read and stored this time
+    unchanged: int = 0  # files skipped: same size, mtime and inode as when last read
+    duplicate_files: int = 0  # files whose exact bytes were already stored (a copy, a change undone)
+    ignored: int = 0  # editor temp files, hidden files, partial downloads
+    vanished: int = 0  # gone between being listed and being read
+    skipped: int = 0  # invalid lines dropped from files that were kept
+    truncated: int = 0  # kept examples longer than data.max_tokens; training cuts them
+    tokens: int = 0  # tokens in the records stored (counted when a base tokenizer is there)
+    formats: dict[str, int] = field(default_factory=dict)  # records per format in the files stored
+    superseded: list[str] = field(default_factory=list)  # files whose earlier version was replaced
+    skipped_lines: list[str] = field(default_factory=list)  # "file: line N: reason" (first 100 a file)
     quarantined: list[Quarantined] = field(default_factory=list)
-    waiting: list[Note] = field(default_factory=list)           # left in the inbox for a later ingest
-    failed: list[Note] = field(default_factory=list)            # unexpected errors; the file stays put
+    waiting: list[Note] = field(default_factory=list)  # left in the inbox for a later ingest
+    failed: list[Note] = field(default_factory=list)  # unexpected errors; the file stays put
     collections: dict[str, dict] = field(default_factory=dict)  # per collection: accepted, files, quarantined
 
     def to_dict(self) -> dict:
@@ -93,8 +94,9 @@ def ingest(home: Home, emit: Emit = ignore, settings: Settings | None = None) ->
         return ingestors.run(paths, ignored, only=home.collection or None)
 
 
-def ingest_paths(home: Home, paths: Sequence[Path], emit: Emit = ignore,
-                 settings: Settings | None = None) -> IngestReport:
+def ingest_paths(
+    home: Home, paths: Sequence[Path], emit: Emit = ignore, settings: Settings | None = None
+) -> IngestReport:
     """Ingest just these inbox paths (the ones a watcher found stable)."""
     with Ingestors(home, settings, emit) as ingestors:
         return ingestors.run(paths, only=home.collection or None)
@@ -128,13 +130,13 @@ class Ingestors:
         self._by: dict[str, Ingestor] = {}
         self._tokens: BaseTokenizer | None = None
 
-    def __enter__(self) -> "Ingestors":
+    def __enter__(self) -> Ingestors:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def get(self, collection: str) -> "Ingestor":
+    def get(self, collection: str) -> Ingestor:
         if collection not in self._by:
             if self._tokens is None:
                 self._tokens = BaseTokenizer(self.home.base(self.settings.base.name))
@@ -165,8 +167,18 @@ def combine(reports: dict[str, IngestReport]) -> IngestReport:
     total = IngestReport()
     for collection, report in reports.items():
         prefix = f"{collection}/" if collection else ""
-        for name in ("accepted", "duplicates", "files", "unchanged", "duplicate_files", "ignored", "vanished",
-                     "skipped", "truncated", "tokens"):
+        for name in (
+            "accepted",
+            "duplicates",
+            "files",
+            "unchanged",
+            "duplicate_files",
+            "ignored",
+            "vanished",
+            "skipped",
+            "truncated",
+            "tokens",
+        ):
             setattr(total, name, getattr(total, name) + getattr(report, name))
         for fmt, n in report.formats.items():
             total.formats[fmt] = total.formats.get(fmt, 0) + n
@@ -176,8 +188,11 @@ def combine(reports: dict[str, IngestReport]) -> IngestReport:
         total.waiting += [Note(prefix + n.file, n.reason) for n in report.waiting]
         total.failed += [Note(prefix + n.file, n.reason) for n in report.failed]
         if collection or len(reports) > 1:
-            total.collections[collection] = {"accepted": report.accepted, "files": report.files,
-                                             "quarantined": len(report.quarantined)}
+            total.collections[collection] = {
+                "accepted": report.accepted,
+                "files": report.files,
+                "quarantined": len(report.quarantined),
+            }
     return total
 
 
@@ -189,8 +204,9 @@ class Ingestor:
     otherwise be paid on every file).
     """
 
-    def __init__(self, home: Home, settings: Settings | None = None, emit: Emit = ignore,
-                 tokens: BaseTokenizer | None = None):
+    def __init__(
+        self, home: Home, settings: Settings | None = None, emit: Emit = ignore, tokens: BaseTokenizer | None = None
+    ):
         self.home = home
         self.inbox = os.fspath(home.inbox) + os.sep
         self.settings = settings or load(home.config)
@@ -199,7 +215,7 @@ class Ingestor:
         self._store: Store | None = None
         self._lock = threading.Lock()
 
-    def __enter__(self) -> "Ingestor":
+    def __enter__(self) -> Ingestor:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -248,15 +264,20 @@ class _Batch:
             self.one(path)
         except Exception as exc:  # noqa: BLE001  (R5: one file never stops the others)
             shown = display_name(os.path.relpath(path, self.ingestor.home.inbox))
-            self.report.failed.append(Note(shown, f"unexpected error while ingesting it ({type(exc).__name__}: "
-                                                  f"{first_line(exc)}); it stays in the inbox"))
+            self.report.failed.append(
+                Note(
+                    shown,
+                    f"unexpected error while ingesting it ({type(exc).__name__}: "
+                    f"{first_line(exc)}); it stays in the inbox",
+                )
+            )
             self._say(f"{shown}: unexpected error: {exc}", "error")
 
     def one(self, path: Path) -> None:
         full = os.fspath(path)
         if not full.startswith(self.ingestor.inbox):
             return  # not ours
-        rel = full[len(self.ingestor.inbox):]
+        rel = full[len(self.ingestor.inbox) :]
         if "/" in rel:
             return  # a sub-folder is another collection (Ingestors routes each path to its own)
         if any(is_temporary(part) for part in rel.split("/")):
@@ -331,8 +352,11 @@ class _Batch:
             report.formats[fmt] = report.formats.get(fmt, 0) + n
         self._stored(rel, added.superseded)
         if parsed.error_count:
-            self._say(f"{rel}: kept {len(parsed.records)} record(s), skipped {parsed.error_count} "
-                      f"(first: {parsed.errors[0]})", "warning")
+            self._say(
+                f"{rel}: kept {len(parsed.records)} record(s), skipped {parsed.error_count} "
+                f"(first: {parsed.errors[0]})",
+                "warning",
+            )
 
     def refuse(self, path: Path, rel: str, reasons: list[str]) -> None:
         shown = display_name(rel)
@@ -349,8 +373,12 @@ class _Batch:
     def _chunked(self, rel: str, parsed: Parsed) -> Parsed | None:
         tokens = self.ingestor.tokens
         if not tokens.available:
-            self.report.waiting.append(Note(rel, f"documents are cut into chunks by the base model's tokenizer, "
-                                                 f"and there is none: {tokens.problem}"))
+            self.report.waiting.append(
+                Note(
+                    rel,
+                    f"documents are cut into chunks by the base model's tokenizer, and there is none: {tokens.problem}",
+                )
+            )
             return None
         size, overlap = chunk_shape(self.data.chunk_tokens, self.data.chunk_overlap, self.data.max_tokens)
         parsed.tokens = []
@@ -368,8 +396,9 @@ class _Batch:
             if n is None:
                 parsed.reject(line, "the base model's chat template cannot render this conversation")
             elif n > limit and reject:
-                parsed.reject(line, f"{n} tokens, longer than the {limit}-token training context "
-                                    "(data.too_long = reject)")
+                parsed.reject(
+                    line, f"{n} tokens, longer than the {limit}-token training context (data.too_long = reject)"
+                )
             else:
                 self.report.truncated += n > limit
                 kept.append((record, line, n))
@@ -398,8 +427,10 @@ def _refusal(rel: str, st: os.stat_result, data: DataSection) -> str | None:
     if st.st_size == 0:
         return "the file is empty (0 bytes)"
     if suffix not in LINE_ORIENTED and st.st_size > data.max_file_bytes:
-        return (f"it is {st.st_size:,} bytes, more than the {data.max_file_bytes:,}-byte limit for a file read "
-                "whole (data.max_file_bytes)")
+        return (
+            f"it is {st.st_size:,} bytes, more than the {data.max_file_bytes:,}-byte limit for a file read "
+            "whole (data.max_file_bytes)"
+        )
     return None
 
 
@@ -426,8 +457,10 @@ def _reasons(parsed: Parsed) -> list[str]:
 
 
 def _summary(report: IngestReport) -> str:
-    text = (f"{report.accepted} new records from {report.files} file(s), {report.duplicates} duplicate(s), "
-            f"{len(report.quarantined)} quarantined")
+    text = (
+        f"{report.accepted} new records from {report.files} file(s), {report.duplicates} duplicate(s), "
+        f"{len(report.quarantined)} quarantined"
+    )
     if report.waiting:
         text += f", {len(report.waiting)} waiting"
     return text

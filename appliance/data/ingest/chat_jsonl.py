@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
-from appliance.home.config import DataSection
 from appliance.data.ingest import alpaca, messages, sharegpt
 from appliance.data.ingest.parsed import FileError, Parsed
 from appliance.data.ingest.records import InvalidRecord, Record
+from appliance.home.config import DataSection
 
 SUFFIXES = (".jsonl", ".json")
 FORMATS = (messages, sharegpt, alpaca)
@@ -42,8 +43,10 @@ def to_record(obj: Any) -> Record:
         if fmt.matches(obj):
             return fmt.to_record(obj)
     keys = ", ".join(sorted(map(str, obj))[:8]) or "none"
-    raise InvalidRecord("unknown format: expected 'messages' (OpenAI), 'conversations' (ShareGPT) or "
-                        f"'instruction' and 'output' (Alpaca); found keys: {keys}")
+    raise InvalidRecord(
+        "unknown format: expected 'messages' (OpenAI), 'conversations' (ShareGPT) or "
+        f"'instruction' and 'output' (Alpaca); found keys: {keys}"
+    )
 
 
 def _parse_lines(path: Path, parsed: Parsed, data: DataSection) -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from appliance.home.config import DataSection
 from appliance.data.ingest.parsed import FileError, Parsed
 from appliance.data.ingest.records import InvalidRecord, Record, validate_messages
+from appliance.home.config import DataSection
 
 SUFFIXES = (".csv", ".tsv")
 FORMAT = "csv"
@@ -67,8 +67,9 @@ def _columns(header: list[str], data: DataSection) -> tuple[int, int]:
             if name.lower() in names:
                 return names.index(name.lower())
         shown = ", ".join(repr(h) for h in header[:10])
-        raise FileError(f"no {what} column: looked for {', '.join(wanted)} (data.csv_{what}_columns); "
-                        f"the header has {shown}")
+        raise FileError(
+            f"no {what} column: looked for {', '.join(wanted)} (data.csv_{what}_columns); the header has {shown}"
+        )
 
     return find(data.csv_prompt_columns, "prompt"), find(data.csv_response_columns, "response")
 

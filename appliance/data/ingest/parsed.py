@@ -35,8 +35,8 @@ class Parsed:
     lines: list[int] = field(default_factory=list)
     errors: list[LineError] = field(default_factory=list)
     error_count: int = 0
-    text: str | None = None                  # a document's text, before it is cut into chunks
-    tokens: list[int] | None = None          # each record's length in base-model tokens, when counted
+    text: str | None = None  # a document's text, before it is cut into chunks
+    tokens: list[int] | None = None  # each record's length in base-model tokens, when counted
 
     def add(self, line: int, record: Record) -> None:
         self.records.append(record)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from appliance.home.config import DataSection
 from appliance.data.ingest.parsed import FileError, Parsed, first_line
 from appliance.data.ingest.text import document_text
+from appliance.home.config import DataSection
 
 SUFFIXES = (".pdf",)
 FORMAT = "pdf"
@@ -37,6 +37,6 @@ def parse(path: Path, data: DataSection | None = None) -> Parsed:
     try:
         return Parsed(format=FORMAT, text=document_text("\n\n".join(pages), "the PDF"))
     except FileError:
-        raise FileError("the PDF has no text layer (scanned pages would need OCR, which the appliance "
-                        "does not do)") from None
-
+        raise FileError(
+            "the PDF has no text layer (scanned pages would need OCR, which the appliance does not do)"
+        ) from None

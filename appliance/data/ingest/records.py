@@ -20,8 +20,7 @@ class Record:
     format: str = field(default="", compare=False)
 
     def canonical(self) -> str:
-        return json.dumps({"kind": self.kind, **self.body}, sort_keys=True, ensure_ascii=False,
-                          separators=(",", ":"))
+        return json.dumps({"kind": self.kind, **self.body}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
     @property
     def hash(self) -> str:
@@ -58,8 +57,13 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
 
 def _text(content: Any) -> Any:
     """OpenAI's list-of-parts content, when every part is text, as one string."""
-    if isinstance(content, list) and content and all(
+    if (
+        isinstance(content, list)
+        and content
+        and all(
             isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-            for part in content):
+            for part in content
+        )
+    ):
         return "".join(part["text"] for part in content)
     return content

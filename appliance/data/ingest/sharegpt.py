@@ -14,9 +14,14 @@ from appliance.data.ingest.records import InvalidRecord, Record, validate_messag
 FORMAT = "sharegpt"
 SPEAKERS = {
     "system": "system",
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "model": "assistant",
-    "bard": "assistant", "bing": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
 }
 
 

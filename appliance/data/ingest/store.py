@@ -118,9 +118,9 @@ class FileState:
 
 @dataclass
 class Added:
-    new: int = 0                      # records not in the store before
-    duplicates: int = 0               # records already there (or repeated in the file)
-    superseded: str | None = None     # sha256 of the version this one replaced at its path
+    new: int = 0  # records not in the store before
+    duplicates: int = 0  # records already there (or repeated in the file)
+    superseded: str | None = None  # sha256 of the version this one replaced at its path
 
 
 @dataclass
@@ -138,8 +138,12 @@ class Store:
     def __init__(self, path: Path, any_thread: bool = False):
         """``any_thread``: the caller guarantees one thread at a time (a long-lived ingestor)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30,  # explicit transactions below
-                                  check_same_thread=not any_thread)
+        self.db = sqlite3.connect(
+            path,
+            isolation_level=None,
+            timeout=30,  # explicit transactions below
+            check_same_thread=not any_thread,
+        )
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self._upgrade()
@@ -147,7 +151,7 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -190,8 +194,14 @@ class Store:
         return self.db.execute("SELECT 1 FROM documents WHERE sha256=?", (sha256,)).fetchone() is not None
 
     # --- adding a version of an inbox file -----------------------------------------------
-    def put(self, rel: str, state: FileState, fmt: str = "", records: Sequence[Record] = (),
-            tokens: Sequence[int | None] | None = None) -> Added:
+    def put(
+        self,
+        rel: str,
+        state: FileState,
+        fmt: str = "",
+        records: Sequence[Record] = (),
+        tokens: Sequence[int | None] | None = None,
+    ) -> Added:
         """Make ``state.sha256`` the current content of inbox path ``rel``, storing the
         document and its records first when the content is new. One transaction."""
         added = Added()
@@ -199,31 +209,35 @@ class Store:
             if not self.has_document(state.sha256):
                 added.new, added.duplicates = self._insert_document(rel, state, fmt, records, tokens)
             added.superseded = self._make_current(rel, state.sha256)
-            self.db.execute("INSERT OR REPLACE INTO files(path, size, mtime_ns, inode, sha256) VALUES (?,?,?,?,?)",
-                            (rel, state.size, state.mtime_ns, state.inode, state.sha256))
+            self.db.execute(
+                "INSERT OR REPLACE INTO files(path, size, mtime_ns, inode, sha256) VALUES (?,?,?,?,?)",
+                (rel, state.size, state.mtime_ns, state.inode, state.sha256),
+            )
         return added
 
-    def _insert_document(self, rel: str, state: FileState, fmt: str, records: Sequence[Record],
-                         tokens: Sequence[int | None] | None) -> tuple[int, int]:
+    def _insert_document(
+        self, rel: str, state: FileState, fmt: str, records: Sequence[Record], tokens: Sequence[int | None] | None
+    ) -> tuple[int, int]:
         counts = list(tokens) if tokens is not None else [None] * len(records)
         new = dup = 0
         for record, count in zip(records, counts):
-            cur = self.db.execute("INSERT OR IGNORE INTO records(hash, kind, body, format, tokens) VALUES (?,?,?,?,?)",
-                                  (record.hash, record.kind, json.dumps(record.body, ensure_ascii=False),
-                                   record.format or fmt, count))
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO records(hash, kind, body, format, tokens) VALUES (?,?,?,?,?)",
+                (record.hash, record.kind, json.dumps(record.body, ensure_ascii=False), record.format or fmt, count),
+            )
             self.db.execute("INSERT OR IGNORE INTO doc_records VALUES (?,?)", (state.sha256, record.hash))
             if cur.rowcount:
                 new += 1
             else:
                 dup += 1
                 if count is not None:  # known now, perhaps not when first stored
-                    self.db.execute("UPDATE records SET tokens=? WHERE hash=? AND tokens IS NULL",
-                                    (count, record.hash))
-        distinct = self.db.execute("SELECT COUNT(*) FROM doc_records WHERE doc_sha256=?",
-                                   (state.sha256,)).fetchone()[0]
+                    self.db.execute("UPDATE records SET tokens=? WHERE hash=? AND tokens IS NULL", (count, record.hash))
+        distinct = self.db.execute("SELECT COUNT(*) FROM doc_records WHERE doc_sha256=?", (state.sha256,)).fetchone()[0]
         total = None if None in counts else sum(c for c in counts if c is not None)
-        self.db.execute("INSERT INTO documents(sha256, path, format, size, records, ingested_at, tokens) "
-                        "VALUES (?,?,?,?,?,?,?)", (state.sha256, rel, fmt, state.size, distinct, time.time(), total))
+        self.db.execute(
+            "INSERT INTO documents(sha256, path, format, size, records, ingested_at, tokens) VALUES (?,?,?,?,?,?,?)",
+            (state.sha256, rel, fmt, state.size, distinct, time.time(), total),
+        )
         return new, dup
 
     def _make_current(self, rel: str, sha256: str) -> str | None:
@@ -240,8 +254,9 @@ class Store:
 
     def _recount_document(self, sha256: str) -> None:
         """Activate or retire a document (and through it its records) as its current paths come and go."""
-        current = self.db.execute("SELECT COUNT(*) FROM versions WHERE sha256=? AND status='current'",
-                                  (sha256,)).fetchone()[0]
+        current = self.db.execute(
+            "SELECT COUNT(*) FROM versions WHERE sha256=? AND status='current'", (sha256,)
+        ).fetchone()[0]
         status = self.db.execute("SELECT status FROM documents WHERE sha256=?", (sha256,)).fetchone()[0]
         if current and status == "inactive":
             self.set_document(sha256, "active", +1)
@@ -253,18 +268,26 @@ class Store:
         records that become active or retired (what the next snapshot adds or drops)."""
         self.db.execute("UPDATE documents SET status=? WHERE sha256=?", (status, sha256))
         self._log("document", [sha256], "added" if step > 0 else "retired")
-        self.db.execute("UPDATE records SET refs = refs + ? WHERE hash IN "
-                        "(SELECT record_hash FROM doc_records WHERE doc_sha256=?)", (step, sha256))
+        self.db.execute(
+            "UPDATE records SET refs = refs + ? WHERE hash IN (SELECT record_hash FROM doc_records WHERE doc_sha256=?)",
+            (step, sha256),
+        )
         # the records whose count just crossed zero, one way or the other
         edge = 1 if step > 0 else 0
-        crossed = [row[0] for row in self.db.execute(
-            "SELECT r.hash FROM records r JOIN doc_records d ON d.record_hash = r.hash "
-            "WHERE d.doc_sha256=? AND r.refs=?", (sha256, edge))]
+        crossed = [
+            row[0]
+            for row in self.db.execute(
+                "SELECT r.hash FROM records r JOIN doc_records d ON d.record_hash = r.hash "
+                "WHERE d.doc_sha256=? AND r.refs=?",
+                (sha256, edge),
+            )
+        ]
         self._log("record", crossed, "added" if step > 0 else "retired")
 
     def _log(self, item: str, keys: Iterable[str], change: str) -> None:
-        self.db.executemany("INSERT INTO changes(item, key, change) VALUES (?,?,?)",
-                            ((item, key, change) for key in keys))
+        self.db.executemany(
+            "INSERT INTO changes(item, key, change) VALUES (?,?,?)", ((item, key, change) for key in keys)
+        )
 
     # --- reading -----------------------------------------------------------------------------
     def last_seq(self) -> int:
@@ -275,7 +298,8 @@ class Store:
         first: dict[tuple[str, str], str] = {}
         last = seq
         for number, item, key, change in self.db.execute(
-                "SELECT seq, item, key, change FROM changes WHERE seq > ? ORDER BY seq", (seq,)):
+            "SELECT seq, item, key, change FROM changes WHERE seq > ? ORDER BY seq", (seq,)
+        ):
             first.setdefault((item, key), change)
             last = number
         records = [key for (item, key) in first if item == "record"]
@@ -295,7 +319,7 @@ class Store:
     def _active(self, keys: list[str], query: str) -> set[str]:
         live: set[str] = set()
         for i in range(0, len(keys), BATCH):
-            part = keys[i:i + BATCH]
+            part = keys[i : i + BATCH]
             live.update(row[0] for row in self.db.execute(query.format(",".join("?" * len(part))), part))
         return live
 
@@ -303,8 +327,7 @@ class Store:
         return [row[0] for row in self.db.execute("SELECT hash FROM records WHERE refs > 0 ORDER BY hash")]
 
     def active_documents(self) -> list[str]:
-        return [row[0] for row in self.db.execute(
-            "SELECT sha256 FROM documents WHERE status='active' ORDER BY sha256")]
+        return [row[0] for row in self.db.execute("SELECT sha256 FROM documents WHERE status='active' ORDER BY sha256")]
 
     def record_facts(self, hashes: Sequence[str]) -> list[tuple[str, str, int | None]]:
         """(hash, format, tokens) of each record."""
@@ -318,7 +341,7 @@ class Store:
     def _select(self, keys: Sequence[str], query: str) -> list[tuple]:
         out: list[tuple] = []
         for i in range(0, len(keys), BATCH):
-            part = list(keys[i:i + BATCH])
+            part = list(keys[i : i + BATCH])
             out.extend(self.db.execute(query.format(",".join("?" * len(part))), part).fetchall())
         return out
 
@@ -333,8 +356,10 @@ class Store:
 
     def versions(self, rel: str) -> list[tuple[str, str]]:
         """(sha256, status) of every content the path has had, oldest first."""
-        return [tuple(row) for row in self.db.execute(  # type: ignore[misc]
-            "SELECT sha256, status FROM versions WHERE path=? ORDER BY seen_at", (rel,))]
+        return [
+            tuple(row)
+            for row in self.db.execute("SELECT sha256, status FROM versions WHERE path=? ORDER BY seen_at", (rel,))
+        ]
 
     def counts(self) -> dict[str, int]:
         docs = self.db.execute("SELECT COUNT(*) FROM documents WHERE status='active'").fetchone()[0]
@@ -344,8 +369,10 @@ class Store:
     # --- snapshots (cut in appliance/data/snapshot.py) -----------------------------------------
     def head_snapshot(self) -> dict[str, Any] | None:
         """The snapshot cut from the most recent state of this store."""
-        row = self.db.execute("SELECT id, parent, seq, depth, val_fraction, setsum, stats FROM snapshots "
-                              "ORDER BY seq DESC, created DESC LIMIT 1").fetchone()
+        row = self.db.execute(
+            "SELECT id, parent, seq, depth, val_fraction, setsum, stats FROM snapshots "
+            "ORDER BY seq DESC, created DESC LIMIT 1"
+        ).fetchone()
         if row is None:
             return None
         keys = ("id", "parent", "seq", "depth", "val_fraction", "setsum", "stats")
@@ -353,10 +380,20 @@ class Store:
         head["stats"] = json.loads(head["stats"])
         return head
 
-    def remember_snapshot(self, snapshot_id: str, parent: str | None, seq: int, depth: int, val_fraction: float,
-                          setsum: str, stats: dict[str, Any]) -> None:
-        self.db.execute("INSERT OR IGNORE INTO snapshots VALUES (?,?,?,?,?,?,?,?)",
-                        (snapshot_id, parent, seq, depth, val_fraction, setsum, json.dumps(stats), time.time()))
+    def remember_snapshot(
+        self,
+        snapshot_id: str,
+        parent: str | None,
+        seq: int,
+        depth: int,
+        val_fraction: float,
+        setsum: str,
+        stats: dict[str, Any],
+    ) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO snapshots VALUES (?,?,?,?,?,?,?,?)",
+            (snapshot_id, parent, seq, depth, val_fraction, setsum, json.dumps(stats), time.time()),
+        )
 
     def forget_snapshot(self, snapshot_id: str) -> None:
         self.db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))

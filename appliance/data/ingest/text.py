@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.home.config import DataSection
 from appliance.data.ingest.parsed import FileError, Parsed
+from appliance.home.config import DataSection
 
 SUFFIXES = (".txt", ".md", ".markdown")
 
@@ -15,8 +15,9 @@ def parse(path: Path, data: DataSection | None = None) -> Parsed:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise FileError(f"the file is not valid UTF-8 text (first bad byte at offset {exc.start}); "
-                        "save it as UTF-8") from None
+        raise FileError(
+            f"the file is not valid UTF-8 text (first bad byte at offset {exc.start}); save it as UTF-8"
+        ) from None
     fmt = "text" if path.suffix.lower() == ".txt" else "markdown"
     return Parsed(format=fmt, text=document_text(text, "the document"))
 

@@ -46,8 +46,9 @@ class BaseTokenizer:
         tok = self._require()
         texts = [_rendered(tok, record) for record in records]
         renderable = [text for text in texts if text is not None]
-        lengths = iter([len(ids) for ids in tok(renderable, add_special_tokens=False)["input_ids"]]
-                       if renderable else [])
+        lengths = iter(
+            [len(ids) for ids in tok(renderable, add_special_tokens=False)["input_ids"]] if renderable else []
+        )
         return [next(lengths) if text is not None else None for text in texts]
 
     def chunks(self, text: str, size: int, overlap: int) -> list[tuple[str, int]]:
@@ -58,7 +59,7 @@ class BaseTokenizer:
         out: list[tuple[str, int]] = []
         for start in range(0, len(offsets), step):
             end = min(start + size, len(offsets))
-            piece = text[offsets[start][0]:offsets[end - 1][1]].strip()
+            piece = text[offsets[start][0] : offsets[end - 1][1]].strip()
             if piece:
                 out.append((piece, end - start + 1))  # + the end-of-text token training appends
             if end == len(offsets):

@@ -7,12 +7,13 @@ rejected with that said plainly.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from appliance.home.config import DataSection
 from appliance.data.ingest.parsed import FileError, Parsed, first_line
 from appliance.data.ingest.text import document_text
+from appliance.home.config import DataSection
 
 SUFFIXES = (".docx",)
 FORMAT = "docx"
@@ -23,8 +24,10 @@ def parse(path: Path, data: DataSection | None = None) -> Parsed:
     with open(path, "rb") as handle:
         head = handle.read(len(OLE_MAGIC))
     if head == OLE_MAGIC:
-        raise FileError("the document is password-protected or an old .doc file renamed (an OLE container, "
-                        "not .docx); save an unprotected .docx copy")
+        raise FileError(
+            "the document is password-protected or an old .doc file renamed (an OLE container, "
+            "not .docx); save an unprotected .docx copy"
+        )
     try:
         import docx
 

@@ -23,8 +23,20 @@ from appliance.data.study.statements import Statement
 from appliance.data.study.statements import statements as extract
 from appliance.data.study.support import unsupported_reason
 
-_SOURCE_WORDS = ("handbook", "policy", "policies", "protocol", "guide", "guidelines", "manual", "procedure",
-                 "procedures", "handout", "leaflet", "rules")
+_SOURCE_WORDS = (
+    "handbook",
+    "policy",
+    "policies",
+    "protocol",
+    "guide",
+    "guidelines",
+    "manual",
+    "procedure",
+    "procedures",
+    "handout",
+    "leaflet",
+    "rules",
+)
 
 
 @dataclass
@@ -32,15 +44,15 @@ class StudyMaterial:
     document: str
     passages: list[Passage] = field(default_factory=list)
     statements: list[Statement] = field(default_factory=list)
-    conversations: list[dict] = field(default_factory=list)   # OpenAI messages plus statement/passage/document
-    paraphrases: list[dict] = field(default_factory=list)     # {"text", "passage", "document"}
-    heldout: list[dict] = field(default_factory=list)         # {"question", "expected", "statement", ...}
+    conversations: list[dict] = field(default_factory=list)  # OpenAI messages plus statement/passage/document
+    paraphrases: list[dict] = field(default_factory=list)  # {"text", "passage", "document"}
+    heldout: list[dict] = field(default_factory=list)  # {"question", "expected", "statement", ...}
     counts: dict[str, int] = field(default_factory=dict)
-    reason: str | None = None    # why there are no conversations, in one sentence
+    reason: str | None = None  # why there are no conversations, in one sentence
 
 
 def source_name(text: str) -> str:
-    """"the handbook" when the document's first heading says what it is; "the documents" otherwise."""
+    """ "the handbook" when the document's first heading says what it is; "the documents" otherwise."""
     first = next((line.strip("# ").lower() for line in text.splitlines() if line.strip()), "")
     for word in _SOURCE_WORDS:
         if re.search(rf"\b{word}\b", first):
@@ -48,15 +60,28 @@ def source_name(text: str) -> str:
     return "the documents"
 
 
-def study_document(text: str, doc_sha256: str, org_name: str | None = None,
-                   count_tokens: CountTokens | None = None, seed: int = 0, max_tokens: int = 256) -> StudyMaterial:
+def study_document(
+    text: str,
+    doc_sha256: str,
+    org_name: str | None = None,
+    count_tokens: CountTokens | None = None,
+    seed: int = 0,
+    max_tokens: int = 256,
+) -> StudyMaterial:
     material = StudyMaterial(document=doc_sha256)
     material.passages = cut_passages(text or "", max_tokens=max_tokens, count_tokens=count_tokens)
     skip = (org_name,) if org_name else ()
     for passage in material.passages:
         material.statements.extend(extract(passage, len(material.statements), skip))
-    counts = {"passages": len(material.passages), "statements": len(material.statements), "questions": 0,
-              "unsupported": 0, "heldout": 0, "multi": 0, "paraphrases": 0}
+    counts = {
+        "passages": len(material.passages),
+        "statements": len(material.statements),
+        "questions": 0,
+        "unsupported": 0,
+        "heldout": 0,
+        "multi": 0,
+        "paraphrases": 0,
+    }
     shared = _shared_subjects(material.statements)
     source = source_name(text or "")
     for passage in material.passages:
@@ -70,8 +95,15 @@ def study_document(text: str, doc_sha256: str, org_name: str | None = None,
     return material
 
 
-def _study_passage(material: StudyMaterial, passage: Passage, sts: list[Statement], setting: Q.Setting,
-                   shared: set[str], seed: int, counts: dict[str, int]) -> None:
+def _study_passage(
+    material: StudyMaterial,
+    passage: Passage,
+    sts: list[Statement],
+    setting: Q.Setting,
+    shared: set[str],
+    seed: int,
+    counts: dict[str, int],
+) -> None:
     allowed = (setting.org,) if setting.org else ()
     firsts: list[tuple[Statement, Q.Question]] = []
     for st in sts:
@@ -101,9 +133,15 @@ def _study_passage(material: StudyMaterial, passage: Passage, sts: list[Statemen
 
 
 def _heldout_item(question: Q.Question, document: str) -> dict:
-    return {"question": question.text, "expected": list(question.expected), "statement": question.statement,
-            "passage": question.passage, "template": question.template, "shape": question.shape,
-            "document": document}
+    return {
+        "question": question.text,
+        "expected": list(question.expected),
+        "statement": question.statement,
+        "passage": question.passage,
+        "template": question.template,
+        "shape": question.shape,
+        "document": document,
+    }
 
 
 def _shared_subjects(sts: list[Statement]) -> set[str]:

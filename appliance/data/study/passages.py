@@ -16,10 +16,40 @@ from dataclasses import dataclass, field
 CountTokens = Callable[[str], int]
 
 # A period after these never ends a sentence ("Dr. Wren", "e.g. a badge", "No. 4").
-ABBREVIATIONS = frozenset({
-    "dr", "mr", "mrs", "ms", "mx", "prof", "st", "sr", "jr", "no", "nos", "vs", "cf", "approx", "dept",
-    "ext", "fig", "tel", "mt", "rev", "gen", "col", "sgt", "capt", "lt", "e.g", "i.e", "eg", "ie", "incl",
-})
+ABBREVIATIONS = frozenset(
+    {
+        "dr",
+        "mr",
+        "mrs",
+        "ms",
+        "mx",
+        "prof",
+        "st",
+        "sr",
+        "jr",
+        "no",
+        "nos",
+        "vs",
+        "cf",
+        "approx",
+        "dept",
+        "ext",
+        "fig",
+        "tel",
+        "mt",
+        "rev",
+        "gen",
+        "col",
+        "sgt",
+        "capt",
+        "lt",
+        "e.g",
+        "i.e",
+        "eg",
+        "ie",
+        "incl",
+    }
+)
 _BOUNDARY = re.compile(r"([.!?]+)([\"'\u201d\u2019)\]]*)\s+")
 _HEADING_MD = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 _LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022\u2013]|\d{1,3}[.)]|[a-z][.)])\s+(.*)$")
@@ -35,7 +65,7 @@ def default_count_tokens(text: str) -> int:
 class Sentence:
     text: str
     heading: str | None
-    kind: str = "prose"          # "prose", "item" (a list item) or "row" (a table row)
+    kind: str = "prose"  # "prose", "item" (a list item) or "row" (a table row)
 
 
 @dataclass
@@ -58,7 +88,7 @@ def split_sentences(text: str) -> list[str]:
     for match in _BOUNDARY.finditer(text):
         if not _ends_sentence(text, match):
             continue
-        out.append(text[start:match.end()].strip())
+        out.append(text[start : match.end()].strip())
         start = match.end()
     if text[start:].strip():
         out.append(text[start:].strip())
@@ -66,12 +96,12 @@ def split_sentences(text: str) -> list[str]:
 
 
 def _ends_sentence(text: str, match: re.Match[str]) -> bool:
-    following = text[match.end():match.end() + 1]
+    following = text[match.end() : match.end() + 1]
     if not following or not (following.isupper() or following.isdigit() or following in "\"'(\u201c["):
         return False  # "e.g. the", "approx. 4": a lower-case word goes on the same sentence
     if match.group(1) != ".":
         return True
-    before = text[:match.start()].split()
+    before = text[: match.start()].split()
     word = before[-1].lstrip("([\"'").lower() if before else ""
     if word in ABBREVIATIONS or re.fullmatch(r"(?:[a-z]\.)+[a-z]", word):
         return False
@@ -90,7 +120,7 @@ def blocks(text: str) -> Iterator[tuple[str, str]]:
         if fenced:
             continue
         kind, body = _line_kind(lines, number)
-        if kind == "blank" and para and _continues(para[-1], lines[number + 1:]):
+        if kind == "blank" and para and _continues(para[-1], lines[number + 1 :]):
             continue  # a PDF page break in mid-sentence: the paragraph goes on
         if kind == "para":
             para.append(body)
@@ -138,7 +168,7 @@ def _looks_like_heading(lines: list[str], number: int) -> bool:
     if not words or len(words) > 10 or line.endswith(_TERMINAL) or not line[0].isupper():
         return False
     before = lines[number - 1].strip() if number else ""
-    after = next((text.strip() for text in lines[number + 1:] if text.strip()), "")
+    after = next((text.strip() for text in lines[number + 1 :] if text.strip()), "")
     after_break = not before or before.endswith((".", "!", "?", ":")) or _looks_like_heading(lines, number - 1)
     return after_break and after[:1].isupper()
 

@@ -27,8 +27,8 @@ class Question:
     template: str
     statement: int
     passage: int
-    expected: tuple[str, ...]       # the key phrases a correct answer contains
-    shape: str = "other"            # "fronted", "echo", "embedded" or "other": what heldout.py holds back
+    expected: tuple[str, ...]  # the key phrases a correct answer contains
+    shape: str = "other"  # "fronted", "echo", "embedded" or "other": what heldout.py holds back
 
 
 @dataclass
@@ -87,14 +87,21 @@ def _context(st: Statement, slot: Slot, wh: W.Wh, s: Setting) -> str | None:
 
 
 def _cloze(st: Statement, slot: Slot, wh: W.Wh, s: Setting) -> str | None:
-    return f"Fill in the blank from {s.source}: \"{W.cloze(st, slot)}\""
+    return f'Fill in the blank from {s.source}: "{W.cloze(st, slot)}"'
 
 
 # Order is the order questions are written in; heldout.py rotates which template a statement keeps back.
 TEMPLATES: dict[str, Template] = {
-    "direct": _direct, "echo": _echo, "indirect": _indirect, "could_you": _could_you,
-    "new_employee": _new_employee, "org": _org, "org_indirect": _org_indirect, "expert": _expert,
-    "context": _context, "cloze": _cloze,
+    "direct": _direct,
+    "echo": _echo,
+    "indirect": _indirect,
+    "could_you": _could_you,
+    "new_employee": _new_employee,
+    "org": _org,
+    "org_indirect": _org_indirect,
+    "expert": _expert,
+    "context": _context,
+    "cloze": _cloze,
 }
 
 
@@ -110,8 +117,10 @@ def slot_questions(st: Statement, setting: Setting) -> list[Question]:
     seen: set[str] = set()
     for slot in st.slots:
         wh = W.wh_for(st, slot)
-        cores = [(shape, core(st, wh)) for shape, core in (("fronted", W.fronted), ("embedded", W.embedded),
-                                                           ("echo", W.echo))]
+        cores = [
+            (shape, core(st, wh))
+            for shape, core in (("fronted", W.fronted), ("embedded", W.embedded), ("echo", W.echo))
+        ]
         for name, template in TEMPLATES.items():
             text = template(st, slot, wh, setting)
             if text and text.lower() not in seen:
@@ -130,7 +139,7 @@ def _shape(text: str, cores: list[tuple[str, str | None]]) -> str:
 
 
 def topic_questions(st: Statement, setting: Setting, shared_subjects: set[str]) -> list[Question]:
-    """"What does the handbook say about my preceptor?" for a statement with a subject of its own."""
+    """ "What does the handbook say about my preceptor?" for a statement with a subject of its own."""
     if not st.subject or st.subject.lower() in shared_subjects or st.subject.split()[0].lower() in ("we", "you", "i"):
         return []
     subject = W.first_person(W.lower_first(st.subject))
@@ -163,13 +172,20 @@ def answer(st: Statement, question: Question, setting: Setting) -> str:
 
 
 def conversation(question: Question, reply: str, document: str, kind: str = "slot") -> dict:
-    return {"messages": [{"role": "user", "content": question.text}, {"role": "assistant", "content": reply}],
-            "statement": question.statement, "passage": question.passage, "document": document, "kind": kind,
-            "template": question.template, "shape": question.shape}
+    return {
+        "messages": [{"role": "user", "content": question.text}, {"role": "assistant", "content": reply}],
+        "statement": question.statement,
+        "passage": question.passage,
+        "document": document,
+        "kind": kind,
+        "template": question.template,
+        "shape": question.shape,
+    }
 
 
-def multi_fact(pairs: list[tuple[Statement, Question, Statement, Question]], setting: Setting,
-               limit: int = 3) -> list[tuple[Question, str]]:
+def multi_fact(
+    pairs: list[tuple[Statement, Question, Statement, Question]], setting: Setting, limit: int = 3
+) -> list[tuple[Question, str]]:
     """Two facts of one passage asked together, answered with both statements."""
     chosen = setting.rng.sample(pairs, min(limit, len(pairs)))
     out = []
@@ -190,10 +206,14 @@ def paraphrases(passage: Passage, sts: list[Statement], setting: Setting) -> lis
     shuffled = texts[:]
     setting.rng.shuffle(shuffled)
     says = "say" if setting.source.endswith("s") else "says"
-    where = f"In the section \"{passage.heading}\", " if passage.heading else ""
+    where = f'In the section "{passage.heading}", ' if passage.heading else ""
     out.append(f"{where}{setting.source} {says}: " + " ".join(shuffled))
-    out.append("Key points" + (f" on {passage.heading.lower()}" if passage.heading else "") + ":\n"
-               + "\n".join(f"- {text}" for text in texts))
+    out.append(
+        "Key points"
+        + (f" on {passage.heading.lower()}" if passage.heading else "")
+        + ":\n"
+        + "\n".join(f"- {text}" for text in texts)
+    )
     if setting.org:
         out.append(f"Staff at {setting.org} should know the following. " + " ".join(reversed(texts)))
     return [text[0].upper() + text[1:] for text in out]

@@ -13,9 +13,10 @@ changed setting rewrites it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from appliance.contract.events import Emit, Message, Progress, StageFinished, StageStarted, ignore
 from appliance.data import snapshot as snapshots
@@ -44,23 +45,41 @@ class DocumentStudy:
 
     sha256: str
     path: str
-    source: str                     # "text": the kept text; "chunks": its chunk records joined; "none"
+    source: str  # "text": the kept text; "chunks": its chunk records joined; "none"
     counts: dict[str, int] = field(default_factory=dict)
-    reason: str | None = None       # why it gives no conversations, in one sentence
+    reason: str | None = None  # why it gives no conversations, in one sentence
     statements: list[str] = field(default_factory=list)
     conversations: list[dict] = field(default_factory=list)
     paraphrases: list[dict] = field(default_factory=list)
     heldout: list[dict] = field(default_factory=list)
 
     def to_dict(self, key: dict[str, Any]) -> dict[str, Any]:
-        return {"key": key, "sha256": self.sha256, "path": self.path, "source": self.source, "counts": self.counts,
-                "reason": self.reason, "statements": self.statements, "conversations": self.conversations,
-                "paraphrases": self.paraphrases, "heldout": self.heldout}
+        return {
+            "key": key,
+            "sha256": self.sha256,
+            "path": self.path,
+            "source": self.source,
+            "counts": self.counts,
+            "reason": self.reason,
+            "statements": self.statements,
+            "conversations": self.conversations,
+            "paraphrases": self.paraphrases,
+            "heldout": self.heldout,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DocumentStudy":
-        return cls(data["sha256"], data["path"], data["source"], data["counts"], data["reason"], data["statements"],
-                   data["conversations"], data["paraphrases"], data["heldout"])
+    def from_dict(cls, data: dict[str, Any]) -> DocumentStudy:
+        return cls(
+            data["sha256"],
+            data["path"],
+            data["source"],
+            data["counts"],
+            data["reason"],
+            data["statements"],
+            data["conversations"],
+            data["paraphrases"],
+            data["heldout"],
+        )
 
 
 @dataclass
@@ -68,14 +87,16 @@ class StudySet:
     """The study material of a snapshot's documents: what training adds, what the gate asks."""
 
     documents: list[DocumentStudy] = field(default_factory=list)
-    generated: int = 0              # documents studied now (not read from the cache)
+    generated: int = 0  # documents studied now (not read from the cache)
 
     def items(self) -> list[tuple[str, Record]]:
         """(document sha256, training record): conversations, then re-told passages."""
         out = []
         for doc in self.documents:
-            out += [(doc.sha256, Record("chat", {"messages": c["messages"]}, format=STUDY_FORMAT))
-                    for c in doc.conversations]
+            out += [
+                (doc.sha256, Record("chat", {"messages": c["messages"]}, format=STUDY_FORMAT))
+                for c in doc.conversations
+            ]
             out += [(doc.sha256, Record("text", {"text": p["text"]}, format=STUDY_FORMAT)) for p in doc.paraphrases]
         return out
 
@@ -84,17 +105,22 @@ class StudySet:
 
     def heldout(self) -> dict[str, dict[str, Any]]:
         """Per document: its path, facts (statements) and held-out questions (never trained)."""
-        return {doc.sha256: {"path": doc.path, "facts": len(doc.statements), "questions": doc.heldout}
-                for doc in self.documents}
+        return {
+            doc.sha256: {"path": doc.path, "facts": len(doc.statements), "questions": doc.heldout}
+            for doc in self.documents
+        }
 
     def counts(self) -> dict[str, int]:
         studied = [doc for doc in self.documents if doc.conversations]
-        return {"documents": len(self.documents), "documents_studied": len(studied),
-                "statements": sum(len(doc.statements) for doc in self.documents),
-                "conversations": sum(len(doc.conversations) for doc in self.documents),
-                "paraphrases": sum(len(doc.paraphrases) for doc in self.documents),
-                "unsupported_dropped": sum(doc.counts.get("unsupported", 0) for doc in self.documents),
-                "heldout": sum(len(doc.heldout) for doc in self.documents)}
+        return {
+            "documents": len(self.documents),
+            "documents_studied": len(studied),
+            "statements": sum(len(doc.statements) for doc in self.documents),
+            "conversations": sum(len(doc.conversations) for doc in self.documents),
+            "paraphrases": sum(len(doc.paraphrases) for doc in self.documents),
+            "unsupported_dropped": sum(doc.counts.get("unsupported", 0) for doc in self.documents),
+            "heldout": sum(len(doc.heldout) for doc in self.documents),
+        }
 
     def leaked(self) -> list[str]:
         """Held-out questions found inside this set's own training text ([] unless the core has a bug)."""
@@ -106,8 +132,13 @@ class StudySet:
 def cache_key(settings: Settings) -> dict[str, Any]:
     """What shapes a document's study material besides its text: a change rewrites the cache."""
     s = settings.study
-    return {"version": CACHE_VERSION, "organisation": s.organisation, "passage_tokens": s.passage_tokens,
-            "seed": s.seed, "base": settings.base.name}
+    return {
+        "version": CACHE_VERSION,
+        "organisation": s.organisation,
+        "passage_tokens": s.passage_tokens,
+        "seed": s.seed,
+        "base": settings.base.name,
+    }
 
 
 def documents(home: Home, snapshot_id: str) -> list[dict[str, Any]]:
@@ -133,14 +164,24 @@ def study(home: Home, snapshot: snapshots.Snapshot | str, settings: Settings, em
             write_json_atomic(home.study_cache(doc["sha256"]), cached.to_dict(key))
             result.generated += 1
             if cached.reason:
-                emit(Message(STAGE, f"{doc['path']}: no study questions written: {cached.reason}; it trains as "
-                                    "plain text only", level="warning"))
+                emit(
+                    Message(
+                        STAGE,
+                        f"{doc['path']}: no study questions written: {cached.reason}; it trains as plain text only",
+                        level="warning",
+                    )
+                )
         result.documents.append(cached)
         emit(Progress(STAGE, completed=done, total=len(docs)))
     counts = result.counts()
-    emit(StageFinished(STAGE, summary=f"{counts['statements']} facts in {len(docs)} document(s): "
-                                      f"{counts['conversations']} study conversations, {counts['paraphrases']} "
-                                      f"re-told passages, {counts['heldout']} questions held out"))
+    emit(
+        StageFinished(
+            STAGE,
+            summary=f"{counts['statements']} facts in {len(docs)} document(s): "
+            f"{counts['conversations']} study conversations, {counts['paraphrases']} "
+            f"re-told passages, {counts['heldout']} questions held out",
+        )
+    )
     return result
 
 
@@ -153,18 +194,32 @@ def _cached(home: Home, sha256: str, key: dict[str, Any]) -> DocumentStudy | Non
     return DocumentStudy.from_dict(data) if data.get("key") == key else None
 
 
-def _generate(home: Home, doc: dict[str, Any], settings: Settings, counter: "_TokenCounter") -> DocumentStudy:
+def _generate(home: Home, doc: dict[str, Any], settings: Settings, counter: _TokenCounter) -> DocumentStudy:
     sha, path = doc["sha256"], doc["path"]
     text, source = document_text(home, sha)
     if text is None:
         return DocumentStudy(sha, path, "none", reason="its text is no longer in the store")
-    material = study_document(text, sha, org_name=settings.study.organisation, count_tokens=counter,
-                              seed=settings.study.seed, max_tokens=settings.study.passage_tokens)
+    material = study_document(
+        text,
+        sha,
+        org_name=settings.study.organisation,
+        count_tokens=counter,
+        seed=settings.study.seed,
+        max_tokens=settings.study.passage_tokens,
+    )
     for item in material.conversations + material.paraphrases + material.heldout:
         item["document"] = sha
-    return DocumentStudy(sha, path, source, dict(material.counts), material.reason,
-                         [st.text for st in material.statements], material.conversations, material.paraphrases,
-                         material.heldout)
+    return DocumentStudy(
+        sha,
+        path,
+        source,
+        dict(material.counts),
+        material.reason,
+        [st.text for st in material.statements],
+        material.conversations,
+        material.paraphrases,
+        material.heldout,
+    )
 
 
 def document_text(home: Home, sha256: str) -> tuple[str | None, str]:
@@ -177,8 +232,12 @@ def document_text(home: Home, sha256: str) -> tuple[str | None, str]:
     if kept.is_file():
         return kept.read_text(encoding="utf-8"), "text"
     with Store(home.store_db) as store:
-        hashes = [row[0] for row in store.db.execute(
-            "SELECT record_hash FROM doc_records WHERE doc_sha256=? ORDER BY rowid", (sha256,))]
+        hashes = [
+            row[0]
+            for row in store.db.execute(
+                "SELECT record_hash FROM doc_records WHERE doc_sha256=? ORDER BY rowid", (sha256,)
+            )
+        ]
         bodies = [r.body.get("text") for r in store.records(hashes) if r.kind == "text"]
     chunks = [c for c in bodies if isinstance(c, str) and c.strip()]  # a forgotten record has no text
     return (join_chunks(chunks), "chunks") if chunks else (None, "none")

@@ -21,8 +21,7 @@ def normalise(text: str) -> str:
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower())
     # Letters and digits only, so a key is compared whole-token to whole-token ("2" is not "2.0"'s
     # prefix: both are split the same way); leading zeros go, so "07:45" is "7:45".
-    return " ".join(token.lstrip("0") or "0" if token.isdigit() else token
-                    for token in re.findall(r"[a-z0-9]+", text))
+    return " ".join(token.lstrip("0") or "0" if token.isdigit() else token for token in re.findall(r"[a-z0-9]+", text))
 
 
 def key_tokens(answer: str, skip: Iterable[str] = ()) -> list[str]:

@@ -21,30 +21,53 @@ from appliance.data.study.statements import (
     third_person,
 )
 
-PREPS = frozenset("at on in by to from within for after before until beside near of under over through via "
-                  "between during with as into inside outside behind".split())
+PREPS = frozenset(
+    "at on in by to from within for after before until beside near of under over through via "
+    "between during with as into inside outside behind".split()
+)
 _PLACE_PREPS = frozenset("in at on beside near inside outside behind".split())
 _STOP = PREPS | AUX | LEXICAL | frozenset("and or but so there here which who that when where while if".split())
 _BASE = {third_person(verb): verb for verb in BASE_VERBS}
 _COPULA = frozenset("is are was were".split())
-_DURATIONS = frozenset({"seconds", "minutes", "hours", "days", "weeks", "months", "years", "calendar days",
-                        "working days", "business days"})
+_DURATIONS = frozenset(
+    {
+        "seconds",
+        "minutes",
+        "hours",
+        "days",
+        "weeks",
+        "months",
+        "years",
+        "calendar days",
+        "working days",
+        "business days",
+    }
+)
 _DAY_MODIFIERS = frozenset("every each first last next".split())
 # A slot after these cannot move to the front of a question: "at least 72 hours" would leave "at least" behind.
-_STRANDING = frozenset("least most to up than every first last of about around only over under a an the "
-                       "and or".split())
+_STRANDING = frozenset("least most to up than every first last of about around only over under a an the and or".split())
 _CLAUSE_AFTER = re.compile(r",\s+(?:and|so|while|but|whereas|after which|which|however|then)\b|;")
-_NOUN_FOR = {"time": "time", "date": "day", "money": "amount", "percent": "percentage", "phone": "number",
-             "extension": "extension", "email": "address", "quantity": "figure", "number": "number",
-             "code": "code", "quoted": "term"}
+_NOUN_FOR = {
+    "time": "time",
+    "date": "day",
+    "money": "amount",
+    "percent": "percentage",
+    "phone": "number",
+    "extension": "extension",
+    "email": "address",
+    "quantity": "figure",
+    "number": "number",
+    "code": "code",
+    "quoted": "term",
+}
 
 
 @dataclass(frozen=True)
 class Wh:
-    start: int          # span of the statement's text the phrase replaces
+    start: int  # span of the statement's text the phrase replaces
     end: int
-    phrase: str         # "at what time", "who", "which extension"
-    appositive: str | None = None   # "the payroll officer" when the slot names that role's holder
+    phrase: str  # "at what time", "who", "which extension"
+    appositive: str | None = None  # "the payroll officer" when the slot names that role's holder
 
 
 def noun_for(slot: Slot) -> str:
@@ -71,8 +94,8 @@ def wh_for(st: Statement, slot: Slot) -> Wh:
     if prev in ("the", "a", "an") and slot.kind in ("name", "code", "date", "percent", "quantity", "labelled"):
         start -= len(before[-1]) + 1
         before, prev = before[:-1], (before[-2].lower() if len(before) > 1 else "")
-    phrase, end = _phrase(text, slot, end, prev, article=text[start:slot.start].strip().lower())
-    stranded = len(before) > 1 and before[-2].lower() in ("up", "than")   # "up to 6 days"
+    phrase, end = _phrase(text, slot, end, prev, article=text[start : slot.start].strip().lower())
+    stranded = len(before) > 1 and before[-2].lower() in ("up", "than")  # "up to 6 days"
     if (prev == "at" and slot.kind == "time") or (prev == "for" and slot.label in _DURATIONS):
         # "at 07:15" -> "when", "for 45 minutes" -> "how long": the preposition goes with the phrase
         start -= len(before[-1]) + 1
@@ -122,8 +145,15 @@ def _simple_phrase(slot: Slot, nouns: list[str]) -> str:
         return "which day" if re.search(r"day\b|\d(?:st|nd|rd|th)$", slot.value) else "what date"
     if kind == "labelled" or kind == "extension":
         return f"which {slot.label}"
-    return {"time": "what time", "money": "how much", "percent": "what percentage", "phone": "what number",
-            "email": "which address", "code": "which code", "quoted": "what"}.get(kind, "what")
+    return {
+        "time": "what time",
+        "money": "how much",
+        "percent": "what percentage",
+        "phone": "what number",
+        "email": "which address",
+        "code": "which code",
+        "quoted": "what",
+    }.get(kind, "what")
 
 
 def _following_nouns(text: str, end: int) -> list[str]:
@@ -138,9 +168,9 @@ def _following_nouns(text: str, end: int) -> list[str]:
 
 
 def _appositive(text: str, slot: Slot) -> str | None:
-    """"the payroll officer" in "... go to the payroll officer, Anselm Greaves.": the role the name holds."""
-    head, tail = text[:slot.start], text[slot.end:]
-    if not head.endswith(", ") or not tail[:1] in (",", "."):
+    """ "the payroll officer" in "... go to the payroll officer, Anselm Greaves.": the role the name holds."""
+    head, tail = text[: slot.start], text[slot.end :]
+    if not head.endswith(", ") or tail[:1] not in (",", "."):
         return None
     words = head[:-2].split()
     for back in range(1, min(len(words), 6) + 1):
@@ -151,19 +181,21 @@ def _appositive(text: str, slot: Slot) -> str | None:
 
 def first_person(text: str) -> str:
     """The asker's voice: the handbook's "you" and "your" become "I"/"me" and "my"."""
+
     def swap(match: re.Match[str]) -> str:
         word = match.group(0)
         low = word.lower()
         if low in ("your", "yourself"):
             out = {"your": "my", "yourself": "myself"}[low]
         else:
-            before = text[:match.start()].split()
-            after = text[match.end():].split()
+            before = text[: match.start()].split()
+            after = text[match.end() :].split()
             prev = before[-1].lower() if before else ""
             nxt = after[0].lower().strip(",.?") if after else ""
             subject = prev in AUX or nxt in AUX or nxt in LEXICAL or nxt in _SUBJECT_VERBS or nxt.endswith("-certify")
             out = "I" if subject else "me"
         return out.capitalize() if word[0].isupper() and out != "I" else out
+
     swapped = re.sub(r"\b(?:[Yy]ou|[Yy]our|[Yy]ourself)\b", swap, text)
     return re.sub(r"\bI are\b", "I am", re.sub(r"\bI were\b", "I was", re.sub(r"\bare I\b", "am I", swapped)))
 
@@ -185,15 +217,15 @@ def _clean(text: str) -> str:
 
 def _tail(st: Statement, wh: Wh) -> str:
     """The text after the slot, without a following clause that the question is not about."""
-    after = st.text[wh.end:]
+    after = st.text[wh.end :]
     join = _CLAUSE_AFTER.search(after)
-    return (after[:join.start()] if join else after).rstrip(" .!")
+    return (after[: join.start()] if join else after).rstrip(" .!")
 
 
 def echo(st: Statement, wh: Wh) -> str | None:
     if wh.appositive:
         return None
-    body = _clean(st.text[:wh.start] + wh.phrase + _tail(st, wh))
+    body = _clean(st.text[: wh.start] + wh.phrase + _tail(st, wh))
     return first_person(body[0].upper() + body[1:] + "?")
 
 
@@ -202,11 +234,16 @@ def _parts(st: Statement, wh: Wh) -> tuple[str, str, str, str] | None:
     if not st.subject or not st.verb or wh.start <= st.verb_start or wh.appositive:
         return None
     verb_end = st.verb_start + len(st.verb)
-    between, after = st.text[verb_end:wh.start], _tail(st, wh)
+    between, after = st.text[verb_end : wh.start], _tail(st, wh)
     last = between.split()[-1].lower() if between.split() else ""
     first = after.split()[0].lower() if after.split() else ""
-    if "," in between or last in _STRANDING or first in ("and", "or", "-", "the", "a", "an") \
-            or re.match(r"\s*to\s+\d", after) or wh.phrase.startswith("a "):
+    if (
+        "," in between
+        or last in _STRANDING
+        or first in ("and", "or", "-", "the", "a", "an")
+        or re.match(r"\s*to\s+\d", after)
+        or wh.phrase.startswith("a ")
+    ):
         return None  # a second clause, one end of a range, or a modifier that would be left behind
     of_phrase = re.match(r"\s+of\s+[^,.;]*", after)
     front = wh.phrase
@@ -214,18 +251,18 @@ def _parts(st: Statement, wh: Wh) -> tuple[str, str, str, str] | None:
         words = of_phrase.group(0).split()
         if len(words) > 4 or any(w.lower() in AUX or w.lower() in LEXICAL for w in words):
             return None
-        front, after = f"{front} {' '.join(words)}", after[of_phrase.end():]
+        front, after = f"{front} {' '.join(words)}", after[of_phrase.end() :]
     subject = lower_first(st.subject, keep=any(s.start == 0 for s in st.slots))
     return front, subject, between, after
 
 
 def _is_subject(st: Statement, wh: Wh) -> bool:
     """The slot is the whole subject: "Dr. Priya Castellane leads ..."."""
-    return bool(st.subject) and wh.start <= 0 < st.verb_start and st.text[wh.end:st.verb_start].strip(" ,") == ""
+    return bool(st.subject) and wh.start <= 0 < st.verb_start and st.text[wh.end : st.verb_start].strip(" ,") == ""
 
 
 def fronted(st: Statement, wh: Wh) -> str | None:
-    """"At what time does the day shift start?"; for a slot that is the subject: "Who leads ...?"."""
+    """ "At what time does the day shift start?"; for a slot that is the subject: "Who leads ...?"."""
     if wh.appositive:
         return f"Who is {wh.appositive}?"
     if _is_subject(st, wh):
@@ -243,7 +280,7 @@ def fronted(st: Statement, wh: Wh) -> str | None:
 
 
 def embedded(st: Statement, wh: Wh) -> str | None:
-    """"at what time the day shift starts", to follow "Do you know"."""
+    """ "at what time the day shift starts", to follow "Do you know"."""
     if wh.appositive:
         return f"who {wh.appositive} is"
     if _is_subject(st, wh):
@@ -256,4 +293,4 @@ def embedded(st: Statement, wh: Wh) -> str | None:
 
 
 def cloze(st: Statement, slot: Slot) -> str:
-    return st.text[:slot.start] + "___" + st.text[slot.end:]
+    return st.text[: slot.start] + "___" + st.text[slot.end :]
