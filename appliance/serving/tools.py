@@ -1,9 +1,10 @@
 """Tool calls for a model whose chat template has no tool support (SmolLM2's, the default
 base's, among them). llama-server then renders ``tools`` nowhere and never returns a tool
 call, so the front does what a tool-aware template would: it describes the tools in the
-system message, constrains the answer with a JSON schema (so a call is always well formed:
-a known function name and arguments matching its parameters), and turns the answer into
-OpenAI's ``tool_calls``, streamed or not. Tool-call and tool-result turns in the history are
+system message, constrains the answer with a JSON schema when a call is required (so it is
+always well formed: a known function name and arguments matching its parameters; with
+``auto`` the model may answer in words, and a call it writes is read back), and turns the
+answer into OpenAI's ``tool_calls``, streamed or not. Tool-call and tool-result turns in the history are
 written out as text the model can read.
 
 A backend says whether its template takes tools in ``/props`` (``chat_template_caps``); a
@@ -19,7 +20,7 @@ from typing import Any
 INSTRUCTIONS = ("You can call these functions (JSON schema of each one's arguments):\n{tools}\n"
                 "To call functions, answer with JSON {{\"tool_calls\": [{{\"name\": ..., \"arguments\": {{...}}}}]}}. "
                 "{reply}")
-REPLY_AUTO = "To answer without calling a function, answer with JSON {\"content\": \"<your answer>\"}."
+REPLY_AUTO = "Call a function only when you need one; otherwise answer in words."
 REPLY_REQUIRED = "Call at least one function."
 
 
@@ -40,10 +41,6 @@ def rewrite(out: dict) -> dict:
     out["stream"] = False
     messages = [_readable(m) for m in out["messages"]]
     if tools and choice != "none":
-        schema = _calls_schema(tools, parallel)
-        if choice == "auto":
-            schema = {"anyOf": [schema, {"type": "object", "properties": {"content": {"type": "string"}},
-                                         "required": ["content"]}]}
         described = json.dumps([{"name": t["function"]["name"], "description": t["function"].get("description", ""),
                                  "parameters": t["function"].get("parameters", {})} for t in tools])
         note = INSTRUCTIONS.format(tools=described, reply=REPLY_AUTO if choice == "auto" else REPLY_REQUIRED)
@@ -51,7 +48,9 @@ def rewrite(out: dict) -> dict:
             messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}
         else:
             messages.insert(0, {"role": "system", "content": note})
-        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+        if choice != "auto":  # auto: the model may answer in words; a call is read back only if it wrote one
+            schema = _calls_schema(tools, parallel)
+            out["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
     out["messages"] = messages
     return out
 
@@ -70,11 +69,12 @@ def _calls_schema(tools: list[dict], parallel: bool) -> dict:
 def _readable(m: dict) -> dict:
     """A tool-call or tool-result turn as plain text for a template that knows neither."""
     if m["role"] == "tool":
-        return {"role": "user", "content": f"Result of function call {m.get('tool_call_id', '')}: {m['content']}"}
+        return {"role": "user", "content": f"The function call {m.get('tool_call_id', '')} returned: {m['content']}"}
     if m.get("tool_calls"):
-        calls = [{"name": c["function"]["name"], "arguments": _loads(c["function"]["arguments"])}
-                 for c in m["tool_calls"]]
-        return {"role": "assistant", "content": json.dumps({"tool_calls": calls})}
+        # in words, not in the call format: a small model copies a format it sees in its own turns
+        calls = "; ".join(f"{c['function']['name']}({c['function']['arguments']}) as call {c.get('id', '')}"
+                          for c in m["tool_calls"])
+        return {"role": "assistant", "content": f"{m.get('content') or ''}\n(I called {calls}.)".lstrip()}
     return {k: v for k, v in m.items() if k in ("role", "content")}
 
 
