@@ -161,7 +161,8 @@ def _logit_bias(bias: object) -> None:
     if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
         raise Invalid(f"'logit_bias' must map up to {MAX_LOGIT_BIAS} token ids to numbers", "logit_bias")
     for token, value in bias.items():
-        if not (token.isdigit() and len(token) <= 9 and _is_number(value) and -100 <= value <= 100):
+        if not (token.isascii() and token.isdigit() and len(token) <= 9
+                and _is_number(value) and -100 <= value <= 100):
             raise Invalid("'logit_bias' maps token ids (digits) to numbers from -100 to 100", "logit_bias")
 
 
