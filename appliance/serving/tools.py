@@ -118,7 +118,7 @@ def stream(payload: dict, include_usage: bool) -> bytes:
         events.append({**base, "choices": [end]})
     if include_usage:
         events.append({**base, "choices": [], "usage": payload.get("usage")})
-    # the last event carries the timings, where the front's log line reads token counts
-    events[-1]["timings"] = payload.get("timings")
+    if events:  # the last event carries the timings, where the front's log line reads token counts
+        events[-1]["timings"] = payload.get("timings")
     body = b"".join(b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n" for e in events)
     return body + b"data: [DONE]\n\n"
