@@ -52,7 +52,7 @@ from appliance.cli.init import create_home
 from appliance.home import registry
 from appliance.home.paths import Home
 from appliance.runtime.llama_server import binary
-from appliance.serving.front import read_api_key
+from appliance.serving.guard import read_api_key
 from appliance.training.basemodel import embedded_gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

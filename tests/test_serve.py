@@ -315,13 +315,49 @@ def test_a_version_that_will_not_load_is_not_switched_to(served, tmp_path: Path)
 
 # --- R2 -------------------------------------------------------------------------------
 
+# JSON-schema-like values, hostile ones among them: deep nesting, huge enums, repetitions, $refs
+# that point nowhere, outside or back at themselves.
+SCHEMA_LEAVES = st.one_of(st.sampled_from([{"type": "string"}, {"type": "integer", "minimum": 0}, {"$ref": "#"},
+                                           {"$ref": "#/$defs/a"}, {"$ref": "http://evil.example/s"},
+                                           {"enum": list(range(5000))}, {"type": "array", "minItems": 10**6},
+                                           {"type": "string", "pattern": "(a*)*" * 80}, True]),
+                          st.dictionaries(st.sampled_from(["type", "enum", "const", "maxLength"]), st.integers(),
+                                          max_size=2))
+SCHEMAS = st.recursive(SCHEMA_LEAVES, lambda inner: st.one_of(
+    st.fixed_dictionaries({"type": st.just("object"), "properties": st.dictionaries(st.text(max_size=3), inner,
+                                                                                    max_size=3)}),
+    st.fixed_dictionaries({"anyOf": st.lists(inner, max_size=3)}),
+    st.fixed_dictionaries({"$defs": st.fixed_dictionaries({"a": inner}), "$ref": st.just("#/$defs/a")}),
+    st.fixed_dictionaries({"type": st.just("array"), "items": inner})), max_leaves=40)
+TOOLS = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["function", "x"]), "function": st.fixed_dictionaries(
+    {"name": st.sampled_from(["f", "g", "", "a b", "x" * 80]), "parameters": SCHEMAS})}), max_size=3)
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
                    st.floats(allow_nan=True), st.text(max_size=40), st.lists(st.text(max_size=5), max_size=3),
-                   st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+                   st.dictionaries(st.text(max_size=5), st.integers(), max_size=2), TOOLS,
+                   st.fixed_dictionaries({"type": st.sampled_from(["json_schema", "json_object", "text", "x"]),
+                                          "json_schema": st.fixed_dictionaries({"name": st.just("s"),
+                                                                                "schema": SCHEMAS}),
+                                          "schema": SCHEMAS}),
+                   st.fixed_dictionaries({"type": st.just("function"),
+                                          "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "z"])})}),
+                   st.sampled_from(["auto", "none", "required"]))
 FIELDS = st.sampled_from(["model", "messages", "prompt", "max_tokens", "n", "top_k", "top_p", "temperature",
-                          "stream", "stop", "seed", "logit_bias", "min_p", "ignore_eos", "max_completion_tokens"])
-MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", ""]),
-                                           "content": st.one_of(st.text(max_size=60), st.integers())}), max_size=3)
+                          "stream", "stop", "seed", "logit_bias", "min_p", "ignore_eos", "max_completion_tokens",
+                          "tools", "tool_choice", "response_format", "logprobs", "top_logprobs", "user",
+                          "stream_options", "parallel_tool_calls", "grammar", "lora", "id_slot", "cache_prompt"])
+CONTENT = st.one_of(st.text(max_size=60), st.integers(), st.none(),
+                    st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", ""]),
+                                                    "text": st.one_of(st.text(max_size=20), st.integers())}),
+                             max_size=3))
+CALLS = st.lists(st.fixed_dictionaries({"id": st.text(max_size=5), "type": st.just("function"),
+                                        "function": st.fixed_dictionaries({"name": st.sampled_from(["f", ""]),
+                                                                           "arguments": st.text(max_size=20)})}),
+                 max_size=2)
+MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "developer", "assistant",
+                                                                    "tool", ""]),
+                                           "content": CONTENT},
+                                          optional={"tool_calls": CALLS, "tool_call_id": st.text(max_size=5)}),
+                    max_size=3)
 BODIES = st.fixed_dictionaries({"messages": MESSAGES, "max_tokens": st.integers(-5, 6)},
                                optional={"model": st.sampled_from(["appliance", "v1", "nope", "", "../base"])}) \
     .flatmap(lambda base: st.dictionaries(FIELDS, VALUES, max_size=4).map(lambda extra: {**base, **extra}))
@@ -339,10 +375,14 @@ def check_answer(reply: httpx.Response) -> None:
 @hsettings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(body=BODIES, chat=st.booleans())
 def test_fuzzed_bodies_get_200_or_a_clear_4xx(served, body, chat):
+    """Every field a client may send, the new ones and hostile schemas among them: a 200 or a
+    clear 4xx, in bounded time (a schema that would keep a slot busy must be refused)."""
     path = "/v1/chat/completions" if chat else "/v1/completions"
     if not chat and "prompt" not in body:
         body = {**body, "prompt": str(body.get("messages"))[:50]}
+    started = time.monotonic()
     check_answer(httpx.post(served["server"].url + path, json=body, headers=auth(served), timeout=120))
+    assert time.monotonic() - started < 60
 
 
 @pytest.mark.slow
@@ -366,3 +406,237 @@ def test_huge_and_hostile_requests_leave_the_server_up(served):
     reply = served["client"].chat.completions.create(model="appliance", max_tokens=2,
                                                      messages=[{"role": "user", "content": "still there?"}])
     assert reply.choices[0].message is not None
+
+
+# --- a drop-in endpoint: what llama.cpp's server speaks, through the guard --------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"]}}}
+CLINIC = {"type": "function", "function": {
+    "name": "opening_hours", "parameters": {"type": "object", "properties": {"day": {"enum": ["mon", "tue"]}},
+                                            "required": ["day"]}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris this week?"}]
+
+
+def check_calls(calls, names: set[str]) -> list[dict]:
+    """Tool calls as OpenAI shapes them: an id, a known function, arguments that are a JSON object."""
+    import json
+
+    assert calls, "no tool call came back"
+    out = []
+    for call in calls:
+        assert call.id and call.type == "function" and call.function.name in names
+        out.append(json.loads(call.function.arguments))
+        assert isinstance(out[-1], dict)
+    return out
+
+
+def test_messages_as_clients_send_them(served):
+    """developer messages, content as text parts and tool-call/tool-result turns are read, and
+    render to the same prompt as their plain equivalents."""
+    client = served["client"]
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Fees?\nAnd hours?"}]
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Fees?"}, {"type": "text", "text": "And hours?"}]}]
+    answers = [client.chat.completions.create(model="appliance", max_tokens=6, temperature=0, messages=m)
+               for m in (plain, parts)]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                         "arguments": '{"city": "Paris", "days": 2}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C."}]
+    reply = client.chat.completions.create(model="appliance", max_tokens=6, messages=history, tools=[WEATHER])
+    assert reply.choices[0].message.role == "assistant"
+    with pytest.raises(openai.BadRequestError, match="reads text only"):
+        client.chat.completions.create(model="appliance", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+
+
+def test_tool_calls_through_the_official_client(served):
+    """The tiny model's template has no tool support: the front constrains the answer to a
+    well-formed call of a listed function, as a tool-aware template would, streamed or not."""
+    client, names = served["client"], {"get_weather", "opening_hours"}
+    reply = client.chat.completions.create(model="appliance", max_tokens=250, temperature=0, messages=ASK,
+                                           tools=[WEATHER, CLINIC], tool_choice="required",
+                                           parallel_tool_calls=False)
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert len(check_calls(reply.choices[0].message.tool_calls, names)) == 1
+    named = client.chat.completions.create(model="appliance", max_tokens=250, temperature=0, messages=ASK,
+                                           tools=[WEATHER, CLINIC],
+                                           tool_choice={"type": "function", "function": {"name": "opening_hours"}})
+    args = check_calls(named.choices[0].message.tool_calls, {"opening_hours"})
+    assert all(a["day"] in ("mon", "tue") for a in args)
+    chunks = list(client.chat.completions.create(
+        model="appliance", max_tokens=250, temperature=0, messages=ASK, tools=[CLINIC], tool_choice="required",
+        stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    calls = [call for d in deltas for call in d.tool_calls or []]
+    check_calls(calls, {"opening_hours"})
+    assert chunks[-1].usage.completion_tokens >= 1
+    assert {c.model for c in chunks} == {registry.current(served["home"])}
+
+
+def test_response_format_logprobs_bias_choices_and_user(served):
+    import json
+
+    client = served["client"]
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20},
+                                               "sure": {"type": "boolean"}}, "required": ["answer", "sure"]}
+    reply = client.chat.completions.create(
+        model="appliance", max_tokens=60, temperature=0, messages=ASK, user="desk-7",
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}})
+    data = json.loads(reply.choices[0].message.content)
+    assert isinstance(data["answer"], str) and isinstance(data["sure"], bool)
+    anything = client.chat.completions.create(model="appliance", max_tokens=60, temperature=0, messages=ASK,
+                                              response_format={"type": "json_object"})
+    assert anything.choices[0].message.content.lstrip()[:1] in ("{", "[", '"') or \
+        anything.choices[0].finish_reason == "length"
+    scored = client.chat.completions.create(model="appliance", max_completion_tokens=3, temperature=0,
+                                            messages=ASK, logprobs=True, top_logprobs=2, n=2)
+    assert len(scored.choices) == 2 and scored.usage.completion_tokens <= 6
+    tokens = scored.choices[0].logprobs.content
+    assert tokens and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in tokens)
+    first = tokens[0].top_logprobs[0]
+    banned = client.chat.completions.create(
+        model="appliance", max_tokens=1, temperature=0, messages=ASK, logprobs=True, top_logprobs=1,
+        logit_bias={str(_token_id(served, first)): -100})
+    assert banned.choices[0].logprobs.content[0].token != first.token
+
+
+def _token_id(served, top) -> int:
+    backend = served["server"].pool._ready[registry.current(served["home"])]
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(backend.socket)), base_url="http://b") as raw:
+        return raw.post("/tokenize", json={"content": top.token}).json()["tokens"][0]
+
+
+def test_no_max_tokens_runs_past_256_up_to_the_limit(served):
+    """OpenAI's behaviour: no max_tokens, no silent cut at 256 (bounded by serve.max_tokens_limit)."""
+    reply = httpx.post(served["server"].url + "/v1/completions", headers=auth(served), timeout=300,
+                       json={"prompt": "The clinic", "ignore_eos": True})
+    usage = reply.json()["usage"]
+    assert 256 < usage["completion_tokens"] <= load(served["home"].config).serve.max_tokens_limit
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"grammar": "root ::= \"x\""}, "grammar"), ({"lora": [{"id": 0, "scale": 1}]}, "lora"),
+    ({"id_slot": 0}, "id_slot"), ({"cache_prompt": False}, "cache_prompt"), ({"n": 99}, "n"),
+    ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": [WEATHER]}, "tool_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"$ref": "#"}}}},
+     "response_format"),
+])
+def test_what_the_guard_cannot_vouch_for_is_refused_clearly(served, extra, param):
+    reply = httpx.post(served["server"].url + "/v1/chat/completions", headers=auth(served), timeout=60,
+                       json={"messages": ASK, "max_tokens": 2, **extra})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+
+
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+HOSTILE = [
+    _nested(200),
+    {"enum": [str(i) for i in range(20_000)]},
+    {"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "string"}]}}, "$ref": "#/$defs/a"},
+    {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+    {"$ref": "http://evil.example/schema.json"},
+    {"type": "array", "items": {"type": "string"}, "minItems": 100_000},
+    {"type": "string", "pattern": "(a*)*" * 100},
+]
+
+
+def test_hostile_schemas_are_refused_and_the_backend_keeps_answering(served):
+    """Each of these keeps a llama.cpp slot busy for minutes or is refused by it: the front
+    refuses them all at once, as response_format and as tool parameters."""
+    url, good = served["server"].url + "/v1/chat/completions", auth(served)
+    for schema in HOSTILE:
+        started = time.monotonic()
+        for extra in ({"response_format": {"type": "json_schema", "json_schema": {"name": "h", "schema": schema}}},
+                      {"tools": [{"type": "function", "function": {"name": "h", "parameters": schema}}]}):
+            reply = httpx.post(url, headers=good, timeout=30, json={"messages": ASK, "max_tokens": 4, **extra})
+            assert reply.status_code == 400 and reply.json()["error"]["message"], reply.text[:200]
+        assert time.monotonic() - started < 5
+    fine = _nested(8) | {"$defs": {"d": {"type": "integer"}}}
+    fine["properties"]["n"] = {"$ref": "#/$defs/d"}
+    reply = served["client"].chat.completions.create(
+        model="appliance", max_tokens=40, messages=ASK,
+        response_format={"type": "json_schema", "json_schema": {"name": "ok", "schema": fine}})
+    assert reply.choices[0].message is not None
+
+
+def test_errors_and_models_have_openai_shapes(served):
+    url, good = served["server"].url, auth(served)
+    for reply in (httpx.get(url + "/v1/nothing", headers=good), httpx.get(url + "/v1/chat/completions", headers=good),
+                  httpx.post(url + "/v1/chat/completions", json={}), httpx.post(url + "/v1/embeddings", headers=good,
+                                                                               json={"input": "x"})):
+        assert 400 <= reply.status_code < 500
+        assert set(reply.json()["error"]) == {"message", "type", "param", "code"}, reply.text
+    missing = httpx.post(url + "/v1/embeddings", headers=good, json={"input": "x", "model": "e"})
+    assert missing.status_code == 404 and "no embedding model is configured" in missing.json()["error"]["message"]
+    models = {m["id"]: m for m in httpx.get(url + "/v1/models", headers=good).json()["data"]}
+    current = registry.current(served["home"])
+    for entry in models.values():
+        assert entry["object"] == "model" and entry["owned_by"] == "appliance" and entry["created"] > 0
+        assert entry["collection"] == "shared" and "quant" in entry
+    assert models["appliance"]["version"] == current and models["v1"]["quant"] == "same as base"
+
+
+def test_user_is_counted_never_written(served):
+    from appliance.home import audit
+
+    for user in ("alice@example.org", "bob@example.org", "alice@example.org"):
+        served["client"].completions.create(model="v2", prompt="Hi", max_tokens=1, user=user)
+    served["server"].usage.flush()
+    uses = [e["details"] for e in audit.entries(served["home"]) if e["action"] == "key_use"
+            and e["details"]["model"] == "v2"]
+    assert sum(u.get("users", 0) for u in uses) == 2
+    assert "alice@example.org" not in served["home"].audit_log.read_text()
+
+
+@pytest.fixture(scope="module")
+def embedding_served(tmp_path_factory: pytest.TempPathFactory):
+    """An endpoint with no chat model promoted and the embedded SmolLM2 GGUF as its embedding model."""
+    from appliance.home.keys import KeyStore
+    from appliance.training.basemodel import embedded_gguf
+
+    home = create_home(tmp_path_factory.mktemp("embed") / "home", "tiny", tiny_settings())
+    settings = load(home.config)
+    settings.grounding.embedding_model = str(embedded_gguf())
+    server = Server(home, settings, port=free_port()).start()
+    walled = KeyStore(home).add("walled", "chat", ["legal"])
+    yield {"server": server, "key": read_api_key(home), "walled": walled}
+    server.stop()
+
+
+def test_embeddings_from_the_configured_model(embedding_served):
+    import array
+    import base64
+    import math
+
+    url = embedding_served["server"].url
+    client = openai.OpenAI(base_url=url + "/v1", api_key=embedding_served["walled"], max_retries=0, timeout=120)
+    assert "appliance-embedding" in {m.id for m in client.models.list()}
+    reply = client.embeddings.create(model="appliance-embedding", input=["The clinic opens at 8.", "Fees are low."])
+    vectors = [d.embedding for d in reply.data]
+    assert len(vectors) == 2 and len(vectors[0]) == 576 and vectors[0] != vectors[1]
+    assert all(math.isfinite(x) for x in vectors[0]) and reply.usage.prompt_tokens > 0
+    once, packed = (client.embeddings.create(model="appliance-embedding", input="The clinic opens at 8.",
+                                             encoding_format=encoding).data[0].embedding
+                    for encoding in ("float", "base64"))
+    again = array.array("f", base64.b64decode(packed)).tolist()  # little-endian float32, as OpenAI sends them
+    assert once == pytest.approx(again, abs=1e-5) and len(once) == 576
+    assert httpx.post(url + "/v1/embeddings", json={"input": "x"}).status_code == 401
+    with pytest.raises(openai.NotFoundError, match="embedding model"):
+        client.embeddings.create(model="appliance/legal", input="x")
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="appliance-embedding", input=[])

@@ -161,12 +161,18 @@ def test_alternating_collections_keep_their_prompt_caches(served):
 
 
 def test_a_clients_own_lora_field_is_not_passed_on(served):
-    """llama-server would apply any adapter a request names; the front drops the field."""
-    reply = httpx.post(served["server"].url + "/v1/completions", timeout=120,
-                       headers={"Authorization": f"Bearer {served['secrets']['cardio']}"},
-                       json={"model": f"appliance/{CARDIO}", "prompt": PROMPT, "max_tokens": TOKENS,
-                             "temperature": 0, "lora": [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0}]})
-    assert reply.status_code == 200
+    """llama-server would apply any adapter a request names; the front refuses the field, saying
+    why, and the collection's own adapter answers the same request without it."""
+    body = {"model": f"appliance/{CARDIO}", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0}
+    headers = {"Authorization": f"Bearer {served['secrets']['cardio']}"}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        extra = {} if path.endswith("/completions") and "chat" not in path else \
+            {"messages": [{"role": "user", "content": PROMPT}]}
+        reply = httpx.post(served["server"].url + path, timeout=120, headers=headers,
+                           json={**body, **extra, "lora": [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0}]})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "lora"
+        assert "other collections' adapters" in reply.json()["error"]["message"]
+    reply = httpx.post(served["server"].url + "/v1/completions", timeout=120, headers=headers, json=body)
     assert reply.json()["choices"][0]["text"] == complete(served["clients"]["admin"], f"appliance/{CARDIO}") \
         .choices[0].text
 

@@ -148,13 +148,21 @@ class ServeSection(Section):
     port: int = Field(8088, ge=1, le=65535)
     threads: int | None = Field(None, ge=1)
     context: int = Field(2048, ge=256)
-    max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
+    max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for; also how far "
+                                                        "an answer may run when a request sets none (to the "
+                                                        "end of the context at most).")
+    max_choices: int = Field(4, ge=1, le=16, description="Largest n (answers generated for one request).")
     max_prompt_bytes: int = Field(1_000_000, ge=1024)
     slots: int = Field(4, ge=1, le=64, description="Requests one model answers at once (llama-server --parallel).")
     max_concurrent: int = Field(64, ge=1, description="Requests the endpoint holds at once; more get 429.")
     keep_loaded: int = Field(2, ge=1, le=8, description="Model versions kept loaded (current + recently used).")
     audit_flush_seconds: float = Field(60.0, gt=0, description="How often the endpoint writes which key used which "
                                                                "model (counts and times) to the audit log.")
+
+
+class GroundingSection(Section):
+    embedding_model: str | None = Field(None, description="Path of an embedding GGUF served at /v1/embeddings "
+                                                          "(llama.cpp in embedding mode); unset: no embeddings.")
 
 
 class GateSection(Section):
@@ -222,6 +230,7 @@ class Settings(BaseSettings):
     study: StudySection = StudySection()
     export: ExportSection = ExportSection()
     serve: ServeSection = ServeSection()
+    grounding: GroundingSection = GroundingSection()
     gate: GateSection = GateSection()
     daemon: DaemonSection = DaemonSection()
     disk: DiskSection = DiskSection()

@@ -43,11 +43,14 @@ room does not load the others):
 
 - ``guard``: the ASGI middleware that checks Host, Origin and the bearer key; bind checks.
 - ``openai``: what a request may ask (validation) and the body forwarded to llama-server.
+- ``schemas``: client JSON schemas (response_format, tool parameters) bounded before llama.cpp sees them.
+- ``tools``: tool calls for a model whose chat template has none (instructions, a schema, the answer read back).
 - ``resolve``: a model id and a key to what serves it (specs, adapters, the adapter host).
 - ``pool``: the running backends: started on demand, least recently used retired, slots.
 - ``relay``: a backend's reply passed through to the client, streamed or not.
 - ``usage``: per-key use, summed and written to the audit log.
-- ``app``: the Starlette routes; ``server``: uvicorn in a thread, start and stop.
+- ``app``: the Starlette routes (chat, completions, embeddings, models); ``server``: uvicorn in a
+  thread, start and stop.
 
 Every room logs as ``appliance.serve`` (operators filter the endpoint's lines by that name).
 """

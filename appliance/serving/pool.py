@@ -13,7 +13,9 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import httpx
 
 from appliance.contract.errors import ApplianceError, RegistryError, ServeError
 from appliance.home import catalog, registry
@@ -35,6 +37,45 @@ PREPARED_SECONDS = 600.0  # how long a host started by prepare() is kept for the
 BackendFactory = Callable[[Spec], Backend]
 
 
+EMBEDDING = "appliance-embedding"  # the embedding model's id (and its backend's alias)
+
+
+class ServedBackend(Backend):
+    """A llama-server as the endpoint runs it: knowing whether its chat template takes tools
+    (else the front handles them, appliance/serving/tools.py), and for the embedding model
+    configured in ``[grounding]``, in embedding mode."""
+
+    native_tools = True
+
+    def __init__(self, *args: Any, embedding: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.embedding = embedding
+
+    def command(self) -> list[str]:
+        command = super().command()
+        if self.embedding:
+            # an input is embedded in one batch: the batch must hold a whole context
+            command += ["--embedding", "--batch-size", str(self.context), "--ubatch-size", str(self.context)]
+            if not _declares_pooling(self.gguf):  # a chat model used for embeddings: average its tokens
+                command += ["--pooling", "mean"]
+        return command
+
+    def read_caps(self) -> None:
+        transport = httpx.HTTPTransport(uds=str(self.socket))
+        with httpx.Client(transport=transport, base_url="http://backend", timeout=10) as client:
+            caps = client.get("/props").json().get("chat_template_caps") or {}
+        self.native_tools = bool(caps.get("supports_tool_calls"))
+
+
+def _declares_pooling(gguf: Path) -> bool:
+    from gguf import GGUFReader  # llama.cpp's own reader; only an embedding model's start needs it
+
+    try:
+        return any(name.endswith(".pooling_type") for name in GGUFReader(gguf).fields)
+    except (OSError, ValueError) as exc:
+        raise ServeError(f"{gguf}: not a readable GGUF file ({exc})") from None
+
+
 class LlamaServers:
     """The real backend factory: a native llama-server process per spec."""
 
@@ -47,14 +88,17 @@ class LlamaServers:
                  self.binary, self.serve.slots, self.threads, self.serve.context)
 
     def __call__(self, spec: Spec) -> Backend:
-        backend = Backend(spec.name, spec.gguf, slots=self.serve.slots, context=self.serve.context,
-                          threads=self.threads, log_path=self.logs / f"llama-server-{spec.name.replace('/', '_')}.log",
-                          loras=tuple(a.path for a in spec.adapters))
+        backend = ServedBackend(spec.name, spec.gguf, slots=self.serve.slots, context=self.serve.context,
+                                threads=self.threads,
+                                log_path=self.logs / f"llama-server-{spec.name.replace('/', '_')}.log",
+                                loras=tuple(a.path for a in spec.adapters), embedding=spec.embedding)
         try:
             self.logs.mkdir(parents=True, exist_ok=True)
             backend.start()
             backend.wait_ready(START_TIMEOUT)
-        except (ServeError, OSError):
+            if not spec.embedding:
+                backend.read_caps()
+        except (ServeError, OSError, httpx.HTTPError, ValueError):
             backend.stop()
             raise
         return backend
@@ -124,7 +168,8 @@ class BackendPool:
                 # the next host is built without it, and its own requests get this error
                 self.resolver.set_aside(a for a, _ in bad)
                 raise RegistryError(f"{bad[0][0].path}: {bad[0][1]}; not serving it")
-            if not _intact(spec.gguf, spec.sha256):  # only files the appliance built, byte for byte
+            # only files the appliance built, byte for byte (the embedding model is the one IT named in config)
+            if not spec.embedding and not _intact(spec.gguf, spec.sha256):
                 raise RegistryError(f"{spec.gguf}: the file does not match the sha256 recorded when it was built; "
                                     "not serving it")
             backend = self._start_backend(spec)
@@ -176,11 +221,14 @@ class BackendPool:
     def _retire_extra(self, protect: set[str]) -> None:
         """Under the lock: keep at most ``keep`` backends; one still answering stops when drained."""
         protect = protect | self._protected()
-        for name in list(self._ready):
-            if len(self._ready) <= self.keep:
+        models = [n for n in self._ready if not self._specs[n].embedding]  # the embedding model is not a version
+        extra = len(models) - self.keep
+        for name in models:
+            if extra <= 0:
                 return
             if name not in protect:
                 self._retire(name, f"more than {self.keep} loaded")
+                extra -= 1
 
     # --- per request
     async def acquire(self, model_id: object, key: Key | None = None) -> Answering:
@@ -206,6 +254,22 @@ class BackendPool:
                 self._last[target.collection] = backend.version
             return answering
         raise ServeError(f"model {target.spec.name} is being replaced; try again")
+
+    def embedding(self) -> Spec | None:
+        """The embedding model IT configured in ``[grounding] embedding_model``, or None."""
+        path = self.settings.grounding.embedding_model
+        return Spec(EMBEDDING, Path(path).expanduser(), "", (), embedding=True) if path else None
+
+    async def acquire_embedding(self, spec: Spec) -> Answering:
+        """The embedding backend, counted in flight until :meth:`release`."""
+        for _ in range(5):
+            backend = await asyncio.wrap_future(self.ensure(spec))
+            with self._lock:
+                if backend.retired or not backend.alive():
+                    continue
+                backend.inflight += 1
+            return Answering(backend, spec.name)
+        raise ServeError("the embedding model is being restarted; try again")
 
     def _running_with(self, adapter: Adapter, preferred: str) -> Backend | None:
         """A ready adapter host holding exactly ``adapter`` (``preferred`` first): a collection

@@ -25,8 +25,9 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 class Done:
     """A request's end: its one log line and its count for the key-use audit."""
 
-    def __init__(self, path: str, model: str, key: str, usage: KeyUse, stream: bool):
+    def __init__(self, path: str, model: str, key: str, usage: KeyUse, stream: bool, user: str | None = None):
         self.path, self.model, self.key, self.usage, self.stream = path, model, key, usage, stream
+        self.user = user  # the client's own name for its end user: counted, never written
         self.started = time.monotonic()
 
     def __call__(self, status: int, prompt: object, completion: object) -> None:
@@ -34,7 +35,7 @@ class Done:
         log.info("request path=%s model=%s key=%s status=%d stream=%s prompt_tokens=%s completion_tokens=%s "
                  "seconds=%.3f", self.path, self.model, self.key, status, self.stream, prompt, completion,
                  time.monotonic() - self.started)
-        self.usage.record(self.key, self.model, prompt, completion)
+        self.usage.record(self.key, self.model, prompt, completion, self.user)
 
 
 class Lease:
@@ -118,7 +119,8 @@ async def relay(reply: httpx.Response, lease: Lease, done: Done,
             yield rename(carry)
     except httpx.TransportError as exc:
         log.error("llama-server for %s broke off a stream: %s", done.model, exc)
-        yield b'data: {"error": {"message": "the model stopped answering", "type": "server_error"}}\n\n'
+        yield (b'data: {"error": {"message": "the model stopped answering", "type": "server_error", "param": null, '
+               b'"code": "backend_failed"}}\n\n')
     finally:
         lease.release()
         prompt, completion = _stream_counts(bytes(tail))
@@ -129,8 +131,13 @@ async def relay(reply: httpx.Response, lease: Lease, done: Done,
             pass
 
 
-def finish(done: Done, status: int, content: bytes, rename: Callable[[bytes], bytes] | None) -> Response:
-    """The backend's JSON reply as it came; a backend failure becomes a clear 502."""
+Shape = Callable[[dict], tuple[bytes, str]]  # a reply rewritten by the front: its bytes and media type
+
+
+def finish(done: Done, status: int, content: bytes, rename: Callable[[bytes], bytes] | None,
+           shape: Shape | None = None) -> Response:
+    """The backend's JSON reply as it came (or as ``shape`` rewrites it); a backend failure
+    becomes a clear 502."""
     try:
         payload = json.loads(content)
     except ValueError:
@@ -138,14 +145,18 @@ def finish(done: Done, status: int, content: bytes, rename: Callable[[bytes], by
     if status == 200 and isinstance(payload, dict):
         usage = payload.get("usage") or {}
         done(status, usage.get("prompt_tokens"), usage.get("completion_tokens"))
-        return Response(rename(content) if rename else content, status_code=200, media_type="application/json")
+        media = "application/json"
+        if shape is not None:
+            content, media = shape(payload)
+        return Response(rename(content) if rename else content, status_code=200, media_type=media)
     message = ""
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         message = str(payload["error"].get("message", ""))[:300]
     done(status, None, None)
     if 400 <= status < 500:  # e.g. a prompt longer than the context: the client's to fix
         return error(status, message or "the model refused the request")
-    return error(502, f"model {done.model} failed to answer ({status}: {message or 'no detail'})", "server_error")
+    return error(502, f"model {done.model} failed to answer ({status}: {message or 'no detail'})", "server_error",
+                 code="backend_failed")
 
 
 def _stream_counts(tail: bytes) -> tuple[object, object]:

@@ -49,6 +49,7 @@ class Spec:
     records: tuple[Path, ...]                  # version.json files that must still exist
     adapters: tuple[Adapter, ...] = ()
     host: bool = False                         # the host of every collection's current adapter
+    embedding: bool = False                    # an embedding model (/v1/embeddings), named in config
 
     def index(self, adapter: Adapter) -> int | None:
         return self.adapters.index(adapter) if adapter in self.adapters else None
@@ -167,16 +168,26 @@ def served_collections(home: Home) -> list[str]:
     return [name for name in catalog.with_data(home) if home.scoped(name).current.is_symlink()]
 
 
-def visible_models(home: Home, key: Key) -> list[dict]:
-    """Every model id ``key`` may use: each visible collection's current id and its versions."""
+def visible_models(home: Home, key: Key, embedding: Spec | None = None) -> list[dict]:
+    """Every model id ``key`` may use, as OpenAI lists models (id, object, created, owned_by) with
+    the appliance's own fields: each visible collection's current id and its versions, and the
+    embedding model when one is configured."""
     data: list[dict] = []
     for collection in (catalog.SHARED, *catalog.with_data(home)):  # models live there: no inbox walk
         if not key.sees(collection):
             continue
         scope = home.scoped(collection)
+        versions = {v["version"]: v for v in registry.versions(scope)}
         if (current := registry.current(scope)) is not None:
-            data.append({"id": catalog.model_id(collection), "object": "model", "owned_by": "appliance",
-                         "version": current})
-        data += [{"id": catalog.model_id(collection, v["version"]), "object": "model",
-                  "created": int(v["created"]), "owned_by": "appliance"} for v in registry.versions(scope)]
+            data.append(_entry(catalog.model_id(collection), collection, versions.get(current, {"version": current})))
+        data += [_entry(catalog.model_id(collection, v), collection, record) for v, record in versions.items()]
+    if embedding is not None:
+        created = int(embedding.gguf.stat().st_mtime) if embedding.gguf.exists() else 0
+        data.append({"id": embedding.name, "object": "model", "created": created, "owned_by": "appliance",
+                     "kind": "embedding"})
     return data
+
+
+def _entry(model_id: str, collection: str, record: dict) -> dict:
+    return {"id": model_id, "object": "model", "created": int(record.get("created") or 0), "owned_by": "appliance",
+            "version": record["version"], "collection": catalog.display(collection), "quant": record.get("quant")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -19,11 +20,15 @@ class KeyUse:
     def __init__(self, home: Home):
         self.home = home.top
         self._counts: dict[tuple[str, str], dict] = {}
+        self._users: dict[tuple[str, str], set[str]] = {}  # hashes of clients' 'user' fields, kept in memory only
         self._lock = threading.Lock()
 
-    def record(self, key: str, model: str, prompt: object, completion: object) -> None:
+    def record(self, key: str, model: str, prompt: object, completion: object, user: str | None = None) -> None:
+        """Count one request; a client's ``user`` only as how many different ones there were."""
         now = time.time()
         with self._lock:
+            if user:
+                self._users.setdefault((key, model), set()).add(hashlib.sha256(user.encode()).hexdigest())
             entry = self._counts.setdefault((key, model), {"requests": 0, "first": now, "last": now,
                                                            "prompt_tokens": 0, "completion_tokens": 0})
             entry["requests"] += 1
@@ -35,7 +40,10 @@ class KeyUse:
         """Write and forget what was counted; returns the number of entries written."""
         with self._lock:
             counts, self._counts = self._counts, {}
+            users, self._users = self._users, {}
         for (key, model), entry in sorted(counts.items()):
+            if (key, model) in users:
+                entry["users"] = len(users[(key, model)])
             try:
                 audit.append(self.home, "key_use", key=key, model=model, **entry)
             except OSError as exc:  # the endpoint keeps answering; the log says what was lost
