@@ -58,29 +58,49 @@ from appliance.training.basemodel import embedded_gguf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_throughput import free_port, wait_health  # noqa: E402  (the same start-up wait as the throughput benchmark)
 
-TIMEOUT = 60.0          # seconds per request (per read when streamed): a hang is a FAIL
+TIMEOUT = 60.0  # seconds per request (per read when streamed): a hang is a FAIL
 SLOTS, CONTEXT = 2, 2048
-LONG_SEEN = 300         # streamed tokens that prove an answer was not cut at 256
-SLOW = {"default_not_capped_256"}   # left out by --smoke
+LONG_SEEN = 300  # streamed tokens that prove an answer was not cut at 256
+SLOW = {"default_not_capped_256"}  # left out by --smoke
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
-                   "required": ["city"]}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "description": "Current local time in a time zone.",
-    "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]}}}
-CAT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
-              "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "City name"}},
+            "required": ["city"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Current local time in a time zone.",
+        "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]},
+    },
+}
+CAT_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "age"],
+    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+}
 # 1x1 transparent PNG: a valid image, so a refusal is about images, not a broken URL
-PNG = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAA"
-       "SUVORK5CYII=")
+PNG = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
+)
 # about 90 tokens: enough that a dropped system/developer message shows in prompt_tokens
-LONG_INSTRUCTION = ("You are a careful assistant for a small veterinary clinic. Answer in one short sentence, "
-                    "use plain words, never give a diagnosis, always suggest calling the clinic for anything "
-                    "urgent, and mention that the clinic is open from eight in the morning until six in the "
-                    "evening on weekdays and from nine until noon on Saturdays. Do not use lists, headings or "
-                    "emoji, and do not repeat the question back to the person asking it.")
+LONG_INSTRUCTION = (
+    "You are a careful assistant for a small veterinary clinic. Answer in one short sentence, "
+    "use plain words, never give a diagnosis, always suggest calling the clinic for anything "
+    "urgent, and mention that the clinic is open from eight in the morning until six in the "
+    "evening on weekdays and from nine until noon on Saturdays. Do not use lists, headings or "
+    "emoji, and do not repeat the question back to the person asking it."
+)
 
 
 class Fail(Exception):
@@ -95,7 +115,7 @@ def need(condition: object, reason: str) -> None:
 @dataclass
 class Side:
     name: str
-    root: str                  # http://127.0.0.1:port
+    root: str  # http://127.0.0.1:port
     key: str
     model: str
     client: openai.OpenAI = field(init=False)
@@ -103,23 +123,24 @@ class Side:
 
     def __post_init__(self) -> None:
         self.client = openai.OpenAI(base_url=f"{self.root}/v1", api_key=self.key, max_retries=0, timeout=TIMEOUT)
-        self.http = httpx.Client(base_url=self.root, timeout=TIMEOUT,
-                                 headers={"Authorization": f"Bearer {self.key}"})
+        self.http = httpx.Client(base_url=self.root, timeout=TIMEOUT, headers={"Authorization": f"Bearer {self.key}"})
 
 
 @dataclass
 class Streamed:
     """What a client assembles from a streamed chat answer."""
+
     text: str = ""
     finish: str | None = None
-    events: int = 0                   # chunks that carried content (each at most one token)
-    logprobs: int = 0                 # logprob entries seen
+    events: int = 0  # chunks that carried content (each at most one token)
+    logprobs: int = 0  # logprob entries seen
     usage: Any = None
-    usage_last: bool = False          # the usage came in the last chunk
+    usage_last: bool = False  # the usage came in the last chunk
     calls: dict[int, dict[str, str]] = field(default_factory=dict)
 
 
 # --- requests ------------------------------------------------------------------------
+
 
 def user(text: str) -> Any:
     return {"role": "user", "content": text}
@@ -176,8 +197,10 @@ def openai_error(status: int, body: object, with_type: bool = True) -> None:
     """A 4xx with the body OpenAI clients parse: {"error": {"message": ..., "type": ...}}."""
     need(400 <= status < 500, f"HTTP {status}, not a 4xx")
     error: Any = body.get("error") if isinstance(body, dict) else None
-    need(isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"],
-         f"HTTP {status} without an OpenAI error body: {str(body)[:60]}")
+    need(
+        isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"],
+        f"HTTP {status} without an OpenAI error body: {str(body)[:60]}",
+    )
     if with_type:
         need(isinstance(error.get("type"), str), f"HTTP {status}: error without a 'type'")
 
@@ -215,6 +238,7 @@ def message_calls(reply: Any) -> list[tuple[str, str]]:
 
 # --- the battery: each check raises Fail, or returns an optional note ------------------
 
+
 def chat_plain(side: Side) -> None:
     answered(chat(side, [user("Name three colors.")], max_tokens=24))
     s = chat_stream(side, [user("Name three colors.")], max_tokens=24)
@@ -227,8 +251,10 @@ def prompt_grows(side: Side, role: str) -> None:
     bare = chat(side, [question], max_tokens=16)
     reply = chat(side, [{"role": role, "content": LONG_INSTRUCTION}, question], max_tokens=16)
     answered(reply)
-    need(reply.usage.prompt_tokens > bare.usage.prompt_tokens + 50,
-         f"the {role} message did not reach the prompt ({bare.usage.prompt_tokens} -> {reply.usage.prompt_tokens})")
+    need(
+        reply.usage.prompt_tokens > bare.usage.prompt_tokens + 50,
+        f"the {role} message did not reach the prompt ({bare.usage.prompt_tokens} -> {reply.usage.prompt_tokens})",
+    )
 
 
 def system_message(side: Side) -> None:
@@ -244,8 +270,10 @@ def content_text_parts(side: Side) -> None:
     plain = chat(side, [user("Name three colors of the rainbow.")], max_tokens=16)
     reply = chat(side, [{"role": "user", "content": parts}], max_tokens=16)
     answered(reply)
-    need(abs(reply.usage.prompt_tokens - plain.usage.prompt_tokens) <= 3,
-         f"parts not read as the text ({plain.usage.prompt_tokens} vs {reply.usage.prompt_tokens} prompt tokens)")
+    need(
+        abs(reply.usage.prompt_tokens - plain.usage.prompt_tokens) <= 3,
+        f"parts not read as the text ({plain.usage.prompt_tokens} vs {reply.usage.prompt_tokens} prompt tokens)",
+    )
     s = chat_stream(side, [{"role": "user", "content": parts}], max_tokens=16)
     need(s.text.strip(), "stream: empty answer")
 
@@ -259,12 +287,17 @@ def content_image_refused(side: Side) -> None:
 def multi_turn(side: Side) -> None:
     question = user("What is my name?")
     single = chat(side, [question], max_tokens=16)
-    history = [user("Hello, my name is Ada Lovelace and I write programs."),
-               {"role": "assistant", "content": "Nice to meet you, Ada. How can I help?"}, question]
+    history = [
+        user("Hello, my name is Ada Lovelace and I write programs."),
+        {"role": "assistant", "content": "Nice to meet you, Ada. How can I help?"},
+        question,
+    ]
     reply = chat(side, history, max_tokens=16)
     answered(reply)
-    need(reply.usage.prompt_tokens > single.usage.prompt_tokens + 15,
-         f"history not in the prompt ({single.usage.prompt_tokens} -> {reply.usage.prompt_tokens} tokens)")
+    need(
+        reply.usage.prompt_tokens > single.usage.prompt_tokens + 15,
+        f"history not in the prompt ({single.usage.prompt_tokens} -> {reply.usage.prompt_tokens} tokens)",
+    )
 
 
 COUNTING = "Count from 1 to 1000, one number per line."
@@ -305,7 +338,7 @@ def default_not_capped_256(side: Side) -> str | None:
 def stop_picked(text: str) -> tuple[str, int]:
     """A stop string from the middle of ``text`` (its first occurrence there) and where it is."""
     for p in range(max(4, len(text) // 2), len(text) - 3):
-        piece = text[p:p + 3]
+        piece = text[p : p + 3]
         if piece.strip() and text.find(piece) == p:
             return piece, p
     raise Fail(f"answer too short to pick a stop string: {text!r}")
@@ -374,15 +407,22 @@ def parsed_json(text: str) -> Any:
 
 
 def response_format_json_object(side: Side) -> None:
-    reply = chat(side, [user("Describe a cat as a JSON object with its name and age.")], max_tokens=200,
-                 response_format={"type": "json_object"})
+    reply = chat(
+        side,
+        [user("Describe a cat as a JSON object with its name and age.")],
+        max_tokens=200,
+        response_format={"type": "json_object"},
+    )
     need(isinstance(parsed_json(reply.choices[0].message.content or ""), dict), "answer is not a JSON object")
 
 
 def response_format_json_schema(side: Side) -> None:
-    reply = chat(side, [user("Describe a cat with its name and age.")], max_tokens=200,
-                 response_format={"type": "json_schema",
-                                  "json_schema": {"name": "cat", "strict": True, "schema": CAT_SCHEMA}})
+    reply = chat(
+        side,
+        [user("Describe a cat with its name and age.")],
+        max_tokens=200,
+        response_format={"type": "json_schema", "json_schema": {"name": "cat", "strict": True, "schema": CAT_SCHEMA}},
+    )
     value = parsed_json(reply.choices[0].message.content or "")
     need(isinstance(value, dict), f"not an object: {value!r}")
     need(set(value) == {"name", "age"}, f"keys {sorted(value)}, not name and age")
@@ -400,17 +440,32 @@ def tools_required(side: Side) -> None:
 
 
 def tools_named_choice(side: Side) -> None:
-    reply = chat(side, [user("What time is it in Tokyo?")], max_tokens=128, tools=[WEATHER, TIME],
-                 tool_choice={"type": "function", "function": {"name": "get_time"}})
+    reply = chat(
+        side,
+        [user("What time is it in Tokyo?")],
+        max_tokens=128,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+    )
     tool_calls(message_calls(reply), {"get_time"})
 
 
 def tool_result_turn(side: Side) -> None:
-    history = [user("What is the weather in Paris?"),
-               {"role": "assistant", "content": None, "tool_calls": [
-                   {"id": "call_1", "type": "function",
-                    "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
-               {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"celsius": 18, "sky": "sunny"})}]
+    history = [
+        user("What is the weather in Paris?"),
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"celsius": 18, "sky": "sunny"})},
+    ]
     answered(chat(side, history, max_tokens=48, tools=[WEATHER]))
 
 
@@ -449,16 +504,18 @@ def legacy_completions(side: Side) -> None:
     need(reply.choices and isinstance(reply.choices[0].text, str) and reply.choices[0].text.strip(), "empty text")
     need(reply.choices[0].finish_reason in ("stop", "length"), f"finish_reason {reply.choices[0].finish_reason!r}")
     need(reply.usage is not None and reply.usage.completion_tokens > 0, "no usage")
-    stream = side.client.completions.create(model=side.model, prompt="Once upon a time", max_tokens=16,
-                                            temperature=0, stream=True)
+    stream = side.client.completions.create(
+        model=side.model, prompt="Once upon a time", max_tokens=16, temperature=0, stream=True
+    )
     with stream:
         text = "".join(c.choices[0].text for c in stream if c.choices)
     need(text.strip(), "stream: empty text")
 
 
 def error_unknown_model(side: Side) -> None:
-    status, body = refused(lambda: side.client.chat.completions.create(
-        model="no-such-model-xyz", messages=[user("Hi")], max_tokens=4))
+    status, body = refused(
+        lambda: side.client.chat.completions.create(model="no-such-model-xyz", messages=[user("Hi")], max_tokens=4)
+    )
     openai_error(status, body)
 
 
@@ -475,17 +532,43 @@ def error_bad_request(side: Side) -> None:
 
 def embeddings(side: Side) -> None:
     reply = side.client.embeddings.create(model=side.model, input="hello")
-    need(reply.data and reply.data[0].embedding and all(isinstance(x, float) for x in reply.data[0].embedding),
-         "no embedding vector")
+    need(
+        reply.data and reply.data[0].embedding and all(isinstance(x, float) for x in reply.data[0].embedding),
+        "no embedding vector",
+    )
 
 
 def battery(token: tuple[int, str]) -> dict[str, Callable[[Side], str | None]]:
     checks: list[Callable[..., str | None]] = [
-        chat_plain, system_message, developer_role, content_text_parts, content_image_refused, multi_turn,
-        max_tokens, max_completion_tokens, default_not_capped_256, stop, seed_determinism, temperature_top_p,
-        n_choices, logprobs, logit_bias, response_format_json_object, response_format_json_schema, tools_required,
-        tools_named_choice, tool_result_turn, parallel_tool_calls, stream_include_usage, user_field, models_list,
-        legacy_completions, error_unknown_model, error_bad_request, embeddings]
+        chat_plain,
+        system_message,
+        developer_role,
+        content_text_parts,
+        content_image_refused,
+        multi_turn,
+        max_tokens,
+        max_completion_tokens,
+        default_not_capped_256,
+        stop,
+        seed_determinism,
+        temperature_top_p,
+        n_choices,
+        logprobs,
+        logit_bias,
+        response_format_json_object,
+        response_format_json_schema,
+        tools_required,
+        tools_named_choice,
+        tool_result_turn,
+        parallel_tool_calls,
+        stream_include_usage,
+        user_field,
+        models_list,
+        legacy_completions,
+        error_unknown_model,
+        error_bad_request,
+        embeddings,
+    ]
     # logit_bias needs a token id of the served vocabulary
     return {c.__name__: partial(c, token=token) if c is logit_bias else c for c in checks}
 
@@ -509,10 +592,11 @@ def judge(check: Callable[[Side], str | None], side: Side) -> tuple[bool, str]:
 
 def short(text: str, limit: int = 90) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- servers -------------------------------------------------------------------------
+
 
 def tokenizer_probe(native: str) -> tuple[int, str]:
     """A one-token word (id, text) from the served GGUF, for the logit_bias check (llama-server's
@@ -531,18 +615,39 @@ class Servers:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def spawn(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.procs.append(proc)  # before any wait: a server that never comes up is still stopped
         return proc
 
     def native(self, gguf: Path) -> str:
         port = free_port()
         log = self.work / "native.log"
-        proc = self.spawn([str(binary()), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                           "--alias", "native", "--parallel", str(SLOTS), "--ctx-size", str(CONTEXT * SLOTS),
-                           "--threads", str(self.threads), "--threads-batch", str(self.threads), "--jinja",
-                           "--no-webui", "--n-gpu-layers", "999"], log)
+        proc = self.spawn(
+            [
+                str(binary()),
+                "--model",
+                str(gguf),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--alias",
+                "native",
+                "--parallel",
+                str(SLOTS),
+                "--ctx-size",
+                str(CONTEXT * SLOTS),
+                "--threads",
+                str(self.threads),
+                "--threads-batch",
+                str(self.threads),
+                "--jinja",
+                "--no-webui",
+                "--n-gpu-layers",
+                "999",
+            ],
+            log,
+        )
         wait_health(f"http://127.0.0.1:{port}/health", proc, log)
         return f"http://127.0.0.1:{port}"
 
@@ -550,10 +655,18 @@ class Servers:
         """``appliance serve`` in its own process, as users run it."""
         port = free_port()
         log = self.work / "appliance.log"
-        env = {**os.environ, "APPLIANCE_SERVE__THREADS": str(self.threads), "APPLIANCE_SERVE__SLOTS": str(SLOTS),
-               "APPLIANCE_SERVE__CONTEXT": str(CONTEXT), "APPLIANCE_SERVE__MAX_TOKENS_LIMIT": str(CONTEXT)}
-        proc = self.spawn([sys.executable, "-m", "appliance.cli.command", "serve", "--home", str(home.root),
-                           "--port", str(port)], log, env)
+        env = {
+            **os.environ,
+            "APPLIANCE_SERVE__THREADS": str(self.threads),
+            "APPLIANCE_SERVE__SLOTS": str(SLOTS),
+            "APPLIANCE_SERVE__CONTEXT": str(CONTEXT),
+            "APPLIANCE_SERVE__MAX_TOKENS_LIMIT": str(CONTEXT),
+        }
+        proc = self.spawn(
+            [sys.executable, "-m", "appliance.cli.command", "serve", "--home", str(home.root), "--port", str(port)],
+            log,
+            env,
+        )
         wait_health(f"http://127.0.0.1:{port}/health", proc, log, lambda r: bool(r.json().get("loaded")))
         return f"http://127.0.0.1:{port}"
 
@@ -575,8 +688,9 @@ def run(sides: list[Side], checks: dict[str, Callable[[Side], str | None]]) -> I
     width = max(map(len, checks))
     for name, check in checks.items():
         verdicts = {side.name: judge(check, side) for side in sides}
-        cells = [f"{side}={'PASS' if ok else 'FAIL'}" + (f"({why})" if why else "")
-                 for side, (ok, why) in verdicts.items()]
+        cells = [
+            f"{side}={'PASS' if ok else 'FAIL'}" + (f"({why})" if why else "") for side, (ok, why) in verdicts.items()
+        ]
         print(f"{name:{width}s}  " + "  ".join(cells), flush=True)
         yield name, verdicts
 
@@ -601,16 +715,20 @@ def main() -> None:
         registry.promote(home, "base")
         native_root = servers.native(registry.gguf_path(home, "base"))
         app_root = servers.appliance(home)
-        sides = [Side("native", native_root, "none", "native"),
-                 Side("appliance", app_root, read_api_key(home), "appliance")]
+        sides = [
+            Side("native", native_root, "none", "native"),
+            Side("appliance", app_root, read_api_key(home), "appliance"),
+        ]
         checks = battery(tokenizer_probe(native_root))
         if args.smoke:
             checks = {k: v for k, v in checks.items() if k not in SLOW}
         features = {name: [verdicts["native"][0], verdicts["appliance"][0]] for name, verdicts in run(sides, checks)}
     except BaseException:
         for log in sorted(work.glob("*.log")):  # the temporary folder goes: its logs' ends first
-            print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]),
-                  file=sys.stderr)
+            print(
+                f"--- {log.name} (last lines)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]),
+                file=sys.stderr,
+            )
         raise
     finally:
         servers.stop()
@@ -618,10 +736,20 @@ def main() -> None:
     native_ok = [f for f, (n, _) in features.items() if n]
     both = sum(1 for f in native_ok if features[f][1])
     ratio = both / len(native_ok) if native_ok else 0.0
-    result = {"name": "openai_compat", "model": gguf.name, "smoke": args.smoke, "threads": args.threads,
-              "seconds": round(time.monotonic() - started, 1),
-              "native_passed": len(native_ok), "appliance_passed": sum(a for _, a in features.values()),
-              "both": both, "ratio": round(ratio, 3), "target": 1.0, "pass": ratio >= 1.0, "features": features}
+    result = {
+        "name": "openai_compat",
+        "model": gguf.name,
+        "smoke": args.smoke,
+        "threads": args.threads,
+        "seconds": round(time.monotonic() - started, 1),
+        "native_passed": len(native_ok),
+        "appliance_passed": sum(a for _, a in features.values()),
+        "both": both,
+        "ratio": round(ratio, 3),
+        "target": 1.0,
+        "pass": ratio >= 1.0,
+        "features": features,
+    }
     print(json.dumps(result))
 
 

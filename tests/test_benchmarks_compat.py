@@ -21,8 +21,13 @@ def test_smoke_run_reports_every_feature() -> None:
         binary()
     except ServeError as exc:
         pytest.skip(str(exc))
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "openai_compat.py"), "--smoke"],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "openai_compat.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     result = json.loads(lines[-1])

@@ -12,14 +12,13 @@ from typing import Literal
 
 import openai
 import pytest
+from conftest import free_port, tiny_settings
 from pydantic import BaseModel, Field
 
 from appliance.cli.init import create_home, export_base
 from appliance.home.config import load
 from appliance.serving.guard import read_api_key
 from appliance.serving.server import Server
-
-from conftest import free_port, tiny_settings
 
 
 class Weather(BaseModel):
@@ -55,8 +54,15 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
 def test_langchain_tool_call_and_structured_output(endpoint):
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(base_url=endpoint["url"], api_key=endpoint["key"], model="appliance", temperature=0,
-                     max_tokens=250, max_retries=0, timeout=120)
+    llm = ChatOpenAI(
+        base_url=endpoint["url"],
+        api_key=endpoint["key"],
+        model="appliance",
+        temperature=0,
+        max_tokens=250,
+        max_retries=0,
+        timeout=120,
+    )
     message = llm.bind_tools([Weather], tool_choice="Weather").invoke(ASK)
     assert message.tool_calls and message.tool_calls[0]["name"] == "Weather"
     weather = Weather(**message.tool_calls[0]["args"])  # arguments that validate against the tool's schema
@@ -76,7 +82,12 @@ def test_instructor_tools_and_json_schema_modes(endpoint):
     client = openai.OpenAI(base_url=endpoint["url"], api_key=endpoint["key"], max_retries=0, timeout=120)
     for mode in (instructor.Mode.TOOLS, instructor.Mode.JSON_SCHEMA):
         patched = instructor.from_openai(client, mode=mode)
-        weather = patched.chat.completions.create(model="appliance", response_model=Weather, max_retries=0,
-                                                  max_tokens=250, temperature=0,
-                                                  messages=[{"role": "user", "content": ASK}])
+        weather = patched.chat.completions.create(
+            model="appliance",
+            response_model=Weather,
+            max_retries=0,
+            max_tokens=250,
+            temperature=0,
+            messages=[{"role": "user", "content": ASK}],
+        )
         assert isinstance(weather, Weather) and len(weather.city) <= 12, mode

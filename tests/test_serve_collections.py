@@ -19,20 +19,19 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import free_port, tiny_settings
 
-from appliance.home import audit, registry
-from appliance.runtime import llamacpp_child
-from appliance.home.config import load
-from appliance.export.convert import convert, convert_lora
-from appliance.home.fsutil import sha256_file
-from appliance.runtime.hf import load_tokenizer
 from appliance.cli.init import create_home
+from appliance.export.convert import convert, convert_lora
+from appliance.home import audit, registry
+from appliance.home.config import load
+from appliance.home.fsutil import sha256_file
 from appliance.home.keys import KeyStore
 from appliance.home.paths import Home
+from appliance.runtime import llamacpp_child
+from appliance.runtime.hf import load_tokenizer
 from appliance.serving.guard import read_api_key
 from appliance.serving.server import Server
-
-from conftest import free_port, tiny_settings
 
 CARDIO, LEGAL = "cardiology", "legal/matter-17"
 PROMPT = "Visitors sign in at the front desk"
@@ -49,8 +48,9 @@ def random_lora(base: Path, seed: int, out: Path) -> Path:
     from appliance.runtime.hf import load_causal_lm
 
     torch.manual_seed(seed)
-    model = get_peft_model(load_causal_lm(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                            init_lora_weights=False))
+    model = get_peft_model(
+        load_causal_lm(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
     model.save_pretrained(out / "peft")
     return convert_lora(base, out / "peft", out / "adapter.gguf")
 
@@ -59,9 +59,18 @@ def add_adapter(home: Home, collection: str, version: str, adapter: Path) -> Non
     """An adapter version as the registry records one (collections/<c>/models/vN/adapter.gguf)."""
     scope = home.scoped(collection)
     scope.inbox.mkdir(parents=True, exist_ok=True)
-    registry.add(scope, version, adapter, {"kind": "adapter", "base_version": "base", "collection": collection,
-                                           "base_sha256": registry.get(home, "base")["sha256"]},
-                 name=registry.ADAPTER_FILE)
+    registry.add(
+        scope,
+        version,
+        adapter,
+        {
+            "kind": "adapter",
+            "base_version": "base",
+            "collection": collection,
+            "base_sha256": registry.get(home, "base")["sha256"],
+        },
+        name=registry.ADAPTER_FILE,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +91,24 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
     for collection in (CARDIO, LEGAL):
         registry.promote(home.scoped(collection), "v1")
     keys = KeyStore(home)
-    secrets = {"cardio": keys.add("cardio-desk", "chat", [CARDIO]), "legal": keys.add("legal-desk", "chat", [LEGAL]),
-               "admin": read_api_key(home)}
+    secrets = {
+        "cardio": keys.add("cardio-desk", "chat", [CARDIO]),
+        "legal": keys.add("legal-desk", "chat", [LEGAL]),
+        "admin": read_api_key(home),
+    }
     server = Server(home, settings, port=free_port()).start()
-    yield {"home": home, "server": server, "secrets": secrets, "adapters": adapters, "tokenizer": tiny_base,
-           "root": root,
-           "clients": {who: openai.OpenAI(base_url=server.url + "/v1", api_key=secret, max_retries=0, timeout=120)
-                       for who, secret in secrets.items()}}
+    yield {
+        "home": home,
+        "server": server,
+        "secrets": secrets,
+        "adapters": adapters,
+        "tokenizer": tiny_base,
+        "root": root,
+        "clients": {
+            who: openai.OpenAI(base_url=server.url + "/v1", api_key=secret, max_retries=0, timeout=120)
+            for who, secret in secrets.items()
+        },
+    }
     backends = list(server.pool._ready.values())
     server.stop()
     assert all(b.proc is None or b.proc.poll() is not None for b in backends), "a llama-server outlived stop()"
@@ -114,8 +134,9 @@ def expected(served, adapter: Path | None) -> str:
             break
         sure.append(token)
     assert len(sure) >= 2, "the reference has no clear answer to compare with"
-    return load_tokenizer(served["tokenizer"]).decode(sure, skip_special_tokens=True,
-                                                      clean_up_tokenization_spaces=False)
+    return load_tokenizer(served["tokenizer"]).decode(
+        sure, skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
 
 
 def complete(client: openai.OpenAI, model: str) -> openai.types.Completion:
@@ -129,8 +150,11 @@ def test_each_collection_answers_with_its_own_adapter(served):
     assert answers[f"appliance/{LEGAL}"].model == f"appliance/{LEGAL}@v1"
     assert answers["appliance"].model == "base"
     texts = {model: a.choices[0].text for model, a in answers.items()}
-    starts = {"appliance": expected(served, None), f"appliance/{CARDIO}": expected(served, served["adapters"]["cardio-1"]),
-              f"appliance/{LEGAL}": expected(served, served["adapters"]["legal-1"])}
+    starts = {
+        "appliance": expected(served, None),
+        f"appliance/{CARDIO}": expected(served, served["adapters"]["cardio-1"]),
+        f"appliance/{LEGAL}": expected(served, served["adapters"]["legal-1"]),
+    }
     for model, text in texts.items():  # each answers as llama.cpp does with its own adapter, and no other
         assert [m for m, start in starts.items() if text.startswith(start)] == [model], (texts, starts)
     # one llama-server holds both adapters: switching between them loads nothing
@@ -139,8 +163,9 @@ def test_each_collection_answers_with_its_own_adapter(served):
     assert "--lora-init-without-apply" in hosts[0].command()
     # alternating requests (every one switches adapter) keep their own answers, streamed or not
     for model in (f"appliance/{CARDIO}", f"appliance/{LEGAL}") * 2:
-        chunks = list(admin.completions.create(model=model, prompt=PROMPT, max_tokens=TOKENS, temperature=0,
-                                               stream=True))
+        chunks = list(
+            admin.completions.create(model=model, prompt=PROMPT, max_tokens=TOKENS, temperature=0, stream=True)
+        )
         assert {c.model for c in chunks} == {model + "@v1"}
         assert "".join(c.choices[0].text for c in chunks if c.choices).startswith(starts[model])
 
@@ -148,10 +173,14 @@ def test_each_collection_answers_with_its_own_adapter(served):
 def test_alternating_collections_keep_their_prompt_caches(served):
     """Each adapter's requests go to a slot that last ran it, so switching collections does not
     make llama.cpp drop and recompute the prompt (it clears a slot's cache on an adapter change)."""
+
     def prompt_tokens(model: str) -> int:
-        reply = httpx.post(served["server"].url + "/v1/completions", timeout=120,
-                           headers={"Authorization": f"Bearer {served['secrets']['admin']}"},
-                           json={"model": model, "prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+        reply = httpx.post(
+            served["server"].url + "/v1/completions",
+            timeout=120,
+            headers={"Authorization": f"Bearer {served['secrets']['admin']}"},
+            json={"model": model, "prompt": PROMPT, "max_tokens": 2, "temperature": 0},
+        )
         return reply.json()["timings"]["prompt_n"]  # prompt tokens evaluated, not taken from the cache
 
     models = [f"appliance/{CARDIO}", f"appliance/{LEGAL}"]
@@ -166,15 +195,24 @@ def test_a_clients_own_lora_field_is_not_passed_on(served):
     body = {"model": f"appliance/{CARDIO}", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0}
     headers = {"Authorization": f"Bearer {served['secrets']['cardio']}"}
     for path in ("/v1/completions", "/v1/chat/completions"):
-        extra = {} if path.endswith("/completions") and "chat" not in path else \
-            {"messages": [{"role": "user", "content": PROMPT}]}
-        reply = httpx.post(served["server"].url + path, timeout=120, headers=headers,
-                           json={**body, **extra, "lora": [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0}]})
+        extra = (
+            {}
+            if path.endswith("/completions") and "chat" not in path
+            else {"messages": [{"role": "user", "content": PROMPT}]}
+        )
+        reply = httpx.post(
+            served["server"].url + path,
+            timeout=120,
+            headers=headers,
+            json={**body, **extra, "lora": [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0}]},
+        )
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "lora"
         assert "other collections' adapters" in reply.json()["error"]["message"]
     reply = httpx.post(served["server"].url + "/v1/completions", timeout=120, headers=headers, json=body)
-    assert reply.json()["choices"][0]["text"] == complete(served["clients"]["admin"], f"appliance/{CARDIO}") \
-        .choices[0].text
+    assert (
+        reply.json()["choices"][0]["text"]
+        == complete(served["clients"]["admin"], f"appliance/{CARDIO}").choices[0].text
+    )
 
 
 def test_a_key_sees_only_its_collections(served):
@@ -185,8 +223,12 @@ def test_a_key_sees_only_its_collections(served):
     assert {"appliance", "base", f"appliance/{LEGAL}", f"appliance/{LEGAL}@v1"} <= every
 
     def ask(model: str, secret: str = cardio) -> httpx.Response:
-        return httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {secret}"}, timeout=120,
-                          json={"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+        return httpx.post(
+            url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {secret}"},
+            timeout=120,
+            json={"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]},
+        )
 
     def without_id(reply: httpx.Response, model: str) -> tuple[int, str, dict]:
         headers = {k: v for k, v in reply.headers.items() if k not in ("date", "content-length")}
@@ -218,15 +260,22 @@ def test_key_use_is_audited_with_counts_and_no_text(served):
     client = openai.OpenAI(base_url=served["server"].url + "/v1", api_key=secret, max_retries=0, timeout=120)
     before = time.time()
     for stream in (False, True, False):
-        reply = client.chat.completions.create(model=f"appliance/{LEGAL}", max_tokens=4, stream=stream,
-                                               messages=[{"role": "user", "content": f"Say {CANARY}"}])
+        reply = client.chat.completions.create(
+            model=f"appliance/{LEGAL}",
+            max_tokens=4,
+            stream=stream,
+            messages=[{"role": "user", "content": f"Say {CANARY}"}],
+        )
         if stream:
             list(reply)
     deadline = time.monotonic() + 15
 
     def uses() -> list[dict]:
-        return [e["details"] for e in audit.entries(home)
-                if e["action"] == "key_use" and e["details"]["key"] == "audit-desk"]
+        return [
+            e["details"]
+            for e in audit.entries(home)
+            if e["action"] == "key_use" and e["details"]["key"] == "audit-desk"
+        ]
 
     while sum(u["requests"] for u in uses()) < 3:
         assert time.monotonic() < deadline, uses()
@@ -258,18 +307,25 @@ def test_promoting_an_adapter_switches_without_failing_requests(served):
         while not stop.is_set():
             try:
                 if stream:
-                    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=TOKENS,
-                                                            temperature=0, stream=True))
-                    answers.append(({c.model for c in chunks}.pop(),
-                                    "".join(c.choices[0].text for c in chunks if c.choices)))
+                    chunks = list(
+                        client.completions.create(
+                            model=model, prompt=PROMPT, max_tokens=TOKENS, temperature=0, stream=True
+                        )
+                    )
+                    answers.append(
+                        ({c.model for c in chunks}.pop(), "".join(c.choices[0].text for c in chunks if c.choices))
+                    )
                 else:
                     reply = complete(client, model)
                     answers.append((reply.model, reply.choices[0].text))
             except Exception as exc:  # noqa: BLE001  (every failure is collected and fails the test)
                 errors.append(repr(exc))
 
-    threads = [threading.Thread(target=hammer, args=(m, s)) for m in (f"appliance/{CARDIO}", f"appliance/{LEGAL}")
-               for s in (False, True)]
+    threads = [
+        threading.Thread(target=hammer, args=(m, s))
+        for m in (f"appliance/{CARDIO}", f"appliance/{LEGAL}")
+        for s in (False, True)
+    ]
     for t in threads:
         t.start()
     try:
@@ -331,8 +387,7 @@ def test_prepare_loads_the_next_adapter_host_before_the_promotion(served):
     home, server, client = served["home"], served["server"], served["clients"]["admin"]
     add_adapter(home, LEGAL, "v2", served["adapters"]["cardio-1"])  # any other adapter will do
     server.prepare("v2", collection=LEGAL)
-    prepared = [b for b in server.pool._ready.values()
-                if registry.gguf_path(home.scoped(LEGAL), "v2") in b.loras]
+    prepared = [b for b in server.pool._ready.values() if registry.gguf_path(home.scoped(LEGAL), "v2") in b.loras]
     assert len(prepared) == 1 and prepared[0].alive()
     assert complete(client, f"appliance/{LEGAL}").model == f"appliance/{LEGAL}@v1"  # not promoted yet
     registry.promote(home.scoped(LEGAL), "v2")

@@ -22,11 +22,11 @@ METHODS = ("qlora", "lora", "dora", "adalora", "ia3", "full")
 # Refused with the reason a person needs (the method validator turns these into one-line errors).
 UNMERGEABLE = {
     "prefix": "prefix tuning adds learned key/value vectors at run time; they cannot be folded into plain "
-              "weights, and llama.cpp serves plain weights only",
+    "weights, and llama.cpp serves plain weights only",
     "prompt": "prompt tuning adds learned input embeddings at run time; llama.cpp cannot serve them",
     "p-tuning": "p-tuning adds a prompt encoder at run time; llama.cpp cannot serve it",
     "bottleneck": "bottleneck adapters add new layers between the model's own; they cannot be merged into its "
-                  "weights, and llama.cpp serves plain weights only",
+    "weights, and llama.cpp serves plain weights only",
 }
 
 
@@ -39,74 +39,129 @@ class BaseSection(Section):
 
 
 class DataSection(Section):
-    val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="Share of records held out for validation, chosen by hash.")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=0.5, description="Share of records held out for validation, chosen by hash."
+    )
     max_tokens: int = Field(1024, ge=32, description="Longest training example in tokens.")
     too_long: Literal["truncate", "reject"] = Field(
-        "reject", description="A chat example longer than max_tokens: reject it at ingest (reported by line) or keep "
-                              "it and cut it to max_tokens at training time.")
-    chunk_tokens: int = Field(512, ge=16, description="Document chunk length in base-model tokens (capped a little "
-                                                      "below max_tokens).")
+        "reject",
+        description="A chat example longer than max_tokens: reject it at ingest (reported by line) or keep "
+        "it and cut it to max_tokens at training time.",
+    )
+    chunk_tokens: int = Field(
+        512, ge=16, description="Document chunk length in base-model tokens (capped a little below max_tokens)."
+    )
     chunk_overlap: int = Field(64, ge=0, description="Tokens consecutive document chunks share (at most half a chunk).")
-    csv_prompt_columns: list[str] = Field(["prompt", "question", "instruction", "input"],
-                                          description="CSV header names tried in order (any case) for the prompt.")
-    csv_response_columns: list[str] = Field(["response", "answer", "output", "completion"],
-                                            description="CSV header names tried in order (any case) for the answer.")
-    max_line_bytes: int = Field(1_000_000, ge=1024, description="Longest line of a .jsonl or .csv file; a longer "
-                                                                "line is skipped and reported.")
-    max_file_bytes: int = Field(100_000_000, ge=1024, description="Largest file read whole (.json, .txt, .md, .pdf, "
-                                                                  ".docx); a larger one is quarantined.")
+    csv_prompt_columns: list[str] = Field(
+        ["prompt", "question", "instruction", "input"],
+        description="CSV header names tried in order (any case) for the prompt.",
+    )
+    csv_response_columns: list[str] = Field(
+        ["response", "answer", "output", "completion"],
+        description="CSV header names tried in order (any case) for the answer.",
+    )
+    max_line_bytes: int = Field(
+        1_000_000, ge=1024, description="Longest line of a .jsonl or .csv file; a longer line is skipped and reported."
+    )
+    max_file_bytes: int = Field(
+        100_000_000,
+        ge=1024,
+        description="Largest file read whole (.json, .txt, .md, .pdf, .docx); a larger one is quarantined.",
+    )
 
 
 class WatchSection(Section):
-    quiet_seconds: float = Field(2.0, gt=0, description="A file counts once its size and mtime have not changed "
-                                                        "for this long.")
-    open_grace_seconds: float = Field(60.0, gt=0, description="Where close-after-write is reported (Linux inotify): "
-                                                              "how long a file still open for writing is waited for "
-                                                              "before the quiet rule alone decides.")
-    rescan_seconds: float = Field(300.0, gt=0, description="Full rescan of the inbox at this interval (and at start) "
-                                                           "to reconcile missed events.")
-    polling: bool = Field(False, description="List the folder periodically instead of using inotify: for network "
-                                             "file systems (NFS, SMB), where change events do not arrive.")
+    quiet_seconds: float = Field(
+        2.0, gt=0, description="A file counts once its size and mtime have not changed for this long."
+    )
+    open_grace_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="Where close-after-write is reported (Linux inotify): "
+        "how long a file still open for writing is waited for "
+        "before the quiet rule alone decides.",
+    )
+    rescan_seconds: float = Field(
+        300.0, gt=0, description="Full rescan of the inbox at this interval (and at start) to reconcile missed events."
+    )
+    polling: bool = Field(
+        False,
+        description="List the folder periodically instead of using inotify: for network "
+        "file systems (NFS, SMB), where change events do not arrive.",
+    )
     poll_seconds: float = Field(1.0, gt=0, description="With polling: how often the folder is listed.")
 
 
 class TrainSection(Section):
-    method: str = Field("qlora", description="qlora: LoRA on an NF4 4-bit base; lora, dora, adalora, ia3: peft "
-                                             "adapters on the bf16 base; full: every weight (small bases); auto: "
-                                             "chosen by data size and free memory.")
-    memory_budget_gb: float | None = Field(None, gt=0, description="Memory a run may use; default 90% of the GPU, "
-                                                                   "else the RAM available when the run starts.")
+    method: str = Field(
+        "qlora",
+        description="qlora: LoRA on an NF4 4-bit base; lora, dora, adalora, ia3: peft "
+        "adapters on the bf16 base; full: every weight (small bases); auto: "
+        "chosen by data size and free memory.",
+    )
+    memory_budget_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Memory a run may use; default 90% of the GPU, else the RAM available when the run starts.",
+    )
     dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA) instead of plain LoRA.")
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input; off by default: "
-                                                                 "it slows CPU training by about a quarter and "
-                                                                 "does not help a few passes over small data.")
+    lora_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the adapter's input; off by default: "
+        "it slows CPU training by about a quarter and "
+        "does not help a few passes over small data.",
+    )
     target_modules: Literal["all-linear", "qv"] = "all-linear"
-    learning_rate: float | None = Field(None, gt=0, description="Peak learning rate; default by the base's size: "
-                                                              "1e-3 under 1B parameters, 4e-4 under 4B, 2e-4 above "
-                                                              "(LoRA wants about ten times a full fine-tune's rate).")
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description="Peak learning rate; default by the base's size: "
+        "1e-3 under 1B parameters, 4e-4 under 4B, 2e-4 above "
+        "(LoRA wants about ten times a full fine-tune's rate).",
+    )
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    epochs: float | None = Field(None, gt=0, description="Passes over the data; default 2 to 8 by the number of "
-                                                         "examples (fewer examples, more passes), raised up to "
-                                                         "max_epochs when the data would make fewer than min_steps "
-                                                         "updates.")
-    min_steps: int = Field(60, ge=1, description="Fewest optimizer updates a run makes when epochs and "
-                                                 "tokens_per_step are not set: small data gets smaller steps (down "
-                                                 "to 256 tokens) and then more passes, since facts are learned from "
-                                                 "many updates, not from a few large ones.")
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="Passes over the data; default 2 to 8 by the number of "
+        "examples (fewer examples, more passes), raised up to "
+        "max_epochs when the data would make fewer than min_steps "
+        "updates.",
+    )
+    min_steps: int = Field(
+        60,
+        ge=1,
+        description="Fewest optimizer updates a run makes when epochs and "
+        "tokens_per_step are not set: small data gets smaller steps (down "
+        "to 256 tokens) and then more passes, since facts are learned from "
+        "many updates, not from a few large ones.",
+    )
     max_epochs: float = Field(12, gt=0, description="Most passes the min_steps rule may choose.")
     max_steps: int | None = Field(None, ge=1)
-    tokens_per_step: int | None = Field(None, ge=64, description="Packed tokens per optimizer step (padding-free); "
-                                                                 "default 1024, fewer for small data (min_steps).")
-    micro_tokens: int | None = Field(None, ge=32, description="Tokens per forward pass; default 256 on CPU, 4096 on CUDA.")
+    tokens_per_step: int | None = Field(
+        None,
+        ge=64,
+        description="Packed tokens per optimizer step (padding-free); default 1024, fewer for small data (min_steps).",
+    )
+    micro_tokens: int | None = Field(
+        None, ge=32, description="Tokens per forward pass; default 256 on CPU, 4096 on CUDA."
+    )
     eval_every: int | None = Field(None, ge=1, description="Validation every N steps; default about once an epoch.")
-    patience: int | None = Field(3, ge=1, description="Stop after this many validations without improvement; "
-                                                      "unset to never stop early.")
+    patience: int | None = Field(
+        3, ge=1, description="Stop after this many validations without improvement; unset to never stop early."
+    )
     checkpoint_every: int = Field(20, ge=1, description="Write a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(2, ge=1)
-    general_mix: float = Field(0.0, ge=0.0, le=0.5, description="Share of general-purpose conversations mixed "
-                                                                "into training to limit forgetting.")
+    general_mix: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.5,
+        description="Share of general-purpose conversations mixed into training to limit forgetting.",
+    )
     seed: int = 1234
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
 
@@ -123,22 +178,36 @@ class TrainSection(Section):
 
 
 class StudySection(Section):
-    enabled: bool = Field(True, description="Turn every document (text, Markdown, PDF, Word) into question-and-"
-                                            "answer conversations covering each fact it states, plus re-told "
-                                            "passages, and train on them with the document's own text.")
-    organisation: str | None = Field(None, description="The organisation's name, used in some study questions "
-                                                       "(\"What does Ridgeline's handbook say ...\") and never "
-                                                       "taken for a fact; unset: questions name no organisation.")
-    passage_tokens: int = Field(256, ge=32, description="Longest passage (base-model tokens) a document is cut into "
-                                                        "before its statements are extracted.")
-    seed: int = Field(0, description="Chooses question wordings and which phrasing of each fact is held out for "
-                                     "the gate; the same seed gives the same study material.")
+    enabled: bool = Field(
+        True,
+        description="Turn every document (text, Markdown, PDF, Word) into question-and-"
+        "answer conversations covering each fact it states, plus re-told "
+        "passages, and train on them with the document's own text.",
+    )
+    organisation: str | None = Field(
+        None,
+        description="The organisation's name, used in some study questions "
+        '("What does Ridgeline\'s handbook say ...") and never '
+        "taken for a fact; unset: questions name no organisation.",
+    )
+    passage_tokens: int = Field(
+        256,
+        ge=32,
+        description="Longest passage (base-model tokens) a document is cut into before its statements are extracted.",
+    )
+    seed: int = Field(
+        0,
+        description="Chooses question wordings and which phrasing of each fact is held out for "
+        "the gate; the same seed gives the same study material.",
+    )
 
 
 class ExportSection(Section):
     quant: Literal["auto", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"] = Field(
-        "auto", description="auto: the smallest of Q4_K_M, Q5_K_M, Q6_K, Q8_0 that keeps quality against f16; "
-                            "or force one type.")
+        "auto",
+        description="auto: the smallest of Q4_K_M, Q5_K_M, Q6_K, Q8_0 that keeps quality against f16; "
+        "or force one type.",
+    )
     min_logit_cosine: float = Field(0.9999, gt=0, le=1, description="llama.cpp f16 logits against the HF model.")
     recall_examples: int = Field(32, ge=0, description="Validation answers whose recall a quantized file must keep.")
 
@@ -148,76 +217,126 @@ class ServeSection(Section):
     port: int = Field(8088, ge=1, le=65535)
     threads: int | None = Field(None, ge=1)
     context: int = Field(2048, ge=256)
-    max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for; also how far "
-                                                        "an answer may run when a request sets none (to the "
-                                                        "end of the context at most).")
+    max_tokens_limit: int = Field(
+        2048,
+        ge=1,
+        description="Largest max_tokens a request may ask for; also how far "
+        "an answer may run when a request sets none (to the "
+        "end of the context at most).",
+    )
     max_choices: int = Field(4, ge=1, le=16, description="Largest n (answers generated for one request).")
     max_prompt_bytes: int = Field(1_000_000, ge=1024)
     slots: int = Field(4, ge=1, le=64, description="Requests one model answers at once (llama-server --parallel).")
     max_concurrent: int = Field(64, ge=1, description="Requests the endpoint holds at once; more get 429.")
     keep_loaded: int = Field(2, ge=1, le=8, description="Model versions kept loaded (current + recently used).")
-    audit_flush_seconds: float = Field(60.0, gt=0, description="How often the endpoint writes which key used which "
-                                                               "model (counts and times) to the audit log.")
+    audit_flush_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How often the endpoint writes which key used which model (counts and times) to the audit log.",
+    )
 
 
 class GroundingSection(Section):
-    embedding_model: str | None = Field(None, description="Path of an embedding GGUF served at /v1/embeddings "
-                                                          "(llama.cpp in embedding mode); unset: no embeddings.")
+    embedding_model: str | None = Field(
+        None,
+        description="Path of an embedding GGUF served at /v1/embeddings "
+        "(llama.cpp in embedding mode); unset: no embeddings.",
+    )
 
 
 class GateSection(Section):
-    bootstrap_samples: int = Field(1000, ge=100, description="Resamples for the interval on the validation loss "
-                                                             "difference (candidate minus current).")
+    bootstrap_samples: int = Field(
+        1000,
+        ge=100,
+        description="Resamples for the interval on the validation loss difference (candidate minus current).",
+    )
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Two-sided level of that interval.")
-    loss_margin: float = Field(0.0, ge=0.0, description="Extra validation-loss (nats per token) a candidate may "
-                                                        "lose beyond the bootstrap interval's lower end.")
-    require_better_on_new: bool = Field(True, description="A training run must be better than the current model "
-                                                          "on validation examples from data it never saw.")
+    loss_margin: float = Field(
+        0.0,
+        ge=0.0,
+        description="Extra validation-loss (nats per token) a candidate may "
+        "lose beyond the bootstrap interval's lower end.",
+    )
+    require_better_on_new: bool = Field(
+        True,
+        description="A training run must be better than the current model "
+        "on validation examples from data it never saw.",
+    )
     max_examples: int = Field(64, ge=4, description="Validation examples scored per model (the first by hash).")
-    general_max_drop: float = Field(0.1, ge=0.0, le=1.0, description="Largest fall in the share of general "
-                                                                     "probes answered with an expected phrase.")
-    general_max_ppl_ratio: float = Field(1.25, ge=1.0, description="Largest candidate/current perplexity ratio "
-                                                                   "on the general text.")
-    user_max_drop: float = Field(0.0, ge=0.0, le=1.0, description="Largest fall in the share of the home's "
-                                                                  "probes/ questions answered correctly.")
+    general_max_drop: float = Field(
+        0.1, ge=0.0, le=1.0, description="Largest fall in the share of general probes answered with an expected phrase."
+    )
+    general_max_ppl_ratio: float = Field(
+        1.25, ge=1.0, description="Largest candidate/current perplexity ratio on the general text."
+    )
+    user_max_drop: float = Field(
+        0.0, ge=0.0, le=1.0, description="Largest fall in the share of the home's probes/ questions answered correctly."
+    )
     probe_tokens: int = Field(48, ge=4, description="Tokens generated per probe answer.")
     promotion: Literal["auto", "review"] = Field(
-        "auto", description="auto: a candidate that passes the gate is promoted at once; review: it waits for "
-                            "people to compare its answers with the current model's and approve it "
-                            "('appliance review', the TUI's Review screen).")
-    approvals: int = Field(1, ge=1, description="With promotion = review: approvals (from different OS users) "
-                                                "a candidate needs before it is promoted; one rejection refuses it.")
-    review_questions: int = Field(10, ge=1, description="Questions in a review (validation conversations, else "
-                                                        "the home's probes).")
+        "auto",
+        description="auto: a candidate that passes the gate is promoted at once; review: it waits for "
+        "people to compare its answers with the current model's and approve it "
+        "('appliance review', the TUI's Review screen).",
+    )
+    approvals: int = Field(
+        1,
+        ge=1,
+        description="With promotion = review: approvals (from different OS users) "
+        "a candidate needs before it is promoted; one rejection refuses it.",
+    )
+    review_questions: int = Field(
+        10, ge=1, description="Questions in a review (validation conversations, else the home's probes)."
+    )
     review_tokens: int = Field(128, ge=4, description="Tokens generated per answer shown to reviewers (greedy).")
-    recall_questions: int = Field(160, ge=0, description="Held-out study questions (never trained) asked of each "
-                                                         "model per gate, chosen evenly across documents and facts; "
-                                                         "0 turns the closed-book recall check off.")
-    recall_max_drop: float = Field(0.05, ge=0.0, le=1.0, description="Largest share of the held-out questions the "
-                                                                     "current model answers that the candidate may "
-                                                                     "stop answering.")
-    require_recall_gain: bool = Field(True, description="When new documents arrived, a training run must answer "
-                                                        "more of their held-out questions than the current model.")
+    recall_questions: int = Field(
+        160,
+        ge=0,
+        description="Held-out study questions (never trained) asked of each "
+        "model per gate, chosen evenly across documents and facts; "
+        "0 turns the closed-book recall check off.",
+    )
+    recall_max_drop: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Largest share of the held-out questions the "
+        "current model answers that the candidate may "
+        "stop answering.",
+    )
+    require_recall_gain: bool = Field(
+        True,
+        description="When new documents arrived, a training run must answer "
+        "more of their held-out questions than the current model.",
+    )
 
 
 class DaemonSection(Section):
-    poll_seconds: float = Field(1.0, gt=0, description="How often the daemon checks the journal for commands "
-                                                       "(retrain, forget, pause) from other processes.")
-    keep_versions: int = Field(5, ge=2, description="Model versions kept; older ones are deleted, never the "
-                                                    "current or the previous one.")
+    poll_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="How often the daemon checks the journal for commands "
+        "(retrain, forget, pause) from other processes.",
+    )
+    keep_versions: int = Field(
+        5, ge=2, description="Model versions kept; older ones are deleted, never the current or the previous one."
+    )
     retrain_after_ingest: bool = Field(True, description="Queue a training run when new records arrive.")
 
 
 class DiskSection(Section):
-    min_free_gb: float = Field(2.0, ge=0.0, description="A stage does not start with less free space than this "
-                                                        "in the home's file system.")
+    min_free_gb: float = Field(
+        2.0, ge=0.0, description="A stage does not start with less free space than this in the home's file system."
+    )
 
 
 class CollectionSection(Section):
     serve: Literal["adapter", "merged"] = Field(
-        "adapter", description="adapter: the collection's model is a LoRA adapter served on the one loaded base "
-                               "model (no extra model in memory); merged: its own merged, quantized model (for "
-                               "methods without a plain LoRA, or an owner who prefers it).")
+        "adapter",
+        description="adapter: the collection's model is a LoRA adapter served on the one loaded base "
+        "model (no extra model in memory); merged: its own merged, quantized model (for "
+        "methods without a plain LoRA, or an owner who prefers it).",
+    )
 
 
 class Settings(BaseSettings):

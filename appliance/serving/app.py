@@ -38,17 +38,28 @@ def make_app(home: Home, settings: Settings, keys: KeyStore, pool: BackendPool, 
 
     async def health(_: Request) -> Response:
         # unauthenticated: the shared model and a count, no collection's name
-        return JSONResponse({"status": "ok", "model": registry.current(home), "backend": "llama-server",
-                             "loaded": [n for n in pool.loaded() if "/" not in n]})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": registry.current(home),
+                "backend": "llama-server",
+                "loaded": [n for n in pool.loaded() if "/" not in n],
+            }
+        )
 
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list",
-                             "data": visible_models(home, request.scope[KEY_SCOPE], pool.embedding())})
+        return JSONResponse(
+            {"object": "list", "data": visible_models(home, request.scope[KEY_SCOPE], pool.embedding())}
+        )
 
     async def generate(request: Request) -> Response:
         if not admitted.take():
-            return error(429, f"too many concurrent requests (limit {limits.max_concurrent}); retry shortly",
-                         "rate_limit_error", code="rate_limit_exceeded")
+            return error(
+                429,
+                f"too many concurrent requests (limit {limits.max_concurrent}); retry shortly",
+                "rate_limit_error",
+                code="rate_limit_exceeded",
+            )
         streaming = False
         try:
             response = await (_embed(request) if request.url.path.endswith("/embeddings") else _generate(request))
@@ -89,20 +100,31 @@ def make_app(home: Home, settings: Settings, keys: KeyStore, pool: BackendPool, 
             return body
         spec = pool.embedding()
         if spec is None:
-            return error(404, "no embedding model is configured on this endpoint; an administrator names one "
-                              "in config.toml: [grounding] embedding_model = \"<path>.gguf\"", code="model_not_found")
+            return error(
+                404,
+                "no embedding model is configured on this endpoint; an administrator names one "
+                'in config.toml: [grounding] embedding_model = "<path>.gguf"',
+                code="model_not_found",
+            )
         model = body.get("model")
         if model not in (None, "", spec.name):  # a chat model's id (or any other) is not an embedding model
-            return error(404, str(unknown_model(str(model))) + f" as an embedding model (use '{spec.name}')",
-                         param="model", code="model_not_found")
+            return error(
+                404,
+                str(unknown_model(str(model))) + f" as an embedding model (use '{spec.name}')",
+                param="model",
+                code="model_not_found",
+            )
         if problem := _embedding_problem(body):
             return error(400, str(problem), param=problem.param)
         try:
             answering = await pool.acquire_embedding(spec)
         except ServeError as exc:
             return error(503, str(exc), "unavailable", code="model_unavailable")
-        forward = {"model": spec.name, "input": body["input"],
-                   "encoding_format": body.get("encoding_format") or "float"}
+        forward = {
+            "model": spec.name,
+            "input": body["input"],
+            "encoding_format": body.get("encoding_format") or "float",
+        }
         done = Done(request.url.path, spec.name, key.name, usage, False, body.get("user"))
         return await _answer(answering, "/v1/embeddings", forward, done, None)
 
@@ -113,8 +135,9 @@ def make_app(home: Home, settings: Settings, keys: KeyStore, pool: BackendPool, 
         except httpx.TransportError as exc:
             pool.release(backend, answering.slot)
             log.error("llama-server for %s did not answer: %s", backend.version, exc)
-            return error(503, f"model {answering.model} is not answering; try again", "unavailable",
-                         code="model_unavailable")
+            return error(
+                503, f"model {answering.model} is not answering; try again", "unavailable", code="model_unavailable"
+            )
         except BaseException:  # cancelled (client went away): the backend is ours no longer
             pool.release(backend, answering.slot)
             raise
@@ -124,13 +147,22 @@ def make_app(home: Home, settings: Settings, keys: KeyStore, pool: BackendPool, 
                 content = await reply.aread()
             except httpx.TransportError as exc:
                 log.error("llama-server for %s broke off its answer: %s", backend.version, exc)
-                return error(503, f"model {answering.model} stopped answering; try again", "unavailable",
-                             code="model_unavailable")
+                return error(
+                    503,
+                    f"model {answering.model} stopped answering; try again",
+                    "unavailable",
+                    code="model_unavailable",
+                )
             finally:
                 pool.release(backend, answering.slot)  # first: nothing below may keep a retired backend alive
                 await reply.aclose()
             return finish(done, reply.status_code, content, rename, shape)
-        lease = Lease(lambda: (pool.release(backend, answering.slot), admitted.give()))
+
+        def give_back() -> None:
+            pool.release(backend, answering.slot)
+            admitted.give()
+
+        lease = Lease(give_back)
         stream = relay(reply, lease, done, rename)
         # A stream the client abandons before its first byte never runs the relay's
         # finally clause; the finalizer still gives the backend back.
@@ -145,17 +177,22 @@ def make_app(home: Home, settings: Settings, keys: KeyStore, pool: BackendPool, 
         Route("/v1/embeddings", generate, methods=["POST"]),
     ]
     hosts = set(LOOPBACK_NAMES) | {settings.serve.host.lower()}
-    return Starlette(routes=routes, middleware=[Middleware(Guard, keys=keys, allowed_hosts=hosts)],
-                     exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(Guard, keys=keys, allowed_hosts=hosts)],
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )
 
 
 def _tool_shape(stream: bool, include_usage: bool) -> Shape:
     """The backend's whole answer read back as tool calls, sent as JSON or as a stream."""
+
     def shape(payload: dict) -> tuple[bytes, str]:
         answer = tools.answer(payload)
         if stream:
             return tools.stream(answer, include_usage), "text/event-stream"
         return json.dumps(answer).encode(), "application/json"
+
     return shape
 
 
@@ -163,8 +200,12 @@ def _embedding_problem(body: dict) -> Invalid | None:
     texts = body.get("input")
     if isinstance(texts, str):
         texts = [texts]
-    if not isinstance(texts, list) or not texts or len(texts) > 2048 \
-            or not all(isinstance(t, str) and t for t in texts):
+    if (
+        not isinstance(texts, list)
+        or not texts
+        or len(texts) > 2048
+        or not all(isinstance(t, str) and t for t in texts)
+    ):
         return Invalid("'input' must be a non-empty string or a list of up to 2048 non-empty strings", "input")
     if body.get("encoding_format") not in (None, "float", "base64"):
         return Invalid("'encoding_format' must be float or base64", "encoding_format")

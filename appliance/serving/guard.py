@@ -58,8 +58,12 @@ class Guard:
     def _refuse(self, scope: Scope, headers: dict[str, str]) -> Response | None:
         host = _hostname(headers.get("host", ""))
         if host not in self.allowed_hosts:
-            return error(403, "this endpoint only answers requests addressed to its own host name", "forbidden",
-                         code="host_not_allowed")
+            return error(
+                403,
+                "this endpoint only answers requests addressed to its own host name",
+                "forbidden",
+                code="host_not_allowed",
+            )
         origin = headers.get("origin")
         if origin is not None and _hostname(origin.split("://", 1)[-1]) not in self.allowed_hosts:
             return error(403, "cross-origin requests are not allowed", "forbidden", code="origin_not_allowed")
@@ -69,12 +73,20 @@ class Guard:
                 key = self.keys.authenticate(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
             except ApplianceError as exc:  # keys.json unreadable: one clear line, nobody gets in
                 log.error("%s", exc)
-                return error(503, "the endpoint cannot check API keys right now; see its log", "unavailable",
-                             code="keys_unreadable")
+                return error(
+                    503,
+                    "the endpoint cannot check API keys right now; see its log",
+                    "unavailable",
+                    code="keys_unreadable",
+                )
             if key is None:
-                return error(401, "missing, wrong or revoked API key; send 'Authorization: Bearer <your key>' "
-                                  "(an admin creates keys with 'appliance keys add')", "authentication_error",
-                             code="invalid_api_key")
+                return error(
+                    401,
+                    "missing, wrong or revoked API key; send 'Authorization: Bearer <your key>' "
+                    "(an admin creates keys with 'appliance keys add')",
+                    "authentication_error",
+                    code="invalid_api_key",
+                )
             scope[KEY_SCOPE] = key
         return None
 
@@ -88,7 +100,9 @@ def _hostname(value: str) -> str:
 
 def check_bind(host: str, port: int, settings: Settings) -> None:
     if not is_loopback(host) and host != settings.serve.host:
-        raise ServeError(f"refusing to listen on {host}: a non-loopback address must be set in config.toml [serve] host")
+        raise ServeError(
+            f"refusing to listen on {host}: a non-loopback address must be set in config.toml [serve] host"
+        )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

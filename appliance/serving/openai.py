@@ -23,11 +23,28 @@ if TYPE_CHECKING:
     from appliance.home.config import ServeSection
     from appliance.serving.resolve import Answering
 
-NUMBERS = {"temperature": (0.0, 5.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0), "presence_penalty": (-2.0, 2.0),
-           "frequency_penalty": (-2.0, 2.0), "repeat_penalty": (0.0, 10.0)}
+NUMBERS = {
+    "temperature": (0.0, 5.0),
+    "top_p": (0.0, 1.0),
+    "min_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "repeat_penalty": (0.0, 10.0),
+}
 # Passed on as the client sent them, once checked (messages, tools and the token limit are rebuilt).
-PASSED = (*NUMBERS, "top_k", "seed", "stop", "ignore_eos", "n", "logprobs", "top_logprobs", "logit_bias",
-          "response_format", "parallel_tool_calls")
+PASSED = (
+    *NUMBERS,
+    "top_k",
+    "seed",
+    "stop",
+    "ignore_eos",
+    "n",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "response_format",
+    "parallel_tool_calls",
+)
 # llama-server extensions a client may not set, each with why (the 400 says it).
 REFUSED = {
     "grammar": "a raw grammar is run by llama.cpp unchecked; ask for response_format with a JSON schema instead",
@@ -48,11 +65,11 @@ MAX_LOGIT_BIAS = 300
 TEXT_ONLY = "this model reads text only: a message's content parts must all be {type: text}"
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-          code: str | None = None) -> JSONResponse:
+def error(
+    status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> JSONResponse:
     """An error in OpenAI's shape, which clients show to their users."""
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
 class Invalid(ValueError):
@@ -135,8 +152,9 @@ def _sampling(body: dict, chat: bool, limits: ServeSection) -> None:
             raise Invalid(f"'{key}' must be a number from {lo:g} to {hi:g}", key)
     _int_in(body, "seed", -(2**63), 2**63 - 1)
     stop = body.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 8
-                                                           and all(isinstance(s, str) for s in stop))):
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 8 and all(isinstance(s, str) for s in stop))
+    ):
         raise Invalid("'stop' must be a string or a list of up to 8 strings", "stop")
     for key in ("stream", "ignore_eos", "parallel_tool_calls"):
         _bool(body, key)
@@ -147,8 +165,9 @@ def _sampling(body: dict, chat: bool, limits: ServeSection) -> None:
         _int_in(body, "logprobs", 0, 5)
     _logit_bias(body.get("logit_bias"))
     options = body.get("stream_options")
-    if options is not None and not (isinstance(options, dict)
-                                    and isinstance(options.get("include_usage", False), bool)):
+    if options is not None and not (
+        isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)
+    ):
         raise Invalid("'stream_options' must be an object like {include_usage: true}", "stream_options")
     user = body.get("user")
     if user is not None and not (isinstance(user, str) and len(user) <= 256):
@@ -161,8 +180,7 @@ def _logit_bias(bias: object) -> None:
     if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
         raise Invalid(f"'logit_bias' must map up to {MAX_LOGIT_BIAS} token ids to numbers", "logit_bias")
     for token, value in bias.items():
-        if not (token.isascii() and token.isdigit() and len(token) <= 9
-                and _is_number(value) and -100 <= value <= 100):
+        if not (token.isascii() and token.isdigit() and len(token) <= 9 and _is_number(value) and -100 <= value <= 100):
             raise Invalid("'logit_bias' maps token ids (digits) to numbers from -100 to 100", "logit_bias")
 
 
@@ -200,10 +218,13 @@ def _tool_calls(calls: object, param: str) -> None:
         raise Invalid("'tool_calls' must be a list", param)
     for call in calls:
         function = call.get("function") if isinstance(call, dict) else None
-        if not (isinstance(function, dict) and isinstance(call.get("id", ""), str)
-                and isinstance(function.get("name"), str) and isinstance(function.get("arguments"), str)):
-            raise Invalid("each tool call needs an id and a function with a name and arguments (a JSON string)",
-                          param)
+        if not (
+            isinstance(function, dict)
+            and isinstance(call.get("id", ""), str)
+            and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments"), str)
+        ):
+            raise Invalid("each tool call needs an id and a function with a name and arguments (a JSON string)", param)
 
 
 def _tools(body: dict) -> None:
@@ -214,15 +235,22 @@ def _tools(body: dict) -> None:
             raise Invalid(f"'tools' must be a list of at most {MAX_TOOLS} functions", "tools")
         for i, tool in enumerate(tools):
             function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
-                    or not TOOL_NAME.match(function["name"]):
-                raise Invalid("each tool must be {type: function, function: {name, parameters}} with a name of "
-                              "letters, digits, '_', '-' or '.' (at most 64)", f"tools[{i}]")
+            if (
+                not isinstance(function, dict)
+                or not isinstance(function.get("name"), str)
+                or not TOOL_NAME.match(function["name"])
+            ):
+                raise Invalid(
+                    "each tool must be {type: function, function: {name, parameters}} with a name of "
+                    "letters, digits, '_', '-' or '.' (at most 64)",
+                    f"tools[{i}]",
+                )
             if function.get("description") is not None and not isinstance(function["description"], str):
                 raise Invalid("a tool's description must be a string", f"tools[{i}].function.description")
             _bool(function, "strict")
-            if "parameters" in function and (problem := schema_problem(function["parameters"],
-                                                                      f"tools[{i}].function.parameters")):
+            if "parameters" in function and (
+                problem := schema_problem(function["parameters"], f"tools[{i}].function.parameters")
+            ):
                 raise Invalid(problem, f"tools[{i}].function.parameters")
             names.append(function["name"])
     if choice is None or choice in ("none", "auto", "required"):
@@ -231,8 +259,10 @@ def _tools(body: dict) -> None:
         return
     function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
     if not isinstance(function, dict) or function.get("name") not in names:
-        raise Invalid("'tool_choice' must be none, auto, required or {type: function, function: {name}} naming "
-                      "one of 'tools'", "tool_choice")
+        raise Invalid(
+            "'tool_choice' must be none, auto, required or {type: function, function: {name}} naming one of 'tools'",
+            "tool_choice",
+        )
 
 
 def _response_format(fmt: object) -> None:
@@ -240,14 +270,19 @@ def _response_format(fmt: object) -> None:
         return
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind not in ("text", "json_object", "json_schema"):
-        raise Invalid("'response_format' must be {type: text}, {type: json_object} or {type: json_schema, "
-                      "json_schema: {name, schema}}", "response_format")
+        raise Invalid(
+            "'response_format' must be {type: text}, {type: json_object} or {type: json_schema, "
+            "json_schema: {name, schema}}",
+            "response_format",
+        )
     assert isinstance(fmt, dict)
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name", ""), str):
-            raise Invalid("'response_format.json_schema' must be an object with a name and a schema",
-                          "response_format.json_schema")
+            raise Invalid(
+                "'response_format.json_schema' must be an object with a name and a schema",
+                "response_format.json_schema",
+            )
         _bool(spec, "strict")
         schema: object = spec.get("schema", {})
     else:
@@ -288,12 +323,19 @@ def joined(content: object) -> object:
 
 def _message(m: dict) -> dict:
     # developer messages are the system instructions for OpenAI's newer models: the template's system role
-    out: dict[str, Any] = {"role": "system" if m["role"] == "developer" else m["role"],
-                           "content": joined(m.get("content"))}
+    out: dict[str, Any] = {
+        "role": "system" if m["role"] == "developer" else m["role"],
+        "content": joined(m.get("content")),
+    }
     if m["role"] == "assistant" and m.get("tool_calls"):
-        out["tool_calls"] = [{"id": c.get("id", ""), "type": "function",
-                              "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
-                             for c in m["tool_calls"]]
+        out["tool_calls"] = [
+            {
+                "id": c.get("id", ""),
+                "type": "function",
+                "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+            }
+            for c in m["tool_calls"]
+        ]
     if m["role"] == "tool":
         out["tool_call_id"] = m["tool_call_id"]
     if isinstance(m.get("name"), str):
@@ -305,9 +347,17 @@ def _forward_tools(body: dict, out: dict) -> None:
     tools, choice = body.get("tools"), body.get("tool_choice")
     if not tools:
         return
-    out["tools"] = [{"type": "function", "function": {k: t["function"][k] for k in ("name", "description",
-                                                                                   "parameters", "strict")
-                                                      if t["function"].get(k) is not None}} for t in tools]
+    out["tools"] = [
+        {
+            "type": "function",
+            "function": {
+                k: t["function"][k]
+                for k in ("name", "description", "parameters", "strict")
+                if t["function"].get(k) is not None
+            },
+        }
+        for t in tools
+    ]
     if isinstance(choice, dict):  # llama-server takes none/auto/required: a named function is "required" of that one
         out["tools"] = [t for t in out["tools"] if t["function"]["name"] == choice["function"]["name"]]
         out["parallel_tool_calls"] = False  # as OpenAI answers a named choice: one call of that function

@@ -11,9 +11,10 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
@@ -28,7 +29,7 @@ from appliance.runtime.llama_server import LAUNCHER, Backend
 from appliance.serving.resolve import ALIAS, RETRY_FAILED, Adapter, Answering, Resolver, Spec, Target
 
 log = logging.getLogger("appliance.serve")
-START_TIMEOUT = 300.0   # seconds for a backend to load its model
+START_TIMEOUT = 300.0  # seconds for a backend to load its model
 WATCH_SECONDS = 0.25
 PREPARED_SECONDS = 600.0  # how long a host started by prepare() is kept for the promotion it precedes
 
@@ -84,14 +85,25 @@ class LlamaServers:
         self.logs = home.top.logs
         self.serve = settings.serve
         self.threads = settings.serve.threads or len(os.sched_getaffinity(0))
-        log.info("serving through native llama-server %s (%d slots, %d threads, context %d per slot)",
-                 self.binary, self.serve.slots, self.threads, self.serve.context)
+        log.info(
+            "serving through native llama-server %s (%d slots, %d threads, context %d per slot)",
+            self.binary,
+            self.serve.slots,
+            self.threads,
+            self.serve.context,
+        )
 
     def __call__(self, spec: Spec) -> Backend:
-        backend = ServedBackend(spec.name, spec.gguf, slots=self.serve.slots, context=self.serve.context,
-                                threads=self.threads,
-                                log_path=self.logs / f"llama-server-{spec.name.replace('/', '_')}.log",
-                                loras=tuple(a.path for a in spec.adapters), embedding=spec.embedding)
+        backend = ServedBackend(
+            spec.name,
+            spec.gguf,
+            slots=self.serve.slots,
+            context=self.serve.context,
+            threads=self.threads,
+            log_path=self.logs / f"llama-server-{spec.name.replace('/', '_')}.log",
+            loras=tuple(a.path for a in spec.adapters),
+            embedding=spec.embedding,
+        )
         try:
             self.logs.mkdir(parents=True, exist_ok=True)
             backend.start()
@@ -118,7 +130,7 @@ class BackendPool:
         self._starting: dict[str, Future] = {}
         self._failed: dict[str, tuple[float, str]] = {}
         self._prepared: dict[str, float] = {}
-        self._last: dict[str, str] = {}    # collection -> spec name that last answered its current model
+        self._last: dict[str, str] = {}  # collection -> spec name that last answered its current model
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -141,8 +153,11 @@ class BackendPool:
                 done.set_result(backend)
                 return done
             if backend is not None:  # it died under us (killed, crashed): forget it and start again
-                log.error("llama-server for %s stopped unexpectedly (code %s); restarting it",
-                          spec.name, backend.proc.returncode if backend.proc else None)
+                log.error(
+                    "llama-server for %s stopped unexpectedly (code %s); restarting it",
+                    spec.name,
+                    backend.proc.returncode if backend.proc else None,
+                )
                 self._ready.pop(spec.name)
                 LAUNCHER.submit(backend.stop)
             if spec.name in self._starting:
@@ -170,8 +185,9 @@ class BackendPool:
                 raise RegistryError(f"{bad[0][0].path}: {bad[0][1]}; not serving it")
             # only files the appliance built, byte for byte (the embedding model is the one IT named in config)
             if not spec.embedding and not _intact(spec.gguf, spec.sha256):
-                raise RegistryError(f"{spec.gguf}: the file does not match the sha256 recorded when it was built; "
-                                    "not serving it")
+                raise RegistryError(
+                    f"{spec.gguf}: the file does not match the sha256 recorded when it was built; not serving it"
+                )
             backend = self._start_backend(spec)
         except (RegistryError, ServeError, OSError) as exc:
             message = f"model {spec.describe()} could not be loaded: {str(exc).splitlines()[0]}"
@@ -243,6 +259,7 @@ class BackendPool:
                     backend = self._fallback(target)
                     if backend is None:
                         raise
+            assert backend is not None  # each branch above found one or raised
             answering = _answering(backend, target)
             with self._lock:
                 if backend.retired or not backend.alive():
@@ -290,8 +307,12 @@ class BackendPool:
             backend = self._ready.get(name)
         if backend is None or not backend.alive():
             return None
-        log.warning("%s points at %s, which cannot be served; %s keeps answering",
-                    catalog.model_id(target.collection), target.spec.describe(), name)
+        log.warning(
+            "%s points at %s, which cannot be served; %s keeps answering",
+            catalog.model_id(target.collection),
+            target.spec.describe(),
+            name,
+        )
         return backend
 
     def release(self, backend: Backend, slot: int | None = None) -> None:
@@ -377,8 +398,11 @@ def _answering(backend: Backend, target: Target) -> Answering:
     assert isinstance(spec, Spec)
     if not spec.adapters:
         return Answering(backend, spec.name)
-    adapter = target.adapter if target.adapter and spec.index(target.adapter) is not None \
+    adapter = (
+        target.adapter
+        if target.adapter and spec.index(target.adapter) is not None
         else spec.of_collection(target.collection)
+    )
     assert adapter is not None  # only hosts holding the collection are chosen
     return Answering(backend, adapter.model_id, spec.index(adapter))
 
@@ -391,8 +415,7 @@ def _take_slot(backend: Backend, lora: int) -> int | None:
     idle = [i for i, busy in enumerate(backend.slot_busy) if not busy]
     if not idle:
         return None
-    slot = max(idle, key=lambda i: (backend.slot_lora[i] == lora, backend.slot_lora[i] is None,
-                                    -backend.slot_used[i]))
+    slot = max(idle, key=lambda i: (backend.slot_lora[i] == lora, backend.slot_lora[i] is None, -backend.slot_used[i]))
     backend.slot_busy[slot], backend.slot_lora[slot], backend.slot_used[slot] = True, lora, time.monotonic()
     return slot
 

@@ -8,7 +8,7 @@ import json
 import logging
 import threading
 import time
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 from starlette.responses import Response
@@ -32,9 +32,17 @@ class Done:
 
     def __call__(self, status: int, prompt: object, completion: object) -> None:
         # Counts and timings only, never prompt or completion text.
-        log.info("request path=%s model=%s key=%s status=%d stream=%s prompt_tokens=%s completion_tokens=%s "
-                 "seconds=%.3f", self.path, self.model, self.key, status, self.stream, prompt, completion,
-                 time.monotonic() - self.started)
+        log.info(
+            "request path=%s model=%s key=%s status=%d stream=%s prompt_tokens=%s completion_tokens=%s seconds=%.3f",
+            self.path,
+            self.model,
+            self.key,
+            status,
+            self.stream,
+            prompt,
+            completion,
+            time.monotonic() - self.started,
+        )
         self.usage.record(self.key, self.model, prompt, completion, self.user)
 
 
@@ -92,13 +100,16 @@ def renamer(alias: str, model: str) -> Callable[[bytes], bytes] | None:
     inside strings, so ``"model":"<alias>"`` cannot occur inside generated text."""
     if alias == model:
         return None
-    old, new = json.dumps({"model": alias}, separators=(",", ":"))[1:-1].encode(), \
-        json.dumps({"model": model}, separators=(",", ":"))[1:-1].encode()
+    old, new = (
+        json.dumps({"model": alias}, separators=(",", ":"))[1:-1].encode(),
+        json.dumps({"model": model}, separators=(",", ":"))[1:-1].encode(),
+    )
     return lambda data: data.replace(old, new)
 
 
-async def relay(reply: httpx.Response, lease: Lease, done: Done,
-                rename: Callable[[bytes], bytes] | None) -> AsyncIterator[bytes]:
+async def relay(
+    reply: httpx.Response, lease: Lease, done: Done, rename: Callable[[bytes], bytes] | None
+) -> AsyncIterator[bytes]:
     """The backend's SSE bytes as they come (with ``rename``, a line at a time, so the field it
     rewrites is never cut in two). The finally clause also runs when the client disconnects
     mid-stream, so the backend is always released."""
@@ -119,8 +130,10 @@ async def relay(reply: httpx.Response, lease: Lease, done: Done,
             yield rename(carry)
     except httpx.TransportError as exc:
         log.error("llama-server for %s broke off a stream: %s", done.model, exc)
-        yield (b'data: {"error": {"message": "the model stopped answering", "type": "server_error", "param": null, '
-               b'"code": "backend_failed"}}\n\n')
+        yield (
+            b'data: {"error": {"message": "the model stopped answering", "type": "server_error", "param": null, '
+            b'"code": "backend_failed"}}\n\n'
+        )
     finally:
         lease.release()
         prompt, completion = _stream_counts(bytes(tail))
@@ -134,8 +147,9 @@ async def relay(reply: httpx.Response, lease: Lease, done: Done,
 Shape = Callable[[dict], tuple[bytes, str]]  # a reply rewritten by the front: its bytes and media type
 
 
-def finish(done: Done, status: int, content: bytes, rename: Callable[[bytes], bytes] | None,
-           shape: Shape | None = None) -> Response:
+def finish(
+    done: Done, status: int, content: bytes, rename: Callable[[bytes], bytes] | None, shape: Shape | None = None
+) -> Response:
     """The backend's JSON reply as it came (or as ``shape`` rewrites it); a backend failure
     becomes a clear 502."""
     try:
@@ -155,8 +169,12 @@ def finish(done: Done, status: int, content: bytes, rename: Callable[[bytes], by
     done(status, None, None)
     if 400 <= status < 500:  # e.g. a prompt longer than the context: the client's to fix
         return error(status, message or "the model refused the request")
-    return error(502, f"model {done.model} failed to answer ({status}: {message or 'no detail'})", "server_error",
-                 code="backend_failed")
+    return error(
+        502,
+        f"model {done.model} failed to answer ({status}: {message or 'no detail'})",
+        "server_error",
+        code="backend_failed",
+    )
 
 
 def _stream_counts(tail: bytes) -> tuple[object, object]:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from appliance.contract.errors import ServeError
 from appliance.home import catalog, registry
@@ -20,7 +20,7 @@ from appliance.runtime.llama_server import Backend
 from appliance.serving.openai import unknown_model
 
 ALIAS = "appliance"
-RETRY_FAILED = 30.0     # seconds before a version (or an adapter) that failed to start is tried again
+RETRY_FAILED = 30.0  # seconds before a version (or an adapter) that failed to start is tried again
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Adapter:
     version: str
     path: Path
     sha256: str
-    record: Path          # its version.json: the version leaving the registry stops its serving
+    record: Path  # its version.json: the version leaving the registry stops its serving
 
     @property
     def model_id(self) -> str:
@@ -43,13 +43,13 @@ class Spec:
     """What one llama-server runs: a model file, and for an adapter host its adapters in
     ``--lora`` order (a request's ``lora`` id is the index here)."""
 
-    name: str                                  # the pool's key and the backend's --alias
+    name: str  # the pool's key and the backend's --alias
     gguf: Path
-    sha256: str                                # of ``gguf``, as the registry recorded it
-    records: tuple[Path, ...]                  # version.json files that must still exist
+    sha256: str  # of ``gguf``, as the registry recorded it
+    records: tuple[Path, ...]  # version.json files that must still exist
     adapters: tuple[Adapter, ...] = ()
-    host: bool = False                         # the host of every collection's current adapter
-    embedding: bool = False                    # an embedding model (/v1/embeddings), named in config
+    host: bool = False  # the host of every collection's current adapter
+    embedding: bool = False  # an embedding model (/v1/embeddings), named in config
 
     def index(self, adapter: Adapter) -> int | None:
         return self.adapters.index(adapter) if adapter in self.adapters else None
@@ -69,7 +69,7 @@ class Target:
     """A request's model id resolved: the spec to serve it and, on an adapter spec, which adapter."""
 
     collection: str
-    current: bool              # the id named the collection's current model (fallback allowed)
+    current: bool  # the id named the collection's current model (fallback allowed)
     spec: Spec
     adapter: Adapter | None = None
 
@@ -80,8 +80,8 @@ class Answering:
 
     backend: Backend
     model: str
-    lora: int | None = None         # the adapter's index on an adapter host
-    slot: int | None = None         # the llama-server slot it was sent to (adapter hosts)
+    lora: int | None = None  # the adapter's index on an adapter host
+    slot: int | None = None  # the llama-server slot it was sent to (adapter hosts)
 
 
 class Resolver:
@@ -90,7 +90,7 @@ class Resolver:
 
     def __init__(self, home: Home):
         self.home = home.top
-        self.host: Spec | None = None        # the adapter host of every collection's current adapter
+        self.host: Spec | None = None  # the adapter host of every collection's current adapter
         self._bad: dict[Adapter, float] = {}  # adapters whose file failed its check, left out of hosts for a while
 
     def target(self, model_id: object, key: Key | None = None) -> Target:
@@ -183,11 +183,19 @@ def visible_models(home: Home, key: Key, embedding: Spec | None = None) -> list[
         data += [_entry(catalog.model_id(collection, v), collection, record) for v, record in versions.items()]
     if embedding is not None:
         created = int(embedding.gguf.stat().st_mtime) if embedding.gguf.exists() else 0
-        data.append({"id": embedding.name, "object": "model", "created": created, "owned_by": "appliance",
-                     "kind": "embedding"})
+        data.append(
+            {"id": embedding.name, "object": "model", "created": created, "owned_by": "appliance", "kind": "embedding"}
+        )
     return data
 
 
 def _entry(model_id: str, collection: str, record: dict) -> dict:
-    return {"id": model_id, "object": "model", "created": int(record.get("created") or 0), "owned_by": "appliance",
-            "version": record["version"], "collection": catalog.display(collection), "quant": record.get("quant")}
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": int(record.get("created") or 0),
+        "owned_by": "appliance",
+        "version": record["version"],
+        "collection": catalog.display(collection),
+        "quant": record.get("quant"),
+    }

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import json
 
-MAX_BYTES = 32_768     # the schema as JSON text
-MAX_DEPTH = 32         # JSON nesting (objects and lists), about 16 levels of subschemas
-MAX_NODES = 2_000      # subschema objects in all
-MAX_ENUM = 256         # enum and const values in all
-MAX_REPEAT = 256       # minItems, maxLength ...: llama.cpp writes one grammar rule per repetition
-MAX_PATTERN = 256      # characters of a regular expression (compiled into grammar rules)
-REPEATS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties", "minContains",
-           "maxContains")
+MAX_BYTES = 32_768  # the schema as JSON text
+MAX_DEPTH = 32  # JSON nesting (objects and lists), about 16 levels of subschemas
+MAX_NODES = 2_000  # subschema objects in all
+MAX_ENUM = 256  # enum and const values in all
+MAX_REPEAT = 256  # minItems, maxLength ...: llama.cpp writes one grammar rule per repetition
+MAX_PATTERN = 256  # characters of a regular expression (compiled into grammar rules)
+REPEATS = (
+    "minItems",
+    "maxItems",
+    "minLength",
+    "maxLength",
+    "minProperties",
+    "maxProperties",
+    "minContains",
+    "maxContains",
+)
 
 
 def schema_problem(schema: object, where: str) -> str | None:

@@ -39,8 +39,9 @@ class Server:
         self.usage = KeyUse(home)
         self.flush_seconds = settings.serve.audit_flush_seconds
         app = make_app(home, settings, keys, self.pool, self.usage)
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=30)
+        config = uvicorn.Config(
+            app, host=self.host, port=self.port, log_level="warning", access_log=False, timeout_graceful_shutdown=30
+        )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -52,7 +53,7 @@ class Server:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def start(self, wait_model: float = START_TIMEOUT) -> "Server":
+    def start(self, wait_model: float = START_TIMEOUT) -> Server:
         """Listen, and wait (up to ``wait_model`` s) for the current models' backends to load (the
         shared version and the adapter host); one that will not load is logged and answered
         with 503, the endpoint still starts."""
@@ -65,8 +66,10 @@ class Server:
                 self._end()
                 raise ServeError(f"the endpoint did not start on {self.url}")
             time.sleep(0.05)
-        for current in (lambda: self.pool.target(ALIAS).spec if registry.current(self.home) else None,
-                        self.pool.refresh_host):
+        for current in (
+            lambda: self.pool.target(ALIAS).spec if registry.current(self.home) else None,
+            self.pool.refresh_host,
+        ):
             try:
                 if (spec := current()) is not None:
                     self.pool.ensure(spec).result(timeout=wait_model)

@@ -17,9 +17,11 @@ import secrets
 import time
 from typing import Any
 
-INSTRUCTIONS = ("You can call these functions (JSON schema of each one's arguments):\n{tools}\n"
-                "To call functions, answer with JSON {{\"tool_calls\": [{{\"name\": ..., \"arguments\": {{...}}}}]}}. "
-                "{reply}")
+INSTRUCTIONS = (
+    "You can call these functions (JSON schema of each one's arguments):\n{tools}\n"
+    'To call functions, answer with JSON {{"tool_calls": [{{"name": ..., "arguments": {{...}}}}]}}. '
+    "{reply}"
+)
 REPLY_AUTO = "Call a function only when you need one; otherwise answer in words."
 REPLY_REQUIRED = "Call at least one function."
 
@@ -41,8 +43,16 @@ def rewrite(out: dict) -> dict:
     out["stream"] = False
     messages = [_readable(m) for m in out["messages"]]
     if tools and choice != "none":
-        described = json.dumps([{"name": t["function"]["name"], "description": t["function"].get("description", ""),
-                                 "parameters": t["function"].get("parameters", {})} for t in tools])
+        described = json.dumps(
+            [
+                {
+                    "name": t["function"]["name"],
+                    "description": t["function"].get("description", ""),
+                    "parameters": t["function"].get("parameters", {}),
+                }
+                for t in tools
+            ]
+        )
         note = INSTRUCTIONS.format(tools=described, reply=REPLY_AUTO if choice == "auto" else REPLY_REQUIRED)
         if messages[0]["role"] == "system":
             messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}
@@ -56,9 +66,17 @@ def rewrite(out: dict) -> dict:
 
 
 def _calls_schema(tools: list[dict], parallel: bool) -> dict:
-    calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
-                                               "arguments": t["function"].get("parameters") or {"type": "object"}},
-              "required": ["name", "arguments"]} for t in tools]
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                "arguments": t["function"].get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+        }
+        for t in tools
+    ]
     items = calls[0] if len(calls) == 1 else {"anyOf": calls}
     array: dict[str, Any] = {"type": "array", "items": items, "minItems": 1}
     if not parallel:
@@ -72,8 +90,9 @@ def _readable(m: dict) -> dict:
         return {"role": "user", "content": f"The function call {m.get('tool_call_id', '')} returned: {m['content']}"}
     if m.get("tool_calls"):
         # in words, not in the call format: a small model copies a format it sees in its own turns
-        calls = "; ".join(f"{c['function']['name']}({c['function']['arguments']}) as call {c.get('id', '')}"
-                          for c in m["tool_calls"])
+        calls = "; ".join(
+            f"{c['function']['name']}({c['function']['arguments']}) as call {c.get('id', '')}" for c in m["tool_calls"]
+        )
         return {"role": "assistant", "content": f"{m.get('content') or ''}\n(I called {calls}.)".lstrip()}
     return {k: v for k, v in m.items() if k in ("role", "content")}
 
@@ -92,10 +111,15 @@ def answer(payload: dict) -> dict:
         parsed = _loads(message.get("content") or "")
         if isinstance(parsed, dict) and isinstance(parsed.get("tool_calls"), list) and parsed["tool_calls"]:
             message["content"] = None
-            message["tool_calls"] = [{"id": "call_" + secrets.token_hex(12), "type": "function",
-                                      "function": {"name": c.get("name", ""),
-                                                   "arguments": json.dumps(c.get("arguments", {}))}}
-                                     for c in parsed["tool_calls"] if isinstance(c, dict)]
+            message["tool_calls"] = [
+                {
+                    "id": "call_" + secrets.token_hex(12),
+                    "type": "function",
+                    "function": {"name": c.get("name", ""), "arguments": json.dumps(c.get("arguments", {}))},
+                }
+                for c in parsed["tool_calls"]
+                if isinstance(c, dict)
+            ]
             choice["finish_reason"] = "tool_calls"
         elif isinstance(parsed, dict) and isinstance(parsed.get("content"), str):
             message["content"] = parsed["content"]
@@ -105,8 +129,12 @@ def answer(payload: dict) -> dict:
 
 def stream(payload: dict, include_usage: bool) -> bytes:
     """A whole answer as OpenAI's chunk stream: per choice its message as one delta, then its end."""
-    base = {"id": payload.get("id") or "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion.chunk",
-            "created": payload.get("created") or int(time.time()), "model": payload.get("model")}
+    base = {
+        "id": payload.get("id") or "chatcmpl-" + secrets.token_hex(12),
+        "object": "chat.completion.chunk",
+        "created": payload.get("created") or int(time.time()),
+        "model": payload.get("model"),
+    }
     events = []
     for choice in payload.get("choices") or []:
         message, index = choice.get("message") or {}, choice.get("index", 0)

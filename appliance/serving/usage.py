@@ -29,8 +29,9 @@ class KeyUse:
         with self._lock:
             if user:
                 self._users.setdefault((key, model), set()).add(hashlib.sha256(user.encode()).hexdigest())
-            entry = self._counts.setdefault((key, model), {"requests": 0, "first": now, "last": now,
-                                                           "prompt_tokens": 0, "completion_tokens": 0})
+            entry = self._counts.setdefault(
+                (key, model), {"requests": 0, "first": now, "last": now, "prompt_tokens": 0, "completion_tokens": 0}
+            )
             entry["requests"] += 1
             entry["last"] = now
             entry["prompt_tokens"] += prompt if isinstance(prompt, int) else 0
@@ -47,6 +48,11 @@ class KeyUse:
             try:
                 audit.append(self.home, "key_use", key=key, model=model, **entry)
             except OSError as exc:  # the endpoint keeps answering; the log says what was lost
-                log.error("could not write key use to the audit log (%s): key=%s model=%s requests=%d",
-                          exc, key, model, entry["requests"])
+                log.error(
+                    "could not write key use to the audit log (%s): key=%s model=%s requests=%d",
+                    exc,
+                    key,
+                    model,
+                    entry["requests"],
+                )
         return len(counts)
