@@ -88,8 +88,9 @@ def _pretrain(model, tokenizer, steps: int = 40) -> None:
     import torch
 
     from appliance.data.ingest.chat_jsonl import parse
+    from appliance.training.examples import pack
     from appliance.training.render import render
-    from appliance.training.train import pack, step_loss
+    from appliance.training.train import step_loss
 
     examples = [render(tokenizer, r, 512) for r in parse(SAMPLE / "policies.jsonl").records]
     rows = pack(examples, 512)

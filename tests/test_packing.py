@@ -9,8 +9,9 @@ from conftest import SAMPLE
 
 from appliance.data.ingest.chat_jsonl import parse
 from appliance.runtime.hf import load_causal_lm, load_tokenizer
+from appliance.training.examples import collate, pack, plan_steps
 from appliance.training.render import render
-from appliance.training.train import collate, pack, plan_steps, step_loss
+from appliance.training.train import step_loss
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,7 @@ def test_a_killed_study_resumes_without_duplicates(studied: dict):
 
 
 def test_held_out_questions_are_never_trained(studied: dict):
-    from appliance.training.train import study_records
+    from appliance.training.examples import study_records
 
     home, settings, snap = studied["home"], studied["settings"], studied["snapshot"]
     run = home.run("run-check")

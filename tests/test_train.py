@@ -157,8 +157,9 @@ def test_validation_does_not_break_later_gradients(tiny_base: Path):
     from appliance.data.ingest.chat_jsonl import parse
     from appliance.home.config import Settings
     from appliance.runtime.hf import load_tokenizer
+    from appliance.training.examples import pack
     from appliance.training.render import render
-    from appliance.training.train import evaluate, load_trainable, pack, step_loss
+    from appliance.training.train import evaluate, load_trainable, step_loss
 
     settings = Settings()
     tokenizer = load_tokenizer(tiny_base)

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,17 +20,15 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance import __version__
-from appliance.cli.console import ProgressDisplay
+from appliance.cli.admin import cmd_audit, cmd_keys_add, cmd_keys_list, cmd_keys_revoke, cmd_keys_whoami, cmd_review
+from appliance.cli.common import collection_flag, engine_of, home_of, print_json, progress_for
 from appliance.contract.api import open_engine
 from appliance.contract.errors import ApplianceError
 from appliance.contract.events import Message, StageFinished, StageStarted
-from appliance.engine.local import as_dict
 from appliance.home.catalog import parse
 from appliance.home.config import load
-from appliance.home.keys import HOME_WIDE, KeysError, authorize, caller_key, read_secret
-from appliance.home.paths import Home, resolve_home
-
-NOT_YET: dict[str, str] = {}
+from appliance.home.keys import HOME_WIDE, authorize, caller_key, read_secret
+from appliance.home.paths import Home
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot", help="snapshot id (default: cut one from the current data)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--run", help="run id: resume this run from its last checkpoint (default: a new run)")
-    _collection_flag(p)
+    collection_flag(p)
     p = command(
         "export", cmd_export, "merge + convert + quantize + parity check; register a new version", json_flag=True
     )
@@ -115,20 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write the adapter as a GGUF LoRA (runs/RUN/gguf/adapter-f16.gguf), checked against the merged model",
     )
-    _collection_flag(p)
-    _collection_flag(command("models", cmd_models, "list model versions", json_flag=True))
+    collection_flag(p)
+    collection_flag(command("models", cmd_models, "list model versions", json_flag=True))
     p = command(
         "promote",
         cmd_promote,
         "make a version the one the endpoint serves as 'appliance' (or as 'appliance/COLLECTION')",
     )
     p.add_argument("version")
-    _collection_flag(p)
-    _collection_flag(command("rollback", cmd_rollback, "serve the previously promoted version again"))
+    collection_flag(p)
+    collection_flag(command("rollback", cmd_rollback, "serve the previously promoted version again"))
     p = command("serve", cmd_serve, "serve the current version in the foreground")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    _collection_flag(command("status", cmd_status, "current model, data and endpoint", json_flag=True))
+    collection_flag(command("status", cmd_status, "current model, data and endpoint", json_flag=True))
     command(
         "collections",
         cmd_collections,
@@ -142,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="stop the endpoint and exit after the comparison")
     p = command("eval", cmd_eval, "the promotion gate: a run's candidate against the current model", json_flag=True)
     p.add_argument("run", help="run id")
-    _collection_flag(p)
+    collection_flag(p)
     p = command("run", cmd_run, "the daemon: watch the inbox, retrain, gate, promote and serve")
     p.add_argument("--no-serve", action="store_true", help="do not start the endpoint in this process")
     p.add_argument("--once", action="store_true", help="ingest the inbox, run every queued job, then exit")
@@ -153,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("audit", cmd_audit, "the audit chain: 'verify' checks it, 'show' prints it", json_flag=True)
     p.add_argument("action", choices=["verify", "show"])
     p = command("retrain", cmd_retrain, "queue a training run on the current data (the daemon runs it)", json_flag=True)
-    _collection_flag(p)
+    collection_flag(p)
     p = command("jobs", cmd_jobs, "the job journal: recent jobs and their stages", json_flag=True)
-    _collection_flag(
+    collection_flag(
         command(
             "advise",
             cmd_advise,
@@ -228,27 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = command("tui", cmd_tui, "the terminal app: dashboard, models, data, chat, activity")
     p.add_argument("--light", action="store_true", help="start in the light theme (ctrl+t switches)")
-    for name, what in NOT_YET.items():
-        p = command(name, cmd_not_yet, f"({what}: not in this version yet)")
-        p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
-        p.set_defaults(command_name=name)
     return parser
 
 
 # --- helpers -------------------------------------------------------------------------
-
-
-def _collection_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--collection",
-        metavar="NAME",
-        help="the collection (an inbox sub-folder, e.g. cardiology or "
-        "legal/matter-17); default: shared, the top of the inbox",
-    )
-
-
-def _home(args: argparse.Namespace) -> Path:
-    return resolve_home(args.home)
 
 
 def authorize_command(args: argparse.Namespace) -> None:
@@ -260,7 +239,7 @@ def authorize_command(args: argparse.Namespace) -> None:
         name = f"{name} {args.action}"
     if name is None:
         return
-    home = Home(_demo_home(args) if name == "demo" else _home(args))
+    home = Home(_demo_home(args) if name == "demo" else home_of(args))
     if not home.is_initialised():
         return
     secret = read_secret(Path(args.key_file)) if getattr(args, "key_file", None) else None
@@ -269,39 +248,25 @@ def authorize_command(args: argparse.Namespace) -> None:
     authorize(name, args.caller, collection)
 
 
-def _engine(args: argparse.Namespace) -> Any:
-    return open_engine(
-        _home(args), key=getattr(args, "caller", None), collection=parse(getattr(args, "collection", None) or "")
-    )
-
-
-def _emit(args: argparse.Namespace):
-    return ProgressDisplay(enabled=not getattr(args, "json", False))
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(as_dict(obj), sort_keys=True, default=str))
-
-
 # --- commands ------------------------------------------------------------------------
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     from appliance.cli.init import init
 
-    home = _home(args)
-    with _emit(args) as show:
+    home = home_of(args)
+    with progress_for(args) as show:
         init(home, args.base, show)
     print(f"appliance home ready: {home}")
     return 0
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    engine = _engine(args)
-    with _emit(args) as show:
+    engine = engine_of(args)
+    with progress_for(args) as show:
         report = engine.ingest(show)
     if args.json:
-        _print_json(report)
+        print_json(report)
     else:
         print(
             f"accepted {report['accepted']} records from {report['files']} file(s); "
@@ -319,22 +284,22 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    engine = _engine(args)
-    with _emit(args) as show:
+    engine = engine_of(args)
+    with progress_for(args) as show:
         run = engine.train(snapshot=args.snapshot, max_steps=args.max_steps, emit=show, run_id=args.run)
     if args.json:
-        _print_json({"run": run})
+        print_json({"run": run})
     else:
         print(f"trained run {run}; next: appliance export {run}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    engine = _engine(args)
-    with _emit(args) as show:
+    engine = engine_of(args)
+    with progress_for(args) as show:
         version = engine.export(args.run, args.quant, show, adapter=args.adapter)
     if args.json:
-        _print_json(version)
+        print_json(version)
     else:
         print(
             f"registered version {version.version} ({version.quant}, {version.size / 1e6:.0f} MB); "
@@ -346,9 +311,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    versions = _engine(args).models()
+    versions = engine_of(args).models()
     if args.json:
-        _print_json({"versions": versions})
+        print_json({"versions": versions})
         return 0
     table = Table("version", "current", "quant", "size", "val loss", "docs", "run", "snapshot")
     for v in versions:
@@ -368,21 +333,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    _engine(args).promote(args.version)
+    engine_of(args).promote(args.version)
     print(f"now serving {args.version} as 'appliance'")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    version = _engine(args).rollback()
+    version = engine_of(args).rollback()
     print(f"rolled back; now serving {version} as 'appliance'")
     return 0
 
 
 def cmd_collections(args: argparse.Namespace) -> int:
-    found = _engine(args).collections()
+    found = engine_of(args).collections()
     if args.json:
-        _print_json({"collections": found})
+        print_json({"collections": found})
         return 0
     for c in found:
         served = f"{c['current']} ({c['mode']})" if c["current"] else f"no model yet (will be served {c['mode']})"
@@ -394,9 +359,9 @@ def cmd_collections(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _engine(args).status()
+    status = engine_of(args).status()
     if args.json:
-        _print_json(status)
+        print_json(status)
     else:
         print(
             f"home {status.home}\ncurrent model {status.current or '-'} ({status.versions} version(s))\n"
@@ -415,8 +380,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.serving.server import Server  # the web stack loads for the commands that serve
 
-    home = Home(_home(args))
-    _engine(args)  # checks the home
+    home = Home(home_of(args))
+    engine_of(args)  # checks the home
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     server = Server(home, load(home.config), args.host, args.port)
     print(f"serving {home.root} on {server.url}/v1 (Ctrl-C to stop)", file=sys.stderr)
@@ -430,7 +395,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     home = _demo_home(args)
     summary = run_demo(home, port=args.port, wait=not args.no_wait, quiet=args.json)
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     return 0
 
 
@@ -439,11 +404,11 @@ def _demo_home(args: argparse.Namespace) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    engine = _engine(args)
-    with _emit(args) as show:
+    engine = engine_of(args)
+    with progress_for(args) as show:
         report = engine.evaluate(args.run, emit=show)
     if args.json:
-        _print_json(report)
+        print_json(report)
     else:
         for check in report["checks"]:
             mark = {True: "pass", False: "FAIL", None: "n/a "}[check["passed"]]
@@ -455,8 +420,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from appliance.engine.daemon import Daemon
 
-    home = _home(args)
-    _engine(args)  # checks the home
+    home = home_of(args)
+    engine_of(args)  # checks the home
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     daemon = Daemon(home, serve=not args.no_serve, once=args.once, host=args.host, port=args.port, emit=_log_event)
     return daemon.run()
@@ -470,9 +435,9 @@ def _log_event(event: Any) -> None:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    report = _engine(args).forget(args.document)
+    report = engine_of(args).forget(args.document)
     if args.json:
-        _print_json(report)
+        print_json(report)
     else:
         print(
             f"forgot document {report['document'][:16]}: {report['records_removed']} record(s) deleted, "
@@ -487,44 +452,19 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
-    engine = _engine(args)
-    if args.action == "show":
-        entries = engine.audit_entries()
-        if args.json:
-            _print_json({"entries": entries})
-        else:
-            for e in entries:
-                print(
-                    f"{e.get('seq')} {e.get('at', 0):.0f} {e.get('user')} {e.get('action')} "
-                    f"{json.dumps(e.get('details'), sort_keys=True)}"
-                )
-        return 0
-    verdict = engine.verify_audit()
-    if args.json:
-        _print_json(verdict)
-    elif verdict["ok"]:
-        print(f"audit chain intact: {verdict['entries']} entries")
-    else:
-        print(
-            f"appliance: error: audit chain broken at line {verdict['bad_line']}: {verdict['reason']}", file=sys.stderr
-        )
-    return 0 if verdict["ok"] else 4
-
-
 def cmd_retrain(args: argparse.Namespace) -> int:
-    job = _engine(args).retrain()
+    job = engine_of(args).retrain()
     if args.json:
-        _print_json(job)
+        print_json(job)
     else:
         print(f"queued job {job['id']} ({job['state']})")
     return 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    jobs = _engine(args).jobs()
+    jobs = engine_of(args).jobs()
     if args.json:
-        _print_json({"jobs": jobs})
+        print_json({"jobs": jobs})
     else:
         for j in jobs:
             print(
@@ -535,60 +475,19 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_advise(args: argparse.Namespace) -> int:
-    advice = _engine(args).advise()
+    advice = engine_of(args).advise()
     if args.json:
-        _print_json({"advice": advice, "warnings": sum(a["level"] == "warning" for a in advice)})
+        print_json({"advice": advice, "warnings": sum(a["level"] == "warning" for a in advice)})
     else:
         for a in advice:
             print(f"{'!' if a['level'] == 'warning' else ' '} {a['message']}")
     return 0
 
 
-def cmd_review(args: argparse.Namespace) -> int:
-    engine = _engine(args)
-    if args.action == "list":
-        reviews = engine.reviews()
-        if args.json:
-            _print_json({"reviews": reviews})
-            return 0
-        for r in reviews:
-            print(
-                f"run {r['run']} (job {r['job']}): {r['approvals']}/{r['approvals_needed']} approvals"
-                f"{', you voted' if r['voted'] else ''}"
-            )
-            for item in r["items"]:
-                print(
-                    f"  [{item['index']}] Q: {item['question']}\n      A: {item['answer_a']}\n"
-                    f"      B: {item['answer_b']}"
-                )
-        if not reviews:
-            print("no candidate is waiting for review")
-        return 0
-    if not args.run:
-        raise ApplianceError(f"appliance review {args.action}: name the candidate's run (see 'appliance review list')")
-    preferences = {}
-    for text in args.prefer:
-        index, _, side = text.partition("=")
-        if not index.strip().isdigit() or not side:
-            raise ApplianceError(f"--prefer {text!r}: expected ITEM=a or ITEM=b, e.g. --prefer 0=a")
-        preferences[int(index)] = side
-    result = engine.vote(args.run, args.action == "approve", args.comment, preferences)
-    if args.json:
-        _print_json(result)
-    else:
-        print(
-            f"run {result['run']}: {result['state']} ({result['approvals']}/{result['approvals_needed']} "
-            f"approvals); job {result['job']} {result['job_state']}; current model {result['current'] or '-'}"
-        )
-        for r in result["reveal"]:
-            print(f"  [{r['index']}] A was {r['a']} ({r['a_is']}), B was {r['b']} ({r['b_is']})")
-    return 0
-
-
 def cmd_tui(args: argparse.Namespace) -> int:
     """The terminal app on this home's engine; a running daemon is seen through the home's
     journal and event log, so the in-process engine attaches to it without a socket."""
-    engine = open_engine(_home(args), key=getattr(args, "caller", None))  # checks the home first
+    engine = open_engine(home_of(args), key=getattr(args, "caller", None))  # checks the home first
     if getattr(args, "key_file", None):
         # the TUI's chat talks to the endpoint with $APPLIANCE_API_KEY before the home's admin key
         # file: the window must chat as the key it was opened with (this process only)
@@ -598,58 +497,6 @@ def cmd_tui(args: argparse.Namespace) -> int:
     app = importlib.import_module("tui.app")
     app.make_app(engine, theme=app.LIGHT if args.light else None).run()
     return 0
-
-
-def cmd_keys_add(args: argparse.Namespace) -> int:
-    collections = [c.strip() for c in args.collections.split(",")] if args.collections is not None else None
-    if collections is not None and not all(collections):
-        raise KeysError(f"--collections {args.collections!r}: an empty name; write 'shared' for the top of the inbox")
-    secret = _engine(args).add_key(args.name, args.role, collections)
-    shown = "every collection" if collections is None else ", ".join(collections)
-    note = "this secret is shown once and stored only hashed; hand it to its holder now"
-    if args.json:
-        _print_json({"name": args.name, "role": args.role, "collections": collections, "secret": secret, "note": note})
-    else:
-        print(f"key '{args.name}' (role {args.role}, {shown}); {note}:", file=sys.stderr)
-        print(secret)  # alone on stdout, so '> file' keeps just the secret
-    return 0
-
-
-def cmd_keys_list(args: argparse.Namespace) -> int:
-    keys = _engine(args).keys()
-    if args.json:
-        _print_json({"keys": keys})
-        return 0
-
-    def when(t: float | None) -> str:
-        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
-
-    for k in keys:
-        shown = "all" if k["collections"] is None else ",".join(k["collections"])
-        revoked = f"revoked {when(k['revoked'])}" if k["revoked"] else "active"
-        print(f"{k['name']:<20} {k['role']:<11} {shown:<24} created {when(k['created'])}  {revoked}")
-    return 0
-
-
-def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    _engine(args).revoke_key(args.name)
-    print(f"revoked key '{args.name}': refused from the next command or request on")
-    return 0
-
-
-def cmd_keys_whoami(args: argparse.Namespace) -> int:
-    me = _engine(args).whoami()
-    if args.json:
-        _print_json(me)
-    else:
-        shown = "every collection" if me["collections"] is None else ", ".join(me["collections"])
-        print(f"key '{me['name']}', role {me['role']}, {shown}")
-    return 0
-
-
-def cmd_not_yet(args: argparse.Namespace) -> int:
-    print(f"appliance: error: '{args.command_name}' is not available in this version yet", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

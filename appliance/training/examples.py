@@ -1,0 +1,154 @@
+"""What a training run learns from: the snapshot's records and the study material rendered
+with the base's chat template, the general mix, and the schedule of optimizer steps,
+each packed padding-free into forward passes.
+
+Packing: several examples share one row; ``position_ids`` restart at 0 for each and no
+attention mask is passed, so transformers builds a block-causal mask and no example
+attends to another (tests/test_packing.py checks it against unpacked losses).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from appliance.contract.errors import TrainError
+from appliance.contract.events import Emit, Message
+from appliance.data.ingest.chat_jsonl import parse
+from appliance.data.snapshot import Snapshot
+from appliance.data.study.stage import study
+from appliance.home.config import Settings
+from appliance.home.fsutil import write_json_atomic
+from appliance.home.paths import Home, RunDir
+from appliance.training.render import Example, RenderError, render
+
+STAGE = "train"
+
+
+def render_all(tokenizer: Any, recs: list, settings: Settings, emit: Emit) -> list[Example]:
+    out = []
+    for rec in recs:
+        try:
+            out.append(render(tokenizer, rec, settings.data.max_tokens, settings.data.too_long))
+        except RenderError as exc:
+            emit(Message(STAGE, f"record {rec.hash[:12]} skipped: {exc}", level="warning"))
+    return out
+
+
+def general_examples(tokenizer: Any, settings: Settings, n_domain: int, emit: Emit) -> list[Example]:
+    """General-purpose conversations (shipped, written by the team) mixed in to limit forgetting."""
+    share = settings.train.general_mix
+    if share <= 0:
+        return []
+    source = resources.files("appliance") / "data" / "general" / "conversations.jsonl"
+    with resources.as_file(source) as path:
+        pool = render_all(tokenizer, parse(Path(path)).records, settings, emit)
+    want = round(share / (1 - share) * n_domain)
+    rng = random.Random(settings.train.seed + 1)
+    return [pool[rng.randrange(len(pool))] for _ in range(want)]
+
+
+def pack(examples: list[Example], micro_tokens: int) -> list[list[Example]]:
+    """Greedy in the given order: rows of at most ``micro_tokens`` tokens (a longer
+    example gets a row of its own)."""
+    rows: list[list[Example]] = []
+    current: list[Example] = []
+    used = 0
+    for ex in examples:
+        n = len(ex.input_ids)
+        if current and used + n > micro_tokens:
+            rows.append(current)
+            current, used = [], 0
+        current.append(ex)
+        used += n
+    if current:
+        rows.append(current)
+    return rows
+
+
+def collate(row: list[Example], device: str) -> dict[str, Any]:
+    ids: list[int] = []
+    pos: list[int] = []
+    labels: list[int] = []
+    for ex in row:
+        ids.extend(ex.input_ids)
+        pos.extend(range(len(ex.input_ids)))
+        labels.extend(ex.labels)
+    as_tensor = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
+    return {"input_ids": as_tensor(ids), "position_ids": as_tensor(pos), "labels": as_tensor(labels)}
+
+
+def plan_steps(examples: list[Example], epochs: float, tokens_per_step: int, seed: int) -> list[list[Example]]:
+    """The whole schedule up front: each step is the examples it trains on, about
+    ``tokens_per_step`` tokens. Fixed by the seed, so a resumed run continues the
+    same schedule. How a step is cut into forward passes is decided when it runs."""
+    rng = random.Random(seed)
+    stream: list[Example] = []
+    for epoch in range(math.ceil(epochs)):
+        order = examples[:]
+        rng.shuffle(order)
+        fraction = epochs - epoch
+        if fraction < 1:
+            order = order[: max(1, int(len(order) * fraction))]
+        stream.extend(order)
+    steps: list[list[Example]] = []
+    current: list[Example] = []
+    used = 0
+    for ex in stream:
+        if current and used + len(ex.input_ids) > tokens_per_step:
+            steps.append(current)
+            current, used = [], 0
+        current.append(ex)
+        used += len(ex.input_ids)
+    if current:
+        steps.append(current)
+    return steps
+
+
+def study_records(
+    home: Home, snapshot: Snapshot, own: list, settings: Settings, run: RunDir, emit: Emit
+) -> tuple[list, dict[str, int]]:
+    """The study stage's conversations and re-told passages for the snapshot's documents (read
+    from its cache), and their counts; the held-out questions go to ``heldout.json`` for the gate.
+
+    A held-out question inside the study material itself fails the run (it would no longer
+    test recall); one that the snapshot's own conversations happen to ask is dropped from
+    the held-out set instead, and counted.
+    """
+    material = study(home, snapshot, settings, emit)
+    leaked = material.leaked()
+    if leaked:
+        raise TrainError(
+            f"snapshot {snapshot.id}: {len(leaked)} held-out study question(s) are in the training "
+            f"material (first: {leaked[0]!r}); delete {home.study} to write it again"
+        )
+    asked = {
+        _norm(m["content"])
+        for rec in own
+        if rec.kind == "chat"
+        for m in rec.body.get("messages", [])
+        if m.get("role") == "user"
+    }
+    heldout = material.heldout()
+    dropped = 0
+    for doc in heldout.values():
+        kept = [q for q in doc["questions"] if _norm(q["question"]) not in asked]
+        dropped += len(doc["questions"]) - len(kept)
+        doc["questions"] = kept
+    write_json_atomic(run.heldout, {"snapshot": snapshot.id, "documents": heldout})
+    counts = {
+        **material.counts(),
+        "heldout": sum(len(d["questions"]) for d in heldout.values()),
+        "heldout_in_your_data": dropped,
+    }
+    return material.records(), counts
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
