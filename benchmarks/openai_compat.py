@@ -51,12 +51,11 @@ import appliance  # noqa: F401  (offline environment first)
 from appliance.cli.init import create_home
 from appliance.home import registry
 from appliance.home.paths import Home
-from appliance.runtime.llama_server import binary
 from appliance.serving.guard import read_api_key
 from appliance.training.basemodel import embedded_gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import free_port, wait_health  # noqa: E402  (the same start-up wait as the throughput benchmark)
+from serve_throughput import free_port, native_command, wait_health  # noqa: E402  (the same native server and start-up wait)
 
 TIMEOUT = 60.0  # seconds per request (per read when streamed): a hang is a FAIL
 SLOTS, CONTEXT = 2, 2048
@@ -622,32 +621,7 @@ class Servers:
     def native(self, gguf: Path) -> str:
         port = free_port()
         log = self.work / "native.log"
-        proc = self.spawn(
-            [
-                str(binary()),
-                "--model",
-                str(gguf),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--alias",
-                "native",
-                "--parallel",
-                str(SLOTS),
-                "--ctx-size",
-                str(CONTEXT * SLOTS),
-                "--threads",
-                str(self.threads),
-                "--threads-batch",
-                str(self.threads),
-                "--jinja",
-                "--no-webui",
-                "--n-gpu-layers",
-                "999",
-            ],
-            log,
-        )
+        proc = self.spawn(native_command(gguf, port, SLOTS, CONTEXT, self.threads), log)
         wait_health(f"http://127.0.0.1:{port}/health", proc, log)
         return f"http://127.0.0.1:{port}"
 

@@ -57,8 +57,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_native(gguf: Path, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
-    cmd = [
+def native_command(gguf: Path, port: int, slots: int, context: int, threads: int) -> list[str]:
+    """A bare native llama-server on a loopback port, with the flags a skilled user would pass."""
+    return [
         str(binary()),
         "--model",
         str(gguf),
@@ -69,18 +70,22 @@ def start_native(gguf: Path, port: int, args: argparse.Namespace, log: Path) -> 
         "--alias",
         "native",
         "--parallel",
-        str(args.slots),
+        str(slots),
         "--ctx-size",
-        str(args.context * args.slots),
+        str(context * slots),
         "--threads",
-        str(args.threads),
+        str(threads),
         "--threads-batch",
-        str(args.threads),
+        str(threads),
         "--jinja",
         "--no-webui",
         "--n-gpu-layers",
         "999",
     ]
+
+
+def start_native(gguf: Path, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
+    cmd = native_command(gguf, port, args.slots, args.context, args.threads)
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     wait_health(f"http://127.0.0.1:{port}/health", proc, log)
     return proc

@@ -25,34 +25,16 @@ def smoke_base(work: Path) -> Path:
 
 def tiny_base(out: Path) -> Path:
     """tests/conftest.py's ``tiny_base`` outside pytest (a fixture cannot be called): the
-    same 2-layer, 64-wide Llama with SmolLM2's real tokenizer, pretrained a few steps on
-    the clinic sample by conftest's own helper, saved as an HF checkpoint in ``out``."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    same 2-layer, 64-wide Llama with SmolLM2's real tokenizer, built by conftest's own helper
+    and saved as an HF checkpoint in ``out``."""
+    from transformers import AutoTokenizer
 
     from appliance.training.basemodel import embedded_gguf
 
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import _pretrain
+    from conftest import save_tiny_llama
 
     gguf = embedded_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=0.2,
-    )
-    model = LlamaForCausalLM(config)
-    _pretrain(model, tokenizer)
-    model.to(torch.bfloat16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tiny_llama(tokenizer, out)
     return out

@@ -54,10 +54,20 @@ def smollm_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer_dir: Path) -> Path:
     """A 2-layer, 64-wide Llama (about 3M parameters, mostly the embedding)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_llama(tokenizer, out)
+    return out
+
+
+def save_tiny_llama(tokenizer, out: Path) -> None:
+    """The tiny Llama with ``tokenizer``'s vocabulary, pretrained a few steps, saved in bf16 with the
+    tokenizer (benchmarks/smoke.py builds the same model for the benchmarks' smoke sizes)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -74,11 +84,8 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer_dir: Pa
     )
     model = LlamaForCausalLM(config)
     _pretrain(model, tokenizer)
-    model = model.to(torch.bfloat16)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(out)
+    model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return out
 
 
 def _pretrain(model, tokenizer, steps: int = 40) -> None:
