@@ -413,7 +413,9 @@ async def test_real_engine_collections_and_keys(real_home):
             pilot, app, lambda: "learns from 1 document(s), 168 record(s)" in text_of(app, "#summary"), timeout=30
         )
         await settle(
-            pilot, app, lambda: rows(app, "#sources") == [("policies.jsonl", "openai-messages", "168", "not yet")]
+            pilot,
+            app,
+            lambda: rows(app, "#sources") == [("policies.jsonl", "openai-messages", "168", "not yet", "-", "-", "-")],
         )
         assert rows(app, "#quarantine") == [] and "Nothing quarantined" in text_of(app, "#quarantine-note")
         await pilot.press("m")

@@ -85,7 +85,15 @@ async def test_real_engine_status_data_models_and_activity(home: Home):
         assert any("Learned" in n.message for n in app._notifications)
         sources = app.screen.query_one("#sources", DataTable)
         await settle(pilot, lambda: sources.row_count == 1)
-        assert [str(c) for c in sources.get_row_at(0)] == ["policies.jsonl", "openai-messages", "168", "not yet"]
+        assert [str(c) for c in sources.get_row_at(0)] == [
+            "policies.jsonl",
+            "openai-messages",
+            "168",
+            "not yet",
+            "-",
+            "-",
+            "-",
+        ]
         await pilot.press("d")  # read into the store, but no served version was trained on it
         await settle(pilot, lambda: "1 document(s) stored, not yet learned" in text_of(app, "#facts"))
 
