@@ -344,7 +344,9 @@ def test_sigterm_mid_training_exits_0_and_the_next_start_resumes(template: Home,
     assert "resumes at its next start" in err
     with Journal(home.jobs_db) as journal:
         job = journal.active()
-    assert job is not None and job.stage == "snapshot" and job.run_id  # train not complete; its run remembered
+    assert (
+        job is not None and job.stage == "study" and job.run_id
+    )  # train (after study) not complete; its run remembered
     again = subprocess.run(
         [sys.executable, "-m", "appliance", "run", "--home", str(home.root), "--no-serve", "--once"],
         capture_output=True,
