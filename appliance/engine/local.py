@@ -129,11 +129,11 @@ class LocalEngine:
     def train(
         self, snapshot: str | None = None, max_steps: int | None = None, emit: Emit = ignore, run_id: str | None = None
     ) -> str:
-        from appliance.training.train import run_snapshot, train
+        from appliance.training.train import train  # torch: loaded when a run trains
 
         s = self.settings
         if run_id and not snapshot:
-            snapshot = run_snapshot(self.paths.run(run_id))
+            snapshot = snapshots.run_snapshot(self.paths.run(run_id))
         snap = snapshots.load(self.paths, snapshot) if snapshot else snapshots.cut(self.paths, s.data.val_fraction)
         return train(self.paths, snap, s, run_id=run_id, max_steps=max_steps, emit=emit).run_id
 

@@ -33,7 +33,7 @@ from transformers import get_cosine_schedule_with_warmup
 from appliance.contract.errors import TrainError
 from appliance.contract.events import Emit, Message, Progress, StageFinished, StageStarted, ignore
 from appliance.data.decontaminate import decontaminate
-from appliance.data.snapshot import Snapshot, records, run_snapshot  # noqa: F401  (run_snapshot: the engine asks here)
+from appliance.data.snapshot import Snapshot, records
 from appliance.home.config import Settings
 from appliance.home.fsutil import read_json, staging_dir, write_json_atomic
 from appliance.home.paths import Home, RunDir
