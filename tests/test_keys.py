@@ -63,6 +63,7 @@ CLI_ARGV: dict[str, list[str]] = {
     "keys add": ["keys", "add", "zed", "--role", "chat"],
     "keys revoke": ["keys", "revoke", "zed"],
     "collections": ["collections"],
+    "ask": ["ask", "when do visiting hours end?"],
 }
 
 

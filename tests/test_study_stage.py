@@ -14,9 +14,10 @@ from test_daemon import daemon_settings, make_template
 from appliance.contract.errors import TrainError
 from appliance.contract.events import Message, Progress
 from appliance.data.ingest import ingest
+from appliance.data.ingest.kept import join_chunks
 from appliance.data.snapshot import cut, cut_id, records
 from appliance.data.snapshot import load as load_snapshot
-from appliance.data.study.stage import join_chunks, study
+from appliance.data.study.stage import study
 from appliance.engine.forget import forget
 from appliance.engine.pipeline import Context, run_job
 from appliance.home.config import dump, load

@@ -274,8 +274,13 @@ class ScriptedEngine:
                 "documents": status.documents,
                 "records": status.records,
                 "inbox_files": status.inbox_files,
+                "index": {"documents": status.documents, "passages": 3 * status.documents},
             }
         ]
+
+    def ask(self, question: str, grounding: bool = True, secret: str | None = None) -> dict[str, Any]:
+        self.calls.append(("ask", question, grounding))
+        return {"answer": "", "model": "appliance", "sources": [], "grounding": {"used": grounding, "reason": None}}
 
     def scoped(self, collection: str) -> ScriptedEngine:
         if collection in ("", "shared"):

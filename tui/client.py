@@ -21,7 +21,7 @@ from appliance.contract.errors import ApplianceError
 from appliance.contract.names import KEY_ENV, KEY_FILE, parse
 from tui import endpoint
 from tui.board import Board, Tracker, answered, to_event, training_method
-from tui.endpoint import EndpointError
+from tui.endpoint import Answer, EndpointError
 
 T = TypeVar("T")
 
@@ -276,16 +276,25 @@ class Client:
         return own or _optional(self.engine.api_key)
 
     def stream_chat(
-        self, messages: list[dict[str, str]], model: str = "appliance", max_tokens: int = 256, timeout: float = 120.0
+        self,
+        messages: list[dict[str, str]],
+        model: str = "appliance",
+        max_tokens: int = 256,
+        timeout: float = 120.0,
+        grounding: bool = True,
+        answer: Answer | None = None,
     ) -> Iterator[str]:
-        """Yield the answer's text pieces as the endpoint streams them (SSE)."""
+        """Yield the answer's text pieces as the endpoint streams them (SSE); ``answer`` receives
+        its sources and grounding status; ``grounding=False`` asks the model alone."""
         key = self.api_key()
         if not key:
             raise EndpointError(
                 f"no API key: set {KEY_ENV} to your key, or run 'appliance init' to write "
                 f"{Path(self.engine.home) / KEY_FILE}"
             )
-        yield from endpoint.stream_chat(self.endpoint(), key, messages, model, max_tokens, timeout)
+        yield from endpoint.stream_chat(
+            self.endpoint(), key, messages, model, max_tokens, timeout, grounding=grounding, answer=answer
+        )
 
 
 def _optional(read: Callable[[], T]) -> T | None:

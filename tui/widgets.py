@@ -228,7 +228,7 @@ HELP = """\
 | **d** | Dashboard: what the appliance is doing now; **n** ingest now, **t** retrain, **w** pause/resume watching |
 | **m** | Models: versions, promote (**p**), roll back (**r**), lineage and sample answers (**l**), training method (**e**) |
 | **i** | Data: the advisor's warnings, documents, quarantined files, ingest now (**n**), forget (**f**) |
-| **c** | Chat: ask the model; **ctrl+o** compare with the previous version; **ctrl+r** correct a wrong answer |
+| **c** | Chat: ask the model; **ctrl+o** compare with the previous version; **ctrl+r** correct a wrong answer; **ctrl+g** answer from your documents or the model alone; **o**/enter open a cited source |
 | **a** | Activity: audit log and engine events; type to filter |
 | **v** | Review: candidates waiting for people's approval; **1**/**2** prefer answer A/B, **y** approve, **x** reject |
 | **k** | Keys (admin keys only): who may use which collections; **n** add a key (secret shown once), **x** revoke |

@@ -125,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     collection_flag(command("status", cmd_status, "current model, data and endpoint", json_flag=True))
+    p = command(
+        "ask",
+        cmd_ask,
+        "ask the current model a question through the endpoint; the answer cites the collection's documents",
+        json_flag=True,
+    )
+    p.add_argument("question")
+    p.add_argument("--no-grounding", action="store_true", help="the model alone: no passages, no sources")
+    collection_flag(p)
     command(
         "collections",
         cmd_collections,
@@ -374,6 +383,24 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"job {status.job['id']} ({status.job['kind']}): {status.job['stage']}{done}")
         if status.queue:
             print(f"queued {', '.join(str(j['id']) for j in status.queue)}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    secret = read_secret(Path(args.key_file)) if args.key_file else None
+    reply = engine_of(args).ask(args.question, grounding=not args.no_grounding, secret=secret)
+    if args.json:
+        print_json(reply)
+        return 0
+    print(reply["answer"].strip())
+    grounding = reply.get("grounding") or {}
+    if reply["sources"]:
+        print("\nSources:")
+        for s in reply["sources"]:
+            excerpt = " ".join(s["passage"].split())
+            print(f"  [{s['id']}] {s['document']}: {excerpt[:160]}{'…' if len(excerpt) > 160 else ''}")
+    elif grounding.get("reason"):
+        print(f"\n(answered from the model alone: {grounding['reason']})")
     return 0
 
 

@@ -180,7 +180,13 @@ class Engine(Protocol):
 
     def collections(self) -> list[dict[str, Any]]:
         """Every collection the caller's key sees, the shared one first: name, display, model_id,
-        current (version or None), mode ("merged" or "adapter"), documents, records, inbox_files."""
+        current (version or None), mode ("merged" or "adapter"), documents, records, inbox_files,
+        index ({documents, passages} of its passage index, or None before the first ingest)."""
+
+    def ask(self, question: str, grounding: bool = True, secret: str | None = None) -> dict[str, Any]:
+        """The collection's current model answers ``question`` through the endpoint (the daemon's,
+        else one started for it), as the caller (``secret``, else the caller's key): answer, model,
+        sources (document, sha256, passage, score, id cited as [id]) and grounding (used, reason)."""
 
     def scoped(self, collection: str) -> Engine:
         """The same engine, for the same key, on another collection ("" or "shared": the shared one)."""

@@ -174,6 +174,7 @@ class Index:
             with _guarded(path):
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=FULL")
+                self.db.execute("PRAGMA secure_delete=ON")  # a superseded passage's text must not linger in free pages
                 self._upgrade(create)
         except BaseException:
             self.db.close()

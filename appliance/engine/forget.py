@@ -10,6 +10,9 @@ Right away (:func:`forget`):
   retiring the document first logs its records' retirement, so the next snapshot
   is cut without them (records another document also holds stay: they are that
   document's content too);
+* its passages in the collection's passage index (the index is written afresh from the
+  store, so not even FTS5's merged-away segments keep its words): no grounded answer
+  retrieves or cites it from the next request on;
 * the inbox file(s) whose content it is, and any quarantined copy (by hash);
 * the document's kept text and its study material (``store/texts``, ``store/study``), so the
   next run trains on no conversation written from it;
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.contract.errors import DataError
+from appliance.data.ingest import passages
 from appliance.data.ingest.store import Store
 from appliance.engine.lineage import runs_with, versions_with
 from appliance.home import audit, registry
@@ -107,6 +111,7 @@ def forget(home: Home, document: str, queue: bool = True) -> dict[str, Any]:
     if sha in held:
         raise DataError(f"document {sha[:12]} is under legal hold ({held[sha]}); it cannot be forgotten")
     removed = _remove_from_store(home, sha)
+    passages_removed = passages.remove(home, sha)  # the same step: never retrievable once its records are gone
     files = _remove_files(home, sha, removed["paths"])
     studied = _remove_study(home, sha)
     _refuse_waiting_reviews(home, sha)
@@ -122,6 +127,7 @@ def forget(home: Home, document: str, queue: bool = True) -> dict[str, Any]:
         "known": removed["known"],
         "records_removed": removed["records"],
         "records_kept_shared": removed["shared"],
+        "passages_removed": passages_removed,
         "files_removed": len(files),
         "study_files_removed": len(studied),
         "runs_removed": runs,

@@ -15,7 +15,7 @@ from appliance.contract.names import read_api_key
 from appliance.data import snapshot as snapshots
 from appliance.home import registry
 from appliance.home.config import Settings, load
-from appliance.home.keys import Key, KeyStore, caller_key, guarded
+from appliance.home.keys import Key, KeyStore, caller_key, caller_secret, guarded
 from appliance.home.paths import Home
 
 
@@ -43,7 +43,7 @@ class LocalEngine:
 
     def collections(self) -> list[dict[str, Any]]:
         """Every collection with its model and data counts."""
-        from appliance.data.ingest import inbox_files
+        from appliance.data.ingest import inbox_files, passages
         from appliance.data.ingest.store import Store
         from appliance.home.catalog import display, model_id, names, served
 
@@ -65,9 +65,18 @@ class LocalEngine:
                     "documents": counts["documents"],
                     "records": counts["records"],
                     "inbox_files": len(inbox_files(scope)),
+                    "index": passages.counts(scope),
                 }
             )
         return out
+
+    def ask(self, question: str, grounding: bool = True, secret: str | None = None) -> dict[str, Any]:
+        from appliance.engine.ask import ask
+        from appliance.engine.daemon import daemon_state
+
+        running = (daemon_state(self.paths) or {}).get("endpoint")
+        secret = secret or caller_secret(self.paths)
+        return ask(self.paths, self.settings, secret, question, self.collection, grounding, running)
 
     @property
     def settings(self) -> Settings:

@@ -195,6 +195,19 @@ class StudySection(Section):
         ge=32,
         description="Longest passage (base-model tokens) a document is cut into before its statements are extracted.",
     )
+    raft: bool = Field(
+        True,
+        description="Also train, per fact, one question asked with the passages the endpoint would "
+        "retrieve for it (the answering one among them) and an answer that cites it [n], so the "
+        "served model uses and cites its sources (RAFT).",
+    )
+    raft_none_share: float = Field(
+        0.2,
+        ge=0.0,
+        le=0.9,
+        description="Share of those questions asked with the answering passage left out, answered "
+        '"The documents do not say.", so the model says so rather than inventing.',
+    )
     seed: int = Field(
         0,
         description="Chooses question wordings and which phrasing of each fact is held out for "
@@ -237,6 +250,27 @@ class ServeSection(Section):
 
 
 class GroundingSection(Section):
+    mode: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: answers to the 'appliance' and 'appliance/<collection>' model ids are grounded in "
+        "the collection's documents (retrieved passages in the prompt, returned as 'sources') whenever "
+        "the collection holds documents; off: the model alone. A collection may set its own.",
+    )
+    passages: int = Field(
+        3, ge=1, le=10, description="Passages put in the prompt (the best by BM25); each is a few sentences."
+    )
+    min_score: float = Field(
+        0.0,
+        ge=0.0,
+        description="A passage scoring at most this (BM25, higher is better) is left out; 0: any passage "
+        "sharing a word with the question may be used, and the model says when they do not answer it.",
+    )
+    query_turns: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="User turns the retrieval query is made of: the last, and the ones before it as context.",
+    )
     embedding_model: str | None = Field(
         None,
         description="Path of an embedding GGUF served at /v1/embeddings "
@@ -289,6 +323,12 @@ class GateSection(Section):
         10, ge=1, description="Questions in a review (validation conversations, else the home's probes)."
     )
     review_tokens: int = Field(128, ge=4, description="Tokens generated per answer shown to reviewers (greedy).")
+    open_book_questions: int = Field(
+        40,
+        ge=0,
+        description="Of those, how many are also asked with the passages the endpoint would retrieve "
+        "(open-book recall and citation accuracy, reported beside closed-book recall).",
+    )
     recall_questions: int = Field(
         160,
         ge=0,
@@ -336,6 +376,9 @@ class CollectionSection(Section):
         description="adapter: the collection's model is a LoRA adapter served on the one loaded base "
         "model (no extra model in memory); merged: its own merged, quantized model (for "
         "methods without a plain LoRA, or an owner who prefers it).",
+    )
+    grounding: Literal["auto", "off"] | None = Field(
+        None, description="This collection's grounding mode; unset: [grounding] mode."
     )
 
 

@@ -70,6 +70,7 @@ COMMAND_ROLES: dict[str, str] = {
     "models": "chat",
     "jobs": "chat",
     "tui": "chat",  # the TUI's engine checks each action it offers
+    "ask": "chat",  # a question to the endpoint, as the caller's own key
     "ingest": "contributor",
     "retrain": "contributor",
     "advise": "contributor",

@@ -163,6 +163,11 @@ class Home:
         """Documents' extracted text (what ingest chunked), by sha256, for the study stage."""
         return self.store / "texts"
 
+    @property
+    def passage_index(self) -> Path:
+        """The collection's passage index (SQLite FTS5): what grounded answers retrieve from."""
+        return self.store / "passages.db"
+
     def document_text(self, sha256: str) -> Path:
         return self.texts / f"{sha256}.txt"
 

@@ -19,7 +19,9 @@ to ``runs/<id>/eval.json``:
 4. ``user_probes``: questions in the home's ``probes/`` (``*.jsonl``) may not be
    answered correctly less often (``gate.user_max_drop``).
 5. ``recall_kept`` / ``recall_gain``: closed-book recall of the study questions held out
-   of training (appliance/quality/recall.py), asked in the same llama.cpp child.
+   of training (appliance/quality/recall.py), asked in the same llama.cpp child; some of
+   them also open-book, with the passages the endpoint would retrieve (reported in
+   ``eval.json``'s ``recall.open_book``: recall and citation accuracy, no pass or fail).
 """
 
 from __future__ import annotations
@@ -232,7 +234,9 @@ def _model_checks(
     held = recall.heldout(home, run_id)
     asked = recall.sample(held, settings.gate.recall_questions)
     probes = [p.question for p in general + user]
-    prompts = _prompt_ids(cand[0], probes + [a.question for a in asked], settings)
+    opened, open_chats = recall.open_book_chats(asked, settings.gate.open_book_questions)
+    chats = [[{"role": "user", "content": q}] for q in probes + [a.question for a in asked]] + open_chats
+    prompts = _prompt_ids(cand[0], chats, settings)
     prompts, recall_prompts = prompts[: len(probes)], prompts[len(probes) :]
     sample = _answer_sample(examples, questions)
     extra = [q.prompt for q in sample] + recall_prompts  # one child per model asks everything
@@ -240,11 +244,13 @@ def _model_checks(
     cur_out = _ask(cur, examples, text, prompts + extra, settings)
     report.metrics = _metrics(tokenizer, sample, cand_out, cur_out, len(prompts))
     at = len(prompts) + len(sample)
-    hits = [
-        [a.hit(tokenizer.decode(ids, skip_special_tokens=True)) for a, ids in zip(asked, out["answers"][at:])]
-        for out in (cand_out, cur_out)
+    said = [
+        [tokenizer.decode(ids, skip_special_tokens=True) for ids in out["answers"][at:]] for out in (cand_out, cur_out)
     ]
+    hits = [[a.hit(text) for a, text in zip(asked, answers[: len(asked)])] for answers in said]
     report.recall = recall.summary(held, asked, hits[0], hits[1])
+    if opened:
+        report.recall["open_book"] = recall.open_book_summary(opened, said[0][len(asked) :], said[1][len(asked) :])
     new_docs = set(held) - recall.documents_of(home, cur_version)
     report.checks += [Check(**c) for c in recall.checks(asked, hits[0], hits[1], new_docs, settings, kind)]
     report.checks += _loss_checks(cand_out["val"], cur_out["val"], new_mask, settings, kind)
@@ -312,13 +318,11 @@ def _text_sequences(tokenizer: Any) -> list[tuple[list[int], list[int]]]:
     return [(chunk, [-100] + chunk[1:]) for chunk in chunks if len(chunk) > 1]
 
 
-def _prompt_ids(model: Path, questions: list[str], settings: Settings) -> list[list[int]]:
-    """The ids the endpoint feeds the model for each question (its chat template, from the file)."""
-    if not questions:
+def _prompt_ids(model: Path, chats: list[list[dict[str, Any]]], settings: Settings) -> list[list[int]]:
+    """The ids the endpoint feeds the model for each conversation (its chat template, from the file)."""
+    if not chats:
         return []
-    result = llamacpp_child.run(
-        model, chat=[[{"role": "user", "content": q}] for q in questions], threads=settings.train.threads
-    )
+    result = llamacpp_child.run(model, chat=chats, threads=settings.train.threads)
     if not result.ok:
         raise GateError(f"cannot prepare the probe prompts: {result.error}")
     return result.chat

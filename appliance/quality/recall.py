@@ -22,6 +22,7 @@ from typing import Any
 
 from appliance.contract.errors import DataError
 from appliance.data import snapshot as snapshots
+from appliance.data.grounded import Source, cited, grounded_messages
 from appliance.home import registry
 from appliance.home.config import Settings
 from appliance.home.fsutil import read_json
@@ -34,6 +35,7 @@ class Asked:
     expected: tuple[str, ...]
     document: str
     statement: int
+    sources: tuple[dict[str, Any], ...] = ()  # the passages the endpoint would retrieve for it (open book)
 
     def hit(self, answer: str) -> bool:
         said = answer.lower()
@@ -56,7 +58,7 @@ def sample(documents: dict[str, dict[str, Any]], limit: int) -> list[Asked]:
         rounds = zip_longest(*by_fact.values())  # every fact's first question, then every second ...
         queues.append(
             [
-                Asked(q["question"], tuple(q["expected"]), sha, int(q["statement"]))
+                Asked(q["question"], tuple(q["expected"]), sha, int(q["statement"]), tuple(q.get("sources", ())))
                 for turn in rounds
                 for q in turn
                 if q is not None
@@ -115,6 +117,38 @@ def summary(
         "facts_asked": sum(d["facts_asked"] for d in per.values()),
         "facts_known": {side: sum(d["facts_known"][side] for d in per.values()) for side in ("candidate", "current")},
     }
+
+
+def open_book_chats(asked: list[Asked], limit: int) -> tuple[list[Asked], list[list[dict[str, Any]]]]:
+    """Up to ``limit`` of the asked questions that have retrieved passages, as the endpoint
+    would send them (data/grounded.py)."""
+    chosen = [a for a in asked if a.sources][:limit]
+    chats = [
+        grounded_messages([{"role": "user", "content": a.question}], [Source(**s) for s in a.sources]) for a in chosen
+    ]
+    return chosen, chats
+
+
+def open_book_summary(asked: list[Asked], cand: list[str], cur: list[str]) -> dict[str, Any]:
+    """Open-book recall (the fact's key phrase in the answer) and citation accuracy (of the
+    answers that cite a passage, the share whose first cited passage holds the fact)."""
+
+    def side(answers: list[str]) -> dict[str, Any]:
+        right = [a.hit(text) for a, text in zip(asked, answers)]
+        citing = []
+        for a, text in zip(asked, answers):
+            sources = [Source(**s) for s in a.sources]
+            first = next(iter(cited(text, sources)), None)
+            if first is not None:
+                citing.append(a.hit(first.passage))  # the cited passage holds the fact's key phrase
+        return {
+            "recall": _share(right),
+            "correct": sum(right),
+            "citing": len(citing),
+            "citation_accuracy": _share(citing),
+        }
+
+    return {"questions": len(asked), "candidate": side(cand), "current": side(cur)}
 
 
 def _share(hits: list[bool]) -> float | None:

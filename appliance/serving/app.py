@@ -8,6 +8,7 @@ import json
 import logging
 import weakref
 
+import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -17,24 +18,33 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from appliance.contract.errors import ServeError
+from appliance.contract.names import parse_model_id
 from appliance.home import registry
 from appliance.home.config import Settings
 from appliance.home.keys import Key, KeyStore
 from appliance.home.paths import Home
-from appliance.serving import tools
+from appliance.serving import grounding, tools
 from appliance.serving.guard import KEY_SCOPE, LOOPBACK_NAMES, Guard
 from appliance.serving.openai import Invalid, error, forward_body, read_body, unknown_model, validate
 from appliance.serving.pool import BackendPool
-from appliance.serving.relay import Admission, Done, Lease, Shape, finish, relay, renamer, send
+from appliance.serving.relay import Admission, Done, Lease, Shape, edit_lines, finish, relay, renamer, send
 from appliance.serving.resolve import Answering, visible_models
 from appliance.serving.usage import KeyUse
 
 log = logging.getLogger("appliance.serve")
 
 
-def make_app(home: Home, settings: Settings, keys: KeyStore, pool: BackendPool, usage: KeyUse) -> Starlette:
+def make_app(
+    home: Home,
+    settings: Settings,
+    keys: KeyStore,
+    pool: BackendPool,
+    usage: KeyUse,
+    retriever: grounding.Retriever | None = None,
+) -> Starlette:
     limits = settings.serve
     admitted = Admission(limits.max_concurrent)
+    retriever = retriever or grounding.Retriever(home, settings)
 
     async def health(_: Request) -> Response:
         # unauthenticated: the shared model and a count, no collection's name
@@ -85,13 +95,36 @@ def make_app(home: Home, settings: Settings, keys: KeyStore, pool: BackendPool, 
         except ServeError as exc:
             return error(503, str(exc), "unavailable", code="model_unavailable")
         forward = forward_body(body, chat, answering, limits.max_tokens_limit)
+        grounded: grounding.Grounding | None = None
+        if chat:
+            try:
+                grounded = await _ground(body)
+            except BaseException:
+                pool.release(answering.backend, answering.slot)
+                raise
+            forward = grounding.apply(forward, grounded) if grounded is not None else forward
         shape: Shape | None = None
         if chat and tools.needed(forward, getattr(answering.backend, "native_tools", True)):
             shape = _tool_shape(bool(forward["stream"]), bool(forward.get("stream_options")))
             forward = tools.rewrite(forward)
         done = Done(request.url.path, answering.model, key.name, usage, bool(body.get("stream")), body.get("user"))
+        extra = None
+        if grounded is not None:
+            extra = grounded.fields()
+            done.sources = len(grounded.sources)
         path = "/v1/chat/completions" if chat else "/v1/completions"
-        return await _answer(answering, path, forward, done, shape)
+        return await _answer(answering, path, forward, done, shape, extra)
+
+    async def _ground(body: dict) -> grounding.Grounding | None:
+        """Retrieval for a chat request to a collection's current model id (None: not one)."""
+        collection, version = parse_model_id(body.get("model") or "appliance")  # checked by acquire
+        if version is not None:
+            return None  # a pinned version answers as it was trained, alone (compare, audit)
+        if body.get("grounding") is False:
+            return grounding.Grounding(False, collection, "the request asked for the model alone")
+        if body.get("tools"):
+            return grounding.Grounding(False, collection, "requests with tools are answered by the model alone")
+        return await anyio.to_thread.run_sync(retriever.retrieve, collection, body["messages"])
 
     async def _embed(request: Request) -> Response:
         key: Key = request.scope[KEY_SCOPE]
@@ -128,7 +161,9 @@ def make_app(home: Home, settings: Settings, keys: KeyStore, pool: BackendPool, 
         done = Done(request.url.path, spec.name, key.name, usage, False, body.get("user"))
         return await _answer(answering, "/v1/embeddings", forward, done, None)
 
-    async def _answer(answering: Answering, path: str, forward: dict, done: Done, shape: Shape | None) -> Response:
+    async def _answer(
+        answering: Answering, path: str, forward: dict, done: Done, shape: Shape | None, extra: dict | None = None
+    ) -> Response:
         backend = answering.backend
         try:
             reply = await send(backend, path, forward)
@@ -156,14 +191,14 @@ def make_app(home: Home, settings: Settings, keys: KeyStore, pool: BackendPool, 
             finally:
                 pool.release(backend, answering.slot)  # first: nothing below may keep a retired backend alive
                 await reply.aclose()
-            return finish(done, reply.status_code, content, rename, shape)
+            return finish(done, reply.status_code, content, rename, shape, extra)
 
         def give_back() -> None:
             pool.release(backend, answering.slot)
             admitted.give()
 
         lease = Lease(give_back)
-        stream = relay(reply, lease, done, rename)
+        stream = relay(reply, lease, done, edit_lines(rename, extra))
         # A stream the client abandons before its first byte never runs the relay's
         # finally clause; the finalizer still gives the backend back.
         weakref.finalize(stream, lease.release)

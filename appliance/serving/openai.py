@@ -4,7 +4,8 @@ touched), the body forwarded to llama-server, and OpenAI-shaped error bodies.
 Everything OpenAI's chat API defines and llama.cpp runs is checked and passed on: sampling,
 ``stop``, ``seed``, ``n``, ``logprobs``, ``logit_bias``, ``response_format`` (JSON mode, JSON
 schema), ``tools`` and ``tool_choice``, tool-call and tool-result turns, ``developer``
-messages, content given as text parts. Fields of llama-server's own that the front cannot
+messages, content given as text parts. ``grounding`` (true/false, the appliance's own) asks
+for an answer from the collection's documents or from the model alone (serving/grounding.py). Fields of llama-server's own that the front cannot
 vouch for are refused with a 400 naming the reason (:data:`REFUSED`); any other field is
 dropped, never forwarded."""
 
@@ -156,7 +157,7 @@ def _sampling(body: dict, chat: bool, limits: ServeSection) -> None:
         isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 8 and all(isinstance(s, str) for s in stop))
     ):
         raise Invalid("'stop' must be a string or a list of up to 8 strings", "stop")
-    for key in ("stream", "ignore_eos", "parallel_tool_calls"):
+    for key in ("stream", "ignore_eos", "parallel_tool_calls", "grounding"):
         _bool(body, key)
     if chat:
         _bool(body, "logprobs")

@@ -29,11 +29,13 @@ class Done:
         self.path, self.model, self.key, self.usage, self.stream = path, model, key, usage, stream
         self.user = user  # the client's own name for its end user: counted, never written
         self.started = time.monotonic()
+        self.sources: int | None = None  # passages a grounded answer was given (counted, never written)
 
     def __call__(self, status: int, prompt: object, completion: object) -> None:
         # Counts and timings only, never prompt or completion text.
         log.info(
-            "request path=%s model=%s key=%s status=%d stream=%s prompt_tokens=%s completion_tokens=%s seconds=%.3f",
+            "request path=%s model=%s key=%s status=%d stream=%s prompt_tokens=%s completion_tokens=%s "
+            "sources=%s seconds=%.3f",
             self.path,
             self.model,
             self.key,
@@ -41,6 +43,7 @@ class Done:
             self.stream,
             prompt,
             completion,
+            self.sources,
             time.monotonic() - self.started,
         )
         self.usage.record(self.key, self.model, prompt, completion, self.user)
@@ -107,6 +110,30 @@ def renamer(alias: str, model: str) -> Callable[[bytes], bytes] | None:
     return lambda data: data.replace(old, new)
 
 
+def edit_lines(rename: Callable[[bytes], bytes] | None, extra: dict | None) -> Callable[[bytes], bytes] | None:
+    """What a stream's complete lines go through: ``rename``, and ``extra``'s fields (a grounded
+    answer's sources) added to every chunk that ends a choice (its ``finish_reason`` is set)."""
+    if not extra:
+        return rename
+
+    def add(data: bytes) -> bytes:
+        lines = data.split(b"\n")
+        for i, line in enumerate(lines):
+            if line.startswith(b"data: {") and b'"finish_reason":"' in line.replace(b": ", b":"):
+                try:
+                    chunk = json.loads(line[6:])
+                except ValueError:
+                    continue
+                if any(c.get("finish_reason") for c in chunk.get("choices") or []):
+                    lines[i] = (
+                        b"data: " + json.dumps({**chunk, **extra}, ensure_ascii=False, separators=(",", ":")).encode()
+                    )
+        data = b"\n".join(lines)
+        return rename(data) if rename else data
+
+    return add
+
+
 async def relay(
     reply: httpx.Response, lease: Lease, done: Done, rename: Callable[[bytes], bytes] | None
 ) -> AsyncIterator[bytes]:
@@ -148,10 +175,15 @@ Shape = Callable[[dict], tuple[bytes, str]]  # a reply rewritten by the front: i
 
 
 def finish(
-    done: Done, status: int, content: bytes, rename: Callable[[bytes], bytes] | None, shape: Shape | None = None
+    done: Done,
+    status: int,
+    content: bytes,
+    rename: Callable[[bytes], bytes] | None,
+    shape: Shape | None = None,
+    extra: dict | None = None,
 ) -> Response:
-    """The backend's JSON reply as it came (or as ``shape`` rewrites it); a backend failure
-    becomes a clear 502."""
+    """The backend's JSON reply as it came (or as ``shape`` rewrites it, with ``extra``'s fields
+    added: a grounded answer's sources); a backend failure becomes a clear 502."""
     try:
         payload = json.loads(content)
     except ValueError:
@@ -160,6 +192,9 @@ def finish(
         usage = payload.get("usage") or {}
         done(status, usage.get("prompt_tokens"), usage.get("completion_tokens"))
         media = "application/json"
+        if extra:
+            payload = {**payload, **extra}
+            content = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         if shape is not None:
             content, media = shape(payload)
         return Response(rename(content) if rename else content, status_code=200, media_type=media)

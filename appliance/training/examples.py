@@ -20,9 +20,13 @@ import torch
 
 from appliance.contract.errors import TrainError
 from appliance.contract.events import Emit, Message
+from appliance.data.grounded import DOES_NOT_SAY
 from appliance.data.ingest.chat_jsonl import parse
+from appliance.data.ingest.kept import document_text
+from appliance.data.ingest.records import Record
 from appliance.data.snapshot import Snapshot
-from appliance.data.study.stage import study
+from appliance.data.study import raft
+from appliance.data.study.stage import STUDY_FORMAT, StudySet, study
 from appliance.home.config import Settings
 from appliance.home.fsutil import write_json_atomic
 from appliance.home.paths import Home, RunDir
@@ -141,13 +145,35 @@ def study_records(
         kept = [q for q in doc["questions"] if _norm(q["question"]) not in asked]
         dropped += len(doc["questions"]) - len(kept)
         doc["questions"] = kept
+    cited = _raft(home, material, heldout, settings)
     write_json_atomic(run.heldout, {"snapshot": snapshot.id, "documents": heldout})
     counts = {
         **material.counts(),
         "heldout": sum(len(d["questions"]) for d in heldout.values()),
         "heldout_in_your_data": dropped,
+        "raft": len(cited),
+        "raft_does_not_say": sum(r.body["messages"][-1]["content"] == DOES_NOT_SAY for r in cited),
     }
-    return material.records(), counts
+    return material.records() + cited, counts
+
+
+def _raft(home: Home, material: StudySet, heldout: dict[str, dict], settings: Settings) -> list[Record]:
+    """Grounded conversations per fact (data/study/raft.py), and each held-out question's
+    retrieved passages for the gate's open-book recall."""
+    studied = [d for d in material.documents if d.conversations]
+    if not studied:
+        return []
+    docs = []
+    for d in studied:
+        text, _ = document_text(home, d.sha256)
+        if text:
+            docs.append(raft.Document(d.sha256, d.path, text))
+    with raft.Retrieval(docs, home.store, settings.grounding.passages) as retrieval:
+        raft.open_book(retrieval, heldout)
+        if not settings.study.raft:
+            return []
+        made = raft.conversations(retrieval, studied, settings.study.seed, settings.study.raft_none_share)
+    return [Record("chat", conversation, format=STUDY_FORMAT) for _, conversation in made]
 
 
 def _norm(text: str) -> str:

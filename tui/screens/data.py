@@ -1,7 +1,8 @@
 """Data: the data advisor's warnings, the source documents (learned by the served version, or stored
 and not yet learned; the facts found in each, the study questions written and the served model's
 recall on them, flagged where it does not know them yet), what was refused and why, and 'ingest now' — for the collection chosen at the
-top (g picks the next one)."""
+top (g picks the next one). A line says how big the collection's passage index is: what grounded
+answers are drawn from (issue 18)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,17 @@ def fill(table: DataTable, rows: list[tuple[str, ...]]) -> None:
         table.move_cursor(row=min(row, len(rows) - 1))
 
 
+def index_words(row: dict[str, Any] | None) -> str:
+    """The collection's passage index in a line; empty when the engine does not report one."""
+    if row is None or "index" not in row:
+        return ""
+    index = row["index"]
+    if not isinstance(index, dict):
+        return "Passage index: none yet; until an ingest indexes documents, answers come from the model alone."
+    docs, passages = index.get("documents", "?"), index.get("passages", "?")
+    return f"Passage index: {docs} document(s), {passages} passage(s); grounded answers cite these."
+
+
 def knowledge(doc: Document) -> tuple[str, str, str]:
     """Facts found, study questions written and the served model's recall; a sign where it does not know them."""
     if doc.facts is None:
@@ -45,6 +57,7 @@ class DataScreen(CollectionScreen):
     AUTO_FOCUS = "VerticalScroll"  # not the collection list: letters are this screen's keys
     DEFAULT_CSS = """
     DataScreen #summary { padding: 0 1; height: auto; }
+    DataScreen #index { padding: 0 1; height: auto; }
     DataScreen .title { padding: 0 1; text-style: bold; margin-top: 1; }
     DataScreen DataTable { height: auto; max-height: 8; }
     DataScreen .note { padding: 0 1; color: $text-muted; }
@@ -69,6 +82,7 @@ class DataScreen(CollectionScreen):
         yield CollectionBar()
         with VerticalScroll():
             yield Static("", id="summary")
+            yield Static("", id="index", markup=False)
             yield Static("Data advisor", classes="title")
             yield Vertical(Static("Reading the advice…", classes="note"), id="advice")
             yield Static("Sources", classes="title")
@@ -93,6 +107,9 @@ class DataScreen(CollectionScreen):
             self.query_one("#sources-note", Static).update("Reading…")
         s = board.status
         row = self.collection_row()
+        index, words = self.query_one("#index", Static), index_words(row)
+        index.update(words)
+        index.display = bool(words)  # no blank line for an engine that reports no index
         if self.collection and row is not None:
             where = s.home / "inbox" / row["name"] if s is not None else f"inbox/{row['name']}"
             docs, records, files = ("?" if row[k] is None else row[k] for k in ("documents", "records", "inbox_files"))

@@ -14,6 +14,7 @@ report, against that file.
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import threading
 import time
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from appliance.contract.events import Emit, Message, Progress, StageFinished, StageStarted, ignore
-from appliance.data.ingest import chat_jsonl, csv_pairs, pdf, text, word
+from appliance.data.ingest import chat_jsonl, csv_pairs, passages, pdf, text, word
 from appliance.data.ingest.parsed import FileError, Parsed, first_line
 from appliance.data.ingest.quarantine import display_name, quarantine
 from appliance.data.ingest.records import Record
@@ -69,6 +70,7 @@ class IngestReport:
     skipped: int = 0  # invalid lines dropped from files that were kept
     truncated: int = 0  # kept examples longer than data.max_tokens; training cuts them
     tokens: int = 0  # tokens in the records stored (counted when a base tokenizer is there)
+    indexed: int = 0  # documents whose passages entered the collection's passage index
     formats: dict[str, int] = field(default_factory=dict)  # records per format in the files stored
     superseded: list[str] = field(default_factory=list)  # files whose earlier version was replaced
     skipped_lines: list[str] = field(default_factory=list)  # "file: line N: reason" (first 100 a file)
@@ -178,6 +180,7 @@ def combine(reports: dict[str, IngestReport]) -> IngestReport:
             "skipped",
             "truncated",
             "tokens",
+            "indexed",
         ):
             setattr(total, name, getattr(total, name) + getattr(report, name))
         for fmt, n in report.formats.items():
@@ -241,8 +244,20 @@ class Ingestor:
                 if time.monotonic() - shown > 0.1 or done == len(paths):  # a full scan of a big inbox
                     self.emit(Progress(STAGE, completed=done, total=len(paths)))
                     shown = time.monotonic()
+            self._index(report)
             self.emit(StageFinished(STAGE, summary=_summary(report), seconds=time.monotonic() - started))
             return report
+
+    def _index(self, report: IngestReport) -> None:
+        """The passage index follows the store (the changed documents only); a failure to write it
+        is one line, never a failed ingest: the store has the data, and the index is rebuilt from it."""
+        assert self._store is not None
+        try:
+            synced = passages.sync(self.home, self._store)
+        except (OSError, sqlite3.Error) as exc:
+            self.emit(Message(STAGE, f"passage index {self.home.passage_index}: not updated: {exc}", level="warning"))
+            return
+        report.indexed += len(synced.added)
 
 
 @dataclass

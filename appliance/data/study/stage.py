@@ -21,8 +21,8 @@ from typing import Any
 from appliance.contract.events import Emit, Message, Progress, StageFinished, StageStarted, ignore
 from appliance.data import snapshot as snapshots
 from appliance.data.ingest import pdf, word
+from appliance.data.ingest.kept import document_text
 from appliance.data.ingest.records import Record
-from appliance.data.ingest.store import Store
 from appliance.data.study import study_document
 from appliance.data.study.heldout import leaks
 from appliance.home.config import Settings
@@ -34,9 +34,6 @@ STAGE = "study"
 DOCUMENT_FORMATS = ("text", "markdown", pdf.FORMAT, word.FORMAT)
 CACHE_VERSION = 1
 STUDY_FORMAT = "study"  # the format training records made here carry (statistics only)
-# Two chunk records of one document share up to chunk_overlap tokens; a shorter common run
-# of characters between neighbours is taken for chance, not for the overlap.
-MIN_OVERLAP_CHARS = 16
 
 
 @dataclass
@@ -220,43 +217,6 @@ def _generate(home: Home, doc: dict[str, Any], settings: Settings, counter: _Tok
         material.paraphrases,
         material.heldout,
     )
-
-
-def document_text(home: Home, sha256: str) -> tuple[str | None, str]:
-    """The document's text as ingest extracted it, and where it came from.
-
-    A home ingested before the text was kept has only the chunk records: they are joined
-    here in the order ingest stored them, each neighbour's shared overlap written once.
-    """
-    kept = home.document_text(sha256)
-    if kept.is_file():
-        return kept.read_text(encoding="utf-8"), "text"
-    with Store(home.store_db) as store:
-        hashes = [
-            row[0]
-            for row in store.db.execute(
-                "SELECT record_hash FROM doc_records WHERE doc_sha256=? ORDER BY rowid", (sha256,)
-            )
-        ]
-        bodies = [r.body.get("text") for r in store.records(hashes) if r.kind == "text"]
-    chunks = [c for c in bodies if isinstance(c, str) and c.strip()]  # a forgotten record has no text
-    return (join_chunks(chunks), "chunks") if chunks else (None, "none")
-
-
-def join_chunks(chunks: list[str]) -> str:
-    text = ""
-    for piece in chunks:
-        shared = _overlap(text, piece)
-        text = text + piece[shared:] if shared else (f"{text}\n\n{piece}" if text else piece)
-    return text
-
-
-def _overlap(text: str, piece: str) -> int:
-    """The longest end of ``text`` that ``piece`` starts with (0 when shorter than MIN_OVERLAP_CHARS)."""
-    for size in range(min(len(text), len(piece)), MIN_OVERLAP_CHARS - 1, -1):
-        if text.endswith(piece[:size]):
-            return size
-    return 0
 
 
 class _TokenCounter:

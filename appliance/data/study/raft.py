@@ -1,0 +1,127 @@
+"""Conversations that teach the model to answer from its sources (RAFT, Zhang et al. 2024).
+
+The endpoint puts the passages BM25 retrieves for a question into the prompt
+(appliance/data/grounded.py). A model trained on question + the passage that answers it +
+distractor passages learns to use the right one and to cite it; trained also on questions
+whose passage is missing from what was retrieved, it learns to say the documents do not
+say. Both kinds are built here from the study material, with the same retrieval the
+endpoint runs, over the snapshot's own documents only (a temporary index: the collection's
+live index may hold documents the snapshot does not, and a forgotten document's text must
+never reach a run that does not list it).
+
+For each fact (statement) of each document, one of its study questions, chosen by the
+seed: with probability ``1 - none_share`` the answer's passage is among the retrieved ones
+(put in place of the last if BM25 missed it) and the study answer gains its citation
+``[n]``; otherwise the answer's passage is taken out and the answer is "The documents do
+not say." The gate's open-book questions (the held-out ones) get their retrieved passages
+here too, so the gate asks them exactly as the endpoint would.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.data.grounded import DOES_NOT_SAY, Source, grounded_messages
+from appliance.data.index import Index, split_passages
+
+WORD = re.compile(r"[a-z0-9]+")
+
+
+@dataclass(frozen=True)
+class Document:
+    sha256: str
+    path: str
+    text: str
+
+
+class Retrieval:
+    """BM25 over the given documents' passages, as the endpoint retrieves (a temporary index)."""
+
+    def __init__(self, documents: list[Document], folder: Path, k: int):
+        self.k = k
+        self._dir = tempfile.TemporaryDirectory(prefix="raft-index-", dir=folder)
+        self.passages = {d.sha256: split_passages(d.text) for d in documents}
+        self.index = Index.rebuild(
+            Path(self._dir.name) / "passages.db", [(d.sha256, d.path, self.passages[d.sha256]) for d in documents]
+        )
+
+    def close(self) -> None:
+        self.index.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> Retrieval:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def sources(self, question: str, limit: int | None = None) -> list[Source]:
+        hits = self.index.search(question, limit=limit or self.k)
+        return [Source(i, h.path, h.sha256, h.text, h.score) for i, h in enumerate(hits, start=1)]
+
+    def home_of(self, sha256: str, statement: str) -> str | None:
+        """The passage of ``sha256`` that states ``statement`` (the most words in common)."""
+        words = set(WORD.findall(statement.lower()))
+        best = max(
+            self.passages.get(sha256, []),
+            key=lambda p: len(words & set(WORD.findall(p.lower()))),
+            default=None,
+        )
+        return best
+
+
+def renumbered(sources: list[Source]) -> list[Source]:
+    return [Source(i, s.document, s.sha256, s.passage, s.score) for i, s in enumerate(sources, start=1)]
+
+
+def with_oracle(sources: list[Source], oracle: Source, k: int) -> list[Source]:
+    """``sources`` holding the oracle passage: where BM25 put it, else in place of the last."""
+    if any(s.passage == oracle.passage for s in sources):
+        return sources
+    return renumbered([*sources[: k - 1], oracle])
+
+
+def conversations(
+    retrieval: Retrieval, studies: list[Any], seed: int, none_share: float
+) -> list[tuple[str, dict[str, Any]]]:
+    """(document sha256, conversation) per fact of every studied document."""
+    rng = random.Random(seed)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for study in studies:
+        by_statement: dict[int, list[dict]] = {}
+        for c in study.conversations:
+            if c.get("kind") != "multi":
+                by_statement.setdefault(int(c["statement"]), []).append(c)
+        for index in sorted(by_statement):
+            chosen = rng.choice(by_statement[index])
+            question = chosen["messages"][0]["content"]
+            answer = chosen["messages"][-1]["content"]
+            home = retrieval.home_of(study.sha256, study.statements[index])
+            if home is None:
+                continue
+            retrieved = retrieval.sources(question, retrieval.k + 1)
+            if rng.random() < none_share:
+                sources = renumbered([s for s in retrieved if s.passage != home][: retrieval.k])
+                reply = DOES_NOT_SAY
+            else:
+                oracle = Source(0, study.path, study.sha256, home, 0.0)
+                sources = with_oracle(retrieved[: retrieval.k], oracle, retrieval.k)
+                n = next(s.id for s in sources if s.passage == home)
+                reply = f"{answer} [{n}]"
+            if not sources and reply == DOES_NOT_SAY:
+                continue  # nothing else retrieved: the endpoint would send no passages at all
+            messages = grounded_messages([{"role": "user", "content": question}], sources)
+            out.append((study.sha256, {"messages": [*messages, {"role": "assistant", "content": reply}]}))
+    return out
+
+
+def open_book(retrieval: Retrieval, heldout: dict[str, dict[str, Any]]) -> None:
+    """Each held-out question gains the passages the endpoint would retrieve for it (in place)."""
+    for doc in heldout.values():
+        for q in doc["questions"]:
+            q["sources"] = [s.to_dict() for s in retrieval.sources(q["question"])]

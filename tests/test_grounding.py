@@ -1,0 +1,327 @@
+"""Grounded answers with sources (issue 18), against the real server on the tiny model: the
+passage index kept in step by ingest and forget, ``sources`` through the official ``openai``
+client (plain and streamed), walls between collections, hostile questions, a corrupt index
+rebuilt, and the request log line holding counts only.
+
+The tiny random model's words mean nothing; what is checked is what reaches it (the prompt
+grows by the passages: its token count) and what comes back (the sources)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import REPO, free_port, tiny_settings
+from test_serve_collections import add_adapter, random_lora
+
+from appliance.cli.init import create_home
+from appliance.data.grounded import Source, cited, grounded_messages
+from appliance.data.index import Index
+from appliance.data.ingest import ingest, passages
+from appliance.engine.forget import forget
+from appliance.export.convert import convert
+from appliance.home import registry
+from appliance.home.config import dump, load
+from appliance.home.keys import KeyStore
+from appliance.home.paths import Home
+from appliance.serving.guard import read_api_key
+from appliance.serving.server import Server
+
+CARDIO, LEGAL = "cardiology", "legal"
+SHARED_DOC = """# Staff handbook
+
+## Badges
+
+Bring photo identification to the Security Office in Room G14, where your staff badge is
+printed while you wait. A lost badge costs $18 to replace.
+
+## Pay
+
+Salaries are paid on the 26th of each month. Business mileage is reimbursed at $0.58 per mile.
+"""
+# the same question, different answers in two collections: a wall that leaks shows at once
+CARDIO_DOC = "Visiting hours on the cardiology ward end at 20:00. The ward's canary word is heliotrope-4411.\n"
+LEGAL_DOC = "Visiting hours for the legal archive end at 16:00. The archive's canary word is marigold-9275.\n"
+HOSTILE = [
+    '"',
+    'what "is NEAR(badge lost)" *',
+    "-badge OR NOT pay AND ^x:y",
+    "column:text badge*",
+    "))))((((",
+    "バッジの交換費用はいくらですか",
+    "",
+    "   ",
+]
+
+
+@pytest.fixture(scope="module")
+def grounded(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
+    root = tmp_path_factory.mktemp("grounding")
+    home = create_home(root / "home", "tiny", tiny_settings())
+    shutil.copytree(tiny_base, home.base("tiny"))
+    (home.base("tiny") / "meta.json").write_text("{}")
+    (home.inbox / "handbook.md").write_text(SHARED_DOC)
+    for collection, text in ((CARDIO, CARDIO_DOC), (LEGAL, LEGAL_DOC)):
+        (home.inbox / collection).mkdir()
+        (home.inbox / collection / "visiting.md").write_text(text)
+    report = ingest(home)
+    assert report.indexed == 3, report
+    registry.add(home, "base", convert(tiny_base, root / "base.gguf"), {"quant": "F16"})
+    registry.promote(home, "base")
+    for collection, seed in ((CARDIO, 1), (LEGAL, 2)):
+        add_adapter(home, collection, "v1", random_lora(tiny_base, seed, root / collection))
+        registry.promote(home.scoped(collection), "v1")
+    keys = KeyStore(home)
+    secrets = {"cardio": keys.add("cardio-desk", "chat", [CARDIO]), "admin": read_api_key(home)}
+    server = Server(home, load(home.config), port=free_port()).start()
+    yield {
+        "home": home,
+        "server": server,
+        "clients": {
+            who: openai.OpenAI(base_url=server.url + "/v1", api_key=secret, max_retries=0, timeout=120)
+            for who, secret in secrets.items()
+        },
+        "secrets": secrets,
+    }
+    server.stop()
+
+
+def ask(client: openai.OpenAI, question: str, model: str = "appliance", **extra):
+    return client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=4,
+        temperature=0,
+        extra_body=extra or None,
+    )
+
+
+def test_ingest_keeps_the_index_in_step_with_the_store(tmp_path: Path, tiny_base: Path):
+    home = create_home(tmp_path / "home", "tiny", tiny_settings())
+    shutil.copytree(tiny_base, home.base("tiny"))
+    (home.base("tiny") / "meta.json").write_text("{}")
+    policy = home.inbox / "policy.md"
+    policy.write_text("Visiting hours end at 11:00 on every ward.\n")
+    (home.inbox / "chat.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    )
+    ingest(home)
+    with Index(home.passage_index) as index:
+        assert [d.path for d in index.documents()] == ["policy.md"]  # conversations are not sources
+        assert "11:00" in index.search("when do visiting hours end")[0].text
+    time.sleep(0.01)
+    policy.write_text("Visiting hours end at 10:00 on every ward.\n")  # the policy rewritten
+    report = ingest(home)
+    assert report.indexed == 1
+    with Index(home.passage_index) as index:
+        hits = index.search("when do visiting hours end")
+        assert [h.text for h in hits] == ["Visiting hours end at 10:00 on every ward."]  # the old one is gone
+    # a second sync with nothing changed touches nothing
+    assert passages.sync(home).added == [] and passages.sync(home).removed == []
+
+
+def test_a_grounded_answer_returns_its_sources(grounded):
+    client = grounded["clients"]["admin"]
+    answer = ask(client, "How much does a lost staff badge cost to replace?")
+    sources = answer.model_extra["sources"]
+    assert sources and sources[0]["document"] == "handbook.md" and "$18" in sources[0]["passage"]
+    assert [s["id"] for s in sources] == list(range(1, len(sources) + 1))
+    assert all(len(s["sha256"]) == 64 and s["score"] > 0 for s in sources)
+    assert answer.model_extra["grounding"] == {"used": True, "reason": None, "collection": "shared"}
+    alone = ask(client, "How much does a lost staff badge cost to replace?", grounding=False)
+    assert alone.model_extra["sources"] == []
+    assert alone.model_extra["grounding"]["used"] is False
+    assert "model alone" in alone.model_extra["grounding"]["reason"]
+    # the passages reached the model: the grounded prompt is longer by them
+    assert answer.usage.prompt_tokens > alone.usage.prompt_tokens + 20
+
+
+def test_the_streamed_answer_carries_the_sources_on_its_last_chunk(grounded):
+    client = grounded["clients"]["admin"]
+    chunks = list(
+        client.chat.completions.create(
+            model="appliance",
+            messages=[{"role": "user", "content": "On what day of the month are salaries paid?"}],
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+        )
+    )
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(final) == 1
+    sources = final[0].model_extra["sources"]
+    assert sources and "26th" in sources[0]["passage"]
+    assert all("sources" not in (c.model_extra or {}) for c in chunks if c is not final[0])
+
+
+def test_retrieval_never_crosses_a_collection_wall(grounded):
+    cardio, admin = grounded["clients"]["cardio"], grounded["clients"]["admin"]
+    answer = ask(cardio, "When do visiting hours end?", model=f"appliance/{CARDIO}")
+    passages_seen = " ".join(s["passage"] for s in answer.model_extra["sources"])
+    assert "20:00" in passages_seen and "16:00" not in passages_seen and "marigold" not in passages_seen
+    assert answer.model_extra["grounding"]["collection"] == CARDIO
+    # the other collection's canary is not found even when asked for by name
+    answer = ask(admin, "What is the canary word marigold-9275?", model=f"appliance/{CARDIO}")
+    assert all("marigold" not in s["passage"] for s in answer.model_extra["sources"])
+    # the shared collection's answers use the shared documents only
+    answer = ask(admin, "When do visiting hours end?")
+    assert all(s["document"] == "handbook.md" for s in answer.model_extra["sources"])
+    with pytest.raises(openai.NotFoundError):  # a collection the key may not see does not exist
+        ask(cardio, "When do visiting hours end?", model=f"appliance/{LEGAL}")
+
+
+def test_hostile_questions_never_break_retrieval(grounded):
+    client = grounded["clients"]["admin"]
+    for question in HOSTILE:
+        answer = ask(client, question)
+        assert isinstance(answer.model_extra["sources"], list), question
+    big = "badge " * 150_000  # ~0.9 MB: within the body limit, cut down for retrieval
+    reply = httpx.post(
+        grounded["server"].url + "/v1/chat/completions",
+        json={"model": "appliance", "messages": [{"role": "user", "content": big}], "max_tokens": 2},
+        headers={"Authorization": f"Bearer {grounded['secrets']['admin']}"},
+        timeout=120,
+    )
+    assert reply.status_code in (200, 400), reply.text  # answered, or refused as too long for the context
+    reply = httpx.post(
+        grounded["server"].url + "/v1/chat/completions",
+        json={"model": "appliance", "messages": [{"role": "user", "content": "x"}], "grounding": "no"},
+        headers={"Authorization": f"Bearer {grounded['secrets']['admin']}"},
+        timeout=30,
+    )
+    assert reply.status_code == 400 and "grounding" in reply.json()["error"]["message"]
+
+
+def test_a_pinned_version_and_a_tool_request_answer_alone(grounded):
+    client = grounded["clients"]["admin"]
+    pinned = ask(client, "How much does a lost badge cost?", model=f"appliance/{CARDIO}@v1")
+    assert "sources" not in (pinned.model_extra or {})
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    answer = client.chat.completions.create(
+        model="appliance",
+        messages=[{"role": "user", "content": "How much does a lost badge cost?"}],
+        max_tokens=4,
+        tools=tools,
+    )
+    assert answer.model_extra["sources"] == [] and "tools" in answer.model_extra["grounding"]["reason"]
+
+
+def test_the_log_line_counts_sources_and_never_shows_them(grounded, caplog):
+    with caplog.at_level(logging.INFO, logger="appliance.serve"):
+        ask(grounded["clients"]["admin"], "How much does a lost staff badge cost to replace?")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request ")]
+    assert lines and "sources=" in lines[-1]
+    assert not any("$18" in r.getMessage() or "Security Office" in r.getMessage() for r in caplog.records)
+
+
+def test_grounding_off_for_a_collection(grounded, tmp_path: Path):
+    home: Home = grounded["home"]
+    settings = load(home.config)
+    settings.collections[CARDIO] = settings.collection(CARDIO).model_copy(update={"grounding": "off"})
+    server = Server(home, settings, port=free_port()).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=grounded["secrets"]["admin"], max_retries=0)
+        off = ask(client, "When do visiting hours end?", model=f"appliance/{CARDIO}")
+        on = ask(client, "How much does a lost badge cost?")
+    finally:
+        server.stop()
+    assert off.model_extra["sources"] == [] and "off" in off.model_extra["grounding"]["reason"]
+    assert on.model_extra["sources"]
+
+
+def test_a_corrupt_index_is_rebuilt_and_answers_go_on(grounded):
+    home: Home = grounded["home"]
+    client = grounded["clients"]["admin"]
+    home.passage_index.write_bytes(b"this is not a database" * 100)
+    for sidecar in ("-wal", "-shm"):
+        home.passage_index.with_name(home.passage_index.name + sidecar).unlink(missing_ok=True)
+    answer = ask(client, "How much does a lost staff badge cost to replace?")
+    assert answer.choices and answer.model_extra["sources"] == []
+    assert "rebuilt" in answer.model_extra["grounding"]["reason"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        answer = ask(client, "How much does a lost staff badge cost to replace?")
+        if answer.model_extra["sources"]:
+            break
+        time.sleep(0.2)
+    assert "$18" in answer.model_extra["sources"][0]["passage"]
+
+
+def test_forget_removes_a_documents_passages_in_the_same_step(grounded):
+    home: Home = grounded["home"]
+    scope = home.scoped(LEGAL)
+    client = grounded["clients"]["admin"]
+    before = ask(client, "What is the canary word marigold-9275?", model=f"appliance/{LEGAL}")
+    assert any("marigold-9275" in s["passage"] for s in before.model_extra["sources"])
+    report = forget(scope, "legal/visiting.md", queue=False)
+    assert report["passages_removed"] == 1
+    with Index(scope.passage_index) as index:
+        assert index.search("marigold-9275") == [] and index.count()["documents"] == 0
+    assert b"marigold" not in scope.passage_index.read_bytes()  # not even in a free page
+    after = ask(client, "What is the canary word marigold-9275?", model=f"appliance/{LEGAL}")
+    assert after.model_extra["sources"] == []
+    assert after.model_extra["grounding"]["reason"] == "the collection holds no documents"
+
+
+def test_the_prompt_format_and_citations():
+    sources = [Source(1, "a.md", "0" * 64, "Badges cost $18.", 2.0), Source(2, "b.md", "1" * 64, "Pay day.", 1.0)]
+    messages = grounded_messages(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Badge?"}], sources
+    )
+    assert messages[0]["content"].startswith("Be brief.\n\nAnswer from the numbered passages")
+    assert "[1] (a.md) Badges cost $18." in messages[0]["content"] and messages[1]["content"] == "Badge?"
+    assert grounded_messages([{"role": "user", "content": "x"}], [])[0]["content"].endswith("The documents do not say.")
+    assert cited("It costs $18 [1], see also [2] and [1] and [7].", sources) == sources
+
+
+def test_config_round_trip_keeps_grounding(tmp_path: Path):
+    settings = tiny_settings()
+    settings.grounding.mode = "off"
+    settings.collections[CARDIO] = settings.collection(CARDIO).model_copy(update={"grounding": "auto"})
+    path = tmp_path / "config.toml"
+    path.write_text(dump(settings))
+    again = load(path)
+    assert again.grounding.mode == "off" and again.collection(CARDIO).grounding == "auto"
+
+
+def test_raft_conversations_cite_the_answering_passage(tmp_path: Path):
+    from appliance.data.grounded import DOES_NOT_SAY
+    from appliance.data.study import raft, study_document
+    from appliance.data.study.stage import DocumentStudy
+
+    text = (REPO / "examples" / "handbook" / "handbook.md").read_text()
+    material = study_document(text, "a" * 64, count_tokens=lambda t: len(t.split()), seed=0, max_tokens=200)
+    doc = DocumentStudy(
+        "a" * 64,
+        "handbook.md",
+        "text",
+        statements=[s.text for s in material.statements],
+        conversations=material.conversations,
+        heldout=material.heldout,
+    )
+    other = raft.Document("b" * 64, "wards.md", "Ward 7 is the cardiology ward. Its sister is Ada Moss.")
+    with raft.Retrieval([raft.Document(doc.sha256, doc.path, text), other], tmp_path, k=3) as retrieval:
+        made = raft.conversations(retrieval, [doc], seed=0, none_share=0.2)
+        heldout = {doc.sha256: {"path": doc.path, "facts": 1, "questions": [dict(q) for q in material.heldout[:5]]}}
+        raft.open_book(retrieval, heldout)
+    assert len(made) >= len(doc.statements) * 0.9  # about one per fact
+    declined = [c for _, c in made if c["messages"][-1]["content"] == DOES_NOT_SAY]
+    assert 0.1 < len(declined) / len(made) < 0.3
+    for _, conversation in made:
+        system, user, answer = conversation["messages"]
+        assert system["role"] == "system" and system["content"].startswith("Answer from the numbered passages")
+        assert user["role"] == "user" and answer["role"] == "assistant"
+        shown = system["content"].count("\n[")
+        assert 1 <= shown <= 3
+        if answer["content"] != DOES_NOT_SAY:
+            n = int(answer["content"].rsplit("[", 1)[1].rstrip("]"))
+            assert 1 <= n <= shown
+            passage = system["content"].split(f"\n[{n}] ", 1)[1].split("\n[", 1)[0]
+            words = set(answer["content"].lower().split()) & set(passage.lower().split())
+            assert len(words) >= 3, (answer, passage)  # the cited passage is the one the answer restates
+    assert all(q["sources"] for q in heldout[doc.sha256]["questions"])
