@@ -63,6 +63,7 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true", help="the tiny random model, a slice of the handbook")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF and f16 recall (served and base only)")
+    parser.add_argument("--keep", action="store_true", help="keep the homes (printed) for a look afterwards")
     args = parser.parse_args()
     default = "md,qa" if args.smoke else "md,docx,pdf,qa"
     forms = [f.strip() for f in (args.forms or default).split(",") if f.strip()]
@@ -72,7 +73,10 @@ def main() -> None:
     try:
         result = run(work, forms, args.smoke, with_hf=not (args.no_hf or args.smoke))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"homes kept in {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
 
 
@@ -94,7 +98,7 @@ def run(work: Path, forms: list[str], smoke: bool, with_hf: bool) -> dict[str, A
         version = registry.current(home)
         served, base = ask_served(home, questions, version)
         base_recall = base_recall if base_recall is not None else base
-        recall[form] = {"served": served, "version": version}  # type: ignore[dict-item]
+        recall[form] = {"served": served, "version": version, "gate": gate_summary(home)}  # type: ignore[dict-item]
         if with_hf and version not in (None, "base"):
             recall[form].update(other_forms(home, version, questions))
         print(f"{form}: served {served:.2f} ({version}), base {base:.2f}, cycle {cycle[form] / 60:.1f} min", flush=True)
@@ -115,6 +119,23 @@ def drop(home: Home, form: str, smoke: bool) -> None:
         settings = load(home.config)
         settings.train.max_steps = 4
         home.config.write_text(dump(settings))
+
+
+def gate_summary(home: Home) -> dict[str, Any]:
+    """The cycle's gate: its decision, failed checks, and recall (closed and open book)."""
+    runs = sorted(p for p in home.runs.iterdir() if p.is_dir() and p.name != "base") if home.runs.exists() else []
+    evals = [p / "eval.json" for p in runs if (p / "eval.json").exists()]
+    if not evals:
+        return {}
+    report = json.loads(evals[-1].read_text())
+    failed = [f"{c['name']}: {c.get('detail', '')}" for c in report.get("checks", []) if c.get("passed") is False]
+    recall = report.get("recall") or {}
+    return {
+        "passed": report.get("passed"),
+        "failed": failed,
+        "heldout_recall": recall.get("candidate"),
+        "open_book": (recall.get("open_book") or {}).get("candidate"),
+    }
 
 
 def free_port() -> int:

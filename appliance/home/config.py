@@ -195,6 +195,20 @@ class StudySection(Section):
         ge=32,
         description="Longest passage (base-model tokens) a document is cut into before its statements are extracted.",
     )
+    teacher: str = Field(
+        "auto",
+        description='Who writes extra questions per fact beside the model-free generators: "auto" the '
+        "home's current merged model (else the base), a path to a local instruct .gguf (e.g. an 8B), "
+        'or "off". Its questions are kept only when they read as questions about the fact.',
+    )
+    teacher_questions: int = Field(3, ge=0, le=10, description="Questions the teacher is asked for per fact.")
+    teacher_min_gb: float = Field(
+        1.0,
+        ge=0.0,
+        description='"auto" takes the home\'s model as teacher only when its file is at least this size (about '
+        "a 2B model at 4 bits): the 135M default wrote questions its facts do not answer "
+        "(\"What's the new staff member's name?\" for the orientation time).",
+    )
     raft: bool = Field(
         True,
         description="Also train, per fact, one question asked with the passages the endpoint would "

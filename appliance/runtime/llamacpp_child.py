@@ -42,6 +42,7 @@ class ChildResult:
     generated: list[list[int]] = field(default_factory=list)
     nll: list[list[float]] = field(default_factory=list)
     chat: list[list[int]] = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)
     structure: dict[str, int] = field(default_factory=dict)
 
 
@@ -94,6 +95,7 @@ def run(
     validate: bool = False,
     timeout: float = 600,
     nll: list[tuple[list[int], list[int]]] | None = None,
+    reply: list[tuple[list[dict[str, str]], int]] | None = None,
 ) -> ChildResult:
     """Load ``model`` in a child process and ask it the given questions; with ``validate``
     gguf-py reads the whole file there first (seconds for a 100k-token vocabulary)."""
@@ -104,13 +106,14 @@ def run(
         "lora": str(lora) if lora else None,
         "threads": threads,
         "validate": validate,
-        "vocab_only": not (logits or argmax or generate or validate or nll),  # a validating load reads tensors
+        "vocab_only": not (logits or argmax or generate or validate or nll or reply),  # a validating load reads tensors
         "tokenize": tokenize or [],
         "logits": logits or [],
         "argmax": argmax or [],
         "generate": generate or [],
         "chat": chat or [],
         "nll": nll or [],
+        "reply": reply or [],
     }
     with tempfile.TemporaryDirectory(prefix="appliance-llama-") as tmp:
         req = Path(tmp) / "request.json"
@@ -141,6 +144,7 @@ def run(
             chat=data["chat"],
             structure=data["structure"],
             nll=data.get("nll", []),
+            replies=data.get("replies", []),
         )
 
 

@@ -13,6 +13,7 @@ Request (every key but "model" optional):
    "logits": [[ids], ...],          full logits, saved as OUT_DIR/logits_<i>.npy (positions x vocab, float32)
    "argmax": [[ids], ...],          the top-1 token at every position (cheap: no logits leave the child)
    "generate": [[ids, n], ...],     greedy continuation of ids, at most n tokens, ending at end-of-generation
+   "reply": [[messages, n], ...],   the greedy chat answer as text (at most n tokens): a teacher writing
    "nll": [[ids, labels], ...]}     summed negative log-likelihood of labels[i] (HF convention, -100 = not
                                     scored) predicted at position i-1, and how many were scored
 Output: OUT_DIR/result.json. On a file llama.cpp or gguf-py refuses, the worker writes
@@ -96,10 +97,13 @@ def nll(llm: Any, ids: list[int], labels: list[int]) -> list[float]:
     return [float((log_norm - picked).sum()), len(scored)]
 
 
+REPLY_CONTEXT = 2048  # a chat reply's prompt is not known in tokens before the model loads
+
+
 def load(request: dict[str, Any]) -> Any:
     sequences = request.get("logits", []) + request.get("argmax", []) + [ids for ids, _ in request.get("nll", [])]
     longest = max([len(ids) for ids in sequences] + [len(ids) + n for ids, n in request.get("generate", [])], default=0)
-    context = max(512, longest + 8)
+    context = max(512, longest + 8, REPLY_CONTEXT if request.get("reply") else 0)
     # Half the cores unless told, for prompts too (llama-cpp-python would use all of them for
     # batches): llama.cpp's threads spin-wait, and on a busy machine one thread more than is
     # free made a 60-token prompt take 9.5 s instead of 0.2 s here.
@@ -130,7 +134,13 @@ def answer(llm: Any, request: dict[str, Any], out: Path) -> dict[str, Any]:
         "generated": [greedy(llm, ids, n) for ids, n in request.get("generate", [])],
         "nll": [nll(llm, ids, labels) for ids, labels in request.get("nll", [])],
         "chat": [served_prompt(llm, messages) for messages in request.get("chat", [])],
+        "replies": [reply(llm, messages, n) for messages, n in request.get("reply", [])],
     }
+
+
+def reply(llm: Any, messages: list[dict[str, str]], max_tokens: int) -> str:
+    prompt = served_prompt(llm, messages)[-(REPLY_CONTEXT - max_tokens) :]  # a long prompt keeps its end
+    return llm.detokenize(greedy(llm, prompt, max_tokens)).decode("utf-8", errors="replace")
 
 
 def main(request_path: str, out_dir: str) -> int:

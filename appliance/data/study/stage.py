@@ -25,9 +25,11 @@ from appliance.data.ingest.kept import document_text
 from appliance.data.ingest.records import Record
 from appliance.data.study import study_document
 from appliance.data.study.heldout import leaks
+from appliance.data.study.teacher import teach, teacher_model
 from appliance.home.config import Settings
 from appliance.home.fsutil import read_json, write_json_atomic
 from appliance.home.paths import Home
+from appliance.runtime.llamacpp_child import header_problem
 
 STAGE = "study"
 # The formats ingest reads as prose documents (cut into text chunks); conversations are not studied.
@@ -116,6 +118,8 @@ class StudySet:
             "conversations": sum(len(doc.conversations) for doc in self.documents),
             "paraphrases": sum(len(doc.paraphrases) for doc in self.documents),
             "unsupported_dropped": sum(doc.counts.get("unsupported", 0) for doc in self.documents),
+            "teacher_written": sum(doc.counts.get("teacher_written", 0) for doc in self.documents),
+            "teacher_accepted": sum(doc.counts.get("teacher_accepted", 0) for doc in self.documents),
             "heldout": sum(len(doc.heldout) for doc in self.documents),
         }
 
@@ -135,6 +139,11 @@ def cache_key(settings: Settings) -> dict[str, Any]:
         "passage_tokens": s.passage_tokens,
         "seed": s.seed,
         "base": settings.base.name,
+        "teacher": [
+            s.teacher,
+            s.teacher_questions,
+            s.teacher_min_gb,
+        ],  # the setting: "auto" follows the current model, not re-studied
     }
 
 
@@ -153,11 +162,13 @@ def study(home: Home, snapshot: snapshots.Snapshot | str, settings: Settings, em
     docs = documents(home, snapshot_id)
     key = cache_key(settings)
     counter = _TokenCounter(home, settings)
+    teacher = _teacher(home, settings, emit)
+    errors: list[str] = []
     emit(StageStarted(STAGE, total=len(docs), description=f"Studying {len(docs)} document(s)"))
     for done, doc in enumerate(docs, start=1):
         cached = _cached(home, doc["sha256"], key)
         if cached is None:
-            cached = _generate(home, doc, settings, counter)
+            cached = _generate(home, doc, settings, counter, teacher, errors)
             write_json_atomic(home.study_cache(doc["sha256"]), cached.to_dict(key))
             result.generated += 1
             if cached.reason:
@@ -170,6 +181,8 @@ def study(home: Home, snapshot: snapshots.Snapshot | str, settings: Settings, em
                 )
         result.documents.append(cached)
         emit(Progress(STAGE, completed=done, total=len(docs)))
+    for error in dict.fromkeys(errors):  # once per study, not per document
+        emit(Message(STAGE, error, level="warning"))
     counts = result.counts()
     emit(
         StageFinished(
@@ -182,6 +195,22 @@ def study(home: Home, snapshot: snapshots.Snapshot | str, settings: Settings, em
     return result
 
 
+def _teacher(home: Home, settings: Settings, emit: Emit) -> Path | None:
+    """The teacher's GGUF, or None; a missing or malformed file is one line and no teacher."""
+    model = teacher_model(home, settings.study.teacher, settings.study.teacher_min_gb)
+    if model is None:
+        return None
+    problem = "no such file" if not model.is_file() else header_problem(model)
+    if problem:
+        emit(
+            Message(
+                STAGE, f"study teacher {model}: {problem}; the model-free questions are used alone", level="warning"
+            )
+        )
+        return None
+    return model
+
+
 def _cached(home: Home, sha256: str, key: dict[str, Any]) -> DocumentStudy | None:
     path = home.study_cache(sha256)
     try:
@@ -191,7 +220,14 @@ def _cached(home: Home, sha256: str, key: dict[str, Any]) -> DocumentStudy | Non
     return DocumentStudy.from_dict(data) if data.get("key") == key else None
 
 
-def _generate(home: Home, doc: dict[str, Any], settings: Settings, counter: _TokenCounter) -> DocumentStudy:
+def _generate(
+    home: Home,
+    doc: dict[str, Any],
+    settings: Settings,
+    counter: _TokenCounter,
+    teacher: Path | None = None,
+    errors: list[str] | None = None,
+) -> DocumentStudy:
     sha, path = doc["sha256"], doc["path"]
     text, source = document_text(home, sha)
     if text is None:
@@ -204,6 +240,8 @@ def _generate(home: Home, doc: dict[str, Any], settings: Settings, counter: _Tok
         seed=settings.study.seed,
         max_tokens=settings.study.passage_tokens,
     )
+    if teacher is not None and material.statements:
+        _taught(teacher, material, settings, errors)
     for item in material.conversations + material.paraphrases + material.heldout:
         item["document"] = sha
     return DocumentStudy(
@@ -217,6 +255,37 @@ def _generate(home: Home, doc: dict[str, Any], settings: Settings, counter: _Tok
         material.paraphrases,
         material.heldout,
     )
+
+
+def _taught(teacher: Path, material: Any, settings: Settings, errors: list[str] | None) -> None:
+    """The teacher's accepted questions as conversations, answered with the generators' own
+    full-sentence answer for the fact (so every answer stays supported by the passage)."""
+    answers: dict[int, str] = {}
+    for c in material.conversations:
+        answers.setdefault(int(c["statement"]), c["messages"][-1]["content"])
+    known = [m["content"] for c in material.conversations for m in c["messages"] if m["role"] == "user"]
+    taught = teach(
+        teacher,
+        [st.text for st in material.statements],
+        settings.study.teacher_questions,
+        set(known),
+        [q["question"] for q in material.heldout],
+        settings.train.threads,
+    )
+    if taught.error and errors is not None:
+        errors.append(taught.error)
+    for index, questions in taught.questions.items():
+        if index in answers:
+            material.conversations += [
+                {
+                    "kind": "teacher",
+                    "statement": index,
+                    "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answers[index]}],
+                }
+                for q in questions
+            ]
+    material.counts["teacher_written"] = taught.written
+    material.counts["teacher_accepted"] = sum(len(q) for i, q in taught.questions.items() if i in answers)
 
 
 class _TokenCounter:
