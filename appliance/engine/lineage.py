@@ -79,7 +79,10 @@ def build_lineage(
             "seconds": train_info.get("seconds"),
             "method": train_info.get("method"),
             "method_reason": train_info.get("method_reason"),
+            # incremental: the version continued (parent), why, the chain length, the replay sample
+            "incremental": train_info.get("incremental"),
         },
+        "parent": (train_info.get("incremental") or {}).get("parent"),
         "adapter_sha256": adapter_hash(home, run_id),
         "gguf_sha256": record["sha256"],
         "quant": record.get("quant"),

@@ -193,7 +193,7 @@ def stage_train(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
         ctx.journal.remember(job.id, run_id=run_id)
     snap = snapshots.load(ctx.home, job.snapshot or "")
     try:
-        result = train(ctx.home, snap, ctx.settings, run_id=run_id, emit=emit, stop=ctx.stop.is_set)
+        result = train(ctx.home, snap, ctx.settings, run_id=run_id, emit=emit, stop=ctx.stop.is_set, kind=job.kind)
     except TrainInterrupted:
         raise Stopped("train") from None  # the checkpoint just written is where it resumes
     audit.append(
@@ -236,7 +236,20 @@ def stage_gate(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
     )
     if not report.passed:
         clean_intermediates(ctx.home, job.run_id or "")
+        _consolidate_after_refusal(ctx, job, emit)
     return {"result": {"passed": report.passed, "verdict": report.verdict(), "failed": data["failed"]}}
+
+
+def _consolidate_after_refusal(ctx: Context, job: Job, emit: Emit) -> None:
+    """An incremental candidate the gate refused is followed by one full run from the base."""
+    train_json = ctx.home.run(job.run_id or "").train_json
+    mode = (read_json(train_json).get("incremental") or {}).get("mode") if train_json.exists() else None
+    if mode != "incremental":
+        return
+    queued, _ = ctx.journal.enqueue(
+        "consolidate", reason=f"the gate refused incremental run {job.run_id}", collection=job.collection
+    )
+    emit(Message("gate", f"the incremental run was refused; queued job {queued.id}: a full run from the base"))
 
 
 def stage_promote(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:

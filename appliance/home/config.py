@@ -164,6 +164,26 @@ class TrainSection(Section):
     )
     seed: int = 1234
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
+    incremental: bool = Field(
+        True,
+        description="A run continues the current version's adapter on the new records plus a replay "
+        "sample of earlier ones, so learning costs what changed; a full run from the base happens "
+        "when it must (training/incremental.py says when).",
+    )
+    replay_ratio: float = Field(
+        1.0, ge=0.0, description="Earlier records replayed per new record in an incremental run (against forgetting)."
+    )
+    replay_min: int = Field(
+        32, ge=0, description="Fewest earlier records an incremental run replays (when there are that many)."
+    )
+    max_chain: int = Field(
+        5, ge=1, description="Incremental runs in a row before a full run from the base consolidates them."
+    )
+    consolidate: Literal["daily", "weekly", "never"] = Field(
+        "weekly",
+        description="A full run from the base at least this often (the next run after the period "
+        "is a full one), so small drifts of incremental runs never accumulate for long.",
+    )
 
     @field_validator("method")
     @classmethod

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("snapshot", "study", "train", "export", "gate", "promote")
-KINDS = ("train", "forget")
+KINDS = ("train", "forget", "consolidate")  # consolidate: a full run from the base (training/incremental.py)
 # queued -> running -> done | refused (the gate kept the current model) | failed
 # With [gate] promotion = "review": running -> awaiting_review (gated, registered, not current;
 # the daemon does not pick it up) -> done (approved and promoted) | refused (rejected by a reviewer)
@@ -152,10 +152,10 @@ class Journal:
         if kind not in KINDS:
             raise ValueError(f"unknown job kind {kind!r}")
         with self._tx():
-            if kind == "train":
+            if kind in ("train", "consolidate"):
                 row = self.db.execute(
-                    "SELECT id FROM jobs WHERE kind='train' AND state='queued' AND collection=? ORDER BY id LIMIT 1",
-                    (collection,),
+                    "SELECT id FROM jobs WHERE kind=? AND state='queued' AND collection=? ORDER BY id LIMIT 1",
+                    (kind, collection),
                 ).fetchone()
                 if row:
                     return self.get(row[0]), False

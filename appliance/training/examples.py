@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -116,10 +117,18 @@ def plan_steps(examples: list[Example], epochs: float, tokens_per_step: int, see
 
 
 def study_records(
-    home: Home, snapshot: Snapshot, own: list, settings: Settings, run: RunDir, emit: Emit
+    home: Home,
+    snapshot: Snapshot,
+    own: list,
+    settings: Settings,
+    run: RunDir,
+    emit: Emit,
+    keep: Callable[[list[tuple[str, Record]]], list[tuple[str, Record]]] | None = None,
 ) -> tuple[list, dict[str, int]]:
     """The study stage's conversations and re-told passages for the snapshot's documents (read
     from its cache), and their counts; the held-out questions go to ``heldout.json`` for the gate.
+    ``keep`` picks which (document sha256, record) pairs train (an incremental run's new
+    documents and a replay of the others); the gate's held-out questions stay every document's.
 
     A held-out question inside the study material itself fails the run (it would no longer
     test recall); one that the snapshot's own conversations happen to ask is dropped from
@@ -152,12 +161,16 @@ def study_records(
         "heldout": sum(len(d["questions"]) for d in heldout.values()),
         "heldout_in_your_data": dropped,
         "raft": len(cited),
-        "raft_does_not_say": sum(r.body["messages"][-1]["content"] == DOES_NOT_SAY for r in cited),
+        "raft_does_not_say": sum(r.body["messages"][-1]["content"] == DOES_NOT_SAY for _, r in cited),
     }
-    return material.records() + cited, counts
+    items = material.items() + cited
+    if keep is not None:
+        items = keep(items)
+        counts["trained"] = len(items)
+    return [record for _, record in items], counts
 
 
-def _raft(home: Home, material: StudySet, heldout: dict[str, dict], settings: Settings) -> list[Record]:
+def _raft(home: Home, material: StudySet, heldout: dict[str, dict], settings: Settings) -> list[tuple[str, Record]]:
     """Grounded conversations per fact (data/study/raft.py), and each held-out question's
     retrieved passages for the gate's open-book recall."""
     studied = [d for d in material.documents if d.conversations]
@@ -173,7 +186,7 @@ def _raft(home: Home, material: StudySet, heldout: dict[str, dict], settings: Se
         if not settings.study.raft:
             return []
         made = raft.conversations(retrieval, studied, settings.study.seed, settings.study.raft_none_share)
-    return [Record("chat", conversation, format=STUDY_FORMAT) for _, conversation in made]
+    return [(sha, Record("chat", conversation, format=STUDY_FORMAT)) for sha, conversation in made]
 
 
 def _norm(text: str) -> str:

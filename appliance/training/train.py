@@ -39,7 +39,7 @@ from appliance.home.fsutil import read_json, staging_dir, write_json_atomic
 from appliance.home.paths import Home, RunDir
 from appliance.runtime.device import set_threads, torch_device
 from appliance.runtime.hf import load_causal_lm, load_tokenizer, nf4_config
-from appliance.training import methods, recipe
+from appliance.training import incremental, methods, recipe
 from appliance.training.examples import collate, general_examples, pack, plan_steps, render_all, study_records
 from appliance.training.methods import count_parameters
 from appliance.training.render import IGNORE, Example
@@ -110,15 +110,24 @@ def load_trainable(
 
 
 def resolve_method(
-    run: RunDir, base_dir: Path, settings: Settings, n_examples: int, device: str, emit: Emit
+    run: RunDir,
+    base_dir: Path,
+    settings: Settings,
+    n_examples: int,
+    device: str,
+    emit: Emit,
+    how: incremental.Plan | None = None,
 ) -> methods.Choice:
     """The run's method, decided once and kept in ``method.json`` (a resumed run must not
-    switch methods because free memory changed)."""
+    switch methods because free memory changed); an incremental run keeps its parent's."""
     saved = run.method_json
     if saved.exists():
         return methods.Choice(**read_json(saved))
     budget = methods.memory_budget(settings.train.memory_budget_gb, device)
-    choice = methods.choose(settings.train.method, base_dir, n_examples, budget)
+    if how is not None and how.incremental and how.method:
+        choice = methods.Choice(how.method, f"continues the adapter of {how.parent}")
+    else:
+        choice = methods.choose(settings.train.method, base_dir, n_examples, budget)
     write_json_atomic(saved, asdict(choice))
     if settings.train.method == "auto":
         emit(Message(STAGE, f"method {choice.method}: {choice.reason}"))
@@ -297,6 +306,24 @@ def _load_trained_state(model: Any, weights: dict[str, Any]) -> None:
         model.load_state_dict(weights, strict=False)  # tied weights are saved once
 
 
+def _adapter_weights(adapter: Path) -> dict[str, Any]:
+    """A saved adapter's tensors, keyed as ``_trained_state`` keys them."""
+    if (adapter / "adapter_model.safetensors").is_file():
+        return load_file(str(adapter / "adapter_model.safetensors"))
+    return torch.load(adapter / "adapter_model.bin", map_location="cpu", weights_only=True)
+
+
+def _plan(home: Home, run: RunDir, snapshot: Snapshot, settings: Settings, kind: str, emit: Emit) -> incremental.Plan:
+    """The run's plan, decided once and kept in ``plan.json``: a resumed run replays the same sample."""
+    saved = run.root / "plan.json"
+    if saved.exists():
+        return incremental.Plan(**read_json(saved))
+    how = incremental.plan(home, snapshot, settings, kind)
+    write_json_atomic(saved, asdict(how))
+    emit(Message(STAGE, f"{how.mode} run: {how.reason}"))
+    return how
+
+
 def _save_adapter(model: Any, tokenizer: Any, run: RunDir) -> None:
     with staging_dir(run.adapter) as tmp:
         model.save_pretrained(tmp)
@@ -314,8 +341,11 @@ def train(
     max_steps: int | None = None,
     emit: Emit = ignore,
     stop: Callable[[], bool] | None = None,
+    kind: str = "train",
 ) -> TrainResult:
-    """Train (or resume, or report an already finished) run on ``snapshot``.
+    """Train (or resume, or report an already finished) run on ``snapshot``: continuing the
+    current version's adapter on what is new plus a replay sample, or from the base on all of
+    it (training/incremental.py decides, once per run; ``kind`` is the job's).
 
     ``stop`` is polled between forward passes; when it turns true the partial step is
     dropped, a checkpoint of the last complete step is written, and TrainInterrupted
@@ -335,8 +365,10 @@ def train(
 
     emit(StageStarted(STAGE, description="Preparing data"))
     tokenizer = load_tokenizer(base_dir)
-    all_train = records(home, snapshot.train)
-    studied, study_counts = study_records(home, snapshot, all_train, settings, run, emit)
+    how = _plan(home, run, snapshot, settings, kind, emit)
+    all_train = records(home, how.new + how.replay if how.incremental else snapshot.train)
+    keep = incremental.study_keeper(home, how, settings) if how.incremental else None
+    studied, study_counts = study_records(home, snapshot, all_train, settings, run, emit, keep)
     all_train += studied
     train_records, leaks = decontaminate(home, all_train)
     if leaks:
@@ -359,8 +391,10 @@ def train(
     limit = max_steps or settings.train.max_steps
     steps = steps[:limit] if limit else steps
 
-    choice = resolve_method(run, base_dir, settings, len(train_ex), device, emit)
+    choice = resolve_method(run, base_dir, settings, len(train_ex), device, emit, how)
     model = load_trainable(base_dir, settings, device, choice.method, len(steps))
+    if how.incremental:  # step 0 is the parent's adapter (a checkpoint, if any, replaces it below)
+        _load_trained_state(model, _adapter_weights(home.run(how.parent_run or "").adapter))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(
@@ -472,6 +506,8 @@ def train(
             "train_tokens": state.trained_tokens,
             "seconds": state.seconds,
             "settings": settings.train.model_dump(),
+            "incremental": {**how.to_dict(), "last_full_at": how.last_full_at or time.time()},
+            "finished_at": time.time(),
             "curve": state.curve,
         },
     )
