@@ -64,28 +64,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="the tiny random model, a slice of the handbook")
     parser.add_argument("--no-train", action="store_true", help="the base model with retrieval only (no cycle)")
+    parser.add_argument(
+        "--home",
+        help="score a home that has already run its cycle on handbook.md (e.g. one knowledge_recall.py --keep "
+        "left): its current model and the base, no new training",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="grounded-recall-", dir=os.environ.get("BENCH_TMP")))
     try:
-        result = run(work, args.smoke, train=not args.no_train)
+        result = run(work, args.smoke, train=not args.no_train, existing=Path(args.home) if args.home else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
 
 
-def run(work: Path, smoke: bool, train: bool) -> dict[str, Any]:
+def run(work: Path, smoke: bool, train: bool, existing: Path | None = None) -> dict[str, Any]:
     questions = probes.load(HANDBOOK / "probes.jsonl")
     unanswerable = [json.loads(line)["question"] for line in (HANDBOOK / "unanswerable.jsonl").read_text().splitlines()]
     if smoke:
         questions, unanswerable = questions[:6], unanswerable[:3]
-    home = Home(work / "home")
-    init(home.root, str(smoke_base(work)) if smoke else "embedded")
-    drop(home, "md", smoke)
-    ingest(home)
-    scores: dict[str, Any] = {"base": score(home, "base", questions, unanswerable)}
-    print(f"base, grounded: {scores['base']}", flush=True)
+    home = Home(existing) if existing else Home(work / "home")
+    if existing is None:
+        init(home.root, str(smoke_base(work)) if smoke else "embedded")
+        drop(home, "md", smoke)
+        ingest(home)
+    scores: dict[str, Any] = {}
+    if existing is None:  # the base is the current model until the cycle (a pinned id is never grounded)
+        scores["base"] = score(home, "base", questions, unanswerable)
+        print(f"base, grounded: {scores['base']}", flush=True)
     cycle = None
-    if train:
+    if existing is not None and registry.current(home) not in (None, "base"):
+        version = registry.current(home)
+        scores["trained"] = score(home, version, questions, unanswerable)
+        scores["trained"]["closed_book_recall"] = score(home, version, questions, [], grounding=False)["recall"]
+        print(f"{version}, grounded: {scores['trained']}", flush=True)
+    elif train:
         cycle = one_cycle(home, smoke)
         version = registry.current(home)
         scores["trained"] = score(home, version, questions, unanswerable)
@@ -93,7 +106,9 @@ def run(work: Path, smoke: bool, train: bool) -> dict[str, Any]:
         print(f"{version}, grounded: {scores['trained']}", flush=True)
     ttft = time_to_first_token(home, questions)
     print(f"time to first token: {ttft}", flush=True)
-    final = scores.get("trained", scores["base"])
+    if not scores:
+        sys.exit(f"{home.root}: no trained current model to score (its cycle was refused by the gate?)")
+    final = scores.get("trained") or scores["base"]
     checks = [
         final["recall"] >= TARGETS["open_book_recall"],
         (final["citation_accuracy"] or 0) >= TARGETS["citation_accuracy"],

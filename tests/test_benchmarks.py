@@ -19,9 +19,16 @@ from conftest import REPO
 BENCHMARKS = REPO / "benchmarks"
 HELPERS = {"smoke"}  # modules the benchmarks share, not benchmarks
 OWN_TEST = {"openai_compat"}  # tests/test_benchmarks_compat.py runs its smoke size and checks more
-NEEDS_TINY_BASE = {"adapter_routing", "export_time", "train_throughput", "knowledge_recall", "grounded_recall"}
+NEEDS_TINY_BASE = {
+    "adapter_routing",
+    "export_time",
+    "train_throughput",
+    "knowledge_recall",
+    "grounded_recall",
+    "incremental_cost",
+}
 # Over a minute on two busy cores: several converter subprocesses, each importing torch.
-SLOW = {"adapter_routing", "export_time", "knowledge_recall", "grounded_recall"}
+SLOW = {"adapter_routing", "export_time", "knowledge_recall", "grounded_recall", "incremental_cost"}
 TIMEOUT_S = 600
 GRACE_S = 30
 

@@ -111,7 +111,7 @@ def test_early_stopping_keeps_the_best_adapter(tiny_home: Home):
 
 def test_fixed_seed_loss_matches_the_recorded_curve(tiny_home: Home):
     """Any change to rendering, packing, masking or the optimizer moves these numbers."""
-    configure(tiny_home, max_steps=4, micro_tokens=256, tokens_per_step=512, patience=None)
+    configure(tiny_home, max_steps=4, micro_tokens=256, tokens_per_step=512, patience=None, general_mix=0.0)
     engine = LocalEngine(tiny_home.root)
     engine.ingest()
     run_id = engine.train()

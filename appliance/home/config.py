@@ -157,10 +157,13 @@ class TrainSection(Section):
     checkpoint_every: int = Field(20, ge=1, description="Write a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(2, ge=1)
     general_mix: float = Field(
-        0.0,
+        0.2,
         ge=0.0,
         le=0.5,
-        description="Share of general-purpose conversations mixed into training to limit forgetting.",
+        description="Share of general-purpose conversations mixed into training to limit forgetting. "
+        "Without it, the handbook's study material (lr 1e-3, 3 passes) made the 135M default's "
+        "perplexity on general text 2.3x and its general answers fall from 53% to 40%: the gate "
+        "refused the run, and people saw nothing learned.",
     )
     seed: int = 1234
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
