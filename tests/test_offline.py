@@ -7,6 +7,7 @@ hook that records any attempt to resolve a name or connect to a non-loopback add
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,6 +63,38 @@ def test_pipeline_without_network(tmp_path: Path, tiny_base: Path):
     proc = subprocess.run(["unshare", "-n", "bash", "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (home / "models" / "v1" / "model.gguf").exists()
+    assert not attempts.exists(), attempts.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -n (root or user namespaces)")
+def test_training_on_two_processes_without_network(tmp_path: Path, tiny_base: Path):
+    """torchrun's rendezvous and gloo stay on the loopback interface (the worker's unit has no other)."""
+    hook_dir = tmp_path / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(HOOK)
+    attempts = tmp_path / "attempts.log"
+    home = tmp_path / "home"
+    path = os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "NET_ATTEMPTS_LOG": str(attempts)}
+    cli = f"{sys.executable} -m appliance.cli.command"
+    two = (
+        "from appliance.home.config import load, dump; import sys, pathlib; p = pathlib.Path(sys.argv[1]); "
+        "s = load(p); s.train.processes = 2; p.write_text(dump(s))"
+    )
+    script = f"""
+        set -e
+        ip link set lo up
+        {cli} init --home {home} --base {tiny_base}
+        {sys.executable} -c "{two}" {home}/config.toml
+        cp {SAMPLE / "policies.jsonl"} {home}/inbox/
+        {cli} ingest --home {home} --json
+        {cli} train --home {home} --max-steps 2 --json
+    """
+    proc = subprocess.run(["unshare", "-n", "bash", "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = json.loads((next((home / "runs").iterdir()) / "train.json").read_text())
+    assert train["processes"] == 2 and train["steps"] == 2
     assert not attempts.exists(), attempts.read_text()
 
 

@@ -55,6 +55,14 @@ class StageFinished(Event):
 
 Emit = Callable[[Event], None]
 
+KINDS: dict[str, type[Event]] = {cls.__name__: cls for cls in (StageStarted, Progress, Message, StageFinished)}
+
+
+def from_dict(data: dict[str, Any]) -> Event:
+    """The event ``to_dict`` wrote (a child process's events, read back by its parent)."""
+    fields = dict(data)
+    return KINDS[fields.pop("kind")](**fields)
+
 
 def ignore(_: Event) -> None:
     """The default callback: drop events."""

@@ -166,7 +166,27 @@ class TrainSection(Section):
         "refused the run, and people saw nothing learned.",
     )
     seed: int = 1234
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch; default: all cores (shared out among the processes)."
+    )
+    processes: Literal["auto"] | int = Field(
+        "auto",
+        description="Training processes (data parallel, one per GPU): auto uses every visible GPU and one "
+        "process without a GPU; N > 1 starts N processes through torchrun, each on its share of every "
+        "step's examples, with the same effective batch and learning-rate schedule as one process.",
+    )
+    distributed: Literal["ddp"] = Field(
+        "ddp",
+        description="How several processes train: ddp, a full copy of the model per process and the "
+        "step's gradients summed across them (gloo on CPUs, nccl on GPUs). FSDP (sharding a base too "
+        "large for one device) is not offered yet.",
+    )
+    max_restarts: int = Field(
+        2,
+        ge=0,
+        description="Times a multi-process run is restarted from its last checkpoint when one process "
+        "dies (killed, out of memory) before the job fails.",
+    )
     incremental: bool = Field(
         True,
         description="A run continues the current version's adapter on the new records plus a replay "

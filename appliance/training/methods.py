@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 from peft import AdaLoraConfig, IA3Config, LoraConfig
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from appliance.contract.errors import TrainError
+from appliance.contract.errors import BaseModelError, TrainError
 from appliance.home.config import METHODS, UNMERGEABLE  # noqa: F401  (the methods config accepts and refuses)
 
 # Bytes per parameter for full fine-tuning with AdamW in fp32: weights, gradients and two
@@ -39,13 +39,16 @@ def count_parameters(base_dir: Path) -> int:
     """Parameters of a saved checkpoint, from its safetensors headers (no weights read)."""
     total = 0
     for path in sorted(base_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                shape = f.get_slice(name).get_shape()
-                n = 1
-                for dim in shape:
-                    n *= dim
-                total += n
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    shape = f.get_slice(name).get_shape()
+                    n = 1
+                    for dim in shape:
+                        n *= dim
+                    total += n
+        except (SafetensorError, OSError) as exc:
+            raise BaseModelError(f"{path}: cannot load the model ({exc})") from None
     if not total:
         raise TrainError(f"{base_dir}: no safetensors weights to size the model by")
     return total

@@ -40,6 +40,7 @@ from appliance.home.paths import Home, RunDir
 from appliance.runtime.device import set_threads, torch_device
 from appliance.runtime.hf import load_causal_lm, load_tokenizer, nf4_config
 from appliance.training import incremental, methods, recipe
+from appliance.training.distributed import Group
 from appliance.training.examples import collate, general_examples, pack, plan_steps, render_all, study_records
 from appliance.training.methods import count_parameters
 from appliance.training.render import IGNORE, Example
@@ -80,6 +81,7 @@ class TrainState:
     bad_evals: int = 0
     stopped_early: bool = False
     resumed_from: list[int] = field(default_factory=list)
+    processes: list[int] = field(default_factory=list)  # per session: a run may resume on another number
     seconds: float = 0.0
     curve: list[dict[str, float]] = field(default_factory=list)
 
@@ -170,15 +172,21 @@ class TrainInterrupted(Exception):
 
 
 def step_loss(
-    model: Any, rows: list[list[Example]], device: str, backward: bool, stop: Callable[[], bool] | None = None
+    model: Any,
+    rows: list[list[Example]],
+    device: str,
+    backward: bool,
+    stop: Callable[[], bool] | None = None,
+    tokens: int | None = None,
 ) -> tuple[float, int]:
-    """Token-weighted loss over the rows of one step: sum of token losses / trained tokens.
+    """Token-weighted loss over the rows of one step: sum of token losses / trained tokens
+    (``tokens``: the whole step's, when these rows are one process's share of it).
 
     Logits are computed only where a trained token is predicted (``logits_to_keep``):
     with a 49k vocabulary the output layer is a large share of the work, and on chat
     data most positions are prompt tokens whose logits would be thrown away.
     """
-    total_tokens = sum(ex.trained_tokens for row in rows for ex in row)
+    total_tokens = tokens or sum(ex.trained_tokens for row in rows for ex in row)
     oom_above = int(os.environ.get(FAULT_OOM_ENV) or 0)
     loss_sum = 0.0
     for row in rows:
@@ -197,14 +205,19 @@ def step_loss(
     return loss_sum, total_tokens
 
 
-def evaluate(model: Any, examples: list[Example], device: str, micro_tokens: int) -> float | None:
+def evaluate(
+    model: Any, examples: list[Example], device: str, micro_tokens: int, group: Group | None = None
+) -> float | None:
+    """Token-weighted loss over ``examples`` (each process scores its share; the sum is the same)."""
     if not examples:
         return None
+    group = group or Group()
+    tokens = sum(ex.trained_tokens for ex in examples)
     model.eval()
     with torch.no_grad():
-        loss, _ = step_loss(model, pack(examples, micro_tokens), device, backward=False)
+        loss, _ = step_loss(model, pack(group.shard(examples), micro_tokens), device, backward=False, tokens=tokens)
     model.train()
-    return loss
+    return group.total(loss)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -218,14 +231,16 @@ def train_step(
     device: str,
     emit: Emit,
     stop: Callable[[], bool] | None = None,
+    tokens: int | None = None,
 ) -> float:
-    """Forward/backward over one step's examples. Out of memory halves the tokens per
-    forward pass (more accumulation, same effective batch) and retries the step; the
-    smaller setting is kept for the rest of the run, resumes included."""
+    """Forward/backward over one step's examples (``tokens``: the whole step's trained tokens,
+    when ``examples`` are this process's share). Out of memory halves the tokens per forward
+    pass (more accumulation, same effective batch) and retries the step; the smaller setting
+    is kept for the rest of the run, resumes included."""
     while True:
         rows = pack(examples, state.micro_tokens)
         try:
-            loss, _ = step_loss(model, rows, device, backward=True, stop=stop)
+            loss, _ = step_loss(model, rows, device, backward=True, stop=stop, tokens=tokens)
             return loss
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not _is_oom(exc):
@@ -333,36 +348,34 @@ def _save_adapter(model: Any, tokenizer: Any, run: RunDir) -> None:
 # --- the run -------------------------------------------------------------------------------
 
 
-def train(
+@dataclass
+class Prepared:
+    """What a run trains on, decided once (rank 0 first in a multi-process run)."""
+
+    how: incremental.Plan
+    tokenizer: Any
+    train_ex: list[Example]
+    val_ex: list[Example]
+    general: list[Example]
+    leaks: list[Any]
+    study_counts: dict[str, int]
+    plan: recipe.Recipe
+    steps: list[list[Example]]
+    choice: methods.Choice
+
+
+def _prepare(
     home: Home,
+    run: RunDir,
     snapshot: Snapshot,
     settings: Settings,
-    run_id: str | None = None,
-    max_steps: int | None = None,
-    emit: Emit = ignore,
-    stop: Callable[[], bool] | None = None,
-    kind: str = "train",
-) -> TrainResult:
-    """Train (or resume, or report an already finished) run on ``snapshot``: continuing the
-    current version's adapter on what is new plus a replay sample, or from the base on all of
-    it (training/incremental.py decides, once per run; ``kind`` is the job's).
-
-    ``stop`` is polled between forward passes; when it turns true the partial step is
-    dropped, a checkpoint of the last complete step is written, and TrainInterrupted
-    is raised, so a stopped daemon loses no finished step.
-    """
-    started = time.monotonic()
+    kind: str,
+    device: str,
+    max_steps: int | None,
+    emit: Emit,
+) -> Prepared:
+    """The run's examples, recipe, optimizer steps and method."""
     base_dir = home.base(settings.base.name)
-    if not base_dir.is_dir():
-        raise TrainError(f"{base_dir}: base model missing; run 'appliance init'")
-    run = home.run(run_id or time.strftime("run-%Y%m%d-%H%M%S"))
-    if run.train_json.exists():
-        return _finished(run)
-    run.root.mkdir(parents=True, exist_ok=True)
-    device = torch_device()
-    threads = set_threads(settings.train.threads)
-    torch.manual_seed(settings.train.seed)
-
     emit(StageStarted(STAGE, description="Preparing data"))
     tokenizer = load_tokenizer(base_dir)
     how = _plan(home, run, snapshot, settings, kind, emit)
@@ -386,17 +399,58 @@ def train(
     general = general_examples(tokenizer, settings, len(train_ex), emit)
     mix = train_ex + general
     plan = recipe.choose(settings.train, len(mix), sum(len(ex.input_ids) for ex in mix), count_parameters(base_dir))
-    epochs = plan.epochs
-    steps = plan_steps(mix, epochs, plan.tokens_per_step, settings.train.seed)
+    steps = plan_steps(mix, plan.epochs, plan.tokens_per_step, settings.train.seed)
     limit = max_steps or settings.train.max_steps
     steps = steps[:limit] if limit else steps
-
     choice = resolve_method(run, base_dir, settings, len(train_ex), device, emit, how)
-    model = load_trainable(base_dir, settings, device, choice.method, len(steps))
-    if how.incremental:  # step 0 is the parent's adapter (a checkpoint, if any, replaces it below)
-        _load_trained_state(model, _adapter_weights(home.run(how.parent_run or "").adapter))
+    return Prepared(how, tokenizer, train_ex, val_ex, general, leaks, study_counts, plan, steps, choice)
+
+
+def train(
+    home: Home,
+    snapshot: Snapshot,
+    settings: Settings,
+    run_id: str | None = None,
+    max_steps: int | None = None,
+    emit: Emit = ignore,
+    stop: Callable[[], bool] | None = None,
+    kind: str = "train",
+    group: Group | None = None,
+) -> TrainResult:
+    """Train (or resume, or report an already finished) run on ``snapshot``: continuing the
+    current version's adapter on what is new plus a replay sample, or from the base on all of
+    it (training/incremental.py decides, once per run; ``kind`` is the job's).
+
+    ``stop`` is polled between forward passes; when it turns true the partial step is
+    dropped, a checkpoint of the last complete step is written, and TrainInterrupted
+    is raised, so a stopped daemon loses no finished step.
+
+    ``group``: this process's place in a multi-process run (training/distributed.py): each
+    process trains its share of every step and rank 0 alone writes. Default: one process.
+    """
+    group = group or Group()
+    emit = emit if group.is_main else ignore
+    started = time.monotonic()
+    base_dir = home.base(settings.base.name)
+    if not base_dir.is_dir():
+        raise TrainError(f"{base_dir}: base model missing; run 'appliance init'")
+    run = home.run(run_id or time.strftime("run-%Y%m%d-%H%M%S"))
+    if run.train_json.exists():
+        return _finished(run)
+    run.root.mkdir(parents=True, exist_ok=True)
+    device = torch_device()
+    threads = set_threads(group.threads(settings.train.threads))
+    torch.manual_seed(settings.train.seed)
+    with group.main_first():  # rank 0 writes the plan, the method and the caches; the others read them
+        data = _prepare(home, run, snapshot, settings, kind, device, max_steps, emit)
+    steps, epochs = data.steps, data.plan.epochs
+
+    model = load_trainable(base_dir, settings, device, data.choice.method, len(steps))
+    if data.how.incremental:  # step 0 is the parent's adapter (a checkpoint, if any, replaces it below)
+        _load_trained_state(model, _adapter_weights(home.run(data.how.parent_run or "").adapter))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
+    group.broadcast(params)  # every process starts from rank 0's weights
+    optimizer = torch.optim.AdamW(params, lr=data.plan.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(settings.train.warmup_ratio * len(steps)), len(steps)
     )
@@ -413,34 +467,42 @@ def train(
     else:
         state.resumed_from.append(state.step)
         emit(Message(STAGE, f"resuming run {run.id} from step {state.step} of {len(steps)}"))
+    state.processes.append(group.size)
 
     eval_every = settings.train.eval_every or max(1, round(len(steps) / max(1, math.ceil(epochs))))
     emit(
         StageStarted(
             STAGE,
             total=len(steps),
-            description=f"Learning from {len(train_ex)} examples"
-            f"{f' (+{len(general)} general)' if general else ''}, {epochs:g} epochs",
+            description=f"Learning from {len(data.train_ex)} examples"
+            f"{f' (+{len(data.general)} general)' if data.general else ''}, {epochs:g} epochs"
+            f"{f', {group.size} processes' if group.size > 1 else ''}",
         )
     )
+    # One process polls ``stop`` between passes; several agree on it once a step (all stop together).
+    pass_stop = stop if group.size == 1 else None
     model.train()
     session_start, session_first = time.monotonic(), state.step
     for index in range(state.step, len(steps)):
         t0 = time.monotonic()
+        step_tokens = sum(ex.trained_tokens for ex in steps[index])
         try:
-            if stop is not None and stop():
+            if group.any(stop is not None and stop()):
                 raise TrainInterrupted()
-            loss = train_step(model, steps[index], state, device, emit, stop)
+            loss = train_step(model, group.shard(steps[index]), state, device, emit, pass_stop, step_tokens)
         except TrainInterrupted:
             optimizer.zero_grad(set_to_none=True)
             saved = run.checkpoint_dirs()
-            if state.step and (not saved or int(saved[-1].name.split("-")[1]) != state.step):
+            fresh = state.step and (not saved or int(saved[-1].name.split("-")[1]) != state.step)
+            if fresh and group.is_main:
                 save_checkpoint(run, model, optimizer, scheduler, state, settings.train.keep_checkpoints)
             emit(Message(STAGE, f"stopped at step {state.step} of {len(steps)}; checkpoint saved"))
             raise
+        group.sum_gradients(params)
+        loss = group.total(loss)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if choice.method == "adalora":  # prunes ranks by importance, which needs this step's gradients
+        if data.choice.method == "adalora":  # prunes ranks by importance, which needs this step's gradients
             model.base_model.update_and_allocate(index + 1)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -454,16 +516,17 @@ def train(
             "epoch": round(epochs * state.step / len(steps), 3),
             "loss": loss,
             "lr": scheduler.get_last_lr()[0],
+            "tokens": tokens,
             "tokens_per_s": tokens / max(time.monotonic() - t0, 1e-9),
             "peak_memory_mb": peak_memory_bytes(device) / 2**20,
         }
         if state.step % eval_every == 0 or state.step == len(steps):
-            _evaluate_and_select(model, tokenizer, val_ex, loss, device, run, state, point, settings)
+            _evaluate_and_select(model, data.tokenizer, data.val_ex, loss, device, run, state, point, settings, group)
         per_step = (time.monotonic() - session_start) / max(1, state.step - session_first)
         point["eta_s"] = per_step * (len(steps) - state.step)
         state.curve.append(point)
         done = state.step == len(steps) or state.stopped_early
-        if state.step % settings.train.checkpoint_every == 0 and not done:
+        if state.step % settings.train.checkpoint_every == 0 and not done and group.is_main:
             save_checkpoint(run, model, optimizer, scheduler, state, settings.train.keep_checkpoints)
         emit(Progress(STAGE, completed=state.step, total=len(steps), metrics=point))
         if state.stopped_early:
@@ -477,7 +540,20 @@ def train(
             break
 
     state.seconds += time.monotonic() - started
-    best_val = state.best_score if val_ex else None
+    if group.is_main:
+        _write_train_json(run, snapshot, settings, data, state, device, threads)
+        shutil.rmtree(run.checkpoints, ignore_errors=True)  # the best adapter is kept; resuming is no longer needed
+    group.barrier()  # the others read train.json below
+    best_val = state.best_score if data.val_ex else None
+    summary = f"{state.step} steps" + (f", best validation loss {best_val:.3f}" if best_val is not None else "")
+    emit(StageFinished(STAGE, seconds=state.seconds, summary=summary))
+    return _finished(run)
+
+
+def _write_train_json(
+    run: RunDir, snapshot: Snapshot, settings: Settings, data: Prepared, state: TrainState, device: str, threads: int
+) -> None:
+    """What the run did and why, for the gate, lineage, the TUI and people (``train.json``)."""
     write_json_atomic(
         run.train_json,
         {
@@ -486,35 +562,33 @@ def train(
             "base": settings.base.name,
             "device": device,
             "threads": threads,
-            "method": choice.method,
-            "method_reason": choice.reason,
+            "processes": state.processes[-1],
+            "method": data.choice.method,
+            "method_reason": data.choice.reason,
             "dora": settings.train.dora,
-            "epochs": epochs,
-            "recipe": plan.to_dict(),
+            "epochs": data.plan.epochs,
+            "recipe": data.plan.to_dict(),
             "steps": state.step,
-            "planned_steps": len(steps),
+            "planned_steps": len(data.steps),
             "best_step": state.best_step,
-            "best_val_loss": best_val,
+            "best_val_loss": state.best_score if data.val_ex else None,
             "stopped_early": state.stopped_early,
             "resumed_from": state.resumed_from,
+            "processes_per_session": state.processes,
             "micro_tokens": state.micro_tokens,
-            "train_examples": len(train_ex),
-            "general_examples": len(general),
-            "val_examples": len(val_ex),
-            "study": study_counts,
-            "decontaminated": [asdict(leak) for leak in leaks],
+            "train_examples": len(data.train_ex),
+            "general_examples": len(data.general),
+            "val_examples": len(data.val_ex),
+            "study": data.study_counts,
+            "decontaminated": [asdict(leak) for leak in data.leaks],
             "train_tokens": state.trained_tokens,
             "seconds": state.seconds,
             "settings": settings.train.model_dump(),
-            "incremental": {**how.to_dict(), "last_full_at": how.last_full_at or time.time()},
+            "incremental": {**data.how.to_dict(), "last_full_at": data.how.last_full_at or time.time()},
             "finished_at": time.time(),
             "curve": state.curve,
         },
     )
-    shutil.rmtree(run.checkpoints, ignore_errors=True)  # the best adapter is kept; resuming is no longer needed
-    summary = f"{state.step} steps" + (f", best validation loss {best_val:.3f}" if best_val is not None else "")
-    emit(StageFinished(STAGE, seconds=state.seconds, summary=summary))
-    return _finished(run)
 
 
 def _evaluate_and_select(
@@ -527,15 +601,17 @@ def _evaluate_and_select(
     state: TrainState,
     point: dict[str, float],
     settings: Settings,
+    group: Group,
 ) -> None:
     """Validation loss; keep the best adapter (not the last); count checks without improvement."""
-    val = evaluate(model, val_ex, device, state.micro_tokens)
+    val = evaluate(model, val_ex, device, state.micro_tokens, group)
     if val is not None:
         point["val_loss"] = val
     score = val if val is not None else loss
     if state.best_score is None or score < state.best_score:
         state.best_score, state.best_step, state.bad_evals = score, state.step, 0
-        _save_adapter(model, tokenizer, run)
+        if group.is_main:
+            _save_adapter(model, tokenizer, run)
     else:
         state.bad_evals += 1
         patience = settings.train.patience
