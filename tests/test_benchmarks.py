@@ -26,9 +26,10 @@ NEEDS_TINY_BASE = {
     "knowledge_recall",
     "grounded_recall",
     "incremental_cost",
+    "distributed_train",
 }
 # Over a minute on two busy cores: several converter subprocesses, each importing torch.
-SLOW = {"adapter_routing", "export_time", "knowledge_recall", "grounded_recall", "incremental_cost"}
+SLOW = {"adapter_routing", "export_time", "knowledge_recall", "grounded_recall", "incremental_cost", "serve_replicas"}
 TIMEOUT_S = 600
 GRACE_S = 30
 
@@ -76,6 +77,9 @@ def test_every_benchmark_is_found():
         "index_update",
         "knowledge_recall",
         "grounded_recall",
+        "incremental_cost",
+        "distributed_train",
+        "serve_replicas",
     }
 
 

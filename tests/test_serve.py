@@ -51,7 +51,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
         "tokenizer": tiny_base,
         "client": openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120),
     }
-    backends = list(server.pool._ready.values())
+    backends = server.pool.backends()
     server.stop()
     assert all(b.proc is None or b.proc.poll() is not None for b in backends), "a llama-server outlived stop()"
 
@@ -121,7 +121,7 @@ def test_served_template_is_the_training_template(served):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(served["tokenizer"])
-    backend = served["server"].pool._ready[registry.current(served["home"])]
+    backend = served["server"].pool.backends(registry.current(served["home"]))[0]
     conversations = [
         [{"role": "user", "content": "Who is on call tonight?"}],
         [
@@ -199,7 +199,7 @@ def test_keys_hosts_and_origins_refused(served):
 def test_backend_is_unsafe_alone_so_it_is_private(served):
     """The finding that puts llama-server behind the front: it answers any Host and reflects
     any Origin in Access-Control-Allow-Origin. It therefore only listens on a socket in a 0700 folder."""
-    backend = served["server"].pool._ready[registry.current(served["home"])]
+    backend = served["server"].pool.backends(registry.current(served["home"]))[0]
     assert "--port" not in backend.command() and str(backend.socket).endswith(".sock")
     assert backend.folder.stat().st_mode & 0o777 == 0o700
     with httpx.Client(transport=httpx.HTTPTransport(uds=str(backend.socket)), base_url="http://b") as raw:
@@ -233,7 +233,7 @@ def test_no_backend_outlives_a_killed_server(served):
         "import sys; from appliance.home.config import load; from appliance.home.paths import Home; "
         "from appliance.serving.server import Server; home = Home(__import__('pathlib').Path(sys.argv[1])); "
         "s = Server(home, load(home.config), port=int(sys.argv[2])).start(); "
-        "print(*[b.proc.pid for b in s.pool._ready.values()], flush=True); __import__('time').sleep(600)"
+        "print(*[b.proc.pid for b in s.pool.backends()], flush=True); __import__('time').sleep(600)"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", script, str(served["home"].root), str(free_port())], stdout=subprocess.PIPE, text=True
@@ -261,7 +261,7 @@ def test_a_version_removed_from_the_registry_stops_being_served(served):
     home, client = served["home"], served["client"]
     registry.add(home, "v5", registry.gguf_path(home, "base"), {"quant": "same as base"})
     assert client.completions.create(model="v5", prompt="Hi", max_tokens=2).model == "v5"
-    backend = served["server"].pool._ready["v5"]
+    backend = served["server"].pool.backends("v5")[0]
     shutil.rmtree(home.model("v5"))  # what retiring or pruning a version does to its folder
     deadline = time.monotonic() + 15
     while "v5" in served["server"].pool.loaded() or backend.alive():
@@ -739,7 +739,7 @@ def test_response_format_logprobs_bias_choices_and_user(served):
 
 
 def _token_id(served, top) -> int:
-    backend = served["server"].pool._ready[registry.current(served["home"])]
+    backend = served["server"].pool.backends(registry.current(served["home"]))[0]
     with httpx.Client(transport=httpx.HTTPTransport(uds=str(backend.socket)), base_url="http://b") as raw:
         return raw.post("/tokenize", json={"content": top.token}).json()["tokens"][0]
 

@@ -109,7 +109,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path):
             for who, secret in secrets.items()
         },
     }
-    backends = list(server.pool._ready.values())
+    backends = server.pool.backends()
     server.stop()
     assert all(b.proc is None or b.proc.poll() is not None for b in backends), "a llama-server outlived stop()"
 
@@ -158,7 +158,7 @@ def test_each_collection_answers_with_its_own_adapter(served):
     for model, text in texts.items():  # each answers as llama.cpp does with its own adapter, and no other
         assert [m for m, start in starts.items() if text.startswith(start)] == [model], (texts, starts)
     # one llama-server holds both adapters: switching between them loads nothing
-    hosts = [b for b in served["server"].pool._ready.values() if b.loras]
+    hosts = [b for b in served["server"].pool.backends() if b.loras]
     assert len(hosts) == 1 and len(hosts[0].loras) == 2
     assert "--lora-init-without-apply" in hosts[0].command()
     # alternating requests (every one switches adapter) keep their own answers, streamed or not
@@ -295,7 +295,7 @@ def test_promoting_an_adapter_switches_without_failing_requests(served):
     fails, cardiology's answers move to v2, legal's never change, and the old host is stopped."""
     home, client = served["home"], served["clients"]["admin"]
     pool = served["server"].pool
-    old_host = next(b for b in pool._ready.values() if b.loras)
+    old_host = next(b for b in pool.backends() if b.loras)
     legal_text = complete(client, f"appliance/{LEGAL}").choices[0].text
     served["adapters"]["cardio-2"] = random_lora(served["tokenizer"], 3, served["root"] / "cardio-2")
     add_adapter(home, CARDIO, "v2", served["adapters"]["cardio-2"])
@@ -350,7 +350,7 @@ def test_promoting_an_adapter_switches_without_failing_requests(served):
     while old_host.alive():
         assert time.monotonic() < deadline, "the superseded adapter host is still running"
         time.sleep(0.1)
-    assert sum(1 for b in pool._ready.values() if b.loras) == 1
+    assert sum(1 for b in pool.backends() if b.loras) == 1
     assert complete(client, f"appliance/{CARDIO}@v1").model == f"appliance/{CARDIO}@v1"  # still addressable
 
 
@@ -372,7 +372,7 @@ def test_an_adapter_whose_bytes_changed_is_not_served(served):
             complete(admin, "appliance/oncology")
         # the other collections are not held hostage by it: a host without it keeps serving them
         deadline = time.monotonic() + 60
-        while not any(b.loras and b.alive() and path not in b.loras for b in served["server"].pool._ready.values()):
+        while not any(b.loras and b.alive() and path not in b.loras for b in served["server"].pool.backends()):
             assert time.monotonic() < deadline, "no adapter host without the bad adapter"
             time.sleep(0.2)
         assert complete(admin, f"appliance/{LEGAL}").model == f"appliance/{LEGAL}@v1"
@@ -387,13 +387,13 @@ def test_prepare_loads_the_next_adapter_host_before_the_promotion(served):
     home, server, client = served["home"], served["server"], served["clients"]["admin"]
     add_adapter(home, LEGAL, "v2", served["adapters"]["cardio-1"])  # any other adapter will do
     server.prepare("v2", collection=LEGAL)
-    prepared = [b for b in server.pool._ready.values() if registry.gguf_path(home.scoped(LEGAL), "v2") in b.loras]
+    prepared = [b for b in server.pool.backends() if registry.gguf_path(home.scoped(LEGAL), "v2") in b.loras]
     assert len(prepared) == 1 and prepared[0].alive()
     assert complete(client, f"appliance/{LEGAL}").model == f"appliance/{LEGAL}@v1"  # not promoted yet
     registry.promote(home.scoped(LEGAL), "v2")
     reply = complete(client, f"appliance/{LEGAL}")
     assert reply.model == f"appliance/{LEGAL}@v2"
     deadline = time.monotonic() + 10  # the watcher retires the old host on its next look
-    while [b for b in server.pool._ready.values() if b.loras] != prepared:
+    while [b for b in server.pool.backends() if b.loras] != prepared:
         assert time.monotonic() < deadline, "the old adapter host was not retired"
         time.sleep(0.1)

@@ -57,9 +57,9 @@ class FakeFactory:
         self.started: list[str] = []
         self.broken: set[str] = set()
 
-    def __call__(self, spec: Spec) -> FakeBackend:
+    def __call__(self, spec: Spec, replica: int = 0) -> FakeBackend:
         self.started.append(spec.name)
-        if spec.name in self.broken:
+        if spec.name in self.broken or f"{spec.name}#{replica}" in self.broken:
             raise ServeError(f"llama-server for {spec.name} exited (code 1) while loading {spec.gguf}")
         return FakeBackend(spec, self.slots)
 
@@ -96,9 +96,9 @@ def home(tmp_path: Path) -> Home:
 def pools(home: Home):
     made: list[BackendPool] = []
 
-    def make(keep: int = 2, slots: int = 3) -> tuple[BackendPool, FakeFactory]:
+    def make(keep: int = 2, slots: int = 3, replicas: int = 1) -> tuple[BackendPool, FakeFactory]:
         settings = tiny_settings()
-        settings.serve.keep_loaded, settings.serve.slots = keep, slots
+        settings.serve.keep_loaded, settings.serve.slots, settings.serve.replicas = keep, slots, replicas
         factory = FakeFactory(slots)
         made.append(BackendPool(home, settings, start_backend=factory))
         return made[-1], factory
@@ -197,3 +197,48 @@ def test_a_start_that_fails_with_nothing_to_fall_back_to_is_an_error(pools, home
     with pytest.raises(ServeError, match="v1 could not be loaded"):
         acquire(pool, "appliance")
     assert pool.loaded() == []
+
+
+# --- replicas (serve.replicas): several processes per loaded model
+
+
+def test_requests_go_to_the_replica_with_the_fewest_in_flight(pools):
+    pool, factory = pools(replicas=2)
+    held = [acquire(pool, "v1") for _ in range(4)]
+    assert factory.started == ["v1", "v1"]  # both replicas started before the first answer
+    per_replica = {}
+    for answering in held:
+        per_replica[id(answering.backend)] = per_replica.get(id(answering.backend), 0) + 1
+    assert sorted(per_replica.values()) == [2, 2]
+    first = held[0].backend
+    for answering in held:
+        if answering.backend is first:
+            pool.release(answering.backend, answering.slot)
+    assert acquire(pool, "v1").backend is first  # the idle replica takes the next request
+
+
+def test_a_dead_replica_is_restarted_while_the_other_answers(pools):
+    pool, factory = pools(replicas=2)
+    one = acquire(pool, "v1").backend
+    other = acquire(pool, "v1").backend
+    assert one is not other
+    one.stop()  # killed
+    answered = acquire(pool, "v1").backend
+    assert answered is not one and answered.alive()  # never the dead one, and no wait for a restart
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(pool.backends("v1")) < 2:
+        time.sleep(0.02)
+    assert factory.started == ["v1", "v1", "v1"]  # only the dead replica was started again
+    replicas = pool.backends("v1")
+    assert len(replicas) == 2 and other in replicas and one not in replicas
+
+
+def test_a_model_is_ready_only_when_every_replica_is(pools):
+    pool, factory = pools(replicas=2)
+    factory.broken.add("v2#1")
+    with pytest.raises(ServeError, match="could not be loaded"):
+        acquire(pool, "v2")
+    assert "v2" not in pool.loaded()
+    factory.broken.clear()
+    pool._failed.clear()  # the retry delay, elapsed
+    assert acquire(pool, "v2").backend.alive() and factory.started.count("v2") == 4

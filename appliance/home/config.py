@@ -299,6 +299,13 @@ class ServeSection(Section):
     slots: int = Field(4, ge=1, le=64, description="Requests one model answers at once (llama-server --parallel).")
     max_concurrent: int = Field(64, ge=1, description="Requests the endpoint holds at once; more get 429.")
     keep_loaded: int = Field(2, ge=1, le=8, description="Model versions kept loaded (current + recently used).")
+    replicas: Literal["auto"] | int = Field(
+        "auto",
+        description="llama-server processes per loaded model, each with its own slots: auto is one per "
+        "visible GPU (one without a GPU); requests go to the replica with the fewest in flight, a "
+        "promotion switches once every replica of the new version answers, and a replica that dies "
+        "is restarted while the others answer. On a CPU, threads are shared out among replicas.",
+    )
     audit_flush_seconds: float = Field(
         60.0,
         gt=0,

@@ -103,6 +103,7 @@ class Backend:
         self.inflight = 0  # guarded by the owning pool's lock
         self.retired = False  # no new requests; stopped once inflight reaches 0
         self.spec: object = None  # what the owning pool started it for (serving.resolve.Spec)
+        self.replica = 0  # which of the spec's replicas (serve.replicas) this process is
         # per slot, as the front sent requests (guarded by the pool's lock): busy, the adapter
         # it last ran, when; an adapter host's requests go to a slot that ran their adapter
         self.slot_busy = [False] * slots

@@ -25,9 +25,24 @@ from appliance.serving.resolve import Spec
 log = logging.getLogger("appliance.serve")
 START_TIMEOUT = 300.0  # seconds for a backend to load its model
 
-# Starts a backend for a spec and returns it once it answers; raises ServeError or OSError,
-# having stopped whatever it started, when it cannot. Called on a LAUNCHER thread.
-BackendFactory = Callable[[Spec], Backend]
+# Starts replica ``replica`` of a spec's backends and returns it once it answers; raises
+# ServeError or OSError, having stopped whatever it started, when it cannot.
+BackendFactory = Callable[[Spec, int], Backend]
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use, without importing torch: CUDA_VISIBLE_DEVICES when set,
+    else the NVIDIA device files."""
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if named is not None:
+        return len([d for d in named.split(",") if d.strip() and d.strip() != "-1"])
+    return len([d for d in Path("/dev").glob("nvidia[0-9]*")])
+
+
+def replica_count(settings: Settings) -> int:
+    """llama-server processes per loaded model: ``[serve] replicas``, auto = one per GPU."""
+    wanted = settings.serve.replicas
+    return max(1, visible_gpus()) if wanted == "auto" else int(wanted)
 
 
 EMBEDDING = "appliance-embedding"  # the embedding model's id (and its backend's alias)
@@ -40,12 +55,15 @@ class ServedBackend(Backend):
 
     native_tools = True
 
-    def __init__(self, *args: Any, embedding: bool = False, **kwargs: Any):
+    def __init__(self, *args: Any, embedding: bool = False, device: str | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.embedding = embedding
+        self.device = device
 
     def command(self) -> list[str]:
         command = super().command()
+        if self.device:  # one replica per GPU
+            command += ["--device", self.device]
         if self.embedding:
             # an input is embedded in one batch: the batch must hold a whole context
             command += ["--embedding", "--batch-size", str(self.context), "--ubatch-size", str(self.context)]
@@ -76,25 +94,32 @@ class LlamaServers:
         self.binary = llama_server.binary()  # a missing build is one clear line, before anything listens
         self.logs = home.top.logs
         self.serve = settings.serve
-        self.threads = settings.serve.threads or len(os.sched_getaffinity(0))
+        self.replicas = replica_count(settings)
+        self.gpus = visible_gpus()
+        # on a CPU the replicas share the cores; on GPUs each has its own device
+        cores = len(os.sched_getaffinity(0))
+        self.threads = settings.serve.threads or max(1, cores // (1 if self.gpus else self.replicas))
         log.info(
-            "serving through native llama-server %s (%d slots, %d threads, context %d per slot)",
+            "serving through native llama-server %s (%d replica(s) of %d slots, %d threads, context %d per slot)",
             self.binary,
+            self.replicas,
             self.serve.slots,
             self.threads,
             self.serve.context,
         )
 
-    def __call__(self, spec: Spec) -> Backend:
+    def __call__(self, spec: Spec, replica: int = 0) -> Backend:
+        suffix = f"-r{replica}" if replica else ""
         backend = ServedBackend(
             spec.name,
             spec.gguf,
             slots=self.serve.slots,
             context=self.serve.context,
             threads=self.threads,
-            log_path=self.logs / f"llama-server-{spec.name.replace('/', '_')}.log",
+            log_path=self.logs / f"llama-server-{spec.name.replace('/', '_')}{suffix}.log",
             loras=tuple(a.path for a in spec.adapters),
             embedding=spec.embedding,
+            device=f"CUDA{replica % self.gpus}" if self.gpus > 1 else None,
         )
         try:
             self.logs.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
-"""The running backends: one per spec, started on demand by a backend factory (the real one
-starts a native llama-server), at most ``serve.keep_loaded`` kept, least recently used
-retired first, none stopped while a request holds it; a watcher thread starts what a
-promotion needs as soon as its ``current`` link moves."""
+"""The running backends: ``serve.replicas`` per spec (one per GPU by default), started on
+demand by a backend factory (the real one starts a native llama-server), at most
+``serve.keep_loaded`` specs kept, least recently used retired first, none stopped while a
+request holds it; a watcher thread starts what a promotion needs as soon as its ``current``
+link moves. A spec is ready when every replica answers; each request goes to the replica
+with the fewest in flight; a replica that dies is restarted while the others answer."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from appliance.contract.errors import ApplianceError, RegistryError, ServeError
@@ -20,16 +23,20 @@ from appliance.home.fsutil import read_json, sha256_file
 from appliance.home.keys import Key
 from appliance.home.paths import Home
 from appliance.runtime.llama_server import LAUNCHER, Backend
-from appliance.serving.backends import EMBEDDING, START_TIMEOUT, BackendFactory, LlamaServers
+from appliance.serving.backends import EMBEDDING, START_TIMEOUT, BackendFactory, LlamaServers, replica_count
 from appliance.serving.resolve import ALIAS, RETRY_FAILED, Adapter, Answering, Resolver, Spec, Target
 
 log = logging.getLogger("appliance.serve")
 WATCH_SECONDS = 0.25
 PREPARED_SECONDS = 600.0  # how long a host started by prepare() is kept for the promotion it precedes
+# Replicas load side by side on these threads. Long-lived on purpose, like LAUNCHER: a
+# llama-server dies with the thread that spawned it (its parent-death signal), so a
+# short-lived pool's threads would take the replicas with them when the pool ends.
+REPLICA_LAUNCHER = ThreadPoolExecutor(max_workers=16, thread_name_prefix="llama-server-replica")
 
 
 class BackendPool:
-    """Running backends by spec, started on demand, least recently used retired."""
+    """Running backends by spec (its replicas), started on demand, least recently used retired."""
 
     def __init__(self, home: Home, settings: Settings, start_backend: BackendFactory | None = None):
         self.home = home.top
@@ -37,7 +44,8 @@ class BackendPool:
         self.keep = settings.serve.keep_loaded
         self.resolver = Resolver(self.home)
         self._start_backend = start_backend or LlamaServers(self.home, settings)
-        self._ready: OrderedDict[str, Backend] = OrderedDict()
+        self.replicas = replica_count(settings)
+        self._ready: OrderedDict[str, list[Backend]] = OrderedDict()  # spec name -> its live replicas
         self._specs: dict[str, Spec] = {}
         self._starting: dict[str, Future] = {}
         self._failed: dict[str, tuple[float, str]] = {}
@@ -56,22 +64,18 @@ class BackendPool:
 
     # --- starting
     def ensure(self, spec: Spec) -> Future:
-        """A future for a ready backend of ``spec``, starting one when none runs (thread-safe)."""
+        """A future for a ready backend of ``spec`` (its least busy replica), starting them
+        when none runs (thread-safe)."""
         with self._lock:
-            backend = self._ready.get(spec.name)
-            if backend is not None and backend.alive():
-                self._ready.move_to_end(spec.name)
-                done: Future = Future()
-                done.set_result(backend)
-                return done
-            if backend is not None:  # it died under us (killed, crashed): forget it and start again
-                log.error(
-                    "llama-server for %s stopped unexpectedly (code %s); restarting it",
-                    spec.name,
-                    backend.proc.returncode if backend.proc else None,
-                )
-                self._ready.pop(spec.name)
-                LAUNCHER.submit(backend.stop)
+            replicas = self._ready.get(spec.name)
+            if replicas is not None:
+                self._replace_dead(spec, replicas)
+                if replicas:
+                    self._ready.move_to_end(spec.name)
+                    done: Future = Future()
+                    done.set_result(_least_busy(replicas))
+                    return done
+                self._ready.pop(spec.name)  # every replica died: start them all again
             if spec.name in self._starting:
                 return self._starting[spec.name]
             failed = self._failed.get(spec.name)
@@ -100,7 +104,7 @@ class BackendPool:
                 raise RegistryError(
                     f"{spec.gguf}: the file does not match the sha256 recorded when it was built; not serving it"
                 )
-            backend = self._start_backend(spec)
+            backends = self._start_replicas(spec, 1 if spec.embedding else self.replicas)
         except (RegistryError, ServeError, OSError) as exc:
             message = f"model {spec.describe()} could not be loaded: {str(exc).splitlines()[0]}"
             log.error("%s", message)
@@ -112,15 +116,73 @@ class BackendPool:
             self._starting.pop(spec.name, None)
             self._failed.pop(spec.name, None)
             if self._closed.is_set():
-                LAUNCHER.submit(backend.stop)
+                for backend in backends:
+                    LAUNCHER.submit(backend.stop)
                 raise ServeError("the endpoint is shutting down")
-            backend.spec = spec
-            self._ready[spec.name] = backend
+            self._ready[spec.name] = backends
             self._specs[spec.name] = spec
             self._retire_superseded()
             self._retire_extra(protect={spec.name})
-        log.info("llama-server for %s ready in %.1f s", spec.describe(), time.monotonic() - started)
+        log.info(
+            "llama-server for %s ready in %.1f s%s",
+            spec.describe(),
+            time.monotonic() - started,
+            f" ({len(backends)} replicas)" if len(backends) > 1 else "",
+        )
+        return backends[0]
+
+    def _start_replicas(self, spec: Spec, count: int) -> list[Backend]:
+        """``count`` backends of ``spec``, loading side by side; all of them or none (a
+        promotion switches only once every replica of the new version answers)."""
+        if count == 1:
+            return [self._started(spec, 0)]
+        futures = [REPLICA_LAUNCHER.submit(self._started, spec, i) for i in range(count)]
+        backends, errors = [], []
+        for future in futures:
+            try:
+                backends.append(future.result())
+            except (RegistryError, ServeError, OSError) as exc:
+                errors.append(exc)
+        if errors:
+            for backend in backends:
+                LAUNCHER.submit(backend.stop)
+            raise errors[0]
+        return backends
+
+    def _started(self, spec: Spec, replica: int) -> Backend:
+        backend = self._start_backend(spec, replica)
+        backend.spec, backend.replica = spec, replica
         return backend
+
+    def _replace_dead(self, spec: Spec, replicas: list[Backend]) -> None:
+        """Under the lock: drop ``spec``'s dead replicas (killed, crashed) and restart each in
+        the background while the others answer; with none left, the caller starts them all."""
+        for backend in [b for b in replicas if not b.alive()]:
+            log.error(
+                "llama-server for %s (replica %d) stopped unexpectedly (code %s); restarting it",
+                spec.name,
+                backend.replica,
+                backend.proc.returncode if backend.proc else None,
+            )
+            replicas.remove(backend)
+            LAUNCHER.submit(backend.stop)
+            if replicas:
+                LAUNCHER.submit(self._restart_replica, spec, backend.replica)
+
+    def _restart_replica(self, spec: Spec, replica: int) -> None:
+        try:
+            backend = self._started(spec, replica)
+        except (RegistryError, ServeError, OSError) as exc:
+            log.error("replica %d of %s could not be restarted: %s", replica, spec.name, str(exc).splitlines()[0])
+            return
+        with self._lock:
+            replicas = self._ready.get(spec.name)
+            wanted = 1 if spec.embedding else self.replicas
+            if replicas is None or self._closed.is_set() or len(replicas) >= wanted:
+                LAUNCHER.submit(backend.stop)  # retired, closed or started again meanwhile
+                return
+            replicas.append(backend)
+        log.info("llama-server for %s (replica %d) answers again", spec.name, replica)
 
     # --- retiring
     def _protected(self) -> set[str]:
@@ -130,12 +192,15 @@ class BackendPool:
         return {registry.current(self.home) or "", host.name if host else "", *self._prepared}
 
     def _retire(self, name: str, why: str) -> None:
-        """Under the lock: no new requests for ``name``; it stops when its last one is done."""
-        backend = self._ready.pop(name)
-        backend.retired = True
-        log.info("retiring llama-server for %s (%s; %d requests in flight)", name, why, backend.inflight)
-        if backend.inflight == 0:
-            LAUNCHER.submit(backend.stop)
+        """Under the lock: no new requests for ``name``; each replica stops when its last one is done."""
+        replicas = self._ready.pop(name)
+        log.info(
+            "retiring llama-server for %s (%s; %d requests in flight)", name, why, sum(b.inflight for b in replicas)
+        )
+        for backend in replicas:
+            backend.retired = True
+            if backend.inflight == 0:
+                LAUNCHER.submit(backend.stop)
 
     def _retire_superseded(self) -> None:
         """Under the lock: once the current adapter host is ready, older hosts only cost memory."""
@@ -174,8 +239,10 @@ class BackendPool:
             assert backend is not None  # each branch above found one or raised
             answering = _answering(backend, target)
             with self._lock:
+                backend = self._least_busy_replica(backend, answering.lora)
                 if backend.retired or not backend.alive():
                     continue
+                answering = replace(answering, backend=backend)
                 backend.inflight += 1
                 if answering.lora is not None:
                     answering.slot = _take_slot(backend, answering.lora)
@@ -200,11 +267,23 @@ class BackendPool:
             return Answering(backend, spec.name)
         raise ServeError("the embedding model is being restarted; try again")
 
+    def _least_busy_replica(self, backend: Backend, lora: int | None) -> Backend:
+        """Under the lock: the live replica of ``backend``'s spec with the fewest requests in
+        flight (an idle slot that last ran the request's adapter breaks ties)."""
+        spec = backend.spec
+        replicas = self._ready.get(spec.name, []) if isinstance(spec, Spec) else []
+        live = [b for b in replicas if b.alive() and not b.retired]
+        return _least_busy(live, lora) if live else backend
+
     def _running_with(self, adapter: Adapter, preferred: str) -> Backend | None:
         """A ready adapter host holding exactly ``adapter`` (``preferred`` first): a collection
         whose adapter did not change keeps answering while a new host loads."""
         with self._lock:
-            ready = [b for n, b in self._ready.items() if self._specs[n].index(adapter) is not None and b.alive()]
+            ready = [
+                _least_busy(live)
+                for n, replicas in self._ready.items()
+                if self._specs[n].index(adapter) is not None and (live := [b for b in replicas if b.alive()])
+            ]
             ready.sort(key=lambda b: b.version != preferred)
             if ready:
                 self._ready.move_to_end(ready[0].version)
@@ -216,8 +295,9 @@ class BackendPool:
         if not target.current or name is None or name == target.spec.name:
             return None
         with self._lock:
-            backend = self._ready.get(name)
-        if backend is None or not backend.alive():
+            live = [b for b in self._ready.get(name, []) if b.alive()]
+        backend = _least_busy(live) if live else None
+        if backend is None:
             return None
         log.warning(
             "%s points at %s, which cannot be served; %s keeps answering",
@@ -288,10 +368,16 @@ class BackendPool:
         with self._lock:
             return list(self._ready)
 
+    def backends(self, name: str | None = None) -> list[Backend]:
+        """The running replicas of spec ``name``, or of every loaded spec."""
+        with self._lock:
+            return [b for n, replicas in self._ready.items() if name in (None, n) for b in replicas]
+
     def close(self) -> None:
         self._closed.set()
         with self._lock:
-            backends, starting = list(self._ready.values()), list(self._starting.values())
+            backends = [b for replicas in self._ready.values() for b in replicas]
+            starting = list(self._starting.values())
             self._ready.clear()
         for future in starting:
             try:
@@ -302,6 +388,18 @@ class BackendPool:
             backend.stop()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+
+
+def _least_busy(replicas: list[Backend], lora: int | None = None) -> Backend:
+    """The replica with the fewest requests in flight; among equals, one with an idle slot
+    that last ran adapter ``lora`` (its prompt cache is warm), then the lowest replica."""
+
+    def warm(backend: Backend) -> bool:
+        return lora is not None and any(
+            not busy and ran == lora for busy, ran in zip(backend.slot_busy, backend.slot_lora, strict=True)
+        )
+
+    return min(replicas, key=lambda b: (b.inflight, not warm(b), b.replica))
 
 
 def _answering(backend: Backend, target: Target) -> Answering:
