@@ -50,7 +50,7 @@ def losses(home: Home, run: str) -> list[float]:
 
 def rank_processes(home: Home, run: str) -> list[psutil.Process]:
     """The live torchrun ranks of ``run`` (their command line names the run's launch.json)."""
-    spec = str(home.run(run).root / "launch.json")
+    spec = str(home.run(run).launch_json)
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []

@@ -167,7 +167,7 @@ class LocalEngine:
         require_parity(result)
         if existing:
             return self._version(existing[-1])  # the model was registered before; this added the adapter
-        train_info = read_json(self.paths.run(run).root / "train.json")
+        train_info = read_json(self.paths.run(run).train_json)
         fields = {
             "run": run,
             "snapshot": train_info.get("snapshot"),

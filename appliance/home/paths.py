@@ -303,6 +303,21 @@ class RunDir:
         return self.root / "method.json"
 
     @property
+    def plan_json(self) -> Path:
+        """Incremental or full, and why (training/incremental.py), kept so a resumed run replays the same sample."""
+        return self.root / "plan.json"
+
+    @property
+    def launch_json(self) -> Path:
+        """What the processes of a multi-process run are given (training/launch.py)."""
+        return self.root / "launch.json"
+
+    @property
+    def ranks_log(self) -> Path:
+        """What torchrun and the ranks of a multi-process run wrote (errors, tracebacks)."""
+        return self.root / "ranks.log"
+
+    @property
     def review(self) -> Path:
         return self.root / "review.json"
 

@@ -54,7 +54,7 @@ def launch(
     n = processes(settings)
     run = home.run(run_id)
     run.root.mkdir(parents=True, exist_ok=True)
-    spec = run.root / "launch.json"
+    spec = run.launch_json
     write_json_atomic(
         spec,
         {
@@ -66,7 +66,7 @@ def launch(
             "settings": settings.model_dump(mode="json"),
         },
     )
-    log_path = run.root / "ranks.log"
+    log_path = run.ranks_log
     start = log_path.stat().st_size if log_path.exists() else 0  # a resumed run appends
     command = [
         sys.executable,

@@ -330,7 +330,7 @@ def _adapter_weights(adapter: Path) -> dict[str, Any]:
 
 def _plan(home: Home, run: RunDir, snapshot: Snapshot, settings: Settings, kind: str, emit: Emit) -> incremental.Plan:
     """The run's plan, decided once and kept in ``plan.json``: a resumed run replays the same sample."""
-    saved = run.root / "plan.json"
+    saved = run.plan_json
     if saved.exists():
         return incremental.Plan(**read_json(saved))
     how = incremental.plan(home, snapshot, settings, kind)
