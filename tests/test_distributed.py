@@ -115,7 +115,8 @@ def test_a_killed_rank_restarts_the_run_from_its_checkpoint(tiny_home: Home):
     info = read_json(tiny_home.run("two").train_json)
     assert info["steps"] == 16 and info["resumed_from"] and info["resumed_from"][0] >= 2
     said = [e.text for e in events if isinstance(e, Message)]
-    assert any(text.startswith("resuming run two from step") for text in said), said  # people see the restart
+    assert any("restarting all 2 from the last checkpoint" in text for text in said), said  # people see the restart
+    assert any(text.startswith("resuming run two from step") for text in said), said
     assert not rank_processes(tiny_home, "two")
 
 

@@ -13,8 +13,8 @@ the same ``train()`` (training/train.py) with a :class:`Group`:
   effective batch and the learning-rate schedule are exactly those of one process;
 * rank 0 alone writes checkpoints, the best adapter, ``train.json`` and events; checkpoints
   hold no per-rank state, so a run resumes on any number of processes;
-* a rank that dies makes torchrun stop the others and restart them all from the last
-  checkpoint (``[train] max_restarts`` times), then the job fails with the reason.
+* a rank that dies makes torchrun stop the others; the launcher starts them all again from
+  the last checkpoint (``[train] max_restarts`` times), then the job fails with the reason.
 
 The process group comes from accelerate's ``PartialState`` (gloo on CPUs, nccl on GPUs).
 """

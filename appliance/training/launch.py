@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.contract.errors import TrainError
-from appliance.contract.events import Emit, from_dict
+from appliance.contract.events import Emit, Message, from_dict
 from appliance.home.config import Settings
 from appliance.home.fsutil import write_json_atomic
 from appliance.home.paths import Home
@@ -48,8 +48,10 @@ def launch(
 ) -> None:
     """Train run ``run_id`` on ``processes(settings)`` processes; return when it is finished.
 
-    Raises TrainInterrupted when ``stop`` turned true (the ranks wrote a checkpoint), and
-    TrainError when the run failed after torchrun's restarts (with the failing rank's last line).
+    A failed attempt (a rank killed, out of memory) is started again, all ranks resuming from
+    rank 0's last checkpoint, up to ``[train] max_restarts`` times. Raises TrainInterrupted
+    when ``stop`` turned true (the ranks wrote a checkpoint), and TrainError when the last
+    attempt failed too (with the first failing rank's error line).
     """
     n = processes(settings)
     run = home.run(run_id)
@@ -67,14 +69,41 @@ def launch(
         },
     )
     log_path = run.ranks_log
-    start = log_path.stat().st_size if log_path.exists() else 0  # a resumed run appends
+    for attempt in range(settings.train.max_restarts + 1):
+        start = log_path.stat().st_size if log_path.exists() else 0  # each attempt appends
+        code, stopped = _attempt(n, spec, log_path, emit, stop)
+        if stopped:
+            raise TrainInterrupted()
+        if code == 0:
+            return
+        if attempt < settings.train.max_restarts:
+            emit(
+                Message(
+                    "train",
+                    f"a training process failed ({_first_error(log_path, start)}); restarting all {n} "
+                    f"from the last checkpoint ({attempt + 1} of {settings.train.max_restarts})",
+                    level="warning",
+                )
+            )
+    raise TrainError(
+        f"run {run_id}: training on {n} processes failed (exit {code}) after "
+        f"{settings.train.max_restarts} restart(s): {_first_error(log_path, start)}; see {log_path}"
+    )
+
+
+def _attempt(n: int, spec: Path, log_path: Path, emit: Emit, stop: Callable[[], bool] | None) -> tuple[int, bool]:
+    """One torchrun of ``n`` ranks to its end: (exit status, whether it was asked to stop).
+
+    Restarts are a fresh torchrun each, not torchrun's own ``--max-restarts``: its elastic
+    restart reuses the rendezvous store, and on this stack (torch 2.13, gloo) the restarted
+    ranks could hang in ``init_process_group`` (seen in tests/test_distributed.py)."""
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={n}",
-        f"--max-restarts={settings.train.max_restarts}",
+        "--max-restarts=0",
         "-m",
         "appliance.training.rank",
         str(spec),
@@ -89,13 +118,7 @@ def launch(
             env={**os.environ, **LOOPBACK, "PYTHONUNBUFFERED": "1"},
         )
         stopped = _follow(child, emit, stop)
-    if stopped:
-        raise TrainInterrupted()
-    if child.returncode != 0:
-        raise TrainError(
-            f"run {run_id}: training on {n} processes failed (exit {child.returncode}) after "
-            f"{settings.train.max_restarts} restart(s): {_first_error(log_path, start)}; see {log_path}"
-        )
+    return child.returncode, stopped
 
 
 def _follow(child: subprocess.Popen[str], emit: Emit, stop: Callable[[], bool] | None) -> bool:
