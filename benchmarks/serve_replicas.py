@@ -38,35 +38,21 @@ import psutil
 import appliance  # noqa: F401  (offline environment first)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import free_port, measure, parse_server_arguments, server_arguments, wait_health  # noqa: E402
+from serve_throughput import (  # noqa: E402
+    free_port,
+    measure,
+    parse_server_arguments,
+    server_arguments,
+    start_appliance,
+)
 
 from appliance.cli.init import create_home  # noqa: E402
 from appliance.home import registry  # noqa: E402
-from appliance.home.paths import Home  # noqa: E402
 from appliance.serving.guard import read_api_key  # noqa: E402
 from appliance.training.basemodel import embedded_gguf  # noqa: E402
 
 CLIENTS = 8
 SIDES = {"one_replica_2_threads": (1, 2), "two_replicas_1_thread": (2, 1)}
-
-
-def start(home: Home, port: int, replicas: int, threads: int, args: Any, log: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "APPLIANCE_SERVE__REPLICAS": str(replicas),
-        "APPLIANCE_SERVE__THREADS": str(threads),
-        "APPLIANCE_SERVE__SLOTS": str(args.slots),
-        "APPLIANCE_SERVE__CONTEXT": str(args.context),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli.command", "serve", "--home", str(home.root), "--port", str(port)],
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    wait_health(f"http://127.0.0.1:{port}/health", proc, log, lambda r: bool(r.json().get("loaded")))
-    return proc
 
 
 def llama_servers(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -165,7 +151,8 @@ def main() -> None:
     try:
         for side, (replicas, threads) in SIDES.items():
             port = free_port()
-            servers[side] = start(home, port, replicas, threads, args, work / f"{side}.log")
+            replicated = {"APPLIANCE_SERVE__REPLICAS": str(replicas), "APPLIANCE_SERVE__THREADS": str(threads)}
+            servers[side] = start_appliance(home, port, args, work / f"{side}.log", replicated)
             urls[side] = (f"http://127.0.0.1:{port}/v1", key)
         assert len(llama_servers(servers["two_replicas_1_thread"])) == 2, "the 2-replica endpoint runs 2 llama-servers"
         speed = throughput(urls, args)

@@ -91,14 +91,18 @@ def start_native(gguf: Path, port: int, args: argparse.Namespace, log: Path) -> 
     return proc
 
 
-def start_appliance(home: Home, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
-    """``appliance serve`` in its own process, as users run it (front and client never share a GIL)."""
+def start_appliance(
+    home: Home, port: int, args: argparse.Namespace, log: Path, settings: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """``appliance serve`` in its own process, as users run it (front and client never share a GIL);
+    ``settings``: more APPLIANCE_* environment settings, over the ones taken from ``args``."""
     env = {
         **os.environ,
         "APPLIANCE_SERVE__THREADS": str(args.threads),
         "APPLIANCE_SERVE__SLOTS": str(args.slots),
         "APPLIANCE_SERVE__CONTEXT": str(args.context),
         "APPLIANCE_SERVE__MAX_TOKENS_LIMIT": str(max(2048, args.tokens)),
+        **(settings or {}),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance.cli.command", "serve", "--home", str(home.root), "--port", str(port)],

@@ -41,14 +41,20 @@ def _unshare_works() -> bool:
     return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -n (root or user namespaces)")
-def test_pipeline_without_network(tmp_path: Path, tiny_base: Path):
+def hooked(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An environment whose Python processes carry the audit hook, and the log it writes to."""
     hook_dir = tmp_path / "hook"
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(HOOK)
     attempts = tmp_path / "attempts.log"
+    path = os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "NET_ATTEMPTS_LOG": str(attempts)}, attempts
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare -n (root or user namespaces)")
+def test_pipeline_without_network(tmp_path: Path, tiny_base: Path):
+    env, attempts = hooked(tmp_path)
     home = tmp_path / "home"
-    env = {**os.environ, "PYTHONPATH": str(hook_dir), "NET_ATTEMPTS_LOG": str(attempts)}
     cli = f"{sys.executable} -m appliance.cli.command"
     script = f"""
         set -e
@@ -70,13 +76,8 @@ def test_pipeline_without_network(tmp_path: Path, tiny_base: Path):
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare -n (root or user namespaces)")
 def test_training_on_two_processes_without_network(tmp_path: Path, tiny_base: Path):
     """torchrun's rendezvous and gloo stay on the loopback interface (the worker's unit has no other)."""
-    hook_dir = tmp_path / "hook"
-    hook_dir.mkdir()
-    (hook_dir / "sitecustomize.py").write_text(HOOK)
-    attempts = tmp_path / "attempts.log"
+    env, attempts = hooked(tmp_path)
     home = tmp_path / "home"
-    path = os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "NET_ATTEMPTS_LOG": str(attempts)}
     cli = f"{sys.executable} -m appliance.cli.command"
     two = (
         "from appliance.home.config import load, dump; import sys, pathlib; p = pathlib.Path(sys.argv[1]); "
