@@ -132,7 +132,12 @@ def test_a_grounded_answer_returns_its_sources(grounded):
     assert sources and sources[0]["document"] == "handbook.md" and "$18" in sources[0]["passage"]
     assert [s["id"] for s in sources] == list(range(1, len(sources) + 1))
     assert all(len(s["sha256"]) == 64 and s["score"] > 0 for s in sources)
-    assert answer.model_extra["grounding"] == {"used": True, "reason": None, "collection": "shared"}
+    assert answer.model_extra["grounding"] == {
+        "used": True,
+        "reason": None,
+        "collection": "shared",
+        "retrieval": "bm25",
+    }
     alone = ask(client, "How much does a lost staff badge cost to replace?", grounding=False)
     assert alone.model_extra["sources"] == []
     assert alone.model_extra["grounding"]["used"] is False
@@ -306,22 +311,130 @@ def test_raft_conversations_cite_the_answering_passage(tmp_path: Path):
     )
     other = raft.Document("b" * 64, "wards.md", "Ward 7 is the cardiology ward. Its sister is Ada Moss.")
     with raft.Retrieval([raft.Document(doc.sha256, doc.path, text), other], tmp_path, k=3) as retrieval:
-        made = raft.conversations(retrieval, [doc], seed=0, none_share=0.2)
+        made = raft.conversations(retrieval, [doc], seed=0, shares=raft.Shares(none=0.2, unanswerable=0.2, memory=0.2))
+        by_default = raft.conversations(retrieval, [doc], seed=0)
         heldout = {doc.sha256: {"path": doc.path, "facts": 1, "questions": [dict(q) for q in material.heldout[:5]]}}
         raft.open_book(retrieval, heldout)
-    assert len(made) >= len(doc.statements) * 0.9  # about one per fact
-    declined = [c for _, c in made if c["messages"][-1]["content"] == DOES_NOT_SAY]
-    assert 0.1 < len(declined) / len(made) < 0.3
-    for _, conversation in made:
+    asked = {c["messages"][0]["content"] for c in doc.conversations}
+    facts = [c for _, c in made if c["messages"][1]["content"] in asked]
+    made_up = [c for _, c in made if c["messages"][1]["content"] not in asked]
+    assert len(facts) >= len(doc.statements) * 0.9  # about one per fact
+    assert 0.1 < len(made_up) / len(facts) < 0.3  # unanswerable share, never a fact's own question
+    assert all(c["messages"][-1]["content"] == DOES_NOT_SAY for c in made_up)
+    declined = from_memory = 0
+    for conversation in facts:
         system, user, answer = conversation["messages"]
         assert system["role"] == "system" and system["content"].startswith("Answer from the numbered passages")
         assert user["role"] == "user" and answer["role"] == "assistant"
         shown = system["content"].count("\n[")
         assert 1 <= shown <= 3
-        if answer["content"] != DOES_NOT_SAY:
-            n = int(answer["content"].rsplit("[", 1)[1].rstrip("]"))
-            assert 1 <= n <= shown
-            passage = system["content"].split(f"\n[{n}] ", 1)[1].split("\n[", 1)[0]
-            words = set(answer["content"].lower().split()) & set(passage.lower().split())
-            assert len(words) >= 3, (answer, passage)  # the cited passage is the one the answer restates
+        if answer["content"] == DOES_NOT_SAY:
+            declined += 1
+            continue
+        if not answer["content"].endswith("]"):  # asked without its passage, answered from memory, uncited
+            from_memory += 1
+            assert answer["content"] not in system["content"]
+            continue
+        n = int(answer["content"].rsplit("[", 1)[1].rstrip("]"))
+        assert 1 <= n <= shown
+        passage = system["content"].split(f"\n[{n}] ", 1)[1].split("\n[", 1)[0]
+        words = set(answer["content"].lower().split()) & set(passage.lower().split())
+        assert len(words) >= 3, (answer, passage)  # the cited passage is the one the answer restates
+    assert 0.1 < declined / len(facts) < 0.3 and 0.1 < from_memory / len(facts) < 0.3
+    answered = [c for _, c in by_default if c["messages"][-1]["content"] != DOES_NOT_SAY]
+    assert all(c["messages"][-1]["content"].endswith("]") for c in answered)  # memory answers are off by default
     assert all(q["sources"] for q in heldout[doc.sha256]["questions"])
+
+
+def test_unanswerable_questions_are_not_answered_by_their_statements():
+    import random
+
+    from appliance.data.study import unanswerable
+
+    statements = [
+        "The day shift starts at 07:15.",
+        "The night shift starts at 19:15.",
+        "The main pharmacy closes at 19:45.",
+        "The staff restaurant is on Level 3.",
+        "The switchboard is reached on extension 2300.",
+        "Dr. Ada Moss leads the audit on Ward 7.",
+        "Lockers are assigned by Ines Marlowe.",
+    ]
+    made = unanswerable.questions(statements, 100, random.Random(0))
+    low = [q.lower() for q in made]
+    assert any("night shift" in q and "close" in q for q in low)  # a subject with another's predicate
+    assert any("restaurant" in q and "close" in q for q in low)
+    assert not any("night shift" in q and "start" in q for q in low)  # stated: that pair is answerable
+    assert not any("day shift" in q and "start" in q for q in low)
+    assert not any("moss" in q for q in low)  # a person is never given a thing's predicate, nor the reverse
+    assert not any(q.startswith("who") and "pharmacy" in q for q in low)
+    assert not any(q.startswith("lockers") or " lockers " in q for q in low)  # not a definite subject
+    assert all(q.endswith("?") for q in made) and len(set(low)) == len(low)
+    assert unanswerable.questions(statements, 100, random.Random(0)) == made  # the same seed, the same questions
+    assert len(unanswerable.questions(statements, 2, random.Random(0))) == 2
+
+
+def hybrid_home(root: Path, tiny_base: Path, embedding_model: Path) -> Home:
+    """A home whose base answers, one document indexed, and an embedding model configured."""
+    home = create_home(root / "home", "tiny", tiny_settings())
+    shutil.copytree(tiny_base, home.base("tiny"))
+    (home.base("tiny") / "meta.json").write_text("{}")
+    (home.inbox / "pay.md").write_text(
+        "Salaries are paid on the 26th of each month. Business mileage is reimbursed at $0.58 per mile.\n"
+    )
+    ingest(home)
+    registry.add(home, "base", convert(tiny_base, root / "base.gguf"), {"quant": "F16"})
+    registry.promote(home, "base")
+    settings = load(home.config)
+    settings.grounding.embedding_model = str(embedding_model)
+    home.config.write_text(dump(settings))
+    return home
+
+
+def test_hybrid_retrieval_finds_a_passage_asked_in_other_words(tmp_path: Path, tiny_base: Path):
+    """With an embedding model configured, a question sharing no word with the document (BM25
+    finds nothing) still gets the nearest passage, fused with BM25 by reciprocal rank."""
+    from appliance.training.basemodel import embedded_gguf
+
+    home = hybrid_home(tmp_path, tiny_base, embedded_gguf())
+    question = "When will my wages arrive?"  # no word in common with pay.md
+    with Index(home.passage_index) as index:
+        assert index.search(question) == []
+    server = Server(home, load(home.config), port=free_port()).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=read_api_key(home), max_retries=0, timeout=120)
+        deadline = time.monotonic() + 180
+        while True:  # the passages' vectors are made in the background after the first question
+            reply = ask(client, question)
+            if reply.model_extra["sources"] or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert reply.model_extra["grounding"]["retrieval"] == "bm25+dense"
+        assert [s["document"] for s in reply.model_extra["sources"]] == ["pay.md"]
+        with Index(home.passage_index) as index:  # every passage has its vector, from one model
+            models = {m for (m,) in index.db.execute("SELECT DISTINCT model FROM vectors")}
+            assert len(models) == 1 and index.unembedded(models.pop(), 10) == []
+        plain = ask(client, "When are salaries paid?")  # both rankings agree on the passage
+        assert plain.model_extra["sources"][0]["passage"].startswith("Salaries are paid")
+    finally:
+        server.stop()
+
+
+def test_a_broken_embedding_model_leaves_bm25_alone_with_one_log_line(
+    tmp_path: Path, tiny_base: Path, caplog: pytest.LogCaptureFixture
+):
+    broken = tmp_path / "broken-embed.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    home = hybrid_home(tmp_path, tiny_base, broken)
+    server = Server(home, load(home.config), port=free_port()).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=read_api_key(home), max_retries=0, timeout=120)
+        with caplog.at_level(logging.WARNING, logger="appliance.serve"):
+            replies = [ask(client, "When are salaries paid?") for _ in range(3)]
+    finally:
+        server.stop()
+    for reply in replies:
+        assert reply.model_extra["grounding"]["retrieval"] == "bm25"
+        assert reply.model_extra["sources"][0]["passage"].startswith("Salaries are paid")
+    lines = [r for r in caplog.records if "embedding model" in r.getMessage() and "BM25 alone" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]

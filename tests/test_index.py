@@ -418,3 +418,42 @@ def test_split_passages_groups_sentences_under_their_heading():
     ]
     assert [len(p.split()) for p in split_passages("word " * 1000)] == [200] * 5
     assert split_passages("\n\n  \n") == [] and split_passages("Just a label") == ["Just a label"]
+
+
+def test_vectors_are_stored_per_model_found_by_cosine_and_go_with_their_passage(tmp_path: Path):
+    import numpy as np
+
+    with Index(tmp_path / "index.db", create=True) as index:
+        index.add_document("a", "a.md", ["Ferries leave at dawn.", "Pay is monthly."])
+        index.add_document("b", "b.md", ["Leave needs three weeks' notice."])
+        todo = index.unembedded("m1", 10)
+        assert [text for _, text in todo] == [
+            "Ferries leave at dawn.",
+            "Pay is monthly.",
+            "Leave needs three weeks' notice.",
+        ]
+        axes = {pid: np.eye(3, dtype=np.float32)[i] for i, (pid, _) in enumerate(todo)}
+        index.put_vectors("m1", list(axes.items()))
+        assert index.unembedded("m1", 10) == [] and len(index.unembedded("m2", 10)) == 3  # another model: none yet
+        nearest = index.nearest("m1", np.array([0.1, 0.9, 0.2]), 2)
+        assert [h.text for h in nearest] == ["Pay is monthly.", "Leave needs three weeks' notice."]
+        assert nearest[0].score == pytest.approx(0.9 / np.linalg.norm([0.1, 0.9, 0.2]), rel=1e-5)
+        assert index.nearest("m2", np.ones(3), 5) == []
+        index.remove_document("a")  # its passages' vectors go in the same transaction
+        assert [h.sha256 for h in index.nearest("m1", np.ones(3), 5)] == ["b"]
+        assert index.db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] == 1
+        gone = next(pid for pid in axes if pid not in {p for (p,) in index.db.execute("SELECT id FROM passages")})
+        index.put_vectors("m1", [(gone, np.ones(3))])  # a passage deleted meanwhile leaves no orphan vector
+        assert index.db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] == 1
+
+
+def test_reciprocal_rank_fusion_favours_passages_both_rankings_hold():
+    from appliance.data.index import fuse
+
+    def hits(*names: str) -> list[Hit]:
+        return [Hit(n, f"{n}.md", 0, n, 1.0) for n in names]
+
+    fused = fuse([hits("a", "b", "c"), hits("c", "d", "a")], 3)
+    assert [h.sha256 for h in fused] == ["a", "c", "b"]  # a: 1/61 + 1/63; c: 1/63 + 1/61 (ties by path); b: 1/62
+    assert fused[0].score == pytest.approx(1 / 61 + 1 / 63, abs=1e-6)
+    assert fuse([hits("x"), []], 5)[0].sha256 == "x" and fuse([[], []], 5) == []

@@ -19,6 +19,8 @@ from appliance.home.fsutil import read_json
 from appliance.home.paths import Home
 from appliance.training.train import FAULT_OOM_ENV
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def configure(home: Home, **train: object) -> None:
     settings = load(home.config)
@@ -131,6 +133,30 @@ def test_dora_and_general_mix(tiny_home: Home):
     assert info["dora"] is True and info["general_examples"] == round(0.25 * info["train_examples"])
     config = json.loads((tiny_home.run(run_id).adapter / "adapter_config.json").read_text())
     assert config["use_dora"] is True
+
+
+def test_general_mix_never_holds_what_the_gate_measures():
+    """The general material trained against forgetting shares no run of six words with the
+    gate's general text and holds none of its probe questions: both stay unseen."""
+    import re
+
+    folder = REPO / "appliance" / "data" / "general"
+
+    def words(text: str) -> list[str]:
+        return re.findall(r"[a-z0-9]+", text.lower())
+
+    def shingles(text: str) -> set[tuple[str, ...]]:
+        w = words(text)
+        return {tuple(w[i : i + 6]) for i in range(len(w) - 5)}
+
+    trained = (folder / "prose.txt").read_text() + "\n" + (folder / "conversations.jsonl").read_text()
+    assert len(shingles(trained)) > 3000
+    assert not shingles(trained) & shingles((folder / "text.txt").read_text())
+    flat = " ".join(words(trained))
+    questions = [json.loads(line)["question"] for line in (folder / "probes.jsonl").read_text().splitlines()]
+    assert questions and not [q for q in questions if " ".join(words(q)) in flat]
+    paragraphs = [p for p in (folder / "prose.txt").read_text().split("\n\n") if p.strip()]
+    assert len(paragraphs) >= 40
 
 
 def test_progress_events_carry_the_numbers_people_watch(tiny_home: Home):

@@ -30,10 +30,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from appliance.contract.errors import DataError
 from appliance.home.fsutil import fsync_dir
 
-SCHEMA_VERSION = 1  # bump on any change (the tokenizer included): older files are then rebuilt
+SCHEMA_VERSION = 2  # bump on any change (the tokenizer included): older files are then rebuilt
 # unicode61 folds case for every script and, with remove_diacritics 2, matches "cafe" to
 # "café"; porter stems English words on top ("reimbursed" finds "reimbursement"). On the
 # 19 paraphrased handbook questions in tests/test_index.py (17 passages), recall@3 is 1.00 with
@@ -64,10 +66,18 @@ SCHEMA = (
     """CREATE TRIGGER passages_added AFTER INSERT ON passages BEGIN
         INSERT INTO passages_fts(rowid, text) VALUES (new.id, new.text);
     END""",
-    # FTS5 must be told the old text to remove a row's terms
+    # FTS5 must be told the old text to remove a row's terms; a passage's vector goes with it
     """CREATE TRIGGER passages_removed AFTER DELETE ON passages BEGIN
         INSERT INTO passages_fts(passages_fts, rowid, text) VALUES ('delete', old.id, old.text);
+        DELETE FROM vectors WHERE id = old.id;
     END""",
+    # Dense vectors of passages from the embedding model IT configured ([grounding]
+    # embedding_model), float32 little-endian, filled by the endpoint in the background.
+    """CREATE TABLE vectors (
+        id INTEGER PRIMARY KEY,             -- the passage's id
+        model TEXT NOT NULL,                -- which embedding model made it (file name, size, mtime)
+        vector BLOB NOT NULL
+    )""",
 )  # passages are never updated in place (a new version is a delete and an insert): no UPDATE trigger
 
 # Queries are cut down before they reach FTS5: a long paste costs no more than a paragraph.
@@ -124,6 +134,20 @@ def match_expression(query: str) -> str:
     person types (quotes, NEAR, AND/OR/NOT, *, ^, :, column filters) is read as syntax.
     """
     return " OR ".join(f'"{term}"' for term in query_terms(query))
+
+
+def fuse(rankings: list[list[Hit]], limit: int, k: int = 60) -> list[Hit]:
+    """Reciprocal rank fusion (Cormack et al. 2009): each passage scores the sum of 1/(k + rank)
+    over the rankings that hold it, so BM25 and dense retrieval need no common score scale."""
+    scores: dict[tuple[str, int], float] = {}
+    first: dict[tuple[str, int], Hit] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, start=1):
+            key = (hit.sha256, hit.ordinal)
+            scores[key] = scores.get(key, 0.0) + 1.0 / (k + rank)
+            first.setdefault(key, hit)
+    ordered = sorted(scores, key=lambda key: (-scores[key], first[key].path, key[1]))[:limit]
+    return [Hit(first[key].sha256, first[key].path, key[1], first[key].text, round(scores[key], 6)) for key in ordered]
 
 
 def split_passages(text: str, sentences: int = 3) -> list[str]:
@@ -274,6 +298,45 @@ class Index:
         with _guarded(self.path):
             rows = self.db.execute(sql, params).fetchall()
         return [Hit(sha, path, ordinal, text, -rank) for sha, path, ordinal, text, rank in rows]
+
+    # --- dense vectors (optional: only where an embedding model is configured) --------------
+    def unembedded(self, model: str, limit: int = 64) -> list[tuple[int, str]]:
+        """(id, text) of passages with no vector from ``model`` yet."""
+        sql = (
+            "SELECT p.id, p.text FROM passages p LEFT JOIN vectors v ON v.id = p.id AND v.model = ? "
+            "WHERE v.id IS NULL ORDER BY p.id LIMIT ?"
+        )
+        with _guarded(self.path):
+            return self.db.execute(sql, (model, limit)).fetchall()
+
+    def put_vectors(self, model: str, rows: list[tuple[int, np.ndarray]]) -> None:
+        """Store vectors (a passage deleted meanwhile is skipped: its vector would be an orphan)."""
+        with self.transaction():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO vectors(id, model, vector) SELECT ?, ?, ? WHERE EXISTS "
+                "(SELECT 1 FROM passages WHERE id = ?)",
+                ((pid, model, np.asarray(v, dtype="<f4").tobytes(), pid) for pid, v in rows),
+            )
+
+    def nearest(self, model: str, vector: np.ndarray, limit: int = 5) -> list[Hit]:
+        """The passages whose vectors are closest to ``vector`` (cosine), best first.
+
+        A scan in numpy, written by hand: the sqlite-vec extension would index the vectors,
+        but it is one more native library to ship and a collection's few thousand passages
+        scan in milliseconds."""
+        with _guarded(self.path):
+            rows = self.db.execute(
+                "SELECT p.sha256, p.path, p.ordinal, p.text, v.vector FROM vectors v JOIN passages p ON p.id = v.id "
+                "WHERE v.model = ?",
+                (model,),
+            ).fetchall()
+        if not rows or limit <= 0:
+            return []
+        matrix = np.stack([np.frombuffer(row[4], dtype="<f4") for row in rows])
+        query = np.asarray(vector, dtype=np.float32)
+        scores = matrix @ query / (np.linalg.norm(matrix, axis=1) * (np.linalg.norm(query) or 1.0) + 1e-12)
+        best = np.argsort(-scores, kind="stable")[:limit]
+        return [Hit(rows[i][0], rows[i][1], rows[i][2], rows[i][3], float(scores[i])) for i in best]
 
     def count(self) -> dict[str, int]:
         with _guarded(self.path):

@@ -138,19 +138,14 @@ class LocalEngine:
     def train(
         self, snapshot: str | None = None, max_steps: int | None = None, emit: Emit = ignore, run_id: str | None = None
     ) -> str:
-        from appliance.training import distributed, launch  # torch: loaded when a run trains
-        from appliance.training.train import train
+        from appliance.training.launch import train_run  # torch: loaded when a run trains
 
         s = self.settings
         if run_id and not snapshot:
             snapshot = snapshots.run_snapshot(self.paths.run(run_id))
         snap = snapshots.load(self.paths, snapshot) if snapshot else snapshots.cut(self.paths, s.data.val_fraction)
         run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S")
-        if distributed.processes(s) > 1:  # torchrun's ranks train; this process relays their events
-            if max_steps:
-                s = s.model_copy(update={"train": s.train.model_copy(update={"max_steps": max_steps})})
-            launch.launch(self.paths, snap.id, s, run_id, "train", emit)
-        return train(self.paths, snap, s, run_id=run_id, max_steps=max_steps, emit=emit).run_id
+        return train_run(self.paths, snap, s, run_id, "train", emit, max_steps=max_steps).run_id
 
     def export(self, run: str, quant: str | None = None, emit: Emit = ignore, adapter: bool = False) -> ModelVersion:
         from appliance.export.run import export_run, require_parity

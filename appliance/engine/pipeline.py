@@ -185,8 +185,8 @@ def stage_study(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
 
 
 def stage_train(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
-    from appliance.training import distributed, launch  # torch: loaded when a run trains
-    from appliance.training.train import TrainInterrupted, train
+    from appliance.training.launch import train_run  # torch: loaded when a run trains
+    from appliance.training.train import TrainInterrupted
 
     run_id = job.run_id
     if not run_id:  # remembered before any work, so a resumed job continues the same run
@@ -194,9 +194,7 @@ def stage_train(ctx: Context, job: Job, emit: Emit) -> dict[str, Any]:
         ctx.journal.remember(job.id, run_id=run_id)
     snap = snapshots.load(ctx.home, job.snapshot or "")
     try:
-        if distributed.processes(ctx.settings) > 1:  # torchrun's ranks train; this process relays their events
-            launch.launch(ctx.home, snap.id, ctx.settings, run_id, job.kind, emit, ctx.stop.is_set)
-        result = train(ctx.home, snap, ctx.settings, run_id=run_id, emit=emit, stop=ctx.stop.is_set, kind=job.kind)
+        result = train_run(ctx.home, snap, ctx.settings, run_id, job.kind, emit, ctx.stop.is_set)
     except TrainInterrupted:
         raise Stopped("train") from None  # the checkpoint just written is where it resumes
     audit.append(

@@ -44,7 +44,7 @@ def make_app(
 ) -> Starlette:
     limits = settings.serve
     admitted = Admission(limits.max_concurrent)
-    retriever = retriever or grounding.Retriever(home, settings)
+    retriever = retriever or grounding.Retriever(home, settings, pool.embed if pool.embedding() else None)
 
     async def health(_: Request) -> Response:
         # unauthenticated: the shared model and a count, no collection's name

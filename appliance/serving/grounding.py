@@ -7,17 +7,29 @@ shown or cited. The index is opened per query (milliseconds), so an index that i
 ``forget`` has just rewritten is read as it is now. A missing or corrupt index is rebuilt
 from the store in a background thread with one log line; meanwhile answers come from the
 model alone, ``sources: []`` and a ``grounding`` status saying why.
+
+Where IT names an embedding GGUF (``[grounding] embedding_model``), retrieval is hybrid: the
+question's vector from that model (llama.cpp's embedding mode, the endpoint's own
+``/v1/embeddings`` backend) finds the nearest passages, and they are fused with BM25's by
+reciprocal rank, so a question put in other words than the document's still finds its
+passage. Passage vectors are made in the background, a few at a time, after ingest; until a
+passage has one, BM25 alone can find it. An embedding model that fails gives one log line
+and BM25 alone.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from appliance.data.grounded import Source, grounded_messages
-from appliance.data.index import Index, IndexCorrupt
+from appliance.data.index import Hit, Index, IndexCorrupt, fuse
 from appliance.data.ingest import passages
 from appliance.home import catalog
 from appliance.home.config import Settings
@@ -35,12 +47,91 @@ class Grounding:
     collection: str
     reason: str | None = None  # why the model answered alone
     sources: list[Source] = field(default_factory=list)
+    retrieval: str | None = None  # "bm25", or "bm25+dense" with an embedding model
 
     def fields(self) -> dict[str, Any]:
+        status = {"used": self.used, "reason": self.reason, "collection": catalog.display(self.collection)}
         return {
             "sources": [s.to_dict() for s in self.sources],
-            "grounding": {"used": self.used, "reason": self.reason, "collection": catalog.display(self.collection)},
+            "grounding": {**status, "retrieval": self.retrieval} if self.used else status,
         }
+
+
+class OnePerKey:
+    """Background jobs, at most one running per key: a start while one runs is dropped."""
+
+    def __init__(self) -> None:
+        self._running: set[object] = set()
+        self._lock = threading.Lock()
+
+    def start(self, key: object, name: str, work: Callable[[], None]) -> None:
+        with self._lock:
+            if key in self._running:
+                return
+            self._running.add(key)
+
+        def run() -> None:
+            try:
+                work()
+            finally:
+                with self._lock:
+                    self._running.discard(key)
+
+        threading.Thread(target=run, name=name, daemon=True).start()
+
+
+Embed = Callable[[list[str]], list[list[float]]]  # texts -> vectors, blocking
+FUSION_DEPTH = 20  # passages each ranking brings to the fusion
+EMBED_BATCH = 16  # passages embedded per request in the background
+
+
+def model_identity(path: str) -> str:
+    """Which embedding model made a vector: a replaced file (new size or time) is a new model."""
+    try:
+        stat = Path(path).expanduser().stat()
+    except OSError:
+        return Path(path).name
+    return f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+class Dense:
+    """The dense half of hybrid retrieval: query vectors now, passage vectors in the background."""
+
+    def __init__(self, embed: Embed, model: str):
+        self.embed, self.model = embed, model
+        self._fills = OnePerKey()
+        self._failing = False
+
+    def search(self, index: Index, query: str) -> list[Hit]:
+        """The passages nearest the question ([] when the model fails: BM25 answers alone)."""
+        if index.unembedded(self.model, 1):
+            self._fill(index.path)
+        try:
+            vector = np.asarray(self.embed([query])[0], dtype=np.float32)
+        except Exception as problem:  # noqa: BLE001  (any failure of the model: one line, then BM25 alone)
+            self._failed(problem)
+            return []
+        self._failing = False
+        return index.nearest(self.model, vector, FUSION_DEPTH)
+
+    def _failed(self, problem: BaseException) -> None:
+        if not self._failing:
+            log.warning("embedding model %s failed (%s); retrieving with BM25 alone", self.model, problem)
+        self._failing = True
+
+    def _fill(self, path: Path) -> None:
+        """Vectors for the index's passages that have none, one background thread per index."""
+
+        def work() -> None:
+            try:
+                with Index(path, any_thread=True) as index:
+                    while batch := index.unembedded(self.model, EMBED_BATCH):
+                        vectors = self.embed([text for _, text in batch])
+                        index.put_vectors(self.model, [(pid, np.asarray(v)) for (pid, _), v in zip(batch, vectors)])
+            except Exception as problem:  # noqa: BLE001  (the next request tries again)
+                self._failed(problem)
+
+        self._fills.start(path, f"index-vectors-{path.parent.name}", work)
 
 
 def query_text(messages: list[dict[str, Any]], turns: int) -> str:
@@ -50,11 +141,13 @@ def query_text(messages: list[dict[str, Any]], turns: int) -> str:
 
 
 class Retriever:
-    def __init__(self, home: Home, settings: Settings):
+    def __init__(self, home: Home, settings: Settings, embed: Embed | None = None):
+        """``embed``: the configured embedding model's vectors (hybrid retrieval), else BM25 alone."""
         self.home = home.top
         self.settings = settings
-        self._rebuilding: set[str] = set()
-        self._lock = threading.Lock()
+        model = settings.grounding.embedding_model
+        self.dense = Dense(embed, model_identity(model)) if embed is not None and model else None
+        self._rebuilds = OnePerKey()
 
     def mode(self, collection: str) -> str:
         own = self.settings.collections.get(collection)
@@ -72,36 +165,35 @@ class Retriever:
                     return Grounding(False, collection, "the collection holds no documents")
                 if not query.strip():
                     return Grounding(False, collection, "the question has no text to search for")
-                hits = index.search(query, limit=self.settings.grounding.passages)
+                hits, how = self._search(index, query)
         except IndexCorrupt as problem:
             if problem.reason == "missing" and not scope.store_db.exists():
                 return Grounding(False, collection, "the collection holds no documents")
             self._rebuild(collection, problem.reason)
             return Grounding(False, collection, "the passage index is being rebuilt; answering from the model alone")
+        sources = [Source(i, hit.path, hit.sha256, hit.text, hit.score) for i, hit in enumerate(hits, start=1)]
+        return Grounding(True, collection, None, sources, how)
+
+    def _search(self, index: Index, query: str) -> tuple[list[Hit], str]:
+        """BM25's best passages (above ``min_score``), fused with the dense ones where there are any."""
+        k = self.settings.grounding.passages
         floor = self.settings.grounding.min_score
-        sources = [
-            Source(i, hit.path, hit.sha256, hit.text, hit.score)
-            for i, hit in enumerate((h for h in hits if h.score > floor), start=1)
-        ]
-        return Grounding(True, collection, None, sources)
+        lexical = [h for h in index.search(query, limit=FUSION_DEPTH if self.dense else k) if h.score > floor]
+        dense = self.dense.search(index, query) if self.dense else []
+        if not dense:
+            return lexical[:k], "bm25"
+        return fuse([lexical, dense], k), "bm25+dense"
 
     def _rebuild(self, collection: str, reason: str) -> None:
         """One rebuild per collection at a time, off the request's path."""
-        with self._lock:
-            if collection in self._rebuilding:
-                return
-            self._rebuilding.add(collection)
 
         def work() -> None:
             try:
                 passages.rebuild(self.home.scoped(collection), reason=reason)
             except Exception:  # noqa: BLE001  (one line; the next request tries again)
                 log.exception("rebuilding the passage index of collection %s failed", catalog.display(collection))
-            finally:
-                with self._lock:
-                    self._rebuilding.discard(collection)
 
-        threading.Thread(target=work, name=f"index-rebuild-{collection or 'shared'}", daemon=True).start()
+        self._rebuilds.start(collection, f"index-rebuild-{collection or 'shared'}", work)
 
 
 def apply(forward: dict[str, Any], grounding: Grounding) -> dict[str, Any]:

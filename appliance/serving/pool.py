@@ -16,6 +16,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import anyio
+import httpx
+
 from appliance.contract.errors import ApplianceError, RegistryError, ServeError
 from appliance.home import catalog, registry
 from appliance.home.config import Settings
@@ -26,6 +29,7 @@ from appliance.runtime.llama_server import LAUNCHER, Backend
 from appliance.serving.backends import EMBEDDING, START_TIMEOUT, BackendFactory, LlamaServers, replica_count
 from appliance.serving.resolve import ALIAS, RETRY_FAILED, Adapter, Answering, Resolver, Spec, Target
 
+EMBED_TIMEOUT = 120.0  # seconds for a batch of passages on a busy CPU, the model's start included
 log = logging.getLogger("appliance.serve")
 WATCH_SECONDS = 0.25
 PREPARED_SECONDS = 600.0  # how long a host started by prepare() is kept for the promotion it precedes
@@ -258,14 +262,38 @@ class BackendPool:
 
     async def acquire_embedding(self, spec: Spec) -> Answering:
         """The embedding backend, counted in flight until :meth:`release`."""
+        return await anyio.to_thread.run_sync(self.hold_embedding, spec)
+
+    def hold_embedding(self, spec: Spec, timeout: float | None = None) -> Answering:
+        """:meth:`acquire_embedding`, blocking (retrieval's worker threads embed through it)."""
         for _ in range(5):
-            backend = await asyncio.wrap_future(self.ensure(spec))
+            backend = self.ensure(spec).result(timeout)
             with self._lock:
                 if backend.retired or not backend.alive():
                     continue
                 backend.inflight += 1
             return Answering(backend, spec.name)
         raise ServeError("the embedding model is being restarted; try again")
+
+    def embed(self, texts: list[str], timeout: float = EMBED_TIMEOUT) -> list[list[float]]:
+        """Vectors for ``texts`` from the configured embedding model (blocking: retrieval's
+        worker threads call it). Raises ServeError when none is configured or it fails."""
+        spec = self.embedding()
+        if spec is None:
+            raise ServeError("no embedding model is configured")
+        answering = self.hold_embedding(spec, timeout)
+        try:
+            transport = httpx.HTTPTransport(uds=str(answering.backend.socket))
+            with httpx.Client(transport=transport, base_url="http://backend", timeout=timeout) as client:
+                reply = client.post("/v1/embeddings", json={"input": texts, "model": spec.name})
+            if reply.status_code != 200:
+                raise ServeError(f"the embedding model answered {reply.status_code}: {reply.text[:200]}")
+            data = sorted(reply.json()["data"], key=lambda d: d["index"])
+            return [d["embedding"] for d in data]
+        except httpx.HTTPError as problem:
+            raise ServeError(f"the embedding model did not answer: {problem}") from problem
+        finally:
+            self.release(answering.backend)
 
     def _least_busy_replica(self, backend: Backend, lora: int | None) -> Backend:
         """Under the lock: the live replica of ``backend``'s spec with the fewest requests in

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from appliance.contract.errors import TrainError
-from appliance.contract.events import Emit, Message, from_dict
+from appliance.contract.events import Emit, Message, from_dict, ignore
+from appliance.data.snapshot import Snapshot
 from appliance.home.config import Settings
 from appliance.home.fsutil import write_json_atomic
 from appliance.home.paths import Home
 from appliance.training.distributed import processes
-from appliance.training.train import TrainInterrupted
+from appliance.training.train import TrainInterrupted, TrainResult, train
 
 EVENT_PREFIX = "@appliance-event "  # rank 0's stdout lines that carry an event (other lines are logs)
 RANK_ERROR = ": error: "  # in a rank's one-line error: "rank 1: error: <what went wrong>"
@@ -35,6 +36,25 @@ EXIT_INTERRUPTED = 3
 LOOPBACK = {
     key: os.environ.get(key, "lo") for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 }  # a rank's exit status when it stopped on request with a checkpoint written
+
+
+def train_run(
+    home: Home,
+    snapshot: Snapshot,
+    settings: Settings,
+    run_id: str,
+    kind: str = "train",
+    emit: Emit = ignore,
+    stop: Callable[[], bool] | None = None,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Train run ``run_id`` however many processes the settings ask for: several through
+    torchrun (this process relays their events, then reads the finished run back), else here."""
+    if processes(settings) > 1:
+        if max_steps:
+            settings = settings.model_copy(update={"train": settings.train.model_copy(update={"max_steps": max_steps})})
+        launch(home, snapshot.id, settings, run_id, kind, emit, stop)
+    return train(home, snapshot, settings, run_id=run_id, max_steps=max_steps, emit=emit, stop=stop, kind=kind)
 
 
 def launch(

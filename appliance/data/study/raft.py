@@ -3,18 +3,26 @@
 The endpoint puts the passages BM25 retrieves for a question into the prompt
 (appliance/data/grounded.py). A model trained on question + the passage that answers it +
 distractor passages learns to use the right one and to cite it; trained also on questions
-whose passage is missing from what was retrieved, it learns to say the documents do not
-say. Both kinds are built here from the study material, with the same retrieval the
+whose passage is not among those retrieved, and on questions the documents do not answer,
+it learns to say the documents do not say. All are built here from the study material, with the same retrieval the
 endpoint runs, over the snapshot's own documents only (a temporary index: the collection's
 live index may hold documents the snapshot does not, and a forgotten document's text must
 never reach a run that does not list it).
 
 For each fact (statement) of each document, one of its study questions, chosen by the
-seed: with probability ``1 - none_share`` the answer's passage is among the retrieved ones
-(put in place of the last if BM25 missed it) and the study answer gains its citation
-``[n]``; otherwise the answer's passage is taken out and the answer is "The documents do
-not say." The gate's open-book questions (the held-out ones) get their retrieved passages
+seed: usually asked with the answer's passage among the retrieved ones (put in place of the
+last if BM25 missed it), the study answer gaining its citation ``[n]``; with probability
+``none`` asked with that passage taken out and answered "The documents do not say."; with
+probability ``memory`` (off by default) asked the same way but answered all the same,
+uncited, as RAFT's own recipe does. Beside them, ``unanswerable`` as many questions the
+documents do not answer (``unanswerable.py``: one statement's subject with another's
+predicate) are asked with what retrieval finds for them and answered "The documents do not
+say.". The gate's open-book questions (the held-out ones) get their retrieved passages
 here too, so the gate asks them exactly as the endpoint would.
+
+Why memory answers are off: with ``memory = 0.2`` the 135M default, asked the handbook's
+unanswerable questions, said so 10% of the time and invented the rest (a chaplain's
+extension, a bomb-threat code); a clinician must be able to trust "does not say".
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from typing import Any
 
 from appliance.data.grounded import DOES_NOT_SAY, Source, grounded_messages
 from appliance.data.index import Index, split_passages
+from appliance.data.study import unanswerable
 
 WORD = re.compile(r"[a-z0-9]+")
 
@@ -86,10 +95,20 @@ def with_oracle(sources: list[Source], oracle: Source, k: int) -> list[Source]:
     return renumbered([*sources[: k - 1], oracle])
 
 
+@dataclass(frozen=True)
+class Shares:
+    """How the grounded conversations are split (``[study] raft_*_share``)."""
+
+    none: float = 0.2  # facts asked without their passage, answered "The documents do not say."
+    unanswerable: float = 0.2  # made-up questions the documents do not answer, per fact
+    memory: float = 0.0  # facts asked without their passage, answered all the same, uncited
+
+
 def conversations(
-    retrieval: Retrieval, studies: list[Any], seed: int, none_share: float
+    retrieval: Retrieval, studies: list[Any], seed: int, shares: Shares = Shares()
 ) -> list[tuple[str, dict[str, Any]]]:
-    """(document sha256, conversation) per fact of every studied document."""
+    """(document sha256, conversation) per fact of every studied document, and the made-up
+    questions each document does not answer."""
     rng = random.Random(seed)
     out: list[tuple[str, dict[str, Any]]] = []
     for study in studies:
@@ -100,24 +119,40 @@ def conversations(
         for index in sorted(by_statement):
             chosen = rng.choice(by_statement[index])
             question = chosen["messages"][0]["content"]
-            answer = chosen["messages"][-1]["content"]
             home = retrieval.home_of(study.sha256, study.statements[index])
             if home is None:
                 continue
-            retrieved = retrieval.sources(question, retrieval.k + 1)
-            if rng.random() < none_share:
-                sources = renumbered([s for s in retrieved if s.passage != home][: retrieval.k])
-                reply = DOES_NOT_SAY
-            else:
-                oracle = Source(0, study.path, study.sha256, home, 0.0)
-                sources = with_oracle(retrieved[: retrieval.k], oracle, retrieval.k)
-                n = next(s.id for s in sources if s.passage == home)
-                reply = f"{answer} [{n}]"
-            if not sources and reply == DOES_NOT_SAY:
-                continue  # nothing else retrieved: the endpoint would send no passages at all
-            messages = grounded_messages([{"role": "user", "content": question}], sources)
-            out.append((study.sha256, {"messages": [*messages, {"role": "assistant", "content": reply}]}))
+            sources, reply = _fact(retrieval, study, question, chosen["messages"][-1]["content"], home, rng, shares)
+            out.append((study.sha256, _conversation(question, sources, reply)))
+        count = round(shares.unanswerable * len(by_statement))
+        for question in unanswerable.questions(study.statements, count, rng):
+            sources = retrieval.sources(question)
+            if sources:  # with nothing retrieved the endpoint sends no passages: another prompt
+                out.append((study.sha256, _conversation(question, sources, DOES_NOT_SAY)))
     return out
+
+
+def _fact(
+    retrieval: Retrieval, study: Any, question: str, answer: str, home: str, rng: random.Random, shares: Shares
+) -> tuple[list[Source], str]:
+    """The passages a fact's question is asked with, and its answer: cited, "does not say"
+    (its passage left out), or uncited from memory (likewise)."""
+    retrieved = retrieval.sources(question, retrieval.k + 1)
+    others = renumbered([s for s in retrieved if s.passage != home][: retrieval.k])
+    draw = rng.random()
+    if others and draw < shares.none:
+        return others, DOES_NOT_SAY
+    if others and draw < shares.none + shares.memory:
+        return others, answer
+    oracle = Source(0, study.path, study.sha256, home, 0.0)
+    sources = with_oracle(retrieved[: retrieval.k], oracle, retrieval.k)
+    n = next(s.id for s in sources if s.passage == home)
+    return sources, f"{answer} [{n}]"
+
+
+def _conversation(question: str, sources: list[Source], reply: str) -> dict[str, Any]:
+    messages = grounded_messages([{"role": "user", "content": question}], sources)
+    return {"messages": [*messages, {"role": "assistant", "content": reply}]}
 
 
 def open_book(retrieval: Retrieval, heldout: dict[str, dict[str, Any]]) -> None:
