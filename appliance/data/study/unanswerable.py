@@ -79,14 +79,13 @@ def _pairs_already(parsed: list[Parsed]) -> set[tuple[str, str]]:
 def _question(subject_of: Parsed, predicate_of: Parsed, skip: tuple[str, ...]) -> str | None:
     """The predicate's statement retold about the other subject, asked about one of its key slots."""
     subject = subject_of.subject
-    if subject_of.text[:1].isupper() and not subject_of.person:
-        subject = subject[0].lower() + subject[1:] if not subject[1:2].isupper() else subject
     text = f"{subject[0].upper()}{subject[1:]} {predicate_of.predicate}"
     verb_start = len(subject) + 1
-    slots = [s for s in find_slots(text, skip) if s.start > verb_start]
+    found = find_slots(text, skip)
+    slots = [s for s in found if s.start > verb_start]
     if not slots:
         return None
-    st = Statement(0, 0, text, find_slots(text, skip), subject=subject, verb=predicate_of.verb, verb_start=verb_start)
+    st = Statement(0, 0, text, found, subject=subject, verb=predicate_of.verb, verb_start=verb_start)
     slot: Slot = slots[0]
     return W.fronted(st, W.wh_for(st, slot))
 
