@@ -12,6 +12,8 @@ import time
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from appliance.contract.errors import TrainError
 from appliance.contract.events import Event, Message, Progress
@@ -22,6 +24,7 @@ from appliance.home.fsutil import read_json
 from appliance.home.paths import Home
 from appliance.training.distributed import Group
 from appliance.training.launch import launch
+from appliance.training.methods import choose_distributed
 from appliance.training.render import Example
 from appliance.training.train import TrainInterrupted, train
 
@@ -68,11 +71,20 @@ def test_shards_cover_every_example_once_and_balance_tokens():
     assert Group(0, 3).shard(examples[:1]) and not Group(2, 3).shard(examples[:1])  # a rank may sit a step out
 
 
-@pytest.mark.parametrize("method", ["qlora", pytest.param("lora", marks=pytest.mark.slow)])
-def test_two_processes_train_what_one_does(tiny_home: Home, method: str):
+@pytest.mark.parametrize(
+    ("method", "distributed"),
+    [
+        ("qlora", "ddp"),
+        ("qlora", "fsdp"),
+        pytest.param("lora", "ddp", marks=pytest.mark.slow),
+        pytest.param("lora", "fsdp", marks=pytest.mark.slow),
+    ],
+)
+def test_two_processes_train_what_one_does(tiny_home: Home, method: str, distributed: str):
     snap, settings = ready(tiny_home, method=method)
     train(tiny_home, snap, settings, run_id="one")
     settings.train.processes = 2
+    settings.train.distributed = distributed  # type: ignore[assignment]
     events: list[Event] = []
     launch(tiny_home, snap.id, settings, "two", "train", events.append)
 
@@ -82,8 +94,13 @@ def test_two_processes_train_what_one_does(tiny_home: Home, method: str):
         assert b == pytest.approx(a, rel=0.02), (one, two)
     info_one, info_two = read_json(tiny_home.run("one").train_json), read_json(tiny_home.run("two").train_json)
     assert info_two["processes"] == 2 and info_one["processes"] == 1
+    assert info_two["distributed"] == distributed and info_one["distributed"] is None
     assert info_two["best_val_loss"] == pytest.approx(info_one["best_val_loss"], rel=0.01)
-    assert (tiny_home.run("two").adapter / "adapter_model.safetensors").is_file()
+    adapter_one = load_file(tiny_home.run("one").adapter / "adapter_model.safetensors")
+    adapter_two = load_file(tiny_home.run("two").adapter / "adapter_model.safetensors")
+    assert adapter_two.keys() == adapter_one.keys()  # sharded or not, the same full adapter is written
+    for name, tensor in adapter_one.items():
+        assert torch.allclose(adapter_two[name].float(), tensor.float(), atol=2e-3), name
     steps_seen = [e.completed for e in events if isinstance(e, Progress)]
     assert steps_seen == list(range(1, STEPS + 1))  # rank 0's events only, each step once
     assert not rank_processes(tiny_home, "two")
@@ -121,10 +138,12 @@ def test_a_killed_rank_restarts_the_run_from_its_checkpoint(tiny_home: Home):
 
 
 @pytest.mark.slow
-def test_a_run_stopped_on_two_processes_resumes_on_one(tiny_home: Home):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_a_run_stopped_on_two_processes_resumes_on_one(tiny_home: Home, distributed: str):
     snap, settings = ready(tiny_home, max_steps=8, checkpoint_every=2)
     train(tiny_home, snap, settings, run_id="one")
     settings.train.processes = 2
+    settings.train.distributed = distributed  # type: ignore[assignment]
     checkpoints = tiny_home.run("mixed").checkpoints
 
     def has_checkpoint() -> bool:
@@ -140,6 +159,24 @@ def test_a_run_stopped_on_two_processes_resumes_on_one(tiny_home: Home):
     assert info["processes_per_session"] == [2, 1] and info["resumed_from"]
     for a, b in zip(losses(tiny_home, "one"), losses(tiny_home, "mixed"), strict=True):
         assert b == pytest.approx(a, rel=0.02)
+
+
+def test_auto_shards_only_what_does_not_fit_one_process():
+    gib = 2**30
+    params = 8 * 10**9  # an 8B base: about 6.3 GiB in 4 bits, 24 GiB in bf16 with LoRA's share
+    assert choose_distributed("auto", "qlora", params, 24 * gib, 2)[0] == "ddp"
+    layout, why = choose_distributed("auto", "qlora", params, 4 * gib, 2)
+    assert layout == "fsdp" and "sharded over 2 processes" in why
+    assert choose_distributed("auto", "lora", params, 16 * gib, 4)[0] == "fsdp"
+    assert choose_distributed("auto", "full", params, 16 * gib, 4)[0] == "ddp"  # FSDP trains adapters only
+    assert choose_distributed("fsdp", "qlora", params, 80 * gib, 2) == ("fsdp", "set in config")
+
+
+def test_fsdp_refuses_a_method_it_does_not_shard(tiny_home: Home):
+    snap, settings = ready(tiny_home, processes=2, distributed="fsdp", method="ia3", max_restarts=0)
+    with pytest.raises(TrainError, match=r"distributed = 'fsdp' trains lora and qlora; .* ia3"):
+        launch(tiny_home, snap.id, settings, "ia3", "train", lambda _: None)
+    assert not rank_processes(tiny_home, "ia3")
 
 
 def test_a_failing_rank_is_one_clear_error(tiny_home: Home):

@@ -177,11 +177,13 @@ class TrainSection(Section):
         "process without a GPU; N > 1 starts N processes through torchrun, each on its share of every "
         "step's examples, with the same effective batch and learning-rate schedule as one process.",
     )
-    distributed: Literal["ddp"] = Field(
-        "ddp",
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
         description="How several processes train: ddp, a full copy of the model per process and the "
-        "step's gradients summed across them (gloo on CPUs, nccl on GPUs). FSDP (sharding a base too "
-        "large for one device) is not offered yet.",
+        "step's gradients summed across them (gloo on CPUs, nccl on GPUs); fsdp, each process holds a "
+        "shard of the model and gathers a layer's weights only while it runs (FSDP2; QLoRA's 4-bit "
+        "weights stored in bf16 so they shard), for a base too large for one device (lora and qlora "
+        "only); auto, ddp when the method's memory estimate fits one device's budget, else fsdp.",
     )
     max_restarts: int = Field(
         2,

@@ -37,13 +37,16 @@ def load_causal_lm(model_dir: Path, dtype: Any = None, quantization_config: Any 
         raise BaseModelError(f"{model_dir}: cannot load the model ({_first_line(exc)})") from None
 
 
-def nf4_config(compute_dtype: Any) -> Any:
-    """QLoRA's quantization: NF4 with double quantization (Dettmers et al. 2023)."""
+def nf4_config(compute_dtype: Any, shardable: bool = False) -> Any:
+    """QLoRA's quantization: NF4 with double quantization (Dettmers et al. 2023).
+    ``shardable``: the packed 4-bit weights are stored as bf16 elements, a dtype FSDP can
+    flatten and shard with the rest of the model (the FSDP-QLoRA recipe)."""
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.bfloat16 if shardable else torch.uint8,
     )
 
 

@@ -48,6 +48,7 @@ class Group:
 
     rank: int = 0
     size: int = 1
+    sharded: bool = False  # FSDP (training/sharding.py) rather than a whole model per process
 
     @property
     def is_main(self) -> bool:

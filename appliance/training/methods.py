@@ -27,12 +27,21 @@ from appliance.home.config import METHODS, UNMERGEABLE  # noqa: F401  (the metho
 FULL_BYTES_PER_PARAM = 16 * 1.25
 # auto: full fine-tuning needs enough data to move every weight usefully.
 FULL_MIN_EXAMPLES = 5000
+# Bytes per parameter of a 4-bit NF4 base with double quantization (4.5 bits), plus a half
+# again for the adapters, their optimizer and activations.
+QLORA_BYTES_PER_PARAM = 0.5625 * 1.5
+# Methods FSDP trains here (training/sharding.py): LoRA on a plain or 4-bit base.
+FSDP_METHODS = ("lora", "qlora")
+# Under FSDP a rank holds its shard plus one gathered layer and communication buffers.
+FSDP_OVERHEAD = 1.25
 
 
 @dataclass(frozen=True)
 class Choice:
     method: str
     reason: str
+    distributed: str = "ddp"  # how several processes share the run (unused by one process)
+    distributed_reason: str = ""
 
 
 def count_parameters(base_dir: Path) -> int:
@@ -70,6 +79,30 @@ def full_estimate(params: int) -> int:
 def lora_estimate(params: int) -> int:
     """bf16 frozen weights plus a small share for adapters, their optimizer and activations."""
     return int(params * 2 * 1.5)
+
+
+def estimate(method: str, params: int) -> int:
+    """Bytes one whole copy of a run of ``method`` needs."""
+    if method == "full":
+        return full_estimate(params)
+    if method == "qlora":
+        return int(params * QLORA_BYTES_PER_PARAM)
+    return lora_estimate(params)
+
+
+def choose_distributed(setting: str, method: str, params: int, budget: int, processes: int) -> tuple[str, str]:
+    """ddp or fsdp for a run of ``method`` on ``processes`` processes (``budget``: one
+    process's memory), and why in words."""
+    if setting != "auto":
+        return setting, "set in config"
+    need = estimate(method, params)
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+    if need <= budget or method not in FSDP_METHODS:
+        return "ddp", f"a whole copy ({gib(need)}) fits in each process's {gib(budget)}"
+    return "fsdp", (
+        f"a whole copy needs about {gib(need)}, more than each process's {gib(budget)}: "
+        f"sharded over {processes} processes, about {gib(need * FSDP_OVERHEAD / processes)} each"
+    )
 
 
 def choose(method: str, base_dir: Path, n_examples: int, budget: int) -> Choice:

@@ -20,7 +20,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from appliance.home.fsutil import read_json, staging_dir, write_json_atomic
 from appliance.home.paths import Home, RunDir
 from appliance.runtime.device import set_threads, torch_device
 from appliance.runtime.hf import load_causal_lm, load_tokenizer, nf4_config
-from appliance.training import incremental, methods, recipe
+from appliance.training import incremental, methods, recipe, sharding
 from appliance.training.distributed import Group
 from appliance.training.examples import collate, general_examples, pack, plan_steps, render_all, study_records
 from appliance.training.methods import count_parameters
@@ -90,10 +90,16 @@ class TrainState:
 
 
 def load_trainable(
-    base_dir: Path, settings: Settings, device: str, method: str | None = None, total_steps: int = 1
+    base_dir: Path,
+    settings: Settings,
+    device: str,
+    method: str | None = None,
+    total_steps: int = 1,
+    sharded: bool = False,
 ) -> Any:
     """The base with what ``method`` (default: the configured one; auto means qlora here)
-    trains: a peft adapter on it, or (full) every weight."""
+    trains: a peft adapter on it, or (full) every weight. ``sharded``: the 4-bit weights are
+    stored in bf16, which FSDP can shard (training/sharding.py)."""
     method = method or (settings.train.method if settings.train.method != "auto" else "qlora")
     compute = torch.bfloat16
     if method == "full":  # fp32 weights: AdamW updates to bf16 weights would mostly round away
@@ -102,7 +108,8 @@ def load_trainable(
         return model
     if method == "qlora":
         model = prepare_qlora(
-            load_causal_lm(base_dir, dtype=compute, quantization_config=nf4_config(compute), device=device), device
+            load_causal_lm(base_dir, dtype=compute, quantization_config=nf4_config(compute, sharded), device=device),
+            device,
         )
     else:
         model = load_causal_lm(base_dir, dtype=compute, device=device)
@@ -119,9 +126,11 @@ def resolve_method(
     device: str,
     emit: Emit,
     how: incremental.Plan | None = None,
+    processes: int = 1,
 ) -> methods.Choice:
-    """The run's method, decided once and kept in ``method.json`` (a resumed run must not
-    switch methods because free memory changed); an incremental run keeps its parent's."""
+    """The run's method (and, on several processes, ddp or fsdp), decided once and kept in
+    ``method.json`` (a resumed run must not switch methods because free memory changed); an
+    incremental run keeps its parent's method."""
     saved = run.method_json
     if saved.exists():
         return methods.Choice(**read_json(saved))
@@ -130,6 +139,14 @@ def resolve_method(
         choice = methods.Choice(how.method, f"continues the adapter of {how.parent}")
     else:
         choice = methods.choose(settings.train.method, base_dir, n_examples, budget)
+    if processes > 1:
+        per_process = budget if device == "cuda" else budget // processes  # CPU ranks share the RAM
+        layout, why = methods.choose_distributed(
+            settings.train.distributed, choice.method, count_parameters(base_dir), per_process, processes
+        )
+        choice = replace(choice, distributed=layout, distributed_reason=why)
+        if settings.train.distributed == "auto":
+            emit(Message(STAGE, f"{processes} processes, {layout}: {why}"))
     write_json_atomic(saved, asdict(choice))
     if settings.train.method == "auto":
         emit(Message(STAGE, f"method {choice.method}: {choice.reason}"))
@@ -178,9 +195,12 @@ def step_loss(
     backward: bool,
     stop: Callable[[], bool] | None = None,
     tokens: int | None = None,
+    group: Group | None = None,
 ) -> tuple[float, int]:
     """Token-weighted loss over the rows of one step: sum of token losses / trained tokens
-    (``tokens``: the whole step's, when these rows are one process's share of it).
+    (``tokens``: the whole step's, when these rows are one process's share of it). Sharded
+    (FSDP), every rank runs as many passes as the busiest one and gradients are reduced
+    after the last.
 
     Logits are computed only where a trained token is predicted (``logits_to_keep``):
     with a 49k vocabulary the output layer is a large share of the work, and on chat
@@ -189,7 +209,10 @@ def step_loss(
     total_tokens = tokens or sum(ex.trained_tokens for row in rows for ex in row)
     oom_above = int(os.environ.get(FAULT_OOM_ENV) or 0)
     loss_sum = 0.0
-    for row in rows:
+    real = len(rows)
+    if group is not None and group.sharded:
+        rows, real = sharding.even_rows(rows)
+    for index, row in enumerate(rows):
         if stop is not None and stop():  # between passes: a step can take minutes on a CPU
             raise TrainInterrupted()
         batch = collate(row, device)
@@ -199,7 +222,11 @@ def step_loss(
         keep = (labels[1:] != IGNORE).nonzero().squeeze(-1)  # position i predicts token i + 1
         out = model(**batch, use_cache=False, logits_to_keep=keep)
         loss = F.cross_entropy(out.logits[0].float(), labels[keep + 1], reduction="sum") / max(total_tokens, 1)
+        if index >= real:
+            loss = loss * 0.0  # a filler pass (sharding.even_rows): in the collectives, not in the loss
         if backward:
+            if group is not None and group.sharded:
+                sharding.set_sync(model, index == len(rows) - 1)
             loss.backward()
         loss_sum += float(loss.detach())
     return loss_sum, total_tokens
@@ -215,7 +242,8 @@ def evaluate(
     tokens = sum(ex.trained_tokens for ex in examples)
     model.eval()
     with torch.no_grad():
-        loss, _ = step_loss(model, pack(group.shard(examples), micro_tokens), device, backward=False, tokens=tokens)
+        rows = pack(group.shard(examples), micro_tokens)
+        loss, _ = step_loss(model, rows, device, backward=False, tokens=tokens, group=group)
     model.train()
     return group.total(loss)
 
@@ -232,18 +260,20 @@ def train_step(
     emit: Emit,
     stop: Callable[[], bool] | None = None,
     tokens: int | None = None,
+    group: Group | None = None,
 ) -> float:
     """Forward/backward over one step's examples (``tokens``: the whole step's trained tokens,
     when ``examples`` are this process's share). Out of memory halves the tokens per forward
     pass (more accumulation, same effective batch) and retries the step; the smaller setting
-    is kept for the rest of the run, resumes included."""
+    is kept for the rest of the run, resumes included. Sharded, a rank cannot retry alone
+    (the others wait in a collective): the out-of-memory error ends the attempt."""
     while True:
         rows = pack(examples, state.micro_tokens)
         try:
-            loss, _ = step_loss(model, rows, device, backward=True, stop=stop, tokens=tokens)
+            loss, _ = step_loss(model, rows, device, backward=True, stop=stop, tokens=tokens, group=group)
             return loss
         except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not _is_oom(exc):
+            if not _is_oom(exc) or (group is not None and group.sharded):
                 raise
             model.zero_grad(set_to_none=True)
             if device == "cuda":
@@ -273,14 +303,25 @@ def peak_memory_bytes(device: str) -> int:
 # --- checkpoints -------------------------------------------------------------------------
 
 
-def save_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any, state: TrainState, keep: int) -> None:
+def save_checkpoint(
+    run: RunDir, model: Any, optimizer: Any, scheduler: Any, state: TrainState, keep: int, group: Group | None = None
+) -> None:
+    """Write a checkpoint of the last complete step (rank 0 writes; sharded, every rank must call
+    it, as each holds a shard of what is saved). Weights and optimizer state are full tensors
+    keyed by parameter name, so any number of processes can resume from them."""
+    group = group or Group()
+    if not (group.is_main or group.sharded):
+        return
+    weights = {k: v.detach().cpu().contiguous() for k, v in _trained_state(model, group).items()}
+    optimizer_state = sharding.optimizer_state(model, optimizer)
+    if not group.is_main:
+        return
     target = run.checkpoint(state.step)
     with staging_dir(target) as tmp:
-        weights = {k: v.detach().cpu().contiguous() for k, v in _trained_state(model).items()}
         save_file(weights, run.checkpoint_weights(tmp))
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -292,25 +333,40 @@ def save_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any, sta
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any) -> TrainState | None:
+def latest_checkpoint(run: RunDir) -> Path | None:
     found = run.checkpoint_dirs()
-    if not found:
-        return None
-    latest = found[-1]
-    _load_trained_state(model, load_file(run.checkpoint_weights(latest)))
-    saved = torch.load(run.checkpoint_trainer(latest), weights_only=False)  # written by this appliance, in its own home
-    optimizer.load_state_dict(saved["optimizer"])
+    return found[-1] if found else None
+
+
+def load_checkpoint_weights(model: Any, checkpoint: Path, run: RunDir) -> None:
+    """A checkpoint's trained weights into the model (before it is sharded, if it will be)."""
+    _load_trained_state(model, load_file(run.checkpoint_weights(checkpoint)))
+
+
+def load_checkpoint_trainer(
+    run: RunDir, checkpoint: Path, model: Any, optimizer: Any, scheduler: Any, group: Group
+) -> TrainState:
+    """The optimizer, scheduler and random state of a checkpoint; the run's state at that step."""
+    saved = torch.load(
+        run.checkpoint_trainer(checkpoint), weights_only=False
+    )  # written by this appliance, in its own home
+    if all(isinstance(key, int) for key in saved["optimizer"]["state"]):
+        optimizer.load_state_dict(saved["optimizer"])  # a checkpoint from before name-keyed state
+    else:
+        sharding.load_optimizer_state(model, optimizer, saved["optimizer"], group.sharded)
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
     if saved["cuda_rng"]:
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    return TrainState(**read_json(run.checkpoint_state(latest)))
+    return TrainState(**read_json(run.checkpoint_state(checkpoint)))
 
 
-def _trained_state(model: Any) -> dict[str, Any]:
-    """What a checkpoint must hold: the adapter's tensors, or every weight (full)."""
+def _trained_state(model: Any, group: Group | None = None) -> dict[str, Any]:
+    """What a checkpoint must hold: the adapter's tensors, or every weight (full). Sharded,
+    the full tensors are gathered from every rank (each must call it)."""
     if isinstance(model, PeftModel):
-        return get_peft_model_state_dict(model)
+        gathered = sharding.trained_weights(model) if group is not None and group.sharded else None
+        return get_peft_model_state_dict(model, state_dict=gathered)
     return dict(model.state_dict())
 
 
@@ -339,9 +395,13 @@ def _plan(home: Home, run: RunDir, snapshot: Snapshot, settings: Settings, kind:
     return how
 
 
-def _save_adapter(model: Any, tokenizer: Any, run: RunDir) -> None:
+def _save_adapter(model: Any, tokenizer: Any, run: RunDir, group: Group) -> None:
+    """The best adapter so far (rank 0 writes; sharded, every rank calls it to gather the weights)."""
+    gathered = sharding.trained_weights(model) if group.sharded else None
+    if not group.is_main:
+        return
     with staging_dir(run.adapter) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": gathered} if gathered is not None else {}))
         tokenizer.save_pretrained(tmp)
 
 
@@ -373,6 +433,7 @@ def _prepare(
     device: str,
     max_steps: int | None,
     emit: Emit,
+    processes: int = 1,
 ) -> Prepared:
     """The run's examples, recipe, optimizer steps and method."""
     base_dir = home.base(settings.base.name)
@@ -402,7 +463,7 @@ def _prepare(
     steps = plan_steps(mix, plan.epochs, plan.tokens_per_step, settings.train.seed)
     limit = max_steps or settings.train.max_steps
     steps = steps[:limit] if limit else steps
-    choice = resolve_method(run, base_dir, settings, len(train_ex), device, emit, how)
+    choice = resolve_method(run, base_dir, settings, len(train_ex), device, emit, how, processes)
     return Prepared(how, tokenizer, train_ex, val_ex, general, leaks, study_counts, plan, steps, choice)
 
 
@@ -442,29 +503,37 @@ def train(
     threads = set_threads(group.threads(settings.train.threads))
     torch.manual_seed(settings.train.seed)
     with group.main_first():  # rank 0 writes the plan, the method and the caches; the others read them
-        data = _prepare(home, run, snapshot, settings, kind, device, max_steps, emit)
+        data = _prepare(home, run, snapshot, settings, kind, device, max_steps, emit, group.size)
     steps, epochs = data.steps, data.plan.epochs
 
-    model = load_trainable(base_dir, settings, device, data.choice.method, len(steps))
+    group = replace(group, sharded=group.size > 1 and data.choice.distributed == "fsdp")
+    if group.sharded:
+        sharding.check_method(data.choice.method)
+    model = load_trainable(base_dir, settings, device, data.choice.method, len(steps), group.sharded)
     if data.how.incremental:  # step 0 is the parent's adapter (a checkpoint, if any, replaces it below)
         _load_trained_state(model, _adapter_weights(home.run(data.how.parent_run or "").adapter))
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is not None:
+        load_checkpoint_weights(model, checkpoint, run)
+    group.broadcast([p for p in model.parameters() if p.requires_grad])  # every process starts from rank 0's weights
+    if group.sharded:
+        model = sharding.shard(model, device, group.size)
     params = [p for p in model.parameters() if p.requires_grad]
-    group.broadcast(params)  # every process starts from rank 0's weights
     optimizer = torch.optim.AdamW(params, lr=data.plan.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(settings.train.warmup_ratio * len(steps)), len(steps)
     )
-    state = load_checkpoint(run, model, optimizer, scheduler)
-    if state is None:
+    if checkpoint is None:
         state = TrainState(
             run.id, snapshot.id, len(steps), micro_tokens=settings.train.micro_tokens or MICRO_TOKENS[device]
         )
-    elif state.snapshot != snapshot.id or state.total_steps != len(steps):
-        raise TrainError(
-            f"run {run.id}: its checkpoints belong to snapshot {state.snapshot} with "
-            f"{state.total_steps} steps; start a new run instead of resuming this one"
-        )
     else:
+        state = load_checkpoint_trainer(run, checkpoint, model, optimizer, scheduler, group)
+        if state.snapshot != snapshot.id or state.total_steps != len(steps):
+            raise TrainError(
+                f"run {run.id}: its checkpoints belong to snapshot {state.snapshot} with "
+                f"{state.total_steps} steps; start a new run instead of resuming this one"
+            )
         state.resumed_from.append(state.step)
         emit(Message(STAGE, f"resuming run {run.id} from step {state.step} of {len(steps)}"))
     state.processes.append(group.size)
@@ -489,16 +558,17 @@ def train(
         try:
             if group.any(stop is not None and stop()):
                 raise TrainInterrupted()
-            loss = train_step(model, group.shard(steps[index]), state, device, emit, pass_stop, step_tokens)
+            loss = train_step(model, group.shard(steps[index]), state, device, emit, pass_stop, step_tokens, group)
         except TrainInterrupted:
             optimizer.zero_grad(set_to_none=True)
             saved = run.checkpoint_dirs()
             fresh = state.step and (not saved or int(saved[-1].name.split("-")[1]) != state.step)
-            if fresh and group.is_main:
-                save_checkpoint(run, model, optimizer, scheduler, state, settings.train.keep_checkpoints)
+            if fresh:
+                save_checkpoint(run, model, optimizer, scheduler, state, settings.train.keep_checkpoints, group)
             emit(Message(STAGE, f"stopped at step {state.step} of {len(steps)}; checkpoint saved"))
             raise
-        group.sum_gradients(params)
+        if not group.sharded:  # FSDP reduced them after the step's last pass
+            group.sum_gradients(params)
         loss = group.total(loss)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -526,8 +596,8 @@ def train(
         point["eta_s"] = per_step * (len(steps) - state.step)
         state.curve.append(point)
         done = state.step == len(steps) or state.stopped_early
-        if state.step % settings.train.checkpoint_every == 0 and not done and group.is_main:
-            save_checkpoint(run, model, optimizer, scheduler, state, settings.train.keep_checkpoints)
+        if state.step % settings.train.checkpoint_every == 0 and not done:
+            save_checkpoint(run, model, optimizer, scheduler, state, settings.train.keep_checkpoints, group)
         emit(Progress(STAGE, completed=state.step, total=len(steps), metrics=point))
         if state.stopped_early:
             emit(
@@ -563,8 +633,10 @@ def _write_train_json(
             "device": device,
             "threads": threads,
             "processes": state.processes[-1],
+            "distributed": data.choice.distributed if state.processes[-1] > 1 else None,
             "method": data.choice.method,
             "method_reason": data.choice.reason,
+            "distributed_reason": data.choice.distributed_reason if state.processes[-1] > 1 else None,
             "dora": settings.train.dora,
             "epochs": data.plan.epochs,
             "recipe": data.plan.to_dict(),
@@ -610,8 +682,7 @@ def _evaluate_and_select(
     score = val if val is not None else loss
     if state.best_score is None or score < state.best_score:
         state.best_score, state.best_step, state.bad_evals = score, state.step, 0
-        if group.is_main:
-            _save_adapter(model, tokenizer, run)
+        _save_adapter(model, tokenizer, run, group)
     else:
         state.bad_evals += 1
         patience = settings.train.patience
