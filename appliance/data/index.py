@@ -325,18 +325,29 @@ class Index:
         but it is one more native library to ship and a collection's few thousand passages
         scan in milliseconds."""
         with _guarded(self.path):
-            rows = self.db.execute(
-                "SELECT p.sha256, p.path, p.ordinal, p.text, v.vector FROM vectors v JOIN passages p ON p.id = v.id "
-                "WHERE v.model = ?",
-                (model,),
-            ).fetchall()
+            rows = self.db.execute("SELECT id, vector FROM vectors WHERE model = ?", (model,)).fetchall()
         if not rows or limit <= 0:
             return []
-        matrix = np.stack([np.frombuffer(row[4], dtype="<f4") for row in rows])
+        matrix = np.stack([np.frombuffer(row[1], dtype="<f4") for row in rows])
         query = np.asarray(vector, dtype=np.float32)
         scores = matrix @ query / (np.linalg.norm(matrix, axis=1) * (np.linalg.norm(query) or 1.0) + 1e-12)
         best = np.argsort(-scores, kind="stable")[:limit]
-        return [Hit(rows[i][0], rows[i][1], rows[i][2], rows[i][3], float(scores[i])) for i in best]
+        # Texts only for the best few: a scan reads vectors, not every passage's text.
+        ids = [rows[i][0] for i in best]
+        with _guarded(self.path):
+            found = {
+                row[0]: row[1:]
+                for row in self.db.execute(
+                    f"SELECT id, sha256, path, ordinal, text FROM passages WHERE id IN ({','.join('?' * len(ids))})",
+                    ids,
+                )
+            }
+        hits = []
+        for i in best:
+            if (row := found.get(rows[i][0])) is not None:  # None: deleted since the scan
+                sha256, path, ordinal, text = row
+                hits.append(Hit(sha256, path, ordinal, text, float(scores[i])))
+        return hits
 
     def count(self) -> dict[str, int]:
         with _guarded(self.path):
