@@ -37,7 +37,7 @@ from appliance.data.snapshot import Snapshot, records
 from appliance.home.config import Settings
 from appliance.home.fsutil import read_json, staging_dir, write_json_atomic
 from appliance.home.paths import Home, RunDir
-from appliance.runtime.device import set_threads, torch_device
+from appliance.runtime.device import compute_dtype, set_threads, torch_device
 from appliance.runtime.hf import load_causal_lm, load_tokenizer, nf4_config
 from appliance.training import incremental, methods, recipe, sharding
 from appliance.training.distributed import Group
@@ -101,7 +101,7 @@ def load_trainable(
     trains: a peft adapter on it, or (full) every weight. ``sharded``: the 4-bit weights are
     stored in bf16, which FSDP can shard (training/sharding.py)."""
     method = method or (settings.train.method if settings.train.method != "auto" else "qlora")
-    compute = torch.bfloat16
+    compute = compute_dtype(device)  # bf16 where native, else float32 (runtime/device.py)
     if method == "full":  # fp32 weights: AdamW updates to bf16 weights would mostly round away
         model = load_causal_lm(base_dir, dtype=torch.float32, device=device)
         model.config.use_cache = False
@@ -159,7 +159,7 @@ def prepare_qlora(model: Any, device: str) -> Any:
     peft's ``prepare_model_for_kbit_training`` would also upcast every non-quantized
     weight to fp32; the frozen embedding and output layer are the largest of those
     (over 4 GiB together for a 128k vocabulary at 8B), and the NF4 layers compute in
-    bf16 anyway, so the base stays in bf16 here.
+    the compute dtype anyway, so the base stays in it here (bf16 where native).
     """
     for param in model.parameters():
         param.requires_grad_(False)
@@ -631,6 +631,7 @@ def _write_train_json(
             "snapshot": snapshot.id,
             "base": settings.base.name,
             "device": device,
+            "compute_dtype": str(compute_dtype(device)).removeprefix("torch."),
             "threads": threads,
             "processes": state.processes[-1],
             "distributed": data.choice.distributed if state.processes[-1] > 1 else None,
