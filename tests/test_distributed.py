@@ -7,6 +7,8 @@ process left over; a run stopped on two processes resumes on one."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -178,6 +180,31 @@ def test_fsdp_refuses_a_method_it_does_not_shard(tiny_home: Home):
     with pytest.raises(TrainError, match=r"distributed = 'fsdp' trains lora and qlora; .* ia3"):
         launch(tiny_home, snap.id, settings, "ia3", "train", lambda _: None)
     assert not rank_processes(tiny_home, "ia3")
+
+
+@pytest.mark.slow
+def test_a_killed_worker_leaves_no_rank_running(tiny_home: Home):
+    """The process that launched the ranks dies by SIGKILL (no cleanup runs): torchrun and the
+    ranks follow it within seconds instead of training on in their own session."""
+    snap, settings = ready(tiny_home, processes=2, max_steps=200)
+    script = (
+        "import sys; from pathlib import Path; from appliance.home.config import Settings; "
+        "from appliance.home.paths import Home; "
+        "from appliance.training.launch import launch; "
+        f"launch(Home(Path(sys.argv[1])), {snap.id!r}, Settings.model_validate_json(sys.argv[2]), 'orphan', 'train', "
+        "lambda _: None)"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", script, str(tiny_home.root), settings.model_dump_json()])
+    deadline = time.monotonic() + 120
+    while len(rank_processes(tiny_home, "orphan")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(rank_processes(tiny_home, "orphan")) == 3, "torchrun and its two ranks never started"
+    worker.kill()
+    worker.wait()
+    deadline = time.monotonic() + 30
+    while rank_processes(tiny_home, "orphan") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not rank_processes(tiny_home, "orphan")
 
 
 def test_a_failing_rank_is_one_clear_error(tiny_home: Home):

@@ -7,6 +7,7 @@ events; everything else the ranks and torchrun write goes to ``<run>/ranks.log``
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import queue
@@ -135,10 +136,22 @@ def _attempt(n: int, spec: Path, log_path: Path, emit: Emit, stop: Callable[[], 
             stderr=log,
             text=True,
             start_new_session=True,  # its own process group: stopping it reaches every rank
+            preexec_fn=_die_with_parent,
             env={**os.environ, **LOOPBACK, "PYTHONUNBUFFERED": "1"},
         )
         stopped = _follow(child, emit, stop)
     return child.returncode, stopped
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls into it
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In torchrun's process, before it starts: SIGTERM it when this process dies, even by
+    SIGKILL (Linux's parent-death signal); torchrun then stops its ranks. Without it a killed
+    worker would leave torchrun and the ranks training in their own session."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _follow(child: subprocess.Popen[str], emit: Emit, stop: Callable[[], bool] | None) -> bool:
