@@ -35,8 +35,6 @@ from appliance.contract.errors import TrainError
 from appliance.training.methods import FSDP_METHODS
 from appliance.training.render import IGNORE, Example
 
-# FSDP_METHODS: LoRA on a plain or 4-bit base. DoRA's magnitude vectors, AdaLoRA's rank
-# masks and IA3 were not checked under sharding, and full fine-tuning keeps fp32 copies.
 # A filler pass: two tokens, the second "trained" so the pass reaches every weight; its loss
 # is multiplied by zero, so it changes nothing but takes part in every collective.
 FILLER = Example([0, 0], [IGNORE, 0])
@@ -45,6 +43,8 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def check_method(method: str) -> None:
+    """FSDP_METHODS only: DoRA's magnitude vectors, AdaLoRA's rank masks and IA3 were not
+    checked under sharding, and full fine-tuning keeps fp32 copies of every weight."""
     if method not in FSDP_METHODS:
         raise TrainError(
             f"[train] distributed = 'fsdp' trains {' and '.join(FSDP_METHODS)}; this run's method is "

@@ -347,9 +347,8 @@ def load_checkpoint_trainer(
     run: RunDir, checkpoint: Path, model: Any, optimizer: Any, scheduler: Any, group: Group
 ) -> TrainState:
     """The optimizer, scheduler and random state of a checkpoint; the run's state at that step."""
-    saved = torch.load(
-        run.checkpoint_trainer(checkpoint), weights_only=False
-    )  # written by this appliance, in its own home
+    # Written by this appliance, in its own home: its pickled scheduler state may be loaded.
+    saved = torch.load(run.checkpoint_trainer(checkpoint), weights_only=False)
     if all(isinstance(key, int) for key in saved["optimizer"]["state"]):
         optimizer.load_state_dict(saved["optimizer"])  # a checkpoint from before name-keyed state
     else:
@@ -365,9 +364,14 @@ def _trained_state(model: Any, group: Group | None = None) -> dict[str, Any]:
     """What a checkpoint must hold: the adapter's tensors, or every weight (full). Sharded,
     the full tensors are gathered from every rank (each must call it)."""
     if isinstance(model, PeftModel):
-        gathered = sharding.trained_weights(model) if group is not None and group.sharded else None
-        return get_peft_model_state_dict(model, state_dict=gathered)
+        return get_peft_model_state_dict(model, state_dict=_gathered(model, group))
     return dict(model.state_dict())
+
+
+def _gathered(model: Any, group: Group | None) -> dict[str, Any] | None:
+    """Sharded: the trained weights gathered in full from every rank (each must call it);
+    otherwise None, and peft reads the model's own tensors."""
+    return sharding.trained_weights(model) if group is not None and group.sharded else None
 
 
 def _load_trained_state(model: Any, weights: dict[str, Any]) -> None:
@@ -397,7 +401,7 @@ def _plan(home: Home, run: RunDir, snapshot: Snapshot, settings: Settings, kind:
 
 def _save_adapter(model: Any, tokenizer: Any, run: RunDir, group: Group) -> None:
     """The best adapter so far (rank 0 writes; sharded, every rank calls it to gather the weights)."""
-    gathered = sharding.trained_weights(model) if group.sharded else None
+    gathered = _gathered(model, group)
     if not group.is_main:
         return
     with staging_dir(run.adapter) as tmp:
