@@ -47,13 +47,14 @@ from appliance.home.paths import Home  # noqa: E402
 
 TARGETS = {"incremental_ratio": 1.5, "first_facts_loss_growth": 0.05}
 CONVERSATIONS = 10
-CHAIN = 5
+CHAIN = 5  # incremental runs after the first (past max_chain, so a consolidation is in it)
+SMOKE_CHAIN = 2
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", default=None, help="the two store sizes, 1x and 10x (default 20,200)")
-    parser.add_argument("--smoke", action="store_true", help="2 and 4 files, a few steps: the code path")
+    parser.add_argument("--smoke", action="store_true", help="2 and 4 files, a chain of 2, a few steps: the code path")
     args = parser.parse_args()
     sizes = [int(n) for n in (args.files or ("2,4" if args.smoke else "20,200")).split(",")]
     work = Path(tempfile.mkdtemp(prefix="incremental-cost-", dir=os.environ.get("BENCH_TMP")))
@@ -168,7 +169,7 @@ def old_knowledge(work: Path, base: Home, smoke: bool) -> dict[str, Any]:
     chat_file(home.inbox / "second.jsonl", "second")
     job(home)
     losses, modes = [first_loss(home)], []
-    for i in range(CHAIN):
+    for i in range(SMOKE_CHAIN if smoke else CHAIN):
         chat_file(home.inbox / f"more-{i}.jsonl", f"more{i}")
         _, info = job(home)
         modes.append(info["incremental"]["mode"])

@@ -64,9 +64,9 @@ case "$ACTION" in
     test)
         check
         step "tests, fast tier"
-        .venv/bin/python -m pytest -m "not slow"
+        .venv/bin/python -m pytest -m "not slow" --durations=15
         step "tests, slow tier (the embedded default model end to end)"
-        .venv/bin/python -m pytest -m slow ;;
+        .venv/bin/python -m pytest -m slow --durations=15 ;;
     setup) ;;
     *) echo "usage: bash packaging/setup.sh [demo|test|check]" >&2; exit 2 ;;
 esac

@@ -41,7 +41,7 @@ def cli_train(home: Home, run: str, env: dict | None = None) -> subprocess.Popen
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_home: Home):
     configure(
-        tiny_home, max_steps=30, checkpoint_every=5, eval_every=10, micro_tokens=512, tokens_per_step=512, patience=None
+        tiny_home, max_steps=16, checkpoint_every=4, eval_every=8, micro_tokens=512, tokens_per_step=512, patience=None
     )
     engine = LocalEngine(tiny_home.root)
     engine.ingest()
@@ -62,9 +62,9 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_home: Home):
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     info = read_json(tiny_home.run("killed").root / "train.json")
-    assert info["steps"] == 30 and info["resumed_from"] == [killed_at]
+    assert info["steps"] == 16 and info["resumed_from"] == [killed_at]
     assert info["micro_tokens"] == 128
-    assert [p["step"] for p in info["curve"]] == list(range(1, 31))
+    assert [p["step"] for p in info["curve"]] == list(range(1, 17))
     assert not checkpoints.exists()  # cleaned once finished
     # The same run without interruption ends at the same loss.
     engine.train(run_id="straight")

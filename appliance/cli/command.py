@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, help="endpoint port (default 8088)")
     p.add_argument("--no-wait", action="store_true", help="stop the endpoint and exit after the comparison")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="a folder with your own policies.jsonl (chat conversations) and probes.jsonl (questions with "
+        "expected phrases) to run the demo on instead of the bundled clinic sample",
+    )
     p = command("eval", cmd_eval, "the promotion gate: a run's candidate against the current model", json_flag=True)
     p.add_argument("run", help="run id")
     collection_flag(p)
@@ -420,7 +426,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.cli.demo import run_demo
 
     home = _demo_home(args)
-    summary = run_demo(home, port=args.port, wait=not args.no_wait, quiet=args.json)
+    summary = run_demo(home, port=args.port, wait=not args.no_wait, quiet=args.json, data=args.data)
     if args.json:
         print_json(summary)
     return 0

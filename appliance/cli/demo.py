@@ -41,6 +41,14 @@ def sample_data() -> Path:
     raise HomeError("the sample data (examples/clinic) is missing from this installation")
 
 
+def sample_folder(folder: Path) -> Path:
+    """A folder given with ``--data``: it must hold the two files the demo reads."""
+    for name in ("policies.jsonl", "probes.jsonl"):
+        if not (folder / name).is_file():
+            raise HomeError(f"{folder / name}: missing; --data needs policies.jsonl and probes.jsonl")
+    return folder.absolute()
+
+
 def fresh_home(root: Path) -> None:
     if root.exists():
         if not (root / MARKER).exists() and any(root.iterdir()):
@@ -50,10 +58,14 @@ def fresh_home(root: Path) -> None:
     (root / MARKER).write_text("created by 'appliance demo'; removed by the next demo run\n")
 
 
-def run_demo(root: Path, port: int | None = None, wait: bool = True, quiet: bool = False) -> dict[str, Any]:
+def run_demo(
+    root: Path, port: int | None = None, wait: bool = True, quiet: bool = False, data: Path | None = None
+) -> dict[str, Any]:
+    """The demo on ``data`` (a folder like examples/clinic), by default the bundled sample;
+    always with a fresh home's default settings."""
     console = Console(stderr=True, quiet=quiet)
     started = time.monotonic()
-    data = sample_data()
+    data = sample_data() if data is None else sample_folder(data)
     settings = Settings()  # a fresh home's defaults: the demo shows what people install
     check_bind(settings.serve.host, port or settings.serve.port, settings)  # fail in a second, not after training
     fresh_home(root)
