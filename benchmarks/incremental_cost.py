@@ -47,7 +47,7 @@ from appliance.home.paths import Home  # noqa: E402
 
 TARGETS = {"incremental_ratio": 1.5, "first_facts_loss_growth": 0.05}
 CONVERSATIONS = 10
-CHAIN = 5  # incremental runs after the first (past max_chain, so a consolidation is in it)
+CHAIN = 5  # runs after the first, each adding a file; the first file's loss is read after each
 SMOKE_CHAIN = 2
 
 

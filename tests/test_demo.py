@@ -32,29 +32,18 @@ def sample_subset(folder: Path) -> Path:
     return folder
 
 
+def demo(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """``appliance demo ARGS`` as a user starts it."""
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", "demo", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
 @pytest.mark.slow
 def test_demo_tunes_the_embedded_model_and_it_answers_better(tmp_path: Path):
     home = tmp_path / "demo-home"
     data = sample_subset(tmp_path / "sample")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "appliance",
-            "demo",
-            "--home",
-            str(home),
-            "--no-wait",
-            "--json",
-            "--port",
-            str(free_port()),
-            "--data",
-            str(data),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+    proc = demo("--home", str(home), "--no-wait", "--json", "--port", str(free_port()), "--data", str(data))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     print(
@@ -70,28 +59,14 @@ def test_demo_tunes_the_embedded_model_and_it_answers_better(tmp_path: Path):
     # no demo-only settings: the run trained with what a fresh home's config says
     trained = json.loads((run / "train.json").read_text())["settings"]
     defaults = Settings().train.model_dump(mode="json")
-    assert {k: trained[k] for k in defaults if k in trained} == {k: v for k, v in defaults.items() if k in trained}
     assert set(trained) <= set(defaults)
+    assert trained == {k: defaults[k] for k in trained}
 
 
 def test_demo_data_must_hold_both_files(tmp_path: Path):
     (tmp_path / "only-policies").mkdir()
     (tmp_path / "only-policies" / "policies.jsonl").write_text("{}\n")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "appliance",
-            "demo",
-            "--home",
-            str(tmp_path / "h"),
-            "--data",
-            str(tmp_path / "only-policies"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = demo("--home", str(tmp_path / "h"), "--data", str(tmp_path / "only-policies"), timeout=120)
     assert proc.returncode != 0
     assert "probes.jsonl: missing" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "h").exists()  # refused before any work
