@@ -2,8 +2,9 @@
 
 The demo's own path (a fresh home, the embedded base exported, ingest, train, export,
 promote, the endpoint, probes asked of base and tuned) on the first 12 facts of the bundled
-clinic sample (``--data``): the whole sample trains for 15-20 minutes on two CPU cores,
-these 12 facts in about 4, with the same settings, which are a fresh home's defaults.
+clinic sample (``--data``): the whole sample takes 9-20 minutes on two CPU cores (slower
+where bf16 is not native), these 12 facts about 4, with the same settings, which are a
+fresh home's defaults.
 """
 
 from __future__ import annotations
