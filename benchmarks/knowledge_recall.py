@@ -12,7 +12,9 @@ questions per fact), in a fresh home on the embedded default model:
    quantized file), and of the base; an answer is right when it holds an expected phrase;
 3. the same questions are asked of the run's f16 GGUF (merged and converted again from the
    kept adapter) and of the HF model (base + adapter, transformers' greedy generate), so
-   a loss from quantization or conversion shows.
+   a loss from quantization or conversion shows;
+4. when the gate refused the candidate, the questions are asked of the quantized file it
+   would have served (``candidate``), so "learned but refused" and "did not learn" differ.
 
 Targets (issue "Knowledge that sticks"): documents >= 50% of probes, Q&A >= 60%, base <=
 10%, the handbook cycle under 20 minutes on these 2 cores. The last line is one JSON object.
@@ -71,7 +73,7 @@ def main() -> None:
         parser.error(f"unknown form(s): {', '.join(sorted(unknown))}")
     work = Path(tempfile.mkdtemp(prefix="knowledge-recall-", dir=os.environ.get("BENCH_TMP")))
     try:
-        result = run(work, forms, args.smoke, with_hf=not (args.no_hf or args.smoke))
+        result = run(work, forms, args.smoke, with_hf=not args.no_hf)
     finally:
         if args.keep:
             print(f"homes kept in {work}", flush=True)
@@ -87,7 +89,7 @@ def run(work: Path, forms: list[str], smoke: bool, with_hf: bool) -> dict[str, A
     init(template, base_source)  # the base's export is shared: each form copies this home
     if smoke:
         questions = questions[:6]
-    recall: dict[str, dict[str, float | None]] = {}
+    recall: dict[str, dict[str, Any]] = {}
     cycle: dict[str, float] = {}
     base_recall = None
     for form in forms:
@@ -98,10 +100,16 @@ def run(work: Path, forms: list[str], smoke: bool, with_hf: bool) -> dict[str, A
         version = registry.current(home)
         served, base = ask_served(home, questions, version)
         base_recall = base_recall if base_recall is not None else base
-        recall[form] = {"served": served, "version": version, "gate": gate_summary(home)}  # type: ignore[dict-item]
+        recall[form] = {"served": served, "version": version, "gate": gate_summary(home)}
         if with_hf and version not in (None, "base"):
             recall[form].update(other_forms(home, version, questions))
-        print(f"{form}: served {served:.2f} ({version}), base {base:.2f}, cycle {cycle[form] / 60:.1f} min", flush=True)
+        if recall[form]["gate"].get("passed") is False:
+            recall[form]["candidate"] = refused_candidate(home, questions)
+        refused = f", refused candidate {recall[form]['candidate']}" if "candidate" in recall[form] else ""
+        print(
+            f"{form}: served {served:.2f} ({version}), base {base:.2f}{refused}, cycle {cycle[form] / 60:.1f} min",
+            flush=True,
+        )
     return summary(recall, base_recall or 0.0, cycle, len(questions), smoke)
 
 
@@ -176,7 +184,6 @@ def other_forms(home: Home, version: str, questions: list[probes.Probe]) -> dict
     """Recall of the HF model (base + the run's adapter) and of its f16 GGUF."""
     from appliance.export.convert import convert
     from appliance.runtime.hf import load_tokenizer
-    from appliance.runtime.llamacpp_child import run as llama_run
     from appliance.training.merge import merge
 
     settings = load(home.config)
@@ -185,13 +192,39 @@ def other_forms(home: Home, version: str, questions: list[probes.Probe]) -> dict
     merge(home.base(settings.base.name), run.adapter, merged)
     gguf = convert(merged, run.root / "bench-f16.gguf")
     tokenizer = load_tokenizer(merged)
-    prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q.question}], add_generation_prompt=True)
+    f16 = gguf_recall(gguf, tokenizer, questions)
+    return {"f16": f16, "hf": hf_recall(merged, tokenizer, chat_prompts(tokenizer, questions), questions)}
+
+
+def refused_candidate(home: Home, questions: list[probes.Probe]) -> float | None:
+    """Recall of the quantized file a refused candidate would have served (None if none was made)."""
+    from appliance.runtime.hf import load_tokenizer
+
+    runs = sorted(p for p in home.runs.iterdir() if p.is_dir() and p.name != "base")
+    quants = sorted((runs[-1] / "gguf").glob("model-Q*.gguf")) if runs else []
+    if not quants:
+        return None
+    tokenizer = load_tokenizer(home.base(load(home.config).base.name))
+    return gguf_recall(quants[0], tokenizer, questions)
+
+
+def chat_prompts(tokenizer: Any, questions: list[probes.Probe]) -> list[list[int]]:
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q.question}], tokenize=False, add_generation_prompt=True
+        )
         for q in questions
     ]
-    result = llama_run(gguf, generate=[(ids, 48) for ids in prompts], timeout=1800)
-    f16_hits = [q.hit(tokenizer.decode(ids, skip_special_tokens=True)) for q, ids in zip(questions, result.generated)]
-    return {"f16": sum(f16_hits) / len(questions), "hf": hf_recall(merged, tokenizer, prompts, questions)}
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
+def gguf_recall(gguf: Path, tokenizer: Any, questions: list[probes.Probe]) -> float:
+    """The questions asked of a GGUF file through llama.cpp (greedy, 48 tokens, no endpoint)."""
+    from appliance.runtime.llamacpp_child import run as llama_run
+
+    result = llama_run(gguf, generate=[(ids, 48) for ids in chat_prompts(tokenizer, questions)], timeout=1800)
+    hits = [q.hit(tokenizer.decode(ids, skip_special_tokens=True)) for q, ids in zip(questions, result.generated)]
+    return sum(hits) / len(questions)
 
 
 def hf_recall(model_dir: Path, tokenizer: Any, prompts: list[list[int]], questions: list[probes.Probe]) -> float:
