@@ -35,6 +35,9 @@ def tiny_settings() -> Settings:
     s.train.learning_rate = 1e-3
     s.train.lora_r = 4
     s.train.lora_alpha = 8
+    # BM25 alone, so tests can check exact rankings; the shipped word vectors have their own
+    # tests (test_grounding.py) and are on in a fresh home.
+    s.grounding.word_vectors = False
     return s
 
 

@@ -12,6 +12,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -20,13 +21,14 @@ from conftest import REPO, free_port, tiny_settings
 from test_serve_collections import add_adapter, random_lora
 
 from appliance.cli.init import create_home
+from appliance.data import wordvectors
 from appliance.data.grounded import Source, cited, grounded_messages
 from appliance.data.index import Index
 from appliance.data.ingest import ingest, passages
 from appliance.engine.forget import forget
 from appliance.export.convert import convert
 from appliance.home import registry
-from appliance.home.config import dump, load
+from appliance.home.config import Settings, dump, load
 from appliance.home.keys import KeyStore
 from appliance.home.paths import Home
 from appliance.serving.guard import read_api_key
@@ -374,8 +376,9 @@ def test_unanswerable_questions_are_not_answered_by_their_statements():
     assert len(unanswerable.questions(statements, 2, random.Random(0))) == 2
 
 
-def hybrid_home(root: Path, tiny_base: Path, embedding_model: Path) -> Home:
-    """A home whose base answers, one document indexed, and an embedding model configured."""
+def hybrid_home(root: Path, tiny_base: Path, embedding_model: Path | None) -> Home:
+    """A home whose base answers, one document indexed, and an embedding model configured
+    (None: the shipped word vectors instead)."""
     home = create_home(root / "home", "tiny", tiny_settings())
     shutil.copytree(tiny_base, home.base("tiny"))
     (home.base("tiny") / "meta.json").write_text("{}")
@@ -386,9 +389,60 @@ def hybrid_home(root: Path, tiny_base: Path, embedding_model: Path) -> Home:
     registry.add(home, "base", convert(tiny_base, root / "base.gguf"), {"quant": "F16"})
     registry.promote(home, "base")
     settings = load(home.config)
-    settings.grounding.embedding_model = str(embedding_model)
+    settings.grounding.embedding_model = str(embedding_model) if embedding_model else None
+    settings.grounding.word_vectors = embedding_model is None
     home.config.write_text(dump(settings))
     return home
+
+
+def grounded_until_dense(client: openai.OpenAI, question: str) -> Any:
+    """The reply once the passages' vectors, made in the background after the first question, are in."""
+    deadline = time.monotonic() + 180
+    while True:
+        reply = ask(client, question)
+        if reply.model_extra["grounding"].get("retrieval") == "bm25+dense" or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.5)
+
+
+def test_the_shipped_word_vectors_find_a_passage_asked_in_other_words(tmp_path: Path, tiny_base: Path):
+    """A fresh home's default: no embedding GGUF, yet a question that shares no word with the
+    document finds its passage, through the word vectors shipped with the appliance."""
+    assert Settings().grounding.word_vectors and Settings().grounding.embedding_model is None
+    home = hybrid_home(tmp_path, tiny_base, None)
+    (home.inbox / "parking.md").write_text("Staff parking permits are issued by the estates office in Block C.\n")
+    ingest(home)
+    question = "When will my wages arrive?"  # no word in common with pay.md
+    with Index(home.passage_index) as index:
+        assert index.search(question) == []
+    server = Server(home, load(home.config), port=free_port()).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=read_api_key(home), max_retries=0, timeout=120)
+        reply = grounded_until_dense(client, question)
+        assert reply.model_extra["grounding"]["retrieval"] == "bm25+dense"
+        assert reply.model_extra["sources"][0]["document"] == "pay.md"
+        with Index(home.passage_index) as index:
+            models = {m for (m,) in index.db.execute("SELECT DISTINCT model FROM vectors")}
+            assert models == {wordvectors.identity()} and index.unembedded(wordvectors.identity(), 10) == []
+    finally:
+        server.stop()
+
+
+def test_word_vectors_off_leaves_bm25_alone(tmp_path: Path, tiny_base: Path):
+    home = hybrid_home(tmp_path, tiny_base, None)
+    settings = load(home.config)
+    settings.grounding.word_vectors = False
+    home.config.write_text(dump(settings))
+    server = Server(home, load(home.config), port=free_port()).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=read_api_key(home), max_retries=0, timeout=120)
+        replies = [ask(client, q) for q in ("When will my wages arrive?", "When are salaries paid?")]
+    finally:
+        server.stop()
+    assert [r.model_extra["grounding"]["retrieval"] for r in replies] == ["bm25", "bm25"]
+    assert replies[0].model_extra["sources"] == []  # BM25 has no word to find it by
+    with Index(home.passage_index) as index:
+        assert index.db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] == 0
 
 
 def test_hybrid_retrieval_finds_a_passage_asked_in_other_words(tmp_path: Path, tiny_base: Path):

@@ -8,11 +8,12 @@ shown or cited. The index is opened per query (milliseconds), so an index that i
 from the store in a background thread with one log line; meanwhile answers come from the
 model alone, ``sources: []`` and a ``grounding`` status saying why.
 
-Where IT names an embedding GGUF (``[grounding] embedding_model``), retrieval is hybrid: the
-question's vector from that model (llama.cpp's embedding mode, the endpoint's own
-``/v1/embeddings`` backend) finds the nearest passages, and they are fused with BM25's by
-reciprocal rank, so a question put in other words than the document's still finds its
-passage. Passage vectors are made in the background, a few at a time, after ingest; until a
+Retrieval is hybrid: the question's vector finds the nearest passages, and they are fused
+with BM25's by reciprocal rank, so a question put in other words than the document's still
+finds its passage. The vectors come from the embedding GGUF IT names (``[grounding]
+embedding_model``: llama.cpp's embedding mode, the endpoint's own ``/v1/embeddings``
+backend), else from the word vectors shipped with the appliance (``data/wordvectors.py``;
+``[grounding] word_vectors = false``: BM25 alone). Passage vectors are made in the background, a few at a time, after ingest; until a
 passage has one, BM25 alone can find it. An embedding model that fails gives one log line
 and BM25 alone.
 """
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance.data import wordvectors
 from appliance.data.grounded import Source, grounded_messages
 from appliance.data.index import Hit, Index, IndexCorrupt, fuse
 from appliance.data.ingest import passages
@@ -142,11 +144,16 @@ def query_text(messages: list[dict[str, Any]], turns: int) -> str:
 
 class Retriever:
     def __init__(self, home: Home, settings: Settings, embed: Embed | None = None):
-        """``embed``: the configured embedding model's vectors (hybrid retrieval), else BM25 alone."""
+        """``embed``: the configured embedding model's vectors (hybrid retrieval); without one,
+        the shipped word vectors (``[grounding] word_vectors``), else BM25 alone."""
         self.home = home.top
         self.settings = settings
         model = settings.grounding.embedding_model
-        self.dense = Dense(embed, model_identity(model)) if embed is not None and model else None
+        self.dense: Dense | None = None
+        if embed is not None and model:
+            self.dense = Dense(embed, model_identity(model))
+        elif not model and settings.grounding.word_vectors and wordvectors.available():
+            self.dense = Dense(wordvectors.embed, wordvectors.identity())
         self._rebuilds = OnePerKey()
 
     def mode(self, collection: str) -> str:
