@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -395,6 +397,19 @@ def hybrid_home(root: Path, tiny_base: Path, embedding_model: Path | None) -> Ho
     return home
 
 
+WAGES = "When will my wages arrive?"  # no word in common with pay.md
+
+
+@contextmanager
+def endpoint(home: Home) -> Iterator[openai.OpenAI]:
+    """The real server on ``home``, and an ``openai`` client of it."""
+    server = Server(home, load(home.config), port=free_port()).start()
+    try:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key=read_api_key(home), max_retries=0, timeout=120)
+    finally:
+        server.stop()
+
+
 def grounded_until_dense(client: openai.OpenAI, question: str) -> Any:
     """The reply once the passages' vectors, made in the background after the first question, are in."""
     deadline = time.monotonic() + 180
@@ -412,20 +427,16 @@ def test_the_shipped_word_vectors_find_a_passage_asked_in_other_words(tmp_path: 
     home = hybrid_home(tmp_path, tiny_base, None)
     (home.inbox / "parking.md").write_text("Staff parking permits are issued by the estates office in Block C.\n")
     ingest(home)
-    question = "When will my wages arrive?"  # no word in common with pay.md
+    question = WAGES
     with Index(home.passage_index) as index:
         assert index.search(question) == []
-    server = Server(home, load(home.config), port=free_port()).start()
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key=read_api_key(home), max_retries=0, timeout=120)
+    with endpoint(home) as client:
         reply = grounded_until_dense(client, question)
-        assert reply.model_extra["grounding"]["retrieval"] == "bm25+dense"
-        assert reply.model_extra["sources"][0]["document"] == "pay.md"
-        with Index(home.passage_index) as index:
-            models = {m for (m,) in index.db.execute("SELECT DISTINCT model FROM vectors")}
-            assert models == {wordvectors.identity()} and index.unembedded(wordvectors.identity(), 10) == []
-    finally:
-        server.stop()
+    assert reply.model_extra["grounding"]["retrieval"] == "bm25+dense"
+    assert reply.model_extra["sources"][0]["document"] == "pay.md"
+    with Index(home.passage_index) as index:
+        models = {m for (m,) in index.db.execute("SELECT DISTINCT model FROM vectors")}
+        assert models == {wordvectors.identity()} and index.unembedded(wordvectors.identity(), 10) == []
 
 
 def test_word_vectors_off_leaves_bm25_alone(tmp_path: Path, tiny_base: Path):
@@ -433,12 +444,8 @@ def test_word_vectors_off_leaves_bm25_alone(tmp_path: Path, tiny_base: Path):
     settings = load(home.config)
     settings.grounding.word_vectors = False
     home.config.write_text(dump(settings))
-    server = Server(home, load(home.config), port=free_port()).start()
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key=read_api_key(home), max_retries=0, timeout=120)
-        replies = [ask(client, q) for q in ("When will my wages arrive?", "When are salaries paid?")]
-    finally:
-        server.stop()
+    with endpoint(home) as client:
+        replies = [ask(client, q) for q in (WAGES, "When are salaries paid?")]
     assert [r.model_extra["grounding"]["retrieval"] for r in replies] == ["bm25", "bm25"]
     assert replies[0].model_extra["sources"] == []  # BM25 has no word to find it by
     with Index(home.passage_index) as index:
@@ -451,18 +458,11 @@ def test_hybrid_retrieval_finds_a_passage_asked_in_other_words(tmp_path: Path, t
     from appliance.training.basemodel import embedded_gguf
 
     home = hybrid_home(tmp_path, tiny_base, embedded_gguf())
-    question = "When will my wages arrive?"  # no word in common with pay.md
+    question = WAGES
     with Index(home.passage_index) as index:
         assert index.search(question) == []
-    server = Server(home, load(home.config), port=free_port()).start()
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key=read_api_key(home), max_retries=0, timeout=120)
-        deadline = time.monotonic() + 180
-        while True:  # the passages' vectors are made in the background after the first question
-            reply = ask(client, question)
-            if reply.model_extra["sources"] or time.monotonic() > deadline:
-                break
-            time.sleep(1)
+    with endpoint(home) as client:
+        reply = grounded_until_dense(client, question)
         assert reply.model_extra["grounding"]["retrieval"] == "bm25+dense"
         assert [s["document"] for s in reply.model_extra["sources"]] == ["pay.md"]
         with Index(home.passage_index) as index:  # every passage has its vector, from one model
@@ -470,8 +470,6 @@ def test_hybrid_retrieval_finds_a_passage_asked_in_other_words(tmp_path: Path, t
             assert len(models) == 1 and index.unembedded(models.pop(), 10) == []
         plain = ask(client, "When are salaries paid?")  # both rankings agree on the passage
         assert plain.model_extra["sources"][0]["passage"].startswith("Salaries are paid")
-    finally:
-        server.stop()
 
 
 def test_a_broken_embedding_model_leaves_bm25_alone_with_one_log_line(
