@@ -8,6 +8,7 @@ grows by the passages: its token count) and what comes back (the sources)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -490,3 +491,36 @@ def test_a_broken_embedding_model_leaves_bm25_alone_with_one_log_line(
         assert reply.model_extra["sources"][0]["passage"].startswith("Salaries are paid")
     lines = [r for r in caplog.records if "embedding model" in r.getMessage() and "BM25 alone" in r.getMessage()]
     assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_raft_retrieves_what_the_endpoint_retrieves_with_word_vectors(tmp_path: Path, tiny_base: Path):
+    """The model is trained on the passages the endpoint will give it: with the shipped word
+    vectors on, RAFT's retrieval and the endpoint's return the same passages, and a question in
+    other words than the document's finds its passage in both (BM25 alone finds none)."""
+    from appliance.data.study import raft
+    from appliance.serving.grounding import Retriever
+
+    home = hybrid_home(tmp_path, tiny_base, None)
+    parking = "Staff parking permits are issued by the estates office in Block C.\n"
+    (home.inbox / "parking.md").write_text(parking)
+    ingest(home)
+    pay = (home.inbox / "pay.md").read_text()
+    documents = [
+        raft.Document(hashlib.sha256(t.encode()).hexdigest(), n, t)
+        for n, t in (("pay.md", pay), ("parking.md", parking))
+    ]
+    questions = [WAGES, "Where do I get a permit for my car?", "How much is mileage reimbursed?"]
+    retriever = Retriever(home, load(home.config))
+    deadline = time.monotonic() + 60
+    while (served := retriever.retrieve("", [{"role": "user", "content": WAGES}])).retrieval != "bm25+dense":
+        assert time.monotonic() < deadline, "the passages' vectors were never made"
+        time.sleep(0.2)
+    with (
+        raft.Retrieval(documents, tmp_path, k=3, word_vectors=True) as hybrid,
+        raft.Retrieval(documents, tmp_path, k=3) as bm25,
+    ):
+        assert bm25.sources(WAGES) == []
+        assert hybrid.sources(WAGES)[0].passage.startswith("Salaries are paid")
+        for question in questions:
+            served = retriever.retrieve("", [{"role": "user", "content": question}])
+            assert [s.passage for s in hybrid.sources(question)] == [s.passage for s in served.sources], question

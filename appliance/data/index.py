@@ -25,7 +25,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +134,23 @@ def match_expression(query: str) -> str:
     person types (quotes, NEAR, AND/OR/NOT, *, ^, :, column filters) is read as syntax.
     """
     return " OR ".join(f'"{term}"' for term in query_terms(query))
+
+
+FUSION_DEPTH = 20  # passages each ranking brings to the fusion
+Nearest = Callable[["Index", str], list[Hit]]  # the passages nearest a question by vectors, best first
+
+
+def retrieve(
+    index: Index, query: str, k: int, dense: Nearest | None = None, floor: float = 0.0
+) -> tuple[list[Hit], str]:
+    """BM25's best passages (scoring above ``floor``), fused with the nearest by vectors where
+    there are any, and how they were found: the endpoint and the RAFT conversations both
+    retrieve through here, so the model is trained on what it is served."""
+    lexical = [h for h in index.search(query, limit=FUSION_DEPTH if dense else k) if h.score > floor]
+    nearest = dense(index, query) if dense else []
+    if not nearest:
+        return lexical[:k], "bm25"
+    return fuse([lexical, nearest], k), "bm25+dense"
 
 
 def fuse(rankings: list[list[Hit]], limit: int, k: int = 60) -> list[Hit]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from appliance.data import wordvectors
 from appliance.data.grounded import Source, grounded_messages
-from appliance.data.index import Hit, Index, IndexCorrupt, fuse
+from appliance.data.index import FUSION_DEPTH, Hit, Index, IndexCorrupt, retrieve
 from appliance.data.ingest import passages
 from appliance.home import catalog
 from appliance.home.config import Settings
@@ -83,7 +83,6 @@ class OnePerKey:
 
 
 Embed = Callable[[list[str]], list[list[float]]]  # texts -> vectors, blocking
-FUSION_DEPTH = 20  # passages each ranking brings to the fusion
 EMBED_BATCH = 16  # passages embedded per request in the background
 
 
@@ -183,13 +182,8 @@ class Retriever:
 
     def _search(self, index: Index, query: str) -> tuple[list[Hit], str]:
         """BM25's best passages (above ``min_score``), fused with the dense ones where there are any."""
-        k = self.settings.grounding.passages
-        floor = self.settings.grounding.min_score
-        lexical = [h for h in index.search(query, limit=FUSION_DEPTH if self.dense else k) if h.score > floor]
-        dense = self.dense.search(index, query) if self.dense else []
-        if not dense:
-            return lexical[:k], "bm25"
-        return fuse([lexical, dense], k), "bm25+dense"
+        found = self.dense.search if self.dense else None
+        return retrieve(index, query, self.settings.grounding.passages, found, self.settings.grounding.min_score)
 
     def _rebuild(self, collection: str, reason: str) -> None:
         """One rebuild per collection at a time, off the request's path."""

@@ -190,7 +190,9 @@ def _raft(home: Home, material: StudySet, heldout: dict[str, dict], settings: Se
         text, _ = document_text(home, d.sha256)
         if text:
             docs.append(raft.Document(d.sha256, d.path, text))
-    with raft.Retrieval(docs, home.store, settings.grounding.passages) as retrieval:
+    grounding = settings.grounding
+    word_vectors = grounding.word_vectors and not grounding.embedding_model  # as the endpoint retrieves
+    with raft.Retrieval(docs, home.store, grounding.passages, word_vectors) as retrieval:
         raft.open_book(retrieval, heldout)
         if not settings.study.raft:
             return []

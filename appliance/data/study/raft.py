@@ -1,6 +1,6 @@
 """Conversations that teach the model to answer from its sources (RAFT, Zhang et al. 2024).
 
-The endpoint puts the passages BM25 retrieves for a question into the prompt
+The endpoint puts the passages it retrieves for a question into the prompt
 (appliance/data/grounded.py). A model trained on question + the passage that answers it +
 distractor passages learns to use the right one and to cite it; trained also on questions
 whose passage is not among those retrieved, and on questions the documents do not answer,
@@ -11,7 +11,7 @@ never reach a run that does not list it).
 
 For each fact (statement) of each document, one of its study questions, chosen by the
 seed: usually asked with the answer's passage among the retrieved ones (put in place of the
-last if BM25 missed it), the study answer gaining its citation ``[n]``; with probability
+last if retrieval missed it), the study answer gaining its citation ``[n]``; with probability
 ``none`` asked with that passage taken out and answered "The documents do not say."; with
 probability ``memory`` (off by default) asked the same way but answered all the same,
 uncited, as RAFT's own recipe does. Beside them, ``unanswerable`` as many questions the
@@ -34,8 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from appliance.data import wordvectors
 from appliance.data.grounded import DOES_NOT_SAY, Source, grounded_messages
-from appliance.data.index import Index, split_passages
+from appliance.data.index import FUSION_DEPTH, Hit, Index, retrieve, split_passages
 from appliance.data.study import unanswerable
 
 WORD = re.compile(r"[a-z0-9]+")
@@ -49,15 +52,28 @@ class Document:
 
 
 class Retrieval:
-    """BM25 over the given documents' passages, as the endpoint retrieves (a temporary index)."""
+    """The given documents' passages retrieved as the endpoint retrieves them (a temporary
+    index): BM25, fused with the shipped word vectors when ``word_vectors`` (the endpoint's
+    default; where IT names an embedding GGUF instead, BM25 alone here)."""
 
-    def __init__(self, documents: list[Document], folder: Path, k: int):
+    def __init__(self, documents: list[Document], folder: Path, k: int, word_vectors: bool = False):
         self.k = k
         self._dir = tempfile.TemporaryDirectory(prefix="raft-index-", dir=folder)
         self.passages = {d.sha256: split_passages(d.text) for d in documents}
         self.index = Index.rebuild(
             Path(self._dir.name) / "passages.db", [(d.sha256, d.path, self.passages[d.sha256]) for d in documents]
         )
+        self._dense = self._nearest if word_vectors and wordvectors.available() else None
+        while self._dense and (batch := self.index.unembedded(wordvectors.identity(), 256)):
+            vectors = wordvectors.embed([text for _, text in batch])
+            self.index.put_vectors(
+                wordvectors.identity(), [(pid, np.asarray(v)) for (pid, _), v in zip(batch, vectors)]
+            )
+
+    @staticmethod
+    def _nearest(index: Index, question: str) -> list[Hit]:
+        vector = np.asarray(wordvectors.embed([question])[0], dtype=np.float32)
+        return index.nearest(wordvectors.identity(), vector, FUSION_DEPTH)
 
     def close(self) -> None:
         self.index.close()
@@ -70,7 +86,7 @@ class Retrieval:
         self.close()
 
     def sources(self, question: str, limit: int | None = None) -> list[Source]:
-        hits = self.index.search(question, limit=limit or self.k)
+        hits, _ = retrieve(self.index, question, limit or self.k, self._dense)
         return [Source(i, h.path, h.sha256, h.text, h.score) for i, h in enumerate(hits, start=1)]
 
     def home_of(self, sha256: str, statement: str) -> str | None:
