@@ -5,6 +5,7 @@ cost in time to first token?
 In a fresh home on the embedded default (defaults of ``appliance init``, nothing tuned):
 
 1. ``handbook.md`` is dropped into the inbox and ingested (the passage index is built);
+   retrieval alone is scored, BM25 vs BM25 fused with the shipped word vectors (recall@k);
    the base model is asked every probe (``probes.jsonl``: paraphrases) and every
    unanswerable question (``unanswerable.jsonl``) through the real endpoint, grounded;
 2. one unattended ``appliance run --once --no-serve`` cycle trains on the handbook (study
@@ -46,7 +47,9 @@ from knowledge_recall import HANDBOOK, drop, free_port, one_cycle  # noqa: E402
 from smoke import smoke_base  # noqa: E402
 
 from appliance.cli.init import init  # noqa: E402
+from appliance.data import wordvectors  # noqa: E402
 from appliance.data.grounded import says_not_covered  # noqa: E402
+from appliance.data.index import Index, retrieve  # noqa: E402
 from appliance.data.ingest import ingest  # noqa: E402
 from appliance.home import registry  # noqa: E402
 from appliance.home.config import load  # noqa: E402
@@ -88,6 +91,8 @@ def run(work: Path, smoke: bool, train: bool, existing: Path | None = None) -> d
         init(home.root, str(smoke_base(work)) if smoke else "embedded")
         drop(home, "md", smoke)
         ingest(home)
+    found = retrieval(home, questions)
+    print(f"retrieval recall@k: {found}", flush=True)
     scores: dict[str, Any] = {}
     if existing is None:  # the base is the current model until the cycle (a pinned id is never grounded)
         scores["base"] = score(home, "base", questions, unanswerable)
@@ -120,6 +125,7 @@ def run(work: Path, smoke: bool, train: bool, existing: Path | None = None) -> d
         "probes": len(questions),
         "unanswerable": len(unanswerable),
         "scores": scores,
+        "retrieval_recall_at_k": found,
         "open_book_recall": final["recall"],
         "citation_accuracy": final["citation_accuracy"],
         "says_so": final["says_so"],
@@ -130,6 +136,20 @@ def run(work: Path, smoke: bool, train: bool, existing: Path | None = None) -> d
         "smoke": smoke,
         "pass": all(checks),
     }
+
+
+def retrieval(home: Home, questions: list[probes.Probe]) -> dict[str, Any]:
+    """Model-free: the share of probes whose answering passage is among the ``[grounding]
+    passages`` retrieved, by BM25 alone and fused with the shipped word vectors, side by side.
+    The passages' vectors are made here first, so the endpoint uses them from its first question."""
+    k = load(home.config).grounding.passages
+    with Index(home.passage_index) as index:
+        wordvectors.embed_index(index)
+
+        def share(dense: Any) -> float:
+            return _share([any(q.hit(h.text) for h in retrieve(index, q.question, k, dense)[0]) for q in questions])
+
+        return {"k": k, "bm25": share(None), "bm25+word_vectors": share(wordvectors.nearest)}
 
 
 def score(

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -325,6 +326,12 @@ class Index:
         )
         with _guarded(self.path):
             return self.db.execute(sql, (model, limit)).fetchall()
+
+    def embed_missing(self, model: str, embed: Callable[[list[str]], Any], batch: int = 64) -> None:
+        """Vectors from ``embed`` (texts -> vectors) for every passage with none from ``model`` yet."""
+        while todo := self.unembedded(model, batch):
+            vectors = embed([text for _, text in todo])
+            self.put_vectors(model, [(pid, np.asarray(v)) for (pid, _), v in zip(todo, vectors)])
 
     def put_vectors(self, model: str, rows: list[tuple[int, np.ndarray]]) -> None:
         """Store vectors (a passage deleted meanwhile is skipped: its vector would be an orphan)."""

@@ -19,6 +19,10 @@ import threading
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
+from appliance.data.index import FUSION_DEPTH, Hit, Index
+
 log = logging.getLogger("appliance.serve")
 
 CONFIG = "l2_supercat"  # the configuration whose weights the wheel ships
@@ -68,3 +72,13 @@ def embed(texts: list[str]) -> list[list[float]]:
     if model is None:
         raise RuntimeError("the shipped word vectors did not load")
     return [list(map(float, v)) for v in model.embed(texts, norm=True)]  # type: ignore[attr-defined]
+
+
+def embed_index(index: Index) -> None:
+    """Vectors for every passage of ``index`` that has none from these word vectors yet."""
+    index.embed_missing(identity(), embed, batch=256)
+
+
+def nearest(index: Index, question: str) -> list[Hit]:
+    """The passages nearest ``question`` by these word vectors (those embedded so far)."""
+    return index.nearest(identity(), np.asarray(embed([question])[0], dtype=np.float32), FUSION_DEPTH)

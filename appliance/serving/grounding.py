@@ -126,9 +126,7 @@ class Dense:
         def work() -> None:
             try:
                 with Index(path, any_thread=True) as index:
-                    while batch := index.unembedded(self.model, EMBED_BATCH):
-                        vectors = self.embed([text for _, text in batch])
-                        index.put_vectors(self.model, [(pid, np.asarray(v)) for (pid, _), v in zip(batch, vectors)])
+                    index.embed_missing(self.model, self.embed, EMBED_BATCH)
             except Exception as problem:  # noqa: BLE001  (the next request tries again)
                 self._failed(problem)
 

@@ -34,11 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from appliance.data import wordvectors
 from appliance.data.grounded import DOES_NOT_SAY, Source, grounded_messages
-from appliance.data.index import FUSION_DEPTH, Hit, Index, retrieve, split_passages
+from appliance.data.index import Index, retrieve, split_passages
 from appliance.data.study import unanswerable
 
 WORD = re.compile(r"[a-z0-9]+")
@@ -63,17 +61,9 @@ class Retrieval:
         self.index = Index.rebuild(
             Path(self._dir.name) / "passages.db", [(d.sha256, d.path, self.passages[d.sha256]) for d in documents]
         )
-        self._dense = self._nearest if word_vectors and wordvectors.available() else None
-        while self._dense and (batch := self.index.unembedded(wordvectors.identity(), 256)):
-            vectors = wordvectors.embed([text for _, text in batch])
-            self.index.put_vectors(
-                wordvectors.identity(), [(pid, np.asarray(v)) for (pid, _), v in zip(batch, vectors)]
-            )
-
-    @staticmethod
-    def _nearest(index: Index, question: str) -> list[Hit]:
-        vector = np.asarray(wordvectors.embed([question])[0], dtype=np.float32)
-        return index.nearest(wordvectors.identity(), vector, FUSION_DEPTH)
+        self._dense = wordvectors.nearest if word_vectors and wordvectors.available() else None
+        if self._dense:
+            wordvectors.embed_index(self.index)
 
     def close(self) -> None:
         self.index.close()
