@@ -35,6 +35,12 @@ HOOK = textwrap.dedent("""
 """)
 
 
+# the word vectors retrieval uses by default load from their wheel, never from the hub
+WORD_VECTORS = (
+    "from appliance.data import wordvectors as w; assert w.available(); assert len(w.embed(['badge'])[0]) == 256"
+)
+
+
 def _unshare_works() -> bool:
     if not shutil.which("unshare"):
         return False
@@ -65,6 +71,7 @@ def test_pipeline_without_network(tmp_path: Path, tiny_base: Path):
         RUN=$({cli} train --home {home} --max-steps 2 --json | {sys.executable} -c 'import json,sys; print(json.load(sys.stdin)["run"])')
         {cli} export --home {home} "$RUN" --json
         {cli} promote --home {home} v1
+        {sys.executable} -c "{WORD_VECTORS}"
     """
     proc = subprocess.run(["unshare", "-n", "bash", "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
