@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from appliance.contract.errors import DataError
+from appliance.home import sqlitedb
 from appliance.home.fsutil import fsync_dir
 
 SCHEMA_VERSION = 2  # bump on any change (the tokenizer included): older files are then rebuilt
@@ -206,17 +207,11 @@ class Index:
         if not create and not path.exists():
             raise IndexCorrupt(path, "missing")
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(
-            path,
-            isolation_level=None,
-            timeout=30,  # explicit transactions below
-            check_same_thread=not any_thread,
-        )
+        with _guarded(path):
+            # secure_delete: a superseded passage's text must not linger in free pages
+            self.db = sqlitedb.connect(path, any_thread, lambda db: db.execute("PRAGMA secure_delete=ON"))
         try:
             with _guarded(path):
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=FULL")
-                self.db.execute("PRAGMA secure_delete=ON")  # a superseded passage's text must not linger in free pages
                 self._upgrade(create)
         except BaseException:
             self.db.close()

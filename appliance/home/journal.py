@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.home import sqlitedb
+
 STAGES = ("snapshot", "study", "train", "export", "gate", "promote")
 KINDS = ("train", "forget", "consolidate")  # consolidate: a full run from the base (training/incremental.py)
 # queued -> running -> done | refused (the gate kept the current model) | failed
@@ -107,9 +109,7 @@ COLUMNS = (
 class Journal:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a committed transition survives a power cut
+        self.db = sqlitedb.connect(path, any_thread=True)  # a committed transition survives a power cut
         for statement in SCHEMA.split(";\n"):
             if statement.strip():
                 self.db.execute(statement)

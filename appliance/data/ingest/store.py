@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.data.ingest.records import Record
+from appliance.home import sqlitedb
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -138,14 +138,7 @@ class Store:
     def __init__(self, path: Path, any_thread: bool = False):
         """``any_thread``: the caller guarantees one thread at a time (a long-lived ingestor)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(
-            path,
-            isolation_level=None,
-            timeout=30,  # explicit transactions below
-            check_same_thread=not any_thread,
-        )
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db = sqlitedb.connect(path, any_thread)  # explicit transactions below
         self._upgrade()
 
     def close(self) -> None:
