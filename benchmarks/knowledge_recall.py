@@ -129,10 +129,14 @@ def drop(home: Home, form: str, smoke: bool) -> None:
         home.config.write_text(dump(settings))
 
 
+def training_runs(home: Home) -> list[Path]:
+    """The home's run folders, oldest first (runs/base holds the base's export, no training)."""
+    return sorted(p for p in home.runs.iterdir() if p.is_dir() and p.name != "base") if home.runs.exists() else []
+
+
 def gate_summary(home: Home) -> dict[str, Any]:
     """The cycle's gate: its decision, failed checks, and recall (closed and open book)."""
-    runs = sorted(p for p in home.runs.iterdir() if p.is_dir() and p.name != "base") if home.runs.exists() else []
-    evals = [p / "eval.json" for p in runs if (p / "eval.json").exists()]
+    evals = [p / "eval.json" for p in training_runs(home) if (p / "eval.json").exists()]
     if not evals:
         return {}
     report = json.loads(evals[-1].read_text())
@@ -200,7 +204,7 @@ def refused_candidate(home: Home, questions: list[probes.Probe]) -> float | None
     """Recall of the quantized file a refused candidate would have served (None if none was made)."""
     from appliance.runtime.hf import load_tokenizer
 
-    runs = sorted(p for p in home.runs.iterdir() if p.is_dir() and p.name != "base")
+    runs = training_runs(home)
     quants = sorted((runs[-1] / "gguf").glob("model-Q*.gguf")) if runs else []
     if not quants:
         return None

@@ -421,6 +421,24 @@ def grounded_until_dense(client: openai.OpenAI, question: str) -> Any:
         time.sleep(0.5)
 
 
+def asked_in_other_words(home: Home, client: openai.OpenAI) -> Any:
+    """The reply to WAGES, which BM25 alone cannot answer, once dense retrieval has found pay.md."""
+    with Index(home.passage_index) as index:
+        assert index.search(WAGES) == []
+    reply = grounded_until_dense(client, WAGES)
+    assert reply.model_extra["grounding"]["retrieval"] == "bm25+dense"
+    assert reply.model_extra["sources"][0]["document"] == "pay.md"
+    return reply
+
+
+def vector_models(home: Home) -> set[str]:
+    """The models whose vectors the home's index holds (checked: every passage has one from each)."""
+    with Index(home.passage_index) as index:
+        models = {m for (m,) in index.db.execute("SELECT DISTINCT model FROM vectors")}
+        assert all(index.unembedded(m, 10) == [] for m in models)
+    return models
+
+
 def test_the_shipped_word_vectors_find_a_passage_asked_in_other_words(tmp_path: Path, tiny_base: Path):
     """A fresh home's default: no embedding GGUF, yet a question that shares no word with the
     document finds its passage, through the word vectors shipped with the appliance."""
@@ -428,16 +446,9 @@ def test_the_shipped_word_vectors_find_a_passage_asked_in_other_words(tmp_path: 
     home = hybrid_home(tmp_path, tiny_base, None)
     (home.inbox / "parking.md").write_text("Staff parking permits are issued by the estates office in Block C.\n")
     ingest(home)
-    question = WAGES
-    with Index(home.passage_index) as index:
-        assert index.search(question) == []
     with endpoint(home) as client:
-        reply = grounded_until_dense(client, question)
-    assert reply.model_extra["grounding"]["retrieval"] == "bm25+dense"
-    assert reply.model_extra["sources"][0]["document"] == "pay.md"
-    with Index(home.passage_index) as index:
-        models = {m for (m,) in index.db.execute("SELECT DISTINCT model FROM vectors")}
-        assert models == {wordvectors.identity()} and index.unembedded(wordvectors.identity(), 10) == []
+        asked_in_other_words(home, client)
+    assert vector_models(home) == {wordvectors.identity()}
 
 
 def test_word_vectors_off_leaves_bm25_alone(tmp_path: Path, tiny_base: Path):
@@ -459,16 +470,10 @@ def test_hybrid_retrieval_finds_a_passage_asked_in_other_words(tmp_path: Path, t
     from appliance.training.basemodel import embedded_gguf
 
     home = hybrid_home(tmp_path, tiny_base, embedded_gguf())
-    question = WAGES
-    with Index(home.passage_index) as index:
-        assert index.search(question) == []
     with endpoint(home) as client:
-        reply = grounded_until_dense(client, question)
-        assert reply.model_extra["grounding"]["retrieval"] == "bm25+dense"
+        reply = asked_in_other_words(home, client)
         assert [s["document"] for s in reply.model_extra["sources"]] == ["pay.md"]
-        with Index(home.passage_index) as index:  # every passage has its vector, from one model
-            models = {m for (m,) in index.db.execute("SELECT DISTINCT model FROM vectors")}
-            assert len(models) == 1 and index.unembedded(models.pop(), 10) == []
+        assert len(vector_models(home)) == 1  # every passage has its vector, from one model
         plain = ask(client, "When are salaries paid?")  # both rankings agree on the passage
         assert plain.model_extra["sources"][0]["passage"].startswith("Salaries are paid")
 
