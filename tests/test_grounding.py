@@ -318,6 +318,7 @@ def test_raft_conversations_cite_the_answering_passage(tmp_path: Path):
     with raft.Retrieval([raft.Document(doc.sha256, doc.path, text), other], tmp_path, k=3) as retrieval:
         made = raft.conversations(retrieval, [doc], seed=0, shares=raft.Shares(none=0.2, unanswerable=0.2, memory=0.2))
         by_default = raft.conversations(retrieval, [doc], seed=0)
+        twice = raft.conversations(retrieval, [doc], seed=0, shares=raft.Shares(questions=2))
         heldout = {doc.sha256: {"path": doc.path, "facts": 1, "questions": [dict(q) for q in material.heldout[:5]]}}
         raft.open_book(retrieval, heldout)
     asked = {c["messages"][0]["content"] for c in doc.conversations}
@@ -349,6 +350,9 @@ def test_raft_conversations_cite_the_answering_passage(tmp_path: Path):
     answered = [c for _, c in by_default if c["messages"][-1]["content"] != DOES_NOT_SAY]
     assert all(c["messages"][-1]["content"].endswith("]") for c in answered)  # memory answers are off by default
     assert all(q["sources"] for q in heldout[doc.sha256]["questions"])
+    twice_asked = [c["messages"][1]["content"] for _, c in twice if c["messages"][1]["content"] in asked]
+    assert len(twice_asked) >= 1.8 * len(doc.statements)  # two questions per fact ...
+    assert len(set(twice_asked)) == len(twice_asked)  # ... each a different one
 
 
 def test_unanswerable_questions_are_not_answered_by_their_statements():

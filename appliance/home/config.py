@@ -258,9 +258,18 @@ class StudySection(Section):
     )
     raft: bool = Field(
         True,
-        description="Also train, per fact, one question asked with the passages the endpoint would "
-        "retrieve for it (the answering one among them) and an answer that cites it [n], so the "
+        description="Also train, per fact, questions asked with the passages the endpoint would "
+        "retrieve for them (the answering one among them) and an answer that cites it [n], so the "
         "served model uses and cites its sources (RAFT).",
+    )
+    raft_questions: int = Field(
+        2,
+        ge=1,
+        le=10,
+        description="Study questions per fact asked that way, each with what retrieval finds for it. "
+        "On the team's handbook, 2 instead of 1 raised 'says the documents do not say' on questions "
+        "they do not answer from 0.30 to 0.65 and closed-book recall from 0.11 to 0.18 (open-book "
+        "0.23 to 0.18), for 29% more training steps.",
     )
     raft_none_share: float = Field(
         0.2,

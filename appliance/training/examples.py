@@ -197,7 +197,9 @@ def _raft(home: Home, material: StudySet, heldout: dict[str, dict], settings: Se
         if not settings.study.raft:
             return []
         study = settings.study
-        shares = raft.Shares(study.raft_none_share, study.raft_unanswerable_share, study.raft_memory_share)
+        shares = raft.Shares(
+            study.raft_none_share, study.raft_unanswerable_share, study.raft_memory_share, study.raft_questions
+        )
         made = raft.conversations(retrieval, studied, study.seed, shares)
     return [(sha, Record("chat", conversation, format=STUDY_FORMAT)) for sha, conversation in made]
 

@@ -9,16 +9,17 @@ endpoint runs, over the snapshot's own documents only (a temporary index: the co
 live index may hold documents the snapshot does not, and a forgotten document's text must
 never reach a run that does not list it).
 
-For each fact (statement) of each document, one of its study questions, chosen by the
-seed: usually asked with the answer's passage among the retrieved ones (put in place of the
-last if retrieval missed it), the study answer gaining its citation ``[n]``; with probability
-``none`` asked with that passage taken out and answered "The documents do not say."; with
-probability ``memory`` (off by default) asked the same way but answered all the same,
-uncited, as RAFT's own recipe does. Beside them, ``unanswerable`` as many questions the
-documents do not answer (``unanswerable.py``: one statement's subject with another's
-predicate) are asked with what retrieval finds for them and answered "The documents do not
-say.". The gate's open-book questions (the held-out ones) get their retrieved passages
-here too, so the gate asks them exactly as the endpoint would.
+For each fact (statement) of each document, ``questions`` of its study questions, chosen
+by the seed, each drawn on its own: usually asked with the answer's passage among the
+retrieved ones (put in place of the last if retrieval missed it), the study answer gaining
+its citation ``[n]``; with probability ``none`` asked with that passage taken out and
+answered "The documents do not say."; with probability ``memory`` (off by default) asked the
+same way but answered all the same, uncited, as RAFT's own recipe does. Beside them,
+``unanswerable`` as many questions the documents do not answer (``unanswerable.py``: one
+statement's subject with another's predicate) are asked with what retrieval finds for them
+and answered "The documents do not say.". The gate's open-book questions (the held-out
+ones) get their retrieved passages here too, so the gate asks them exactly as the endpoint
+would.
 
 Why memory answers are off: with ``memory = 0.2`` the 135M default, asked the handbook's
 unanswerable questions, said so 10% of the time and invented the rest (a chaplain's
@@ -108,6 +109,7 @@ class Shares:
     none: float = 0.2  # facts asked without their passage, answered "The documents do not say."
     unanswerable: float = 0.2  # made-up questions the documents do not answer, per fact
     memory: float = 0.0  # facts asked without their passage, answered all the same, uncited
+    questions: int = 1  # a fact's study questions asked this way, each drawn on its own
 
 
 def conversations(
@@ -123,13 +125,14 @@ def conversations(
             if c.get("kind") != "multi":
                 by_statement.setdefault(int(c["statement"]), []).append(c)
         for index in sorted(by_statement):
-            chosen = rng.choice(by_statement[index])
-            question = chosen["messages"][0]["content"]
             home = retrieval.home_of(study.sha256, study.statements[index])
             if home is None:
                 continue
-            sources, reply = _fact(retrieval, study, question, chosen["messages"][-1]["content"], home, rng, shares)
-            out.append((study.sha256, _conversation(question, sources, reply)))
+            pool = by_statement[index]
+            for chosen in rng.sample(pool, min(shares.questions, len(pool))):
+                question = chosen["messages"][0]["content"]
+                sources, reply = _fact(retrieval, study, question, chosen["messages"][-1]["content"], home, rng, shares)
+                out.append((study.sha256, _conversation(question, sources, reply)))
         count = round(shares.unanswerable * len(by_statement))
         for question in unanswerable.questions(study.statements, count, rng):
             sources = retrieval.sources(question)
