@@ -198,7 +198,10 @@ def _raft(home: Home, material: StudySet, heldout: dict[str, dict], settings: Se
             return []
         study = settings.study
         shares = raft.Shares(
-            study.raft_none_share, study.raft_unanswerable_share, study.raft_memory_share, study.raft_questions
+            none=study.raft_none_share,
+            unanswerable=study.raft_unanswerable_share,
+            memory=study.raft_memory_share,
+            questions=study.raft_questions,
         )
         made = raft.conversations(retrieval, studied, study.seed, shares)
     return [(sha, Record("chat", conversation, format=STUDY_FORMAT)) for sha, conversation in made]
