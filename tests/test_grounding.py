@@ -355,6 +355,69 @@ def test_raft_conversations_cite_the_answering_passage(tmp_path: Path):
     assert len(set(twice_asked)) == len(twice_asked)  # ... each a different one
 
 
+def test_counterfactual_raft_answers_can_only_be_read_from_their_passage(tmp_path: Path):
+    """A share of cited answers has one key value changed in its passage and its answer alike,
+    so the model learns to read the passage instead of answering from memory."""
+    import difflib
+    import random
+    import re
+
+    from appliance.data.study import raft, study_document
+    from appliance.data.study.stage import DocumentStudy
+
+    text = (REPO / "examples" / "handbook" / "handbook.md").read_text()
+    material = study_document(text, "a" * 64, count_tokens=lambda t: len(t.split()), seed=0, max_tokens=200)
+    statements = [s.text for s in material.statements]
+    doc = DocumentStudy("a" * 64, "handbook.md", "text", statements=statements, conversations=material.conversations)
+    with raft.Retrieval([raft.Document(doc.sha256, doc.path, text)], tmp_path, k=3) as retrieval:
+        originals = [p for passages in retrieval.passages.values() for p in passages]
+        made = raft.conversations(retrieval, [doc], seed=0, shares=raft.Shares(none=0.0, unanswerable=0.0, swapped=1.0))
+        plain = raft.conversations(retrieval, [doc], seed=0, shares=raft.Shares(none=0.0, unanswerable=0.0))
+
+    def shown(conversation: dict) -> list[str]:
+        lines = conversation["messages"][0]["content"].split("\n")
+        return [line.split(") ", 1)[1] for line in lines if re.match(r"\[\d+\] \(", line)]
+
+    def words(t: str) -> set[str]:
+        return set(re.findall(r"[\w:]+", t))
+
+    changed = 0
+    for _, conversation in made:
+        answer = conversation["messages"][-1]["content"]
+        cited = shown(conversation)[int(answer.rsplit("[", 1)[1].rstrip("]")) - 1]
+        if cited in originals:
+            continue
+        changed += 1
+        assert conversation.get("counterfactual") is True  # counted as such in train.json
+        original = max(originals, key=lambda p: difflib.SequenceMatcher(None, p, cited).ratio())
+        new, old = words(cited) - words(original), words(original) - words(cited)
+        stated = words(answer.rsplit(" [", 1)[0])
+        assert new and new <= stated and not old & stated, (answer, cited)  # as the passage now says
+    assert 0.3 < changed / len(made) < 0.9  # the facts with a number the question does not give
+    assert all(p in originals for _, c in plain for p in shown(c))  # off unless asked for
+
+    rng = random.Random(0)
+    for _ in range(50):
+        night = "The night shift starts at 19:15."
+        changed_night = raft.counterfactual(night, "When does the night shift start?", night, night, rng)
+        assert changed_night and changed_night[0] == changed_night[1]
+        hour, minute = changed_night[0].rsplit(" ", 1)[1].rstrip(".").split(":")
+        assert 10 <= int(hour) <= 23 and 0 <= int(minute) <= 59 and (hour, minute) != ("19", "15")
+        beds = "The ward has 212 beds."
+        home = "Welcome to Ward 7. The ward has 212 beds. The desk is on extension 2300."
+        passage, answer = raft.counterfactual(beds, "How many beds?", home, "It has 212 beds.", rng) or ("", "")
+        number = re.fullmatch(
+            r"Welcome to Ward 7\. The ward has ([1-9]\d\d) beds\. The desk is on extension 2300\.", passage
+        )
+        assert number and number[1] != "212" and answer == f"It has {number[1]} beds."
+    # a value the question gives is not changed, nor one without digits
+    assert raft.counterfactual(night, "Does it start at 19:15?", night, night, rng) is None
+    assert (
+        raft.counterfactual("Ada Moss leads Ward Seven.", "Who leads?", "Ada Moss leads Ward Seven.", "Ada Moss.", rng)
+        is None
+    )
+
+
 def test_unanswerable_questions_are_not_answered_by_their_statements():
     import random
 

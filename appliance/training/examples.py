@@ -171,6 +171,7 @@ def study_records(
         "heldout_in_your_data": dropped,
         "raft": len(cited),
         "raft_does_not_say": sum(r.body["messages"][-1]["content"] == DOES_NOT_SAY for _, r in cited),
+        "raft_counterfactual": sum(bool(r.body.get("counterfactual")) for _, r in cited),
     }
     items = material.items() + cited
     if keep is not None:
@@ -202,6 +203,7 @@ def _raft(home: Home, material: StudySet, heldout: dict[str, dict], settings: Se
             unanswerable=study.raft_unanswerable_share,
             memory=study.raft_memory_share,
             questions=study.raft_questions,
+            swapped=study.raft_swap_share,
         )
         made = raft.conversations(retrieval, studied, study.seed, shares)
     return [(sha, Record("chat", conversation, format=STUDY_FORMAT)) for sha, conversation in made]
