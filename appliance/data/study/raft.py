@@ -178,6 +178,15 @@ def _bounded(value: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![\w]){re.escape(value)}(?![\w])")
 
 
+@dataclass(frozen=True)
+class Fact:
+    sha256: str
+    path: str
+    statement: str
+    home: str  # the passage that states it
+    answer: str  # its study answer
+
+
 def conversations(
     retrieval: Retrieval, studies: list[Any], seed: int, shares: Shares = Shares()
 ) -> list[tuple[str, dict[str, Any]]]:
@@ -209,15 +218,6 @@ def conversations(
     return out
 
 
-@dataclass(frozen=True)
-class Fact:
-    sha256: str
-    path: str
-    statement: str
-    home: str  # the passage that states it
-    answer: str  # its study answer
-
-
 def _fact(
     retrieval: Retrieval, question: str, fact: Fact, rng: random.Random, shares: Shares
 ) -> tuple[list[Source], str, bool]:
@@ -235,11 +235,11 @@ def _fact(
     oracle = Source(0, fact.path, fact.sha256, home, 0.0)
     sources = with_oracle(retrieved[: retrieval.k], oracle, retrieval.k)
     n = next(s.id for s in sources if s.passage == home)
-    if rng.random() < shares.swapped and (changed := counterfactual(fact.statement, question, home, answer, rng)):
+    changed = rng.random() < shares.swapped and counterfactual(fact.statement, question, home, answer, rng)
+    if changed:
         passage, answer = changed
         sources = [replace(s, passage=passage) if s.passage == home else s for s in sources]
-        return sources, f"{answer} [{n}]", True
-    return sources, f"{answer} [{n}]", False
+    return sources, f"{answer} [{n}]", bool(changed)
 
 
 def _conversation(question: str, sources: list[Source], reply: str, counterfactual: bool = False) -> dict[str, Any]:
