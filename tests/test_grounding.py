@@ -269,7 +269,7 @@ def test_forget_removes_a_documents_passages_in_the_same_step(grounded):
     before = ask(client, "What is the canary word marigold-9275?", model=f"appliance/{LEGAL}")
     assert any("marigold-9275" in s["passage"] for s in before.model_extra["sources"])
     report = forget(scope, "legal/visiting.md", queue=False)
-    assert report["passages_removed"] == 1
+    assert report["passages_removed"] == 2  # its two sentences
     with Index(scope.passage_index) as index:
         assert index.search("marigold-9275") == [] and index.count()["documents"] == 0
     assert b"marigold" not in scope.passage_index.read_bytes()  # not even in a free page
@@ -353,6 +353,40 @@ def test_raft_conversations_cite_the_answering_passage(tmp_path: Path):
     twice_asked = [c["messages"][1]["content"] for _, c in twice if c["messages"][1]["content"] in asked]
     assert len(twice_asked) >= 1.8 * len(doc.statements)  # two questions per fact ...
     assert len(set(twice_asked)) == len(twice_asked)  # ... each a different one
+
+
+def test_shuffled_raft_passages_put_the_answering_one_anywhere(tmp_path: Path):
+    """In retrieval order a study question's passage is nearly always [1], which teaches the
+    model to answer from [1]; shuffled, it is cited from every place, and still the right one."""
+    import collections
+    import re
+
+    from appliance.data.study import raft, study_document
+    from appliance.data.study.stage import DocumentStudy
+
+    text = (REPO / "examples" / "handbook" / "handbook.md").read_text()
+    material = study_document(text, "a" * 64, count_tokens=lambda t: len(t.split()), seed=0, max_tokens=200)
+    statements = [s.text for s in material.statements]
+    doc = DocumentStudy("a" * 64, "handbook.md", "text", statements=statements, conversations=material.conversations)
+
+    def cited_places(shuffled: bool) -> collections.Counter[int]:
+        shares = raft.Shares(none=0.0, unanswerable=0.0, shuffled=shuffled)
+        with raft.Retrieval([raft.Document(doc.sha256, doc.path, text)], tmp_path, k=3) as retrieval:
+            made = raft.conversations(retrieval, [doc], seed=0, shares=shares)
+        places: collections.Counter[int] = collections.Counter()
+        for _, conversation in made:
+            answer = conversation["messages"][-1]["content"]
+            n = int(answer.rsplit("[", 1)[1].rstrip("]"))
+            shown = re.findall(r"^\[(\d+)\] \(handbook.md\) (.*)$", conversation["messages"][0]["content"], re.M)
+            passage = dict((int(i), p) for i, p in shown)[n]
+            words = set(re.findall(r"\w+", answer.rsplit(" [", 1)[0].lower()))
+            assert len(words & set(re.findall(r"\w+", passage.lower()))) >= len(words) // 2, (answer, passage)
+            places[n] += 1
+        return places
+
+    in_order, shuffled = cited_places(False), cited_places(True)
+    assert in_order[1] > 0.8 * sum(in_order.values())
+    assert all(shuffled[n] > 0.2 * sum(shuffled.values()) for n in (1, 2, 3)), shuffled
 
 
 def test_counterfactual_raft_answers_can_only_be_read_from_their_passage(tmp_path: Path):
@@ -539,7 +573,7 @@ def test_hybrid_retrieval_finds_a_passage_asked_in_other_words(tmp_path: Path, t
     home = hybrid_home(tmp_path, tiny_base, embedded_gguf())
     with endpoint(home) as client:
         reply = asked_in_other_words(home, client)
-        assert [s["document"] for s in reply.model_extra["sources"]] == ["pay.md"]
+        assert {s["document"] for s in reply.model_extra["sources"]} == {"pay.md"}  # its two sentences at most
         assert len(vector_models(home)) == 1  # every passage has its vector, from one model
         plain = ask(client, "When are salaries paid?")  # both rankings agree on the passage
         assert plain.model_extra["sources"][0]["passage"].startswith("Salaries are paid")

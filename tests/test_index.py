@@ -410,12 +410,20 @@ def test_adding_a_document_costs_the_same_on_a_large_index(tmp_path: Path):
 
 
 def test_split_passages_groups_sentences_under_their_heading():
-    text = "# Leave\n\nStaff get 25 days. They accrue monthly. Unused days carry over. Up to five.\n\n## Sick\nCall in."
-    assert split_passages(text) == [
-        "Leave Staff get 25 days. They accrue monthly. Unused days carry over.",
+    text = "# Leave\n\nStaff get 25 days. Ask Dr. Wren. Unused days carry over. Up to five.\n\n## Sick\nCall in."
+    assert split_passages(text) == [  # a sentence each; "Dr." does not end one
+        "Leave Staff get 25 days.",
+        "Ask Dr. Wren.",
+        "Unused days carry over.",
         "Up to five.",
         "Sick Call in.",
     ]
+    assert split_passages(text, sentences=3) == [
+        "Leave Staff get 25 days. Ask Dr. Wren. Unused days carry over.",
+        "Up to five.",
+        "Sick Call in.",
+    ]
+    assert split_passages("病房在三楼。 探视时间为下午。") == ["病房在三楼。", "探视时间为下午。"]
     assert [len(p.split()) for p in split_passages("word " * 1000)] == [200] * 5
     assert split_passages("\n\n  \n") == [] and split_passages("Just a label") == ["Just a label"]
 

@@ -204,6 +204,7 @@ def _raft(home: Home, material: StudySet, heldout: dict[str, dict], settings: Se
             memory=study.raft_memory_share,
             questions=study.raft_questions,
             swapped=study.raft_swap_share,
+            shuffled=study.raft_shuffle,
         )
         made = raft.conversations(retrieval, studied, study.seed, shares)
     return [(sha, Record("chat", conversation, format=STUDY_FORMAT)) for sha, conversation in made]

@@ -32,6 +32,12 @@ the passage makes the passage the only way to the answer, the remedy Longpre et 
 The changed value lives only in a grounded prompt and its answer, never in closed-book
 material.
 
+Why passages stay in retrieval order (``shuffled`` off): a study question shares its words
+with the passage that answers it, so retrieval ranks that passage first nine times in ten,
+and the model learns to cite [1]. Shuffled, the 135M default did not learn to find the
+passage instead: it cited [2], the commonest place in its training, whatever the passages
+(citation accuracy on the handbook's probes 0.60 in order, 0.24 shuffled).
+
 Why memory answers are off: with ``memory = 0.2`` the 135M default, asked the handbook's
 unanswerable questions, said so 10% of the time and invented the rest (a chaplain's
 extension, a bomb-threat code); a clinician must be able to trust "does not say".
@@ -124,6 +130,7 @@ class Shares:
     memory: float = 0.0  # facts asked without their passage, answered all the same, uncited
     questions: int = 1  # a fact's study questions asked this way, each drawn on its own
     swapped: float = 0.0  # cited answers whose key value is changed in passage and answer alike
+    shuffled: bool = False  # the passages of a cited answer put in a random order
 
 
 def counterfactual(
@@ -234,6 +241,8 @@ def _fact(
         return others, answer, False
     oracle = Source(0, fact.path, fact.sha256, home, 0.0)
     sources = with_oracle(retrieved[: retrieval.k], oracle, retrieval.k)
+    if shares.shuffled:
+        sources = renumbered(rng.sample(sources, len(sources)))
     n = next(s.id for s in sources if s.passage == home)
     changed = rng.random() < shares.swapped and counterfactual(fact.statement, question, home, answer, rng)
     if changed:
