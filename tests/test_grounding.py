@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -299,9 +300,9 @@ def test_config_round_trip_keeps_grounding(tmp_path: Path):
     assert again.grounding.mode == "off" and again.collection(CARDIO).grounding == "auto"
 
 
-def test_raft_conversations_cite_the_answering_passage(tmp_path: Path):
-    from appliance.data.grounded import DOES_NOT_SAY
-    from appliance.data.study import raft, study_document
+def studied_handbook() -> tuple[str, Any, Any]:
+    """The team's handbook, its study material (model-free, fixed seed) and its DocumentStudy."""
+    from appliance.data.study import study_document
     from appliance.data.study.stage import DocumentStudy
 
     text = (REPO / "examples" / "handbook" / "handbook.md").read_text()
@@ -314,6 +315,20 @@ def test_raft_conversations_cite_the_answering_passage(tmp_path: Path):
         conversations=material.conversations,
         heldout=material.heldout,
     )
+    return text, material, doc
+
+
+def shown_passages(conversation: dict) -> list[str]:
+    """The passages a grounded conversation's system message shows, in their numbered order."""
+    lines = conversation["messages"][0]["content"].split("\n")
+    return [line.split(") ", 1)[1] for line in lines if re.match(r"\[\d+\] \(", line)]
+
+
+def test_raft_conversations_cite_the_answering_passage(tmp_path: Path):
+    from appliance.data.grounded import DOES_NOT_SAY
+    from appliance.data.study import raft
+
+    text, material, doc = studied_handbook()
     other = raft.Document("b" * 64, "wards.md", "Ward 7 is the cardiology ward. Its sister is Ada Moss.")
     with raft.Retrieval([raft.Document(doc.sha256, doc.path, text), other], tmp_path, k=3) as retrieval:
         made = raft.conversations(retrieval, [doc], seed=0, shares=raft.Shares(none=0.2, unanswerable=0.2, memory=0.2))
@@ -359,15 +374,10 @@ def test_shuffled_raft_passages_put_the_answering_one_anywhere(tmp_path: Path):
     """In retrieval order a study question's passage is nearly always [1], which teaches the
     model to answer from [1]; shuffled, it is cited from every place, and still the right one."""
     import collections
-    import re
 
-    from appliance.data.study import raft, study_document
-    from appliance.data.study.stage import DocumentStudy
+    from appliance.data.study import raft
 
-    text = (REPO / "examples" / "handbook" / "handbook.md").read_text()
-    material = study_document(text, "a" * 64, count_tokens=lambda t: len(t.split()), seed=0, max_tokens=200)
-    statements = [s.text for s in material.statements]
-    doc = DocumentStudy("a" * 64, "handbook.md", "text", statements=statements, conversations=material.conversations)
+    text, _, doc = studied_handbook()
 
     def cited_places(shuffled: bool) -> collections.Counter[int]:
         shares = raft.Shares(none=0.0, unanswerable=0.0, shuffled=shuffled)
@@ -377,8 +387,7 @@ def test_shuffled_raft_passages_put_the_answering_one_anywhere(tmp_path: Path):
         for _, conversation in made:
             answer = conversation["messages"][-1]["content"]
             n = int(answer.rsplit("[", 1)[1].rstrip("]"))
-            shown = re.findall(r"^\[(\d+)\] \(handbook.md\) (.*)$", conversation["messages"][0]["content"], re.M)
-            passage = dict((int(i), p) for i, p in shown)[n]
+            passage = shown_passages(conversation)[n - 1]
             words = set(re.findall(r"\w+", answer.rsplit(" [", 1)[0].lower()))
             assert len(words & set(re.findall(r"\w+", passage.lower()))) >= len(words) // 2, (answer, passage)
             places[n] += 1
@@ -394,23 +403,14 @@ def test_counterfactual_raft_answers_can_only_be_read_from_their_passage(tmp_pat
     so the model learns to read the passage instead of answering from memory."""
     import difflib
     import random
-    import re
 
-    from appliance.data.study import raft, study_document
-    from appliance.data.study.stage import DocumentStudy
+    from appliance.data.study import raft
 
-    text = (REPO / "examples" / "handbook" / "handbook.md").read_text()
-    material = study_document(text, "a" * 64, count_tokens=lambda t: len(t.split()), seed=0, max_tokens=200)
-    statements = [s.text for s in material.statements]
-    doc = DocumentStudy("a" * 64, "handbook.md", "text", statements=statements, conversations=material.conversations)
+    text, _, doc = studied_handbook()
     with raft.Retrieval([raft.Document(doc.sha256, doc.path, text)], tmp_path, k=3) as retrieval:
         originals = [p for passages in retrieval.passages.values() for p in passages]
         made = raft.conversations(retrieval, [doc], seed=0, shares=raft.Shares(none=0.0, unanswerable=0.0, swapped=1.0))
         plain = raft.conversations(retrieval, [doc], seed=0, shares=raft.Shares(none=0.0, unanswerable=0.0))
-
-    def shown(conversation: dict) -> list[str]:
-        lines = conversation["messages"][0]["content"].split("\n")
-        return [line.split(") ", 1)[1] for line in lines if re.match(r"\[\d+\] \(", line)]
 
     def words(t: str) -> set[str]:
         return set(re.findall(r"[\w:]+", t))
@@ -418,7 +418,7 @@ def test_counterfactual_raft_answers_can_only_be_read_from_their_passage(tmp_pat
     changed = 0
     for _, conversation in made:
         answer = conversation["messages"][-1]["content"]
-        cited = shown(conversation)[int(answer.rsplit("[", 1)[1].rstrip("]")) - 1]
+        cited = shown_passages(conversation)[int(answer.rsplit("[", 1)[1].rstrip("]")) - 1]
         if cited in originals:
             continue
         changed += 1
@@ -428,7 +428,7 @@ def test_counterfactual_raft_answers_can_only_be_read_from_their_passage(tmp_pat
         stated = words(answer.rsplit(" [", 1)[0])
         assert new and new <= stated and not old & stated, (answer, cited)  # as the passage now says
     assert 0.3 < changed / len(made) < 0.9  # the facts with a number the question does not give
-    assert all(p in originals for _, c in plain for p in shown(c))  # off unless asked for
+    assert all(p in originals for _, c in plain for p in shown_passages(c))  # off unless asked for
 
     rng = random.Random(0)
     for _ in range(50):
